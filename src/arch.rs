@@ -1,0 +1,200 @@
+//! The per-architecture tensor-name table: every Hugging Face tensor name this tool knows lives here.
+//!
+//! A name is either global (`model.embed_tokens.weight`) or per layer
+//! (`model.layers.{N}.self_attn.k_proj.weight`). Each has a [`Role`]: the three projections the
+//! surgery may rewrite, or pass-through. A tensor matching no entry is an error.
+
+/// What a tensor is to the surgery.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Role {
+    /// The attention query projection weight `[heads * head_dim, hidden]`.
+    Query,
+    /// The attention key projection weight `[kv_heads * head_dim, hidden]`.
+    Key,
+    /// The attention value projection weight `[kv_heads * head_dim, hidden]`.
+    Value,
+    /// Copied byte for byte.
+    PassThrough,
+}
+
+impl Role {
+    /// Short name used in reports: `q`, `k`, `v`.
+    pub fn short(self) -> &'static str {
+        match self {
+            Role::Query => "q",
+            Role::Key => "k",
+            Role::Value => "v",
+            Role::PassThrough => "-",
+        }
+    }
+}
+
+/// One architecture family's names.
+#[derive(Debug)]
+pub struct Architecture {
+    /// Family name for messages.
+    pub family: &'static str,
+    /// `architectures[0]` values in `config.json` that use this table.
+    pub class_names: &'static [&'static str],
+    /// Prefix of per-layer names, followed by the layer index and a dot.
+    pub layer_prefix: &'static str,
+    /// Per-layer name suffixes and their roles.
+    pub layer_tensors: &'static [(&'static str, Role)],
+    /// Global names and their roles.
+    pub global_tensors: &'static [(&'static str, Role)],
+}
+
+/// Where a tensor name sits in the table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Classified {
+    /// The layer index for per-layer tensors.
+    pub layer: Option<usize>,
+    /// The tensor's role.
+    pub role: Role,
+}
+
+/// Llama and the families that share its tensor names exactly (Mistral; SmolLM and TinyLlama are
+/// `LlamaForCausalLM`).
+pub static LLAMA: Architecture = Architecture {
+    family: "llama",
+    class_names: &["LlamaForCausalLM", "MistralForCausalLM"],
+    layer_prefix: "model.layers.",
+    layer_tensors: &[
+        ("self_attn.q_proj.weight", Role::Query),
+        ("self_attn.k_proj.weight", Role::Key),
+        ("self_attn.v_proj.weight", Role::Value),
+        ("self_attn.o_proj.weight", Role::PassThrough),
+        ("self_attn.q_proj.bias", Role::PassThrough),
+        ("self_attn.k_proj.bias", Role::PassThrough),
+        ("self_attn.v_proj.bias", Role::PassThrough),
+        ("self_attn.o_proj.bias", Role::PassThrough),
+        ("self_attn.rotary_emb.inv_freq", Role::PassThrough),
+        ("mlp.gate_proj.weight", Role::PassThrough),
+        ("mlp.up_proj.weight", Role::PassThrough),
+        ("mlp.down_proj.weight", Role::PassThrough),
+        ("mlp.gate_proj.bias", Role::PassThrough),
+        ("mlp.up_proj.bias", Role::PassThrough),
+        ("mlp.down_proj.bias", Role::PassThrough),
+        ("input_layernorm.weight", Role::PassThrough),
+        ("post_attention_layernorm.weight", Role::PassThrough),
+    ],
+    global_tensors: &[
+        ("model.embed_tokens.weight", Role::PassThrough),
+        ("model.norm.weight", Role::PassThrough),
+        ("lm_head.weight", Role::PassThrough),
+    ],
+};
+
+/// All supported architectures.
+pub static ARCHITECTURES: &[&Architecture] = &[&LLAMA];
+
+/// The table for a `config.json` `architectures[0]` value.
+pub fn find(class_name: &str) -> Option<&'static Architecture> {
+    ARCHITECTURES
+        .iter()
+        .copied()
+        .find(|a| a.class_names.contains(&class_name))
+}
+
+/// Every supported class name, for error messages.
+pub fn supported_class_names() -> Vec<&'static str> {
+    ARCHITECTURES
+        .iter()
+        .flat_map(|a| a.class_names.iter().copied())
+        .collect()
+}
+
+impl Architecture {
+    /// Looks a tensor name up; `None` when the name is not in the table.
+    pub fn classify(&self, name: &str) -> Option<Classified> {
+        if let Some(rest) = name.strip_prefix(self.layer_prefix) {
+            let (index, suffix) = rest.split_once('.')?;
+            if index.is_empty()
+                || !index.bytes().all(|b| b.is_ascii_digit())
+                || (index.len() > 1 && index.starts_with('0'))
+            {
+                return None;
+            }
+            let layer: usize = index.parse().ok()?;
+            let role = self
+                .layer_tensors
+                .iter()
+                .find(|(s, _)| *s == suffix)
+                .map(|(_, r)| *r)?;
+            return Some(Classified {
+                layer: Some(layer),
+                role,
+            });
+        }
+        self.global_tensors
+            .iter()
+            .find(|(s, _)| *s == name)
+            .map(|(_, role)| Classified {
+                layer: None,
+                role: *role,
+            })
+    }
+
+    /// The tensor name of a projection in a layer.
+    pub fn layer_tensor_name(&self, layer: usize, role: Role) -> Option<String> {
+        self.layer_tensors
+            .iter()
+            .find(|(_, r)| *r == role)
+            .map(|(suffix, _)| format!("{}{layer}.{suffix}", self.layer_prefix))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classifies_llama_names() {
+        let c = LLAMA
+            .classify("model.layers.12.self_attn.k_proj.weight")
+            .unwrap();
+        assert_eq!(
+            c,
+            Classified {
+                layer: Some(12),
+                role: Role::Key
+            }
+        );
+        let c = LLAMA.classify("model.layers.0.mlp.up_proj.weight").unwrap();
+        assert_eq!(c.role, Role::PassThrough);
+        assert_eq!(LLAMA.classify("lm_head.weight").unwrap().layer, None);
+        assert!(LLAMA
+            .classify("model.layers.x.self_attn.k_proj.weight")
+            .is_none());
+        assert!(LLAMA
+            .classify("model.layers.01.self_attn.k_proj.weight")
+            .is_none());
+        assert!(LLAMA
+            .classify("model.layers.0.self_attn.k_proj.scales")
+            .is_none());
+        assert!(LLAMA
+            .classify("transformer.h.0.attn.c_attn.weight")
+            .is_none());
+    }
+
+    #[test]
+    fn names_round_trip() {
+        for role in [Role::Query, Role::Key, Role::Value] {
+            let name = LLAMA.layer_tensor_name(3, role).unwrap();
+            assert_eq!(
+                LLAMA.classify(&name),
+                Some(Classified {
+                    layer: Some(3),
+                    role
+                })
+            );
+        }
+    }
+
+    #[test]
+    fn finds_supported_classes() {
+        assert!(find("LlamaForCausalLM").is_some());
+        assert!(find("MistralForCausalLM").is_some());
+        assert!(find("GPT2LMHeadModel").is_none());
+    }
+}

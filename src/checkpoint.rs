@@ -1,0 +1,465 @@
+//! An input checkpoint directory, opened without loading it: `config.json`, the safetensors shards
+//! (memory-mapped, headers validated), and the other files to carry over.
+//!
+//! Tensor data is only ever borrowed from the maps; [`Checkpoint::release`] tells the kernel a tensor's
+//! pages are no longer needed, so resident memory does not grow with the model.
+
+use crate::arch::{Classified, Role};
+use crate::config::ModelConfig;
+use crate::dtype::FloatType;
+use crate::error::{Error, Result};
+use memmap2::{Mmap, UncheckedAdvice};
+use safetensors::{Dtype, SafeTensors};
+use serde_json::Value;
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+/// Name of the single-file weights.
+pub const SINGLE_FILE: &str = "model.safetensors";
+/// Name of the shard index.
+pub const INDEX_FILE: &str = "model.safetensors.index.json";
+/// Name of the model configuration.
+pub const CONFIG_FILE: &str = "config.json";
+/// Files this tool writes itself; never copied from an input.
+pub const GENERATED_FILES: &[&str] = &["surgery.json", "SHA256SUMS"];
+/// Extensions of weight formats other than safetensors: not copied (they would carry the original
+/// weights under the converted model's name), listed in the report as skipped.
+const FOREIGN_WEIGHT_EXTENSIONS: &[&str] = &[
+    "bin",
+    "pt",
+    "pth",
+    "ckpt",
+    "h5",
+    "msgpack",
+    "gguf",
+    "onnx",
+    "safetensors",
+    "npz",
+];
+
+/// One memory-mapped safetensors file.
+#[derive(Debug)]
+pub struct Shard {
+    /// File name inside the checkpoint directory.
+    pub file_name: String,
+    /// Full path.
+    pub path: PathBuf,
+    /// The `__metadata__` of its header.
+    pub metadata: BTreeMap<String, String>,
+    map: Mmap,
+}
+
+/// One tensor of the input.
+#[derive(Debug, Clone)]
+pub struct TensorEntry {
+    /// Hugging Face name.
+    pub name: String,
+    /// Index into [`Checkpoint::shards`].
+    pub shard: usize,
+    /// Storage type.
+    pub dtype: Dtype,
+    /// Shape.
+    pub shape: Vec<usize>,
+    /// Byte range inside the shard file.
+    pub range: Range<usize>,
+    /// Its place in the architecture's name table.
+    pub class: Classified,
+}
+
+/// An opened input checkpoint.
+#[derive(Debug)]
+pub struct Checkpoint {
+    /// The directory.
+    pub dir: PathBuf,
+    /// Validated configuration.
+    pub config: ModelConfig,
+    /// Shards in index order.
+    pub shards: Vec<Shard>,
+    /// Every tensor, ordered by shard then offset.
+    pub tensors: Vec<TensorEntry>,
+    /// Whether the input uses `model.safetensors.index.json`.
+    pub indexed: bool,
+    /// Other files to copy unchanged, relative to `dir`, sorted.
+    pub other_files: Vec<PathBuf>,
+    /// Files not carried over (other weight formats), relative to `dir`, sorted.
+    pub skipped_files: Vec<PathBuf>,
+    by_name: HashMap<String, usize>,
+}
+
+/// Whether files with this extension hold weights in a format this tool does not carry over.
+pub fn is_foreign_weight_extension(ext: &str) -> bool {
+    FOREIGN_WEIGHT_EXTENSIONS.contains(&ext)
+}
+
+fn is_plain_file_name(name: &str) -> bool {
+    !name.is_empty()
+        && name != "."
+        && name != ".."
+        && !name.contains('/')
+        && !name.contains('\\')
+        && !name.contains('\0')
+        && !Path::new(name).is_absolute()
+}
+
+/// Memory-maps `path` read-only.
+pub(crate) fn map_file(path: &Path) -> Result<Mmap> {
+    let file = File::open(path).map_err(|e| Error::io(path, e))?;
+    // SAFETY: the map is read-only and private to this process. Safety requires that no one
+    // truncates or rewrites the file while it is mapped; this tool never writes to its input, and
+    // users must not modify a checkpoint while it is being converted (as with any mmap-based loader,
+    // e.g. safetensors' own `safe_open`).
+    unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))
+}
+
+impl Checkpoint {
+    /// Opens the checkpoint in `dir`, validating config, index, headers and the tensor-name table.
+    pub fn open(dir: &Path) -> Result<Self> {
+        let config_path = dir.join(CONFIG_FILE);
+        if !config_path.is_file() {
+            return Err(Error::invalid(
+                &config_path,
+                "not found: a checkpoint directory needs config.json",
+            ));
+        }
+        let config = ModelConfig::load(&config_path)?;
+
+        let index_path = dir.join(INDEX_FILE);
+        let (shard_names, weight_map) = if index_path.is_file() {
+            let (names, map) = read_index(&index_path)?;
+            (names, Some(map))
+        } else if dir.join(SINGLE_FILE).is_file() {
+            (vec![SINGLE_FILE.to_string()], None)
+        } else {
+            return Err(Error::invalid(
+                dir,
+                format!("no {SINGLE_FILE} or {INDEX_FILE} found (only safetensors checkpoints are supported)"),
+            ));
+        };
+
+        let mut shards = Vec::with_capacity(shard_names.len());
+        let mut tensors = Vec::new();
+        let mut by_name = HashMap::new();
+        for (shard_index, file_name) in shard_names.iter().enumerate() {
+            let path = dir.join(file_name);
+            if !path.is_file() {
+                return Err(Error::invalid(
+                    &path,
+                    "shard listed in the index is missing",
+                ));
+            }
+            let map = map_file(&path)?;
+            let (header_len, metadata) =
+                SafeTensors::read_metadata(&map).map_err(|e| Error::Safetensors {
+                    path: path.clone(),
+                    message: e.to_string(),
+                })?;
+            let data_start = 8usize
+                .checked_add(header_len)
+                .ok_or_else(|| Error::Safetensors {
+                    path: path.clone(),
+                    message: "header length overflows".into(),
+                })?;
+            for name in metadata.offset_keys() {
+                let info = metadata.info(&name).ok_or_else(|| Error::Safetensors {
+                    path: path.clone(),
+                    message: format!("tensor `{name}` lost"),
+                })?;
+                let (begin, end) = info.data_offsets;
+                let range = data_start
+                    .checked_add(begin)
+                    .zip(data_start.checked_add(end))
+                    .map(|(b, e)| b..e)
+                    .filter(|r| r.end <= map.len())
+                    .ok_or_else(|| Error::tensor(&path, &name, "data offsets out of bounds"))?;
+                let class = config.arch.classify(&name).ok_or_else(|| {
+                    Error::tensor(
+                        &path,
+                        &name,
+                        format!(
+                            "not a {} tensor name (unmapped tensors are refused)",
+                            config.arch.family
+                        ),
+                    )
+                })?;
+                if let Some(layer) = class.layer {
+                    if layer >= config.num_layers {
+                        return Err(Error::tensor(
+                            &path,
+                            &name,
+                            format!(
+                                "layer {layer} but config.json has num_hidden_layers = {}",
+                                config.num_layers
+                            ),
+                        ));
+                    }
+                }
+                if let Some(map) = &weight_map {
+                    match map.get(&name) {
+                        Some(listed) if listed == file_name => {}
+                        Some(listed) => {
+                            return Err(Error::tensor(
+                                &path,
+                                &name,
+                                format!("the index places it in {listed}"),
+                            ))
+                        }
+                        None => {
+                            return Err(Error::tensor(
+                                &path,
+                                &name,
+                                format!("not listed in {INDEX_FILE}"),
+                            ))
+                        }
+                    }
+                }
+                if by_name.insert(name.clone(), tensors.len()).is_some() {
+                    return Err(Error::tensor(
+                        &path,
+                        &name,
+                        "appears in more than one shard",
+                    ));
+                }
+                tensors.push(TensorEntry {
+                    name,
+                    shard: shard_index,
+                    dtype: info.dtype,
+                    shape: info.shape.clone(),
+                    range,
+                    class,
+                });
+            }
+            let metadata = metadata
+                .metadata()
+                .as_ref()
+                .map(|m| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+                .unwrap_or_default();
+            shards.push(Shard {
+                file_name: file_name.clone(),
+                path,
+                metadata,
+                map,
+            });
+        }
+        if let Some(map) = &weight_map {
+            for (name, file) in map {
+                if !by_name.contains_key(name) {
+                    return Err(Error::tensor(
+                        dir.join(file),
+                        name,
+                        format!("listed in {INDEX_FILE} but absent from the shard"),
+                    ));
+                }
+            }
+        }
+
+        let weight_files: Vec<&str> = shard_names.iter().map(String::as_str).collect();
+        let (other_files, skipped_files) = list_other_files(dir, &weight_files)?;
+        let checkpoint = Checkpoint {
+            dir: dir.to_path_buf(),
+            config,
+            shards,
+            tensors,
+            indexed: weight_map.is_some(),
+            other_files,
+            skipped_files,
+            by_name,
+        };
+        checkpoint.check_projections()?;
+        Ok(checkpoint)
+    }
+
+    /// Every layer must have q, k and v with the shapes config.json implies, in a float type.
+    fn check_projections(&self) -> Result<()> {
+        let c = &self.config;
+        for layer in 0..c.num_layers {
+            for (role, rows) in [
+                (Role::Query, c.q_dim()),
+                (Role::Key, c.kv_dim()),
+                (Role::Value, c.kv_dim()),
+            ] {
+                let Some(name) = c.arch.layer_tensor_name(layer, role) else {
+                    continue;
+                };
+                let Some(t) = self.tensor(&name) else {
+                    let file = self.expected_file_for_layer(layer);
+                    return Err(Error::tensor(
+                        file,
+                        &name,
+                        "missing (every layer needs q_proj, k_proj and v_proj)",
+                    ));
+                };
+                let path = &self.shards[t.shard].path;
+                let expected = [rows, c.hidden_size];
+                if t.shape != expected {
+                    return Err(Error::tensor(
+                        path,
+                        &name,
+                        format!(
+                            "shape {:?} disagrees with config.json, which implies {:?}",
+                            t.shape, expected
+                        ),
+                    ));
+                }
+                if FloatType::from_dtype(t.dtype).is_none() {
+                    return Err(Error::tensor(
+                        path,
+                        &name,
+                        format!(
+                            "dtype {:?} cannot be decomposed (supported: F32, F16, BF16)",
+                            t.dtype
+                        ),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The file a layer's tensors are in (the first one found), for messages about missing tensors.
+    fn expected_file_for_layer(&self, layer: usize) -> PathBuf {
+        self.tensors
+            .iter()
+            .find(|t| t.class.layer == Some(layer))
+            .map(|t| self.shards[t.shard].path.clone())
+            .unwrap_or_else(|| self.shards[0].path.clone())
+    }
+
+    /// Looks a tensor up by name.
+    pub fn tensor(&self, name: &str) -> Option<&TensorEntry> {
+        self.by_name.get(name).map(|&i| &self.tensors[i])
+    }
+
+    /// Index of a tensor in [`Self::tensors`].
+    pub fn tensor_index(&self, name: &str) -> Option<usize> {
+        self.by_name.get(name).copied()
+    }
+
+    /// The tensor's bytes, borrowed from the map.
+    pub fn bytes(&self, t: &TensorEntry) -> &[u8] {
+        &self.shards[t.shard].map[t.range.clone()]
+    }
+
+    /// Tells the kernel the tensor's pages are no longer needed. Failure is harmless and ignored.
+    pub fn release(&self, t: &TensorEntry) {
+        let map = &self.shards[t.shard].map;
+        if t.range.is_empty() {
+            return;
+        }
+        // SAFETY: MADV_DONTNEED on a read-only, file-backed private mapping that is never written
+        // only drops clean pages; any later access re-reads them from the file, so borrowed slices
+        // stay valid and keep their contents.
+        let _ = unsafe {
+            map.unchecked_advise_range(UncheckedAdvice::DontNeed, t.range.start, t.range.len())
+        };
+    }
+
+    /// Total bytes of all weight files.
+    pub fn weight_bytes(&self) -> u64 {
+        self.shards.iter().map(|s| s.map.len() as u64).sum()
+    }
+}
+
+/// Reads `model.safetensors.index.json`: shard names (sorted) and the weight map.
+fn read_index(path: &Path) -> Result<(Vec<String>, BTreeMap<String, String>)> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let value: Value = serde_json::from_str(&text).map_err(|source| Error::Json {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let map = value
+        .get("weight_map")
+        .and_then(Value::as_object)
+        .ok_or_else(|| Error::invalid(path, "missing `weight_map` object"))?;
+    let mut weight_map = BTreeMap::new();
+    for (name, file) in map {
+        let file = file.as_str().ok_or_else(|| {
+            Error::invalid(
+                path,
+                format!("weight_map entry for `{name}` is not a string"),
+            )
+        })?;
+        if !is_plain_file_name(file) {
+            return Err(Error::invalid(
+                path,
+                format!("weight_map entry for `{name}` names `{file}`, which is not a plain file name in the checkpoint directory"),
+            ));
+        }
+        weight_map.insert(name.clone(), file.to_string());
+    }
+    if weight_map.is_empty() {
+        return Err(Error::invalid(path, "`weight_map` is empty"));
+    }
+    let mut names: Vec<String> = weight_map.values().cloned().collect();
+    names.sort();
+    names.dedup();
+    Ok((names, weight_map))
+}
+
+/// Lists the files of `dir` (recursively, skipping hidden entries) other than the weights.
+fn list_other_files(dir: &Path, weight_files: &[&str]) -> Result<(Vec<PathBuf>, Vec<PathBuf>)> {
+    let mut copy = Vec::new();
+    let mut skip = Vec::new();
+    let mut stack = vec![PathBuf::new()];
+    while let Some(rel) = stack.pop() {
+        let full = dir.join(&rel);
+        let entries = std::fs::read_dir(&full).map_err(|e| Error::io(&full, e))?;
+        for entry in entries {
+            let entry = entry.map_err(|e| Error::io(&full, e))?;
+            let name = entry.file_name();
+            let Some(name) = name.to_str() else {
+                return Err(Error::invalid(entry.path(), "file name is not valid UTF-8"));
+            };
+            if name.starts_with('.') {
+                continue;
+            }
+            let rel_path = rel.join(name);
+            let path = entry.path();
+            if path.is_dir() {
+                stack.push(rel_path);
+                continue;
+            }
+            let top_level = rel.as_os_str().is_empty();
+            if top_level
+                && (weight_files.contains(&name)
+                    || name == INDEX_FILE
+                    || GENERATED_FILES.contains(&name))
+            {
+                continue;
+            }
+            let ext = Path::new(name)
+                .extension()
+                .and_then(|e| e.to_str())
+                .unwrap_or("");
+            if is_foreign_weight_extension(ext) {
+                skip.push(rel_path);
+            } else {
+                copy.push(rel_path);
+            }
+        }
+    }
+    copy.sort();
+    skip.sort();
+    Ok((copy, skip))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plain_file_names() {
+        assert!(is_plain_file_name("model-00001-of-00002.safetensors"));
+        for bad in [
+            "",
+            "..",
+            "../x.safetensors",
+            "/etc/passwd",
+            "a/b.safetensors",
+            "a\\b",
+        ] {
+            assert!(!is_plain_file_name(bad), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,319 @@
+//! The command line: clap's raw arguments, and their resolution into validated options that the
+//! rest of the program uses without re-checking.
+
+use crate::decompose::Fit;
+use crate::error::{Error, Result};
+use crate::plan::Surgery;
+use crate::spec::Spec;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use std::num::NonZeroUsize;
+use std::path::PathBuf;
+
+/// Rewrite a Llama checkpoint's attention projections as low-rank PCA reconstructions.
+///
+/// Example: surgery-convert --in TinyLlama --out tinyllama-kv30 --shared-kv 0.3
+///
+/// SPEC is a variance threshold in (0, 1] (keep the fewest components whose cumulative explained
+/// variance reaches it) or rank:N (keep N components).
+#[derive(Debug, Parser)]
+#[command(
+    name = "surgery-convert",
+    version,
+    args_conflicts_with_subcommands = true,
+    subcommand_negates_reqs = true
+)]
+pub struct Cli {
+    /// A subcommand; without one, converts.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    /// Conversion options.
+    #[command(flatten)]
+    pub convert: ConvertArgs,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Check an output directory: SHA256SUMS, every safetensors header, and the shard index.
+    Verify {
+        /// The directory to check.
+        dir: PathBuf,
+    },
+}
+
+/// The reconstruction to use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum FitArg {
+    /// Centred PCA with the mean row restored.
+    Pca,
+    /// The original experiment's reconstruction (centred PCA, mean dropped).
+    Seed,
+    /// Uncentred truncated SVD (Frobenius-optimal).
+    Svd,
+}
+
+/// Arguments of a conversion.
+#[derive(Debug, Args)]
+pub struct ConvertArgs {
+    /// Input checkpoint: a local directory, or a Hugging Face repo id (org/name) resolved from the
+    /// local Hugging Face cache (HF_HOME / HF_HUB_CACHE; HF_HUB_OFFLINE=1 never downloads).
+    #[arg(long = "in", value_name = "MODEL", required = true)]
+    pub input: Option<String>,
+
+    /// Output directory (created atomically; must not exist unless --force).
+    #[arg(long, value_name = "DIR", required = true)]
+    pub out: Option<PathBuf>,
+
+    /// Hub revision (branch, tag or commit) when --in is a repo id.
+    #[arg(long, value_name = "REV", default_value = "main")]
+    pub revision: String,
+
+    /// Fit k_proj and v_proj stacked, with one shared PCA per layer.
+    #[arg(long, value_name = "SPEC", conflicts_with_all = ["k", "v", "separate"])]
+    pub shared_kv: Option<Spec>,
+
+    /// Fit q_proj with its own PCA.
+    #[arg(long, value_name = "SPEC", conflicts_with = "separate")]
+    pub q: Option<Spec>,
+
+    /// Fit k_proj with its own PCA.
+    #[arg(long, value_name = "SPEC", conflicts_with = "separate")]
+    pub k: Option<Spec>,
+
+    /// Fit v_proj with its own PCA.
+    #[arg(long, value_name = "SPEC", conflicts_with = "separate")]
+    pub v: Option<Spec>,
+
+    /// Shorthand for --q SPEC --k SPEC --v SPEC.
+    #[arg(long, value_name = "SPEC")]
+    pub separate: Option<Spec>,
+
+    /// Reconstruction: pca (mean restored), seed (the original script: mean dropped), svd (uncentred).
+    #[arg(long, value_enum, default_value_t = FitArg::Pca)]
+    pub fit: FitArg,
+
+    /// Re-shard the output into files of at most SIZE (e.g. 2GB, 500MB, 1GiB, or bytes).
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub max_shard_size: Option<u64>,
+
+    /// Compute ranks and print the plan and report; write nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+
+    /// Replace an existing --out directory (only once the new one is complete).
+    #[arg(long)]
+    pub force: bool,
+
+    /// Print nothing on success.
+    #[arg(long, short)]
+    pub quiet: bool,
+
+    /// Print the report as JSON on stdout instead of the summary table.
+    #[arg(long)]
+    pub json: bool,
+
+    /// Worker threads (default: all cores). Output bytes do not depend on it.
+    #[arg(long, value_name = "N")]
+    pub threads: Option<NonZeroUsize>,
+}
+
+/// Parses a size like `2GB` (10^9), `2GiB` (2^30), `500MB`, `64KiB` or plain bytes.
+pub fn parse_size(s: &str) -> std::result::Result<u64, String> {
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let number: f64 = num
+        .parse()
+        .map_err(|_| format!("`{s}` is not a size (e.g. 2GB, 500MB, 1GiB or a number of bytes)"))?;
+    let scale: f64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "kb" => 1e3,
+        "mb" => 1e6,
+        "gb" => 1e9,
+        "tb" => 1e12,
+        "kib" => 1024.0,
+        "mib" => 1024.0 * 1024.0,
+        "gib" => 1024.0 * 1024.0 * 1024.0,
+        "tib" => 1024.0 * 1024.0 * 1024.0 * 1024.0,
+        other => {
+            return Err(format!(
+                "`{s}`: unknown unit `{other}` (use B, KB, MB, GB, KiB, MiB or GiB)"
+            ))
+        }
+    };
+    let bytes = (number * scale).floor();
+    if !bytes.is_finite() || bytes < 1.0 || bytes > u64::MAX as f64 {
+        return Err(format!("`{s}`: the size must be at least one byte"));
+    }
+    Ok(bytes as u64)
+}
+
+/// How much to print.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Output {
+    /// The summary table on stderr.
+    Summary,
+    /// Nothing.
+    Quiet,
+    /// The JSON report on stdout.
+    Json,
+}
+
+/// Validated conversion options.
+#[derive(Debug, Clone)]
+pub struct ConvertOptions {
+    /// `--in` as given.
+    pub input: String,
+    /// `--revision`.
+    pub revision: String,
+    /// `--out` as given.
+    pub out: PathBuf,
+    /// What to rewrite.
+    pub surgery: Surgery,
+    /// `--max-shard-size` in bytes.
+    pub max_shard_size: Option<u64>,
+    /// `--dry-run`.
+    pub dry_run: bool,
+    /// `--force`.
+    pub force: bool,
+    /// What to print.
+    pub output: Output,
+    /// `--threads`.
+    pub threads: Option<NonZeroUsize>,
+}
+
+impl ConvertOptions {
+    /// The command that reproduces this output (without `--out` and options that do not change it).
+    pub fn reproduce_command(&self) -> String {
+        let mut parts = vec![
+            "surgery-convert".to_string(),
+            "--in".into(),
+            self.input.clone(),
+        ];
+        if self.revision != "main" {
+            parts.extend(["--revision".into(), self.revision.clone()]);
+        }
+        let s = &self.surgery;
+        for (flag, spec) in [
+            ("--shared-kv", s.shared_kv),
+            ("--q", s.q),
+            ("--k", s.k),
+            ("--v", s.v),
+        ] {
+            if let Some(spec) = spec {
+                parts.extend([flag.to_string(), spec.to_string()]);
+            }
+        }
+        parts.extend(["--fit".into(), s.fit.name().into()]);
+        if let Some(size) = self.max_shard_size {
+            parts.extend(["--max-shard-size".into(), size.to_string()]);
+        }
+        parts.join(" ")
+    }
+}
+
+impl ConvertArgs {
+    /// Validates the arguments.
+    pub fn resolve(self) -> Result<ConvertOptions> {
+        let input = self.input.ok_or_else(|| {
+            Error::usage("--in", "missing: give a checkpoint directory or org/name")
+        })?;
+        let out = self
+            .out
+            .ok_or_else(|| Error::usage("--out", "missing: give the directory to create"))?;
+        let (q, k, v) = match self.separate {
+            Some(spec) => (Some(spec), Some(spec), Some(spec)),
+            None => (self.q, self.k, self.v),
+        };
+        if q.is_none() && k.is_none() && v.is_none() && self.shared_kv.is_none() {
+            return Err(Error::usage(
+                "--shared-kv",
+                "no surgery requested: give at least one of --shared-kv, --separate, --q, --k or --v (e.g. --shared-kv 0.3)",
+            ));
+        }
+        let fit = match self.fit {
+            FitArg::Pca => Fit::Pca,
+            FitArg::Seed => Fit::Seed,
+            FitArg::Svd => Fit::Svd,
+        };
+        let output = if self.json {
+            Output::Json
+        } else if self.quiet {
+            Output::Quiet
+        } else {
+            Output::Summary
+        };
+        Ok(ConvertOptions {
+            input,
+            revision: self.revision,
+            out,
+            surgery: Surgery {
+                q,
+                k,
+                v,
+                shared_kv: self.shared_kv,
+                fit,
+            },
+            max_shard_size: self.max_shard_size,
+            dry_run: self.dry_run,
+            force: self.force,
+            output,
+            threads: self.threads,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("2GB"), Ok(2_000_000_000));
+        assert_eq!(parse_size("1GiB"), Ok(1 << 30));
+        assert_eq!(parse_size("500MB"), Ok(500_000_000));
+        assert_eq!(parse_size("64kib"), Ok(65536));
+        assert_eq!(parse_size("12345"), Ok(12345));
+        assert!(parse_size("0").is_err());
+        assert!(parse_size("2XB").is_err());
+        assert!(parse_size("abc").is_err());
+    }
+
+    #[test]
+    fn separate_expands_and_nothing_is_refused() {
+        let cli = Cli::try_parse_from([
+            "surgery-convert",
+            "--in",
+            "a",
+            "--out",
+            "b",
+            "--separate",
+            "0.9",
+        ])
+        .unwrap();
+        let o = cli.convert.resolve().unwrap();
+        assert_eq!(o.surgery.q, Some(Spec::Threshold(0.9)));
+        assert_eq!(o.surgery.v, Some(Spec::Threshold(0.9)));
+        let cli = Cli::try_parse_from(["surgery-convert", "--in", "a", "--out", "b"]).unwrap();
+        assert!(cli
+            .convert
+            .resolve()
+            .unwrap_err()
+            .to_string()
+            .contains("no surgery requested"));
+        assert!(Cli::try_parse_from([
+            "surgery-convert",
+            "--in",
+            "a",
+            "--out",
+            "b",
+            "--shared-kv",
+            "0.3",
+            "--k",
+            "0.5"
+        ])
+        .is_err());
+    }
+}

@@ -1,0 +1,125 @@
+//! Typed errors of the library. Every variant names the file, tensor or option it is about; `main`
+//! prints the message once, on one line, and maps the kind to an exit code.
+
+use std::path::PathBuf;
+
+/// Shorthand for results of this crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can go wrong in a conversion or a verification.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A command-line option is invalid or options conflict.
+    #[error("{option}: {message}")]
+    Usage {
+        /// The flag, e.g. `--out`.
+        option: String,
+        /// What is wrong and how to fix it.
+        message: String,
+    },
+    /// Reading or writing a file failed.
+    #[error("{}: {source}", path.display())]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// A JSON file (config, index) could not be parsed.
+    #[error("{}: not valid JSON: {source}", path.display())]
+    Json {
+        /// The file.
+        path: PathBuf,
+        /// The parser's message.
+        source: serde_json::Error,
+    },
+    /// A file's contents do not describe a usable checkpoint.
+    #[error("{}: {message}", path.display())]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+    /// A safetensors file is malformed.
+    #[error("{}: invalid safetensors file: {message}", path.display())]
+    Safetensors {
+        /// The file.
+        path: PathBuf,
+        /// What the parser rejected.
+        message: String,
+    },
+    /// One tensor is missing, misshapen or unusable.
+    #[error("{}: tensor `{tensor}`: {message}", path.display())]
+    Tensor {
+        /// The file holding (or expected to hold) the tensor.
+        path: PathBuf,
+        /// The tensor's name.
+        tensor: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// The input could not be found locally or in the Hugging Face cache.
+    #[error("--in {input}: {message}")]
+    Source {
+        /// The `--in` value.
+        input: String,
+        /// Why it could not be resolved.
+        message: String,
+    },
+    /// `verify` found mismatches (one line each in `problems`).
+    #[error("{} problem(s) found in {}:\n{}", problems.len(), dir.display(), problems.join("\n"))]
+    VerifyFailed {
+        /// The directory checked.
+        dir: PathBuf,
+        /// One description per mismatching file or tensor.
+        problems: Vec<String>,
+    },
+}
+
+impl Error {
+    /// Builds an [`Error::Io`] for `path`.
+    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io {
+            path: path.into(),
+            source,
+        }
+    }
+
+    /// Builds an [`Error::Usage`].
+    pub fn usage(option: impl Into<String>, message: impl Into<String>) -> Self {
+        Error::Usage {
+            option: option.into(),
+            message: message.into(),
+        }
+    }
+
+    /// Builds an [`Error::Invalid`].
+    pub fn invalid(path: impl Into<PathBuf>, message: impl Into<String>) -> Self {
+        Error::Invalid {
+            path: path.into(),
+            message: message.into(),
+        }
+    }
+
+    /// Builds an [`Error::Tensor`].
+    pub fn tensor(
+        path: impl Into<PathBuf>,
+        tensor: impl Into<String>,
+        message: impl Into<String>,
+    ) -> Self {
+        Error::Tensor {
+            path: path.into(),
+            tensor: tensor.into(),
+            message: message.into(),
+        }
+    }
+
+    /// The process exit code for this error: 2 for usage errors, 1 otherwise.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            Error::Usage { .. } => 2,
+            _ => 1,
+        }
+    }
+}

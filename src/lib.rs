@@ -1,0 +1,27 @@
+//! surgery-convert: streaming weight surgery on Llama-architecture checkpoints.
+//!
+//! The pipeline: [`source`] resolves `--in`; [`checkpoint`] maps and validates it; [`plan`] decides
+//! every output byte's origin; [`execute`] runs the [`decompose`] math layer by layer; [`writer`]
+//! streams files into an [`output`] staging directory; [`report`] and [`checksums`] record provenance;
+//! [`verify`] checks an output directory.
+
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
+#![warn(missing_docs)]
+
+pub mod arch;
+pub mod checkpoint;
+pub mod checksums;
+pub mod cli;
+pub mod config;
+pub mod convert;
+pub mod decompose;
+pub mod dtype;
+pub mod error;
+pub mod execute;
+pub mod output;
+pub mod plan;
+pub mod report;
+pub mod source;
+pub mod spec;
+pub mod verify;
+pub mod writer;

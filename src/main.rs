@@ -1,0 +1,62 @@
+//! The `surgery-convert` executable: parses the command line, runs, and prints any error once, on one
+//! line, with a meaningful exit code (2 for usage errors, 1 for everything else).
+
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
+
+use clap::Parser;
+use std::process::ExitCode;
+use surgery_convert::cli::{Cli, Command};
+use surgery_convert::error::{Error, Result};
+use surgery_convert::{convert, verify};
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Some(Command::Verify { dir }) => {
+            let v = verify::verify(&dir)?;
+            println!(
+                "OK: {} ({} files match SHA256SUMS; {} safetensors files, {} tensors, headers and index valid)",
+                dir.display(),
+                v.files,
+                v.weight_files,
+                v.tensors
+            );
+            Ok(())
+        }
+        None => {
+            let options = cli.convert.resolve()?;
+            if let Some(n) = options.threads {
+                rayon::ThreadPoolBuilder::new()
+                    .num_threads(n.get())
+                    .build_global()
+                    .map_err(|e| Error::usage("--threads", e.to_string()))?;
+            }
+            convert::run(&options).map(|_| ())
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if !e.use_stderr() => {
+            // --help and --version
+            let _ = e.print();
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            // One line: clap's own message names the flag and the cause.
+            let text = e.to_string();
+            let first = text.lines().next().unwrap_or("invalid arguments");
+            let first = first.strip_prefix("error: ").unwrap_or(first);
+            eprintln!("surgery-convert: error: {first} (see --help)");
+            return ExitCode::from(2);
+        }
+    };
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("surgery-convert: error: {e}");
+            ExitCode::from(e.exit_code() as u8)
+        }
+    }
+}

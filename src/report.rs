@@ -1,0 +1,402 @@
+//! The conversion report: `surgery.json` (deterministic: no times, no output path) and the summary
+//! table printed on stderr.
+
+use crate::checkpoint::Checkpoint;
+use crate::cli::ConvertOptions;
+use crate::execute::{mean_dims, GroupReport};
+use crate::plan::Plan;
+use crate::source::InputIdentity;
+use serde::Serialize;
+use std::fmt::Write as _;
+
+/// `surgery.json`.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    /// Tool name and version.
+    pub tool: Tool,
+    /// The command that reproduces this output (add `--out DIR`).
+    pub command: String,
+    /// The options that determine the output.
+    pub options: OptionsRecord,
+    /// Where the input came from.
+    pub input: InputRecord,
+    /// Model shape.
+    pub model: ModelRecord,
+    /// Output files.
+    pub output: OutputRecord,
+    /// Per-layer results.
+    pub layers: Vec<LayerRecord>,
+    /// Whole-model totals.
+    pub totals: Totals,
+}
+
+/// Tool identity.
+#[derive(Debug, Clone, Serialize)]
+pub struct Tool {
+    /// `surgery-convert`.
+    pub name: &'static str,
+    /// Crate version.
+    pub version: &'static str,
+}
+
+/// The output-determining options.
+#[derive(Debug, Clone, Serialize)]
+pub struct OptionsRecord {
+    /// `--shared-kv`.
+    pub shared_kv: Option<String>,
+    /// `--q`.
+    pub q: Option<String>,
+    /// `--k`.
+    pub k: Option<String>,
+    /// `--v`.
+    pub v: Option<String>,
+    /// `--fit`.
+    pub fit: &'static str,
+    /// Output form.
+    pub emit: &'static str,
+    /// `--max-shard-size` in bytes.
+    pub max_shard_size: Option<u64>,
+}
+
+/// Input identity and weight files.
+#[derive(Debug, Clone, Serialize)]
+pub struct InputRecord {
+    /// Local path or hub repo.
+    #[serde(flatten)]
+    pub identity: InputIdentity,
+    /// `architectures[0]`.
+    pub architecture: String,
+    /// Weight files with their size and SHA-256 (empty in a dry run, which reads no more than it must).
+    pub weight_files: Vec<FileRecord>,
+    /// Files of the input not carried over (other weight formats).
+    pub skipped_files: Vec<String>,
+}
+
+/// A file with its size and digest.
+#[derive(Debug, Clone, Serialize)]
+pub struct FileRecord {
+    /// Name relative to its directory.
+    pub name: String,
+    /// Size in bytes.
+    pub bytes: u64,
+    /// Hex SHA-256.
+    pub sha256: String,
+}
+
+/// The model's shape.
+#[derive(Debug, Clone, Serialize)]
+pub struct ModelRecord {
+    /// Layers.
+    pub num_layers: usize,
+    /// Hidden size.
+    pub hidden_size: usize,
+    /// Query heads.
+    pub num_heads: usize,
+    /// Key/value heads.
+    pub num_kv_heads: usize,
+    /// Head dimension.
+    pub head_dim: usize,
+}
+
+/// Output files.
+#[derive(Debug, Clone, Serialize)]
+pub struct OutputRecord {
+    /// `dense`: standard checkpoint with reconstructed matrices.
+    pub emit: &'static str,
+    /// Weight files: name, tensor count, bytes.
+    pub weight_files: Vec<ShardRecord>,
+    /// Whether `model.safetensors.index.json` is written.
+    pub index: bool,
+    /// Files copied unchanged from the input.
+    pub copied_files: Vec<String>,
+}
+
+/// One output weight file.
+#[derive(Debug, Clone, Serialize)]
+pub struct ShardRecord {
+    /// File name.
+    pub name: String,
+    /// Tensors in it.
+    pub tensors: usize,
+    /// File size in bytes (header included), or tensor data bytes in a dry run.
+    pub bytes: u64,
+}
+
+/// One layer's results.
+#[derive(Debug, Clone, Serialize)]
+pub struct LayerRecord {
+    /// Layer index.
+    pub layer: usize,
+    /// Each decomposition of the layer.
+    pub groups: Vec<GroupReport>,
+    /// K and V values cached per token by this layer: as the model is, and with the factored form
+    /// (the latent rank, plus one with the mean kept).
+    pub kv_cache_values_per_token: BeforeAfter,
+}
+
+/// A before/after pair.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct BeforeAfter {
+    /// Original.
+    pub before: u64,
+    /// With the factored form.
+    pub after: u64,
+}
+
+/// Whole-model totals.
+#[derive(Debug, Clone, Serialize)]
+pub struct Totals {
+    /// Matrices (groups) decomposed.
+    pub decompositions: usize,
+    /// Parameters of the decomposed matrices, original vs factored form.
+    pub params: BeforeAfter,
+    /// K+V values per token over all layers, original vs factored form.
+    pub kv_cache_values_per_token: BeforeAfter,
+    /// Mean explained variance kept, per group kind.
+    pub mean_variance_kept: std::collections::BTreeMap<String, f64>,
+}
+
+impl Report {
+    /// Assembles the report.
+    pub fn build(
+        options: &ConvertOptions,
+        identity: &InputIdentity,
+        checkpoint: &Checkpoint,
+        plan: &Plan,
+        groups: Vec<GroupReport>,
+        weight_files: Vec<FileRecord>,
+        output_sizes: Option<&[u64]>,
+    ) -> Report {
+        let c = &checkpoint.config;
+        let s = &options.surgery;
+        let kv_dim = c.kv_dim() as u64;
+        let extra = mean_dims(s.fit) as u64;
+        let mut layers: Vec<LayerRecord> = (0..c.num_layers)
+            .map(|layer| LayerRecord {
+                layer,
+                groups: Vec::new(),
+                kv_cache_values_per_token: BeforeAfter {
+                    before: 2 * kv_dim,
+                    after: 2 * kv_dim,
+                },
+            })
+            .collect();
+        for g in &groups {
+            layers[g.layer].groups.push(g.clone());
+        }
+        for l in &mut layers {
+            let rank_of = |kind: &str| {
+                l.groups
+                    .iter()
+                    .find(|g| g.kind == kind)
+                    .map(|g| g.rank as u64 + extra)
+            };
+            l.kv_cache_values_per_token.after = match rank_of("shared_kv") {
+                Some(r) => r,
+                None => rank_of("k").unwrap_or(kv_dim) + rank_of("v").unwrap_or(kv_dim),
+            };
+        }
+        let mut variance: std::collections::BTreeMap<String, (f64, usize)> = Default::default();
+        for g in &groups {
+            let e = variance.entry(g.kind.to_string()).or_default();
+            e.0 += g.variance_kept;
+            e.1 += 1;
+        }
+        let totals = Totals {
+            decompositions: groups.len(),
+            params: BeforeAfter {
+                before: groups.iter().map(|g| g.params_original).sum(),
+                after: groups
+                    .iter()
+                    .map(|g| g.params_factored.min(g.params_original))
+                    .sum(),
+            },
+            kv_cache_values_per_token: BeforeAfter {
+                before: layers
+                    .iter()
+                    .map(|l| l.kv_cache_values_per_token.before)
+                    .sum(),
+                after: layers
+                    .iter()
+                    .map(|l| l.kv_cache_values_per_token.after)
+                    .sum(),
+            },
+            mean_variance_kept: variance
+                .into_iter()
+                .map(|(k, (sum, n))| (k, sum / n as f64))
+                .collect(),
+        };
+        let spec = |x: Option<crate::spec::Spec>| x.map(|s| s.to_string());
+        Report {
+            tool: Tool {
+                name: env!("CARGO_PKG_NAME"),
+                version: env!("CARGO_PKG_VERSION"),
+            },
+            command: options.reproduce_command(),
+            options: OptionsRecord {
+                shared_kv: spec(s.shared_kv),
+                q: spec(s.q),
+                k: spec(s.k),
+                v: spec(s.v),
+                fit: s.fit.name(),
+                emit: "dense",
+                max_shard_size: options.max_shard_size,
+            },
+            input: InputRecord {
+                identity: identity.clone(),
+                architecture: c.class_name.clone(),
+                weight_files,
+                skipped_files: checkpoint
+                    .skipped_files
+                    .iter()
+                    .map(|p| p.display().to_string())
+                    .collect(),
+            },
+            model: ModelRecord {
+                num_layers: c.num_layers,
+                hidden_size: c.hidden_size,
+                num_heads: c.num_heads,
+                num_kv_heads: c.num_kv_heads,
+                head_dim: c.head_dim,
+            },
+            output: OutputRecord {
+                emit: "dense",
+                weight_files: plan
+                    .shards
+                    .iter()
+                    .enumerate()
+                    .map(|(i, sh)| ShardRecord {
+                        name: sh.file_name.clone(),
+                        tensors: sh.tensors.len(),
+                        bytes: output_sizes
+                            .and_then(|s| s.get(i).copied())
+                            .unwrap_or_else(|| sh.data_len()),
+                    })
+                    .collect(),
+                index: plan.write_index,
+                copied_files: plan
+                    .copies
+                    .iter()
+                    .map(|c| c.relative.display().to_string())
+                    .collect(),
+            },
+            layers,
+            totals,
+        }
+    }
+
+    /// The human summary: one row per layer, then totals.
+    pub fn summary(&self, seconds: f64, out: Option<&str>) -> String {
+        let kinds: Vec<&str> = ["q", "k", "v", "shared_kv"]
+            .into_iter()
+            .filter(|k| {
+                self.layers
+                    .iter()
+                    .any(|l| l.groups.iter().any(|g| g.kind == *k))
+            })
+            .collect();
+        let mut s = String::new();
+        let _ = write!(s, "{:>5}", "layer");
+        for k in &kinds {
+            let _ = write!(s, "  {:>22}", format!("{k} rank (var kept)"));
+        }
+        let _ = writeln!(s, "  {:>9}  {:>14}", "max err", "kv/token");
+        for l in &self.layers {
+            let _ = write!(s, "{:>5}", l.layer);
+            let mut max_err = 0.0f64;
+            for k in &kinds {
+                match l.groups.iter().find(|g| g.kind == *k) {
+                    Some(g) => {
+                        max_err = max_err.max(g.relative_error);
+                        let _ = write!(
+                            s,
+                            "  {:>22}",
+                            format!("{}/{} ({:.3})", g.rank, g.full_rank, g.variance_kept)
+                        );
+                    }
+                    None => {
+                        let _ = write!(s, "  {:>22}", "-");
+                    }
+                }
+            }
+            let kv = l.kv_cache_values_per_token;
+            let _ = writeln!(
+                s,
+                "  {:>9.4}  {:>14}",
+                max_err,
+                format!("{} -> {}", kv.before, kv.after)
+            );
+        }
+        let t = &self.totals;
+        let kv = t.kv_cache_values_per_token;
+        let pct = |a: u64, b: u64| {
+            if a == 0 {
+                0.0
+            } else {
+                100.0 * (b as f64 - a as f64) / a as f64
+            }
+        };
+        let _ = writeln!(
+            s,
+            "{} decompositions (fit {}); KV cache per token if factored: {} -> {} values ({:+.1}%); attention params if factored: {} -> {} ({:+.1}%)",
+            t.decompositions,
+            self.options.fit,
+            group_digits(kv.before),
+            group_digits(kv.after),
+            pct(kv.before, kv.after),
+            group_digits(t.params.before),
+            group_digits(t.params.after),
+            pct(t.params.before, t.params.after),
+        );
+        for g in self
+            .layers
+            .iter()
+            .flat_map(|l| &l.groups)
+            .filter(|g| g.rank_clamped)
+        {
+            let _ = writeln!(
+                s,
+                "note: layer {} {}: {} exceeds the maximum rank {}; clamped",
+                g.layer, g.kind, g.spec, g.full_rank
+            );
+        }
+        match out {
+            Some(out) => {
+                let bytes: u64 = self.output.weight_files.iter().map(|f| f.bytes).sum();
+                let _ = writeln!(
+                    s,
+                    "wrote {out} ({} weight files, {} bytes) in {seconds:.2}s",
+                    self.output.weight_files.len(),
+                    group_digits(bytes)
+                );
+            }
+            None => {
+                let _ = writeln!(s, "dry run: nothing written ({seconds:.2}s)");
+            }
+        }
+        s
+    }
+}
+
+/// `1234567` -> `1,234,567`.
+pub fn group_digits(n: u64) -> String {
+    let digits = n.to_string();
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn digit_grouping() {
+        assert_eq!(super::group_digits(0), "0");
+        assert_eq!(super::group_digits(1234567), "1,234,567");
+        assert_eq!(super::group_digits(100), "100");
+    }
+}
