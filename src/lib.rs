@@ -5,7 +5,10 @@
 //! streams files into an [`output`] staging directory; [`report`] and [`checksums`] record provenance;
 //! [`verify`] checks an output directory.
 
-#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
+#![cfg_attr(
+    not(test),
+    deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)
+)]
 #![warn(missing_docs)]
 
 pub mod arch;

@@ -1,7 +1,10 @@
 //! The `surgery-convert` executable: parses the command line, runs, and prints any error once, on one
 //! line, with a meaningful exit code (2 for usage errors, 1 for everything else).
 
-#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
+#![cfg_attr(
+    not(test),
+    deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)
+)]
 
 use clap::Parser;
 use std::process::ExitCode;
