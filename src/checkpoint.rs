@@ -397,50 +397,28 @@ fn read_index(path: &Path) -> Result<(Vec<String>, BTreeMap<String, String>)> {
     Ok((names, weight_map))
 }
 
-/// Lists the files of `dir` (recursively, skipping hidden entries) other than the weights.
+/// Lists the files of `dir` (recursively, skipping hidden entries) other than the weights: those to
+/// copy, and those in other weight formats to skip.
 fn list_other_files(dir: &Path, weight_files: &[&str]) -> Result<(Vec<PathBuf>, Vec<PathBuf>)> {
     let mut copy = Vec::new();
     let mut skip = Vec::new();
-    let mut stack = vec![PathBuf::new()];
-    while let Some(rel) = stack.pop() {
-        let full = dir.join(&rel);
-        let entries = std::fs::read_dir(&full).map_err(|e| Error::io(&full, e))?;
-        for entry in entries {
-            let entry = entry.map_err(|e| Error::io(&full, e))?;
-            let name = entry.file_name();
-            let Some(name) = name.to_str() else {
-                return Err(Error::invalid(entry.path(), "file name is not valid UTF-8"));
-            };
-            if name.starts_with('.') {
-                continue;
-            }
-            let rel_path = rel.join(name);
-            let path = entry.path();
-            if path.is_dir() {
-                stack.push(rel_path);
-                continue;
-            }
-            let top_level = rel.as_os_str().is_empty();
-            if top_level
-                && (weight_files.contains(&name)
-                    || name == INDEX_FILE
-                    || GENERATED_FILES.contains(&name))
-            {
-                continue;
-            }
-            let ext = Path::new(name)
-                .extension()
-                .and_then(|e| e.to_str())
-                .unwrap_or("");
-            if is_foreign_weight_extension(ext) {
-                skip.push(rel_path);
-            } else {
-                copy.push(rel_path);
-            }
+    for rel in crate::files::walk(dir, false)? {
+        let top_level = rel.parent().is_none_or(|p| p.as_os_str().is_empty());
+        let name = rel.to_string_lossy();
+        if top_level
+            && (weight_files.contains(&name.as_ref())
+                || name == INDEX_FILE
+                || GENERATED_FILES.contains(&name.as_ref()))
+        {
+            continue;
+        }
+        let ext = rel.extension().and_then(|e| e.to_str()).unwrap_or("");
+        if is_foreign_weight_extension(ext) {
+            skip.push(rel);
+        } else {
+            copy.push(rel);
         }
     }
-    copy.sort();
-    skip.sort();
     Ok((copy, skip))
 }
 

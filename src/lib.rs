@@ -21,6 +21,7 @@ pub mod decompose;
 pub mod dtype;
 pub mod error;
 pub mod execute;
+pub mod files;
 pub mod output;
 pub mod plan;
 pub mod report;

@@ -206,10 +206,7 @@ impl Report {
             decompositions: groups.len(),
             params: BeforeAfter {
                 before: groups.iter().map(|g| g.params_original).sum(),
-                after: groups
-                    .iter()
-                    .map(|g| g.params_factored.min(g.params_original))
-                    .sum(),
+                after: groups.iter().map(|g| g.params_factored).sum(),
             },
             kv_cache_values_per_token: BeforeAfter {
                 before: layers

@@ -9,7 +9,7 @@ use crate::writer::sha256_file;
 use safetensors::SafeTensors;
 use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 /// What a successful verification covered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -22,24 +22,6 @@ pub struct Verified {
     pub tensors: usize,
 }
 
-fn list_files(dir: &Path) -> Result<BTreeSet<String>> {
-    let mut out = BTreeSet::new();
-    let mut stack = vec![PathBuf::new()];
-    while let Some(rel) = stack.pop() {
-        let full = dir.join(&rel);
-        for entry in std::fs::read_dir(&full).map_err(|e| Error::io(&full, e))? {
-            let entry = entry.map_err(|e| Error::io(&full, e))?;
-            let rel_path = rel.join(entry.file_name());
-            if entry.path().is_dir() {
-                stack.push(rel_path);
-            } else {
-                out.insert(rel_path.to_string_lossy().into_owned());
-            }
-        }
-    }
-    Ok(out)
-}
-
 /// Verifies `dir`.
 pub fn verify(dir: &Path) -> Result<Verified> {
     if !dir.is_dir() {
@@ -49,7 +31,10 @@ pub fn verify(dir: &Path) -> Result<Verified> {
     let text = std::fs::read_to_string(&sums_path).map_err(|e| Error::io(&sums_path, e))?;
     let entries = checksums::parse(&text, &sums_path)?;
     let mut problems = Vec::new();
-    let present = list_files(dir)?;
+    let present: BTreeSet<String> = crate::files::walk(dir, true)?
+        .iter()
+        .map(|p| p.to_string_lossy().into_owned())
+        .collect();
     let listed: BTreeSet<&str> = entries.iter().map(|(n, _)| n.as_str()).collect();
     let mut files = 0;
     for (name, expected) in &entries {
