@@ -11,7 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 # Evaluation slice: the first EVAL_TOKENS tokens of the wiki text, non-overlapping windows, no BOS.
-EVAL_TOKENS = 8192
+EVAL_TOKENS = 4096
 WINDOW = 512
 # Logit batch: 2 sequences of 128 tokens taken after the evaluation slice.
 LOGIT_OFFSET = 20_000

@@ -13,9 +13,9 @@ import pytest
 import common
 from conftest import COMPRESSED, CONFIGS, FULL_RANK
 
-# SmolLM2-135M-Instruct on the first 8,192 tokens of the wiki text (measured 21.9 by this suite;
+# SmolLM2-135M-Instruct on the first 4,096 tokens of the wiki text (see the results table;
 # 21.82 on 16,384 tokens). A checkpoint with q/k rows still permuted is off by orders of magnitude.
-ORIGINAL_PPL_RANGE = (20.0, 24.0)
+ORIGINAL_PPL_RANGE = (18.0, 23.0)
 
 
 def record(**fields) -> None:

@@ -1,0 +1,92 @@
+"""llama.cpp: its own converter (convert_hf_to_gguf.py) turns the original, a full-rank output and a
+compressed output into GGUF; llama-perplexity gives the full-rank output the original's perplexity,
+and the compressed output loads and generates."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+CHUNKS = 8  # 8 non-overlapping 512-token windows (llama.cpp scores the second half of each)
+THREADS = "2"
+
+
+def llama_bin(name: str) -> str:
+    path = Path(os.environ["LLAMA_CPP_BIN"]) / name
+    assert path.is_file(), f"{path} missing: run scripts/build-llama-cpp"
+    return str(path)
+
+
+def record(**fields) -> None:
+    with open(os.path.join(os.environ["INTEROP_WORK"], "results.jsonl"), "a", encoding="utf-8") as f:
+        f.write(json.dumps(fields) + "\n")
+
+
+_ggufs: dict[str, Path] = {}
+
+
+def to_gguf(name: str, model_dir: Path, work: Path) -> Path:
+    """Converts with llama.cpp's own converter (vendored gguf-py on PYTHONPATH)."""
+    if name not in _ggufs:
+        out = work / f"{name}.gguf"
+        env = dict(os.environ, PYTHONPATH=os.environ["LLAMA_CPP_GGUF_PY"])
+        subprocess.run(
+            [sys.executable, os.environ["LLAMA_CPP_CONVERT"], str(model_dir), "--outtype", "f32", "--outfile", str(out)],
+            check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        )
+        _ggufs[name] = out
+    return _ggufs[name]
+
+
+def llama_perplexity(gguf: Path, text: Path) -> float:
+    run = subprocess.run(
+        [llama_bin("llama-perplexity"), "-m", str(gguf), "-f", str(text), "-c", "512", "--chunks", str(CHUNKS), "-t", THREADS],
+        capture_output=True, text=True, check=True,
+    )
+    match = re.search(r"Final estimate: PPL = ([0-9.]+)", run.stdout + run.stderr)
+    assert match, f"no perplexity in llama-perplexity output:\n{run.stderr[-2000:]}"
+    return float(match.group(1))
+
+
+def llama_generate(gguf: Path, prompt: str = "The capital of France is", tokens: int = 16) -> str:
+    run = subprocess.run(
+        [llama_bin("llama-completion"), "-m", str(gguf), "-p", prompt, "-n", str(tokens), "--temp", "0", "--seed", "1",
+         "-no-cnv", "-t", THREADS],
+        capture_output=True, text=True, check=True, stdin=subprocess.DEVNULL,
+    )
+    return run.stdout
+
+
+@pytest.fixture(scope="module")
+def original_llama_ppl(original, wiki_text, work):
+    ppl = llama_perplexity(to_gguf("original", original, work), wiki_text)
+    record(runtime="llama.cpp", model="original", perplexity=ppl, chunks=CHUNKS)
+    return ppl
+
+
+def test_original_converts_loads_and_answers(original, work, original_llama_ppl):
+    assert 10 < original_llama_ppl < 40, original_llama_ppl
+    text = llama_generate(to_gguf("original", original, work))
+    assert "Paris" in text, text
+
+
+def test_full_rank_output_has_the_original_perplexity(outputs, work, wiki_text, original_llama_ppl):
+    ppl = llama_perplexity(to_gguf("kv10-pca", outputs["kv10-pca"], work), wiki_text)
+    record(runtime="llama.cpp", model="kv10-pca", perplexity=ppl, chunks=CHUNKS)
+    assert abs(ppl / original_llama_ppl - 1) < 0.005, f"{ppl} vs original {original_llama_ppl}"
+
+
+def test_compressed_output_loads_and_generates(outputs, work, wiki_text, original_llama_ppl):
+    gguf = to_gguf("kv09-q09-seed", outputs["kv09-q09-seed"], work)
+    ppl = llama_perplexity(gguf, wiki_text)
+    record(runtime="llama.cpp", model="kv09-q09-seed", perplexity=ppl, chunks=CHUNKS)
+    assert ppl > original_llama_ppl
+    prompt = "The capital of France is"
+    text = llama_generate(gguf, prompt)
+    assert text.startswith(prompt) and len(text) > len(prompt) + 4, text
