@@ -42,7 +42,9 @@ def load(model_dir: str):
     return model.eval()
 
 
-def perplexity(model_dir: str, text_path: str, tokens: int = EVAL_TOKENS) -> float:
+def perplexity(model_dir: str, text_path: str, tokens: int = EVAL_TOKENS, first: int = 0) -> float:
+    """Perplexity over non-overlapping WINDOW-token windows, scoring the predictions made from
+    position `first` on (0: every position; WINDOW // 2: llama-perplexity's scoring)."""
     model = load(model_dir)
     ids = text_ids(model_dir, text_path)[:tokens]
     n = len(ids) // WINDOW
@@ -51,9 +53,9 @@ def perplexity(model_dir: str, text_path: str, tokens: int = EVAL_TOKENS) -> flo
     with torch.inference_mode():
         for i in range(n):
             w = x[i : i + 1]
-            logits = model(input_ids=w, use_cache=False).logits[0, :-1].float()
-            nll += float(torch.nn.functional.cross_entropy(logits, w[0, 1:], reduction="sum"))
-            count += WINDOW - 1
+            logits = model(input_ids=w, use_cache=False).logits[0, first:-1].float()
+            nll += float(torch.nn.functional.cross_entropy(logits, w[0, first + 1 :], reduction="sum"))
+            count += WINDOW - 1 - first
     return math.exp(nll / count)
 
 
