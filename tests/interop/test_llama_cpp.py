@@ -78,6 +78,7 @@ def test_original_converts_loads_and_answers(original, work, wiki_text, original
     reference = common.perplexity(str(original), str(wiki_text), tokens=CHUNKS * 512, first=256)
     record(runtime="transformers (llama.cpp scoring)", model="original", perplexity=reference, chunks=CHUNKS)
     assert abs(original_llama_ppl / reference - 1) < 0.005, f"llama.cpp {original_llama_ppl} vs transformers {reference}"
+    assert 14 < original_llama_ppl < 21, f"original perplexity {original_llama_ppl} (measured 17.29)"
     text = llama_generate(to_gguf("original", original, work))
     assert "Paris" in text, text
 
