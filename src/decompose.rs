@@ -83,6 +83,19 @@ pub struct Decomposition {
     pub variance_kept: f64,
     /// The reconstructed matrix, same shape as the input.
     pub reconstruction: Mat<f64>,
+    /// The same as a product of two thin matrices.
+    pub factors: Factors,
+}
+
+/// A reconstruction as `up * down`: `down` `[latent, cols]` maps an input to the latent, `up`
+/// `[rows, latent]` maps the latent back out. `latent` is the rank, plus one for [`Fit::Pca`]
+/// (the mean direction).
+#[derive(Debug, Clone)]
+pub struct Factors {
+    /// `[rows, latent]`.
+    pub up: Mat<f64>,
+    /// `[latent, cols]`.
+    pub down: Mat<f64>,
 }
 
 /// Explained-variance ratios `lambda_i / sum lambda`, in descending order, from eigenvalues of a Gram
@@ -242,48 +255,58 @@ pub fn decompose(
     let choice = choose_rank(&ratios, spec);
     let r = choice.rank;
     let variance_kept = ratios[..r].iter().sum::<f64>().min(1.0);
-    let basis = vectors.subcols(0, r);
-
-    let mut reconstruction = Mat::<f64>::zeros(m, n);
-    if rows_side {
-        // W' = U_r (U_r^T Wc)
-        let mut coeffs = Mat::<f64>::zeros(r, n);
-        matmul(
-            coeffs.as_mut(),
-            Accum::Replace,
-            basis.transpose(),
-            centred.as_ref(),
-            1.0,
-            Par::Seq,
-        );
-        matmul(
-            reconstruction.as_mut(),
-            Accum::Replace,
-            basis,
-            coeffs.as_ref(),
-            1.0,
-            Par::Seq,
-        );
-    } else {
-        // W' = (Wc V_r) V_r^T
-        let mut coeffs = Mat::<f64>::zeros(m, r);
-        matmul(
-            coeffs.as_mut(),
-            Accum::Replace,
-            centred.as_ref(),
-            basis,
-            1.0,
-            Par::Seq,
-        );
-        matmul(
-            reconstruction.as_mut(),
-            Accum::Replace,
-            coeffs.as_ref(),
-            basis.transpose(),
-            1.0,
-            Par::Seq,
-        );
+    // Sign convention: every kept eigenvector's largest-magnitude entry (the first, on ties) is
+    // positive, so the factors (and their bytes) are deterministic.
+    let mut basis = vectors.subcols(0, r).to_owned();
+    for j in 0..r {
+        let mut best = 0;
+        for i in 0..basis.nrows() {
+            if basis[(i, j)].abs() > basis[(best, j)].abs() {
+                best = i;
+            }
+        }
+        if basis[(best, j)] < 0.0 {
+            for i in 0..basis.nrows() {
+                basis[(i, j)] = -basis[(i, j)];
+            }
+        }
     }
+
+    // W' = up * down, with up [m, r] and down [r, n].
+    let (up, down) = if rows_side {
+        // up = U_r, down = U_r^T Wc
+        let mut down = Mat::<f64>::zeros(r, n);
+        matmul(
+            down.as_mut(),
+            Accum::Replace,
+            basis.transpose(),
+            centred.as_ref(),
+            1.0,
+            Par::Seq,
+        );
+        (basis, down)
+    } else {
+        // up = Wc V_r, down = V_r^T
+        let mut up = Mat::<f64>::zeros(m, r);
+        matmul(
+            up.as_mut(),
+            Accum::Replace,
+            centred.as_ref(),
+            basis.as_ref(),
+            1.0,
+            Par::Seq,
+        );
+        (up, basis.transpose().to_owned())
+    };
+    let mut reconstruction = Mat::<f64>::zeros(m, n);
+    matmul(
+        reconstruction.as_mut(),
+        Accum::Replace,
+        up.as_ref(),
+        down.as_ref(),
+        1.0,
+        Par::Seq,
+    );
     if fit == Fit::Pca {
         for j in 0..n {
             for i in 0..m {
@@ -291,10 +314,22 @@ pub fn decompose(
             }
         }
     }
+    // The factored form carries the mean as one more latent direction: a row mu^T in `down` and a
+    // column of ones in `up`, so that up * down equals the reconstruction.
+    let extra = usize::from(fit == Fit::Pca);
+    let factors = Factors {
+        up: Mat::from_fn(m, r + extra, |i, j| if j < r { up[(i, j)] } else { 1.0 }),
+        down: Mat::from_fn(
+            r + extra,
+            n,
+            |i, j| if i < r { down[(i, j)] } else { mean[j] },
+        ),
+    };
     Ok(Decomposition {
         choice,
         variance_kept,
         reconstruction,
+        factors,
     })
 }
 
@@ -411,6 +446,44 @@ mod tests {
         let approx = matrix_to_rows(d.reconstruction.as_ref());
         let err = relative_error(&values, &approx);
         assert!((err * err - (1.0 - d.variance_kept)).abs() < 1e-10);
+    }
+
+    #[test]
+    fn factors_multiply_to_the_reconstruction_with_fixed_signs() {
+        for (m, n) in [(6, 10), (10, 6)] {
+            let w = noise(m, n, 21);
+            for fit in [Fit::Pca, Fit::Seed, Fit::Svd] {
+                let d = decompose(w.as_ref(), fit, Spec::Rank(3)).unwrap();
+                let latent = 3 + usize::from(fit == Fit::Pca);
+                assert_eq!((d.factors.up.nrows(), d.factors.up.ncols()), (m, latent));
+                assert_eq!(
+                    (d.factors.down.nrows(), d.factors.down.ncols()),
+                    (latent, n)
+                );
+                let product = &d.factors.up * &d.factors.down;
+                assert!(
+                    max_abs_diff(product.as_ref(), d.reconstruction.as_ref()) < 1e-12,
+                    "{fit:?} {m}x{n}"
+                );
+                // The eigenvector side of each kept direction has its largest entry positive.
+                let basis = if m <= n {
+                    d.factors.up.transpose().to_owned()
+                } else {
+                    d.factors.down.clone()
+                };
+                for k in 0..3 {
+                    let row = basis.row(k);
+                    let (mut best, mut arg) = (0.0f64, 0);
+                    for j in 0..row.ncols() {
+                        if row[j].abs() > best {
+                            best = row[j].abs();
+                            arg = j;
+                        }
+                    }
+                    assert!(row[arg] > 0.0, "{fit:?} direction {k}");
+                }
+            }
+        }
     }
 
     #[test]
