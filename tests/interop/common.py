@@ -3,7 +3,9 @@ and logits with transformers, and a cache of loaded models."""
 
 from __future__ import annotations
 
+import json
 import math
+import os
 from functools import lru_cache
 from pathlib import Path
 
@@ -20,6 +22,12 @@ PROMPT = "What is the capital of France?"
 NEW_TOKENS = 64
 
 torch.set_num_threads(max(1, torch.get_num_threads()))
+
+
+def record(**fields) -> None:
+    """Appends a measured figure to INTEROP_WORK/results.jsonl (scripts/interop prints them)."""
+    with open(os.path.join(os.environ["INTEROP_WORK"], "results.jsonl"), "a", encoding="utf-8") as f:
+        f.write(json.dumps(fields) + "\n")
 
 
 @lru_cache(maxsize=None)

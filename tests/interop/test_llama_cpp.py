@@ -4,7 +4,6 @@ and the compressed output loads and generates."""
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import subprocess
@@ -25,9 +24,6 @@ def llama_bin(name: str) -> str:
     return str(path)
 
 
-def record(**fields) -> None:
-    with open(os.path.join(os.environ["INTEROP_WORK"], "results.jsonl"), "a", encoding="utf-8") as f:
-        f.write(json.dumps(fields) + "\n")
 
 
 _ggufs: dict[str, Path] = {}
@@ -68,7 +64,7 @@ def llama_generate(gguf: Path, prompt: str = "The capital of France is", tokens:
 @pytest.fixture(scope="module")
 def original_llama_ppl(original, wiki_text, work):
     ppl = llama_perplexity(to_gguf("original", original, work), wiki_text)
-    record(runtime="llama.cpp", model="original", perplexity=ppl, chunks=CHUNKS)
+    common.record(runtime="llama.cpp", model="original", perplexity=ppl, chunks=CHUNKS)
     return ppl
 
 
@@ -76,7 +72,7 @@ def test_original_converts_loads_and_answers(original, work, wiki_text, original
     # Same tokens, same windows, llama.cpp's scoring (second half of each window) in transformers:
     # the two runtimes must agree, which pins the GGUF conversion of the original.
     reference = common.perplexity(str(original), str(wiki_text), tokens=CHUNKS * 512, first=256)
-    record(runtime="transformers (llama.cpp scoring)", model="original", perplexity=reference, chunks=CHUNKS)
+    common.record(runtime="transformers (llama.cpp scoring)", model="original", perplexity=reference, chunks=CHUNKS)
     assert abs(original_llama_ppl / reference - 1) < 0.005, f"llama.cpp {original_llama_ppl} vs transformers {reference}"
     assert 14 < original_llama_ppl < 21, f"original perplexity {original_llama_ppl} (measured 17.29)"
     text = llama_generate(to_gguf("original", original, work))
@@ -85,14 +81,14 @@ def test_original_converts_loads_and_answers(original, work, wiki_text, original
 
 def test_full_rank_output_has_the_original_perplexity(outputs, work, wiki_text, original_llama_ppl):
     ppl = llama_perplexity(to_gguf("kv10-pca", outputs["kv10-pca"], work), wiki_text)
-    record(runtime="llama.cpp", model="kv10-pca", perplexity=ppl, chunks=CHUNKS)
+    common.record(runtime="llama.cpp", model="kv10-pca", perplexity=ppl, chunks=CHUNKS)
     assert abs(ppl / original_llama_ppl - 1) < 0.005, f"{ppl} vs original {original_llama_ppl}"
 
 
 def test_compressed_output_loads_and_generates(outputs, work, wiki_text, original_llama_ppl):
     gguf = to_gguf("kv09-q09-seed", outputs["kv09-q09-seed"], work)
     ppl = llama_perplexity(gguf, wiki_text)
-    record(runtime="llama.cpp", model="kv09-q09-seed", perplexity=ppl, chunks=CHUNKS)
+    common.record(runtime="llama.cpp", model="kv09-q09-seed", perplexity=ppl, chunks=CHUNKS)
     assert ppl > original_llama_ppl
     prompt = "The capital of France is"
     text = llama_generate(gguf, prompt)

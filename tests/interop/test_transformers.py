@@ -4,9 +4,7 @@ their perplexity is measured."""
 
 from __future__ import annotations
 
-import json
 import math
-import os
 
 import pytest
 
@@ -18,10 +16,6 @@ from conftest import COMPRESSED, CONFIGS, FULL_RANK
 ORIGINAL_PPL_RANGE = (18.0, 23.0)
 
 
-def record(**fields) -> None:
-    """Appends a measured figure to INTEROP_WORK/results.jsonl (scripts/interop prints them)."""
-    with open(os.path.join(os.environ["INTEROP_WORK"], "results.jsonl"), "a", encoding="utf-8") as f:
-        f.write(json.dumps(fields) + "\n")
 
 
 @pytest.fixture(scope="session")
@@ -32,7 +26,7 @@ def original_logits(original, wiki_text):
 @pytest.fixture(scope="session")
 def original_ppl(original, wiki_text):
     ppl = common.perplexity(str(original), str(wiki_text))
-    record(runtime="transformers", model="original", perplexity=ppl, tokens=common.EVAL_TOKENS)
+    common.record(runtime="transformers", model="original", perplexity=ppl, tokens=common.EVAL_TOKENS)
     return ppl
 
 
@@ -56,7 +50,7 @@ def test_full_rank_logits_equal_the_original(outputs, name, original_logits, wik
     got = common.logits(str(outputs[name]), str(wiki_text))
     diff = float((got - original_logits).abs().max())
     ppl = common.perplexity(str(outputs[name]), str(wiki_text))
-    record(runtime="transformers", model=name, perplexity=ppl, tokens=common.EVAL_TOKENS, max_abs_logit_diff=diff)
+    common.record(runtime="transformers", model=name, perplexity=ppl, tokens=common.EVAL_TOKENS, max_abs_logit_diff=diff)
     assert diff < 1e-3, f"{name}: max |logit difference| {diff}"
     assert abs(ppl / original_ppl - 1) < 1e-4, f"{name}: perplexity {ppl} vs original {original_ppl}"
 
@@ -71,6 +65,6 @@ def test_compressed_output_differs_and_is_measured(outputs, name, original_logit
     got = common.logits(str(outputs[name]), str(wiki_text))
     diff = float((got - original_logits).abs().max())
     ppl = common.perplexity(str(outputs[name]), str(wiki_text))
-    record(runtime="transformers", model=name, perplexity=ppl, tokens=common.EVAL_TOKENS, max_abs_logit_diff=diff)
+    common.record(runtime="transformers", model=name, perplexity=ppl, tokens=common.EVAL_TOKENS, max_abs_logit_diff=diff)
     assert diff > 1e-2, f"{name}: logits barely changed ({diff}); the surgery did nothing"
     assert math.isfinite(ppl) and ppl > original_ppl
