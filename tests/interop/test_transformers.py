@@ -40,6 +40,15 @@ def test_original_is_the_real_model(original_ppl):
     assert low < original_ppl < high, f"original perplexity {original_ppl}"
 
 
+def measure(outputs, name, original_logits, wiki_text) -> tuple[float, float]:
+    """Max |logit difference| from the original, and perplexity, of one output (both recorded)."""
+    got = common.logits(str(outputs[name]), str(wiki_text))
+    diff = float((got - original_logits).abs().max())
+    ppl = common.perplexity(str(outputs[name]), str(wiki_text))
+    common.record(runtime="transformers", model=name, perplexity=ppl, tokens=common.EVAL_TOKENS, max_abs_logit_diff=diff)
+    return diff, ppl
+
+
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_output_loads_with_exactly_the_expected_keys(outputs, name):
     common.load(str(outputs[name]))
@@ -47,10 +56,7 @@ def test_output_loads_with_exactly_the_expected_keys(outputs, name):
 
 @pytest.mark.parametrize("name", FULL_RANK)
 def test_full_rank_logits_equal_the_original(outputs, name, original_logits, wiki_text, original_ppl):
-    got = common.logits(str(outputs[name]), str(wiki_text))
-    diff = float((got - original_logits).abs().max())
-    ppl = common.perplexity(str(outputs[name]), str(wiki_text))
-    common.record(runtime="transformers", model=name, perplexity=ppl, tokens=common.EVAL_TOKENS, max_abs_logit_diff=diff)
+    diff, ppl = measure(outputs, name, original_logits, wiki_text)
     assert diff < 1e-3, f"{name}: max |logit difference| {diff}"
     assert abs(ppl / original_ppl - 1) < 1e-4, f"{name}: perplexity {ppl} vs original {original_ppl}"
 
@@ -62,9 +68,6 @@ def test_full_rank_greedy_generation_is_token_identical(outputs, name, original_
 
 @pytest.mark.parametrize("name", COMPRESSED)
 def test_compressed_output_differs_and_is_measured(outputs, name, original_logits, wiki_text, original_ppl):
-    got = common.logits(str(outputs[name]), str(wiki_text))
-    diff = float((got - original_logits).abs().max())
-    ppl = common.perplexity(str(outputs[name]), str(wiki_text))
-    common.record(runtime="transformers", model=name, perplexity=ppl, tokens=common.EVAL_TOKENS, max_abs_logit_diff=diff)
+    diff, ppl = measure(outputs, name, original_logits, wiki_text)
     assert diff > 1e-2, f"{name}: logits barely changed ({diff}); the surgery did nothing"
     assert math.isfinite(ppl) and ppl > original_ppl
