@@ -2,7 +2,8 @@
 //!
 //! A name is either global (`model.embed_tokens.weight`) or per layer
 //! (`model.layers.{N}.self_attn.k_proj.weight`). Each has a [`Role`]: the three projections the
-//! surgery may rewrite, or pass-through. A tensor matching no entry is an error.
+//! surgery may rewrite, the factors of the factored form (`--emit factored`, see
+//! `docs/factored-format.md`), or pass-through. A tensor matching no entry is an error.
 
 /// What a tensor is to the surgery.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -15,6 +16,28 @@ pub enum Role {
     Value,
     /// Copied byte for byte.
     PassThrough,
+    /// One factor of a factored projection.
+    Factor(Factor),
+}
+
+/// The tensors of the factored form: `W' = b @ a`, `a` the down-projection to the latent, `b` the
+/// up-projection from it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Factor {
+    /// `q_a_proj` `[Lq, hidden]`.
+    QDown,
+    /// `q_b_proj` `[q_dim, Lq]`.
+    QUp,
+    /// `kv_a_proj` `[L, hidden]`: the latent shared by K and V.
+    KvDown,
+    /// `k_a_proj` `[Lk, hidden]` (K fitted alone).
+    KDown,
+    /// `k_b_proj` `[kv_dim, L or Lk]` (from the shared or the K latent).
+    KUp,
+    /// `v_a_proj` `[Lv, hidden]` (V fitted alone).
+    VDown,
+    /// `v_b_proj` `[kv_dim, L or Lv]`.
+    VUp,
 }
 
 impl Role {
@@ -24,7 +47,7 @@ impl Role {
             Role::Query => "q",
             Role::Key => "k",
             Role::Value => "v",
-            Role::PassThrough => "-",
+            Role::PassThrough | Role::Factor(_) => "-",
         }
     }
 }
@@ -64,6 +87,13 @@ pub static LLAMA: Architecture = Architecture {
         ("self_attn.k_proj.weight", Role::Key),
         ("self_attn.v_proj.weight", Role::Value),
         ("self_attn.o_proj.weight", Role::PassThrough),
+        ("self_attn.q_a_proj.weight", Role::Factor(Factor::QDown)),
+        ("self_attn.q_b_proj.weight", Role::Factor(Factor::QUp)),
+        ("self_attn.kv_a_proj.weight", Role::Factor(Factor::KvDown)),
+        ("self_attn.k_a_proj.weight", Role::Factor(Factor::KDown)),
+        ("self_attn.k_b_proj.weight", Role::Factor(Factor::KUp)),
+        ("self_attn.v_a_proj.weight", Role::Factor(Factor::VDown)),
+        ("self_attn.v_b_proj.weight", Role::Factor(Factor::VUp)),
         ("self_attn.q_proj.bias", Role::PassThrough),
         ("self_attn.k_proj.bias", Role::PassThrough),
         ("self_attn.v_proj.bias", Role::PassThrough),
@@ -179,7 +209,19 @@ mod tests {
 
     #[test]
     fn names_round_trip() {
-        for role in [Role::Query, Role::Key, Role::Value] {
+        let factors = [
+            Factor::QDown,
+            Factor::QUp,
+            Factor::KvDown,
+            Factor::KDown,
+            Factor::KUp,
+            Factor::VDown,
+            Factor::VUp,
+        ];
+        let roles = [Role::Query, Role::Key, Role::Value]
+            .into_iter()
+            .chain(factors.into_iter().map(Role::Factor));
+        for role in roles {
             let name = LLAMA.layer_tensor_name(3, role).unwrap();
             assert_eq!(
                 LLAMA.classify(&name),
@@ -196,5 +238,21 @@ mod tests {
         assert!(find("LlamaForCausalLM").is_some());
         assert!(find("MistralForCausalLM").is_some());
         assert!(find("GPT2LMHeadModel").is_none());
+    }
+
+    #[test]
+    fn factored_names() {
+        assert_eq!(
+            LLAMA
+                .layer_tensor_name(2, Role::Factor(Factor::KvDown))
+                .unwrap(),
+            "model.layers.2.self_attn.kv_a_proj.weight"
+        );
+        assert_eq!(
+            LLAMA
+                .layer_tensor_name(0, Role::Factor(Factor::VUp))
+                .unwrap(),
+            "model.layers.0.self_attn.v_b_proj.weight"
+        );
     }
 }

@@ -270,35 +270,34 @@ impl Checkpoint {
         Ok(checkpoint)
     }
 
-    /// Every layer must have q, k and v with the shapes config.json implies, in a float type.
+    /// Every layer must have its attention projections (q, k and v, or for a factored checkpoint the
+    /// factors `config.json` describes) with the shapes config.json implies, in a float type, and no
+    /// others.
     fn check_projections(&self) -> Result<()> {
         let c = &self.config;
         for layer in 0..c.num_layers {
-            for (role, rows) in [
-                (Role::Query, c.q_dim()),
-                (Role::Key, c.kv_dim()),
-                (Role::Value, c.kv_dim()),
-            ] {
+            let expected = c.attention_tensors(layer);
+            for &(role, shape) in &expected {
                 let Some(name) = c.arch.layer_tensor_name(layer, role) else {
                     continue;
                 };
                 let Some(t) = self.tensor(&name) else {
                     let file = self.expected_file_for_layer(layer);
-                    return Err(Error::tensor(
-                        file,
-                        &name,
-                        "missing (every layer needs q_proj, k_proj and v_proj)",
-                    ));
+                    let why = if c.latent.is_some() {
+                        "missing (config.json's latent_attention says this layer has it)"
+                    } else {
+                        "missing (every layer needs q_proj, k_proj and v_proj)"
+                    };
+                    return Err(Error::tensor(file, &name, why));
                 };
                 let path = &self.shards[t.shard].path;
-                let expected = [rows, c.hidden_size];
-                if t.shape != expected {
+                if t.shape != shape {
                     return Err(Error::tensor(
                         path,
                         &name,
                         format!(
                             "shape {:?} disagrees with config.json, which implies {:?}",
-                            t.shape, expected
+                            t.shape, shape
                         ),
                     ));
                 }
@@ -312,6 +311,25 @@ impl Checkpoint {
                         ),
                     ));
                 }
+            }
+        }
+        for t in &self.tensors {
+            let attention = matches!(
+                t.class.role,
+                Role::Query | Role::Key | Role::Value | Role::Factor(_)
+            );
+            let expected = t.class.layer.is_some_and(|layer| {
+                c.attention_tensors(layer)
+                    .iter()
+                    .any(|&(role, _)| role == t.class.role)
+            });
+            if attention && !expected {
+                let why = match (&c.latent, t.class.role) {
+                    (None, _) => "a factor of the factored form, but config.json does not describe one (latent_attention missing)",
+                    (Some(_), Role::Factor(_)) => "a factor config.json's latent_attention does not describe",
+                    (Some(_), _) => "a dense projection that config.json's latent_attention says is factored",
+                };
+                return Err(Error::tensor(&self.shards[t.shard].path, &t.name, why));
             }
         }
         Ok(())

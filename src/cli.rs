@@ -3,7 +3,7 @@
 
 use crate::decompose::Fit;
 use crate::error::{Error, Result};
-use crate::plan::Surgery;
+use crate::plan::{Emit, Surgery};
 use crate::spec::Spec;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use std::num::NonZeroUsize;
@@ -39,6 +39,48 @@ pub enum Command {
         /// The directory to check.
         dir: PathBuf,
     },
+    /// Multiply a factored checkpoint (--emit factored) back into a standard dense one: original
+    /// tensor names, dtypes, shards and config, loadable by any Llama runtime.
+    Expand(ExpandArgs),
+}
+
+/// Arguments of `expand`.
+#[derive(Debug, Args)]
+pub struct ExpandArgs {
+    /// The factored checkpoint: a local directory, or a repo id resolved from the Hugging Face cache.
+    #[arg(value_name = "FACTORED")]
+    pub input: String,
+
+    /// Output directory (created atomically; must not exist unless --force).
+    #[arg(long, value_name = "DIR")]
+    pub out: PathBuf,
+
+    /// Hub revision (branch, tag or commit) when FACTORED is a repo id.
+    #[arg(long, value_name = "REV", default_value = "main")]
+    pub revision: String,
+
+    /// Print the plan; write nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+
+    /// Replace an existing --out directory (only once the new one is complete).
+    #[arg(long)]
+    pub force: bool,
+
+    /// Print nothing on success.
+    #[arg(long, short)]
+    pub quiet: bool,
+}
+
+/// The output form.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum EmitArg {
+    /// Reconstructed matrices under the original names: a standard checkpoint any runtime loads.
+    Dense,
+    /// Latent down-projections and up-projections (kv_a_proj, k_b_proj, v_b_proj, ...): fewer
+    /// parameters and a smaller KV cache; loads in transformers with trust_remote_code=True (see
+    /// docs/factored-format.md), or run `expand` for other runtimes.
+    Factored,
 }
 
 /// The reconstruction to use.
@@ -91,6 +133,10 @@ pub struct ConvertArgs {
     /// Reconstruction: pca (mean restored), seed (the original script: mean dropped), svd (uncentred).
     #[arg(long, value_enum, default_value_t = FitArg::Pca)]
     pub fit: FitArg,
+
+    /// Output form: dense (standard checkpoint) or factored (latent + up-projections).
+    #[arg(long, value_enum, default_value_t = EmitArg::Dense)]
+    pub emit: EmitArg,
 
     /// Re-shard the output into files of at most SIZE (e.g. 2GB, 500MB, 1GiB, or bytes).
     #[arg(long, value_name = "SIZE", value_parser = parse_size)]
@@ -172,6 +218,8 @@ pub struct ConvertOptions {
     pub out: PathBuf,
     /// What to rewrite.
     pub surgery: Surgery,
+    /// `--emit`.
+    pub emit: Emit,
     /// `--max-shard-size` in bytes.
     pub max_shard_size: Option<u64>,
     /// `--dry-run`.
@@ -207,6 +255,9 @@ impl ConvertOptions {
             }
         }
         parts.extend(["--fit".into(), s.fit.name().into()]);
+        if self.emit == Emit::Factored {
+            parts.extend(["--emit".into(), "factored".into()]);
+        }
         if let Some(size) = self.max_shard_size {
             parts.extend(["--max-shard-size".into(), size.to_string()]);
         }
@@ -255,6 +306,10 @@ impl ConvertArgs {
                 v,
                 shared_kv: self.shared_kv,
                 fit,
+            },
+            emit: match self.emit {
+                EmitArg::Dense => Emit::Dense,
+                EmitArg::Factored => Emit::Factored,
             },
             max_shard_size: self.max_shard_size,
             dry_run: self.dry_run,

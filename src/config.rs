@@ -1,14 +1,15 @@
 //! `config.json`: parsed once into a validated [`ModelConfig`]; downstream code never re-checks it.
 
-use crate::arch::{self, Architecture};
+use crate::arch::{self, Architecture, Factor, Role};
 use crate::error::{Error, Result};
-use serde_json::Value;
+use crate::latent::{self, KvMode, LatentAttention};
+use serde_json::{Map, Value};
 use std::path::Path;
 
 /// The model facts the surgery needs, validated.
 #[derive(Debug, Clone)]
 pub struct ModelConfig {
-    /// `architectures[0]`.
+    /// `architectures[0]` (of a factored checkpoint: the original class it was made from).
     pub class_name: String,
     /// The tensor-name table for it.
     pub arch: &'static Architecture,
@@ -24,6 +25,10 @@ pub struct ModelConfig {
     pub num_layers: usize,
     /// `tie_word_embeddings` (defaults to false, as in transformers' Llama).
     pub tie_word_embeddings: bool,
+    /// The factored form's description, for a checkpoint written by `--emit factored`.
+    pub latent: Option<LatentAttention>,
+    /// The whole `config.json` object, key order kept (rewritten for factored output).
+    pub raw: Map<String, Value>,
 }
 
 impl ModelConfig {
@@ -35,6 +40,49 @@ impl ModelConfig {
     /// Rows of `k_proj` and `v_proj`.
     pub fn kv_dim(&self) -> usize {
         self.num_kv_heads * self.head_dim
+    }
+
+    /// The attention projection tensors every layer must have, with their shapes: `q_proj`,
+    /// `k_proj`, `v_proj`, or for a factored checkpoint the factors that replace them.
+    pub fn attention_tensors(&self, layer: usize) -> Vec<(Role, [usize; 2])> {
+        let (h, q, kv) = (self.hidden_size, self.q_dim(), self.kv_dim());
+        let width = |ranks: &Option<Vec<usize>>| ranks.as_ref().and_then(|r| r.get(layer).copied());
+        let Some(l) = &self.latent else {
+            return vec![
+                (Role::Query, [q, h]),
+                (Role::Key, [kv, h]),
+                (Role::Value, [kv, h]),
+            ];
+        };
+        let mut out = Vec::new();
+        match width(&l.q_rank) {
+            Some(r) => out.extend([
+                (Role::Factor(Factor::QDown), [r, h]),
+                (Role::Factor(Factor::QUp), [q, r]),
+            ]),
+            None => out.push((Role::Query, [q, h])),
+        }
+        match (l.kv, width(&l.kv_rank)) {
+            (Some(KvMode::Shared), Some(r)) => out.extend([
+                (Role::Factor(Factor::KvDown), [r, h]),
+                (Role::Factor(Factor::KUp), [kv, r]),
+                (Role::Factor(Factor::VUp), [kv, r]),
+            ]),
+            _ => {
+                for (ranks, dense, down, up) in [
+                    (&l.k_rank, Role::Key, Factor::KDown, Factor::KUp),
+                    (&l.v_rank, Role::Value, Factor::VDown, Factor::VUp),
+                ] {
+                    match width(ranks) {
+                        Some(r) => {
+                            out.extend([(Role::Factor(down), [r, h]), (Role::Factor(up), [kv, r])])
+                        }
+                        None => out.push((dense, [kv, h])),
+                    }
+                }
+            }
+        }
+        out
     }
 
     /// Reads and validates `path`.
@@ -62,6 +110,23 @@ impl ModelConfig {
                 invalid("missing `architectures` (expected e.g. [\"LlamaForCausalLM\"])".into())
             })?
             .to_string();
+        let factored = class_name == latent::CLASS_NAME;
+        let class_name = if factored {
+            obj.get("latent_attention")
+                .and_then(|l| l.get("original_architectures"))
+                .and_then(Value::as_array)
+                .and_then(|a| a.first())
+                .and_then(Value::as_str)
+                .ok_or_else(|| {
+                    invalid(format!(
+                        "`architectures` is {} but latent_attention.original_architectures is missing",
+                        latent::CLASS_NAME
+                    ))
+                })?
+                .to_string()
+        } else {
+            class_name
+        };
         let arch = arch::find(&class_name).ok_or_else(|| {
             invalid(format!(
                 "unsupported architecture `{class_name}` (supported: {})",
@@ -116,6 +181,12 @@ impl ModelConfig {
                 )))
             }
         };
+        let latent = if factored {
+            let value = obj.get("latent_attention").unwrap_or(&Value::Null);
+            Some(LatentAttention::from_json(value, num_layers, path)?)
+        } else {
+            None
+        };
         Ok(ModelConfig {
             class_name,
             arch,
@@ -125,6 +196,8 @@ impl ModelConfig {
             head_dim,
             num_layers,
             tie_word_embeddings,
+            latent,
+            raw: obj.clone(),
         })
     }
 }

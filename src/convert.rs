@@ -1,13 +1,13 @@
 //! The conversion, end to end: resolve the input, open it, plan, execute into a staging directory,
 //! write the index, copies, report and checksums, then move the result into place.
 
-use crate::checkpoint::{Checkpoint, INDEX_FILE};
+use crate::checkpoint::{Checkpoint, CONFIG_FILE, INDEX_FILE};
 use crate::checksums;
 use crate::cli::{ConvertOptions, Output};
 use crate::error::{Error, Result};
-use crate::execute;
+use crate::execute::{self, GroupReport, Lazy};
 use crate::output::{check_out_path, Staging};
-use crate::plan;
+use crate::plan::{self, Emit, FileSource, Layout, Plan};
 use crate::report::{FileRecord, Report};
 use crate::source;
 use crate::writer::{copy_file, sha256_file, write_file, ShardWriter};
@@ -15,6 +15,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use rayon::prelude::*;
 use std::collections::BTreeMap;
 use std::io::IsTerminal;
+use std::path::Path;
 use std::time::Instant;
 
 fn progress_bar(options: &ConvertOptions, template: &str) -> ProgressBar {
@@ -38,23 +39,38 @@ pub fn run(options: &ConvertOptions) -> Result<Report> {
         Some(check_out_path(&input.dir, &options.out, options.force)?)
     };
     let checkpoint = Checkpoint::open(&input.dir)?;
-    let plan = plan::plan(&checkpoint, &options.surgery, options.max_shard_size);
+    if checkpoint.config.latent.is_some() {
+        return Err(Error::invalid(
+            checkpoint.dir.join(CONFIG_FILE),
+            format!(
+                "a factored checkpoint (written by --emit factored); expand it to a standard one first: surgery-convert expand {} --out DENSE_DIR",
+                options.input
+            ),
+        ));
+    }
+    let groups = plan::groups(&checkpoint, &options.surgery);
 
     let Some(out) = out else {
+        let bar = progress_bar(options, "{spinner} decomposing {pos}/{len} matrices");
+        let reports = execute::reports_only(&checkpoint, &groups, options.emit, &bar)?;
+        bar.finish_and_clear();
+        let plan = plan::plan(
+            &checkpoint,
+            groups,
+            &layout(options.emit, &reports),
+            options.max_shard_size,
+        )?;
         if options.output == Output::Summary {
             for line in plan.describe(&checkpoint) {
                 eprintln!("{line}");
             }
         }
-        let bar = progress_bar(options, "{spinner} decomposing {pos}/{len} matrices");
-        let groups = execute::reports_only(&checkpoint, &plan, &bar)?;
-        bar.finish_and_clear();
         let report = Report::build(
             options,
             &input.identity,
             &checkpoint,
             &plan,
-            groups,
+            reports,
             Vec::new(),
             None,
         );
@@ -64,41 +80,110 @@ pub fn run(options: &ConvertOptions) -> Result<Report> {
 
     let staging = Staging::create(&out)?;
     let mut digests: BTreeMap<String, String> = BTreeMap::new();
-    let bar = progress_bar(
-        options,
-        "{bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
-    );
-    let groups = {
-        let mut writer = ShardWriter::new(staging.path(), &mut digests);
-        execute::execute(&checkpoint, &plan, &mut writer, &bar)?
+    let (plan, reports) = match options.emit {
+        Emit::Dense => {
+            let plan = plan::plan(&checkpoint, groups, &Layout::Dense, options.max_shard_size)?;
+            let bar = progress_bar(
+                options,
+                "{bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+            );
+            let mut lazy = Lazy::default();
+            let mut writer = ShardWriter::new(staging.path(), &mut digests);
+            execute::execute(&checkpoint, &plan, &mut lazy, &mut writer, &bar)?;
+            bar.finish_and_clear();
+            (plan, lazy.into_reports())
+        }
+        Emit::Factored => {
+            let bar = progress_bar(options, "{spinner} decomposing {pos}/{len} matrices");
+            let (reports, mut spill) =
+                execute::factor_pass(&checkpoint, &groups, &staging.path().join(SPILL_FILE), &bar)?;
+            bar.finish_and_clear();
+            let plan = plan::plan(
+                &checkpoint,
+                groups,
+                &layout(Emit::Factored, &reports),
+                options.max_shard_size,
+            )?;
+            let bar = progress_bar(
+                options,
+                "{bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+            );
+            let mut writer = ShardWriter::new(staging.path(), &mut digests);
+            execute::execute(&checkpoint, &plan, &mut spill, &mut writer, &bar)?;
+            bar.finish_and_clear();
+            spill.remove()?;
+            (plan, reports)
+        }
     };
-    bar.finish_and_clear();
+    write_index_and_files(&checkpoint, &plan, staging.path(), &mut digests)?;
+    let weight_files = input_weight_files(&checkpoint)?;
+    let sizes = output_sizes(&plan, staging.path())?;
+    let report = Report::build(
+        options,
+        &input.identity,
+        &checkpoint,
+        &plan,
+        reports,
+        weight_files,
+        Some(&sizes),
+    );
+    finish(staging, &report, digests)?;
+    print(
+        options,
+        &report,
+        started,
+        Some(&options.out.display().to_string()),
+    )?;
+    Ok(report)
+}
 
+/// Scratch file for the factored form's factors, inside the staging directory (removed before the
+/// output is committed).
+const SPILL_FILE: &str = ".factors.spill";
+
+/// The output layout for `emit`, given the groups' reports (their latent widths).
+fn layout(emit: Emit, reports: &[GroupReport]) -> Layout {
+    match emit {
+        Emit::Dense => Layout::Dense,
+        Emit::Factored => Layout::Factored {
+            latents: reports.iter().map(|r| r.latent).collect(),
+        },
+    }
+}
+
+/// Writes the shard index (when planned) and the plan's other files into `dir`, adding digests.
+pub(crate) fn write_index_and_files(
+    checkpoint: &Checkpoint,
+    plan: &Plan,
+    dir: &Path,
+    digests: &mut BTreeMap<String, String>,
+) -> Result<()> {
     if plan.write_index {
         let weight_map = plan.weight_map();
         let index = serde_json::json!({
             "metadata": { "total_size": plan.data_len() },
             "weight_map": weight_map,
         });
-        let mut text = serde_json::to_string_pretty(&index).map_err(|source| Error::Json {
-            path: INDEX_FILE.into(),
-            source,
-        })?;
-        text.push('\n');
+        let bytes = crate::latent::to_pretty_bytes(&index, Path::new(INDEX_FILE))?;
         digests.insert(
             INDEX_FILE.into(),
-            write_file(&staging.path().join(INDEX_FILE), text.as_bytes())?,
+            write_file(&dir.join(INDEX_FILE), &bytes)?,
         );
     }
-    for copy in &plan.copies {
-        let digest = copy_file(
-            &checkpoint.dir.join(&copy.relative),
-            &staging.path().join(&copy.relative),
-        )?;
-        digests.insert(copy.relative.to_string_lossy().into_owned(), digest);
+    for file in &plan.files {
+        let dst = dir.join(&file.relative);
+        let digest = match &file.source {
+            FileSource::Copy => copy_file(&checkpoint.dir.join(&file.relative), &dst)?,
+            FileSource::Generated { bytes, .. } => write_file(&dst, bytes)?,
+        };
+        digests.insert(file.relative.to_string_lossy().into_owned(), digest);
     }
+    Ok(())
+}
 
-    let weight_files = checkpoint
+/// Size and SHA-256 of each input weight file.
+pub(crate) fn input_weight_files(checkpoint: &Checkpoint) -> Result<Vec<FileRecord>> {
+    checkpoint
         .shards
         .par_iter()
         .map(|s| {
@@ -110,47 +195,42 @@ pub fn run(options: &ConvertOptions) -> Result<Report> {
                 sha256: sha256_file(&s.path)?,
             })
         })
-        .collect::<Result<Vec<_>>>()?;
-    let sizes = plan
-        .shards
+        .collect()
+}
+
+/// Sizes of the written shards, in plan order.
+pub(crate) fn output_sizes(plan: &Plan, dir: &Path) -> Result<Vec<u64>> {
+    plan.shards
         .iter()
         .map(|s| {
-            let p = staging.path().join(&s.file_name);
+            let p = dir.join(&s.file_name);
             std::fs::metadata(&p)
                 .map(|m| m.len())
                 .map_err(|e| Error::io(&p, e))
         })
-        .collect::<Result<Vec<u64>>>()?;
-    let report = Report::build(
-        options,
-        &input.identity,
-        &checkpoint,
-        &plan,
-        groups,
-        weight_files,
-        Some(&sizes),
-    );
-    let mut json = serde_json::to_string_pretty(&report).map_err(|source| Error::Json {
+        .collect()
+}
+
+/// Writes `surgery.json` and `SHA256SUMS`, then moves the staging directory into place.
+pub(crate) fn finish(
+    staging: Staging,
+    report: &impl serde::Serialize,
+    mut digests: BTreeMap<String, String>,
+) -> Result<()> {
+    let json = serde_json::to_value(report).map_err(|source| Error::Json {
         path: "surgery.json".into(),
         source,
     })?;
-    json.push('\n');
+    let bytes = crate::latent::to_pretty_bytes(&json, Path::new("surgery.json"))?;
     digests.insert(
         "surgery.json".into(),
-        write_file(&staging.path().join("surgery.json"), json.as_bytes())?,
+        write_file(&staging.path().join("surgery.json"), &bytes)?,
     );
     write_file(
         &staging.path().join(checksums::FILE_NAME),
         checksums::format(&digests).as_bytes(),
     )?;
-    staging.commit()?;
-    print(
-        options,
-        &report,
-        started,
-        Some(&options.out.display().to_string()),
-    )?;
-    Ok(report)
+    staging.commit()
 }
 
 fn print(

@@ -1,18 +1,27 @@
-//! The executor: walks the plan shard by shard and tensor by tensor, decomposing each layer's groups
-//! (in parallel across matrices) when the first of its tensors is due, and hands bytes to a sink.
+//! The executor: fits the plan's groups (in parallel across matrices) and walks the plan shard by
+//! shard and tensor by tensor, handing bytes to a sink.
 //!
-//! Only the reconstructions of the layer(s) in flight are held in memory; input pages are released
-//! as soon as they have been consumed.
+//! Dense output computes a layer's groups when the first of its tensors is due ([`Lazy`]), so only
+//! the layer(s) in flight are held in memory. Factored output needs every latent width before the
+//! layout exists, so [`factor_pass`] fits all groups first, layer by layer, and spills the encoded
+//! factors to a scratch file ([`Spill`]) that the write pass then reads back: every matrix is
+//! decomposed once either way. Input pages are released as soon as they have been consumed.
 
 use crate::checkpoint::Checkpoint;
-use crate::decompose::{decompose, matrix_from_rows, relative_error, Fit};
+use crate::decompose::{decompose, matrix_from_rows, matrix_to_rows, relative_error, Fit};
 use crate::dtype::FloatType;
 use crate::error::{Error, Result};
-use crate::plan::{GroupPlan, Op, Plan, ShardPlan, TensorPlan};
+use crate::plan::{Emit, GroupPlan, Op, Plan, ShardPlan, TensorPlan};
+use faer::linalg::matmul::matmul;
+use faer::{Accum, Mat, Par};
 use indicatif::ProgressBar;
 use rayon::prelude::*;
 use serde::Serialize;
 use std::collections::HashMap;
+use std::fs::File;
+use std::io::Write;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
 
 /// What one decomposition kept and cost, as recorded in `surgery.json`.
 #[derive(Debug, Clone, Serialize)]
@@ -31,21 +40,27 @@ pub struct GroupReport {
     pub fit: &'static str,
     /// Components kept.
     pub rank: usize,
+    /// Width of the factored form's latent: `rank`, plus one for the mean direction of fit `pca`.
+    pub latent: usize,
     /// Components available.
     pub full_rank: usize,
     /// Whether `rank:N` exceeded the maximum and was clamped.
     pub rank_clamped: bool,
     /// Explained variance kept (sum of the kept components' ratios).
     pub variance_kept: f64,
-    /// `||W - W'||_F / ||W||_F` over the whole group, after rounding to the output dtype.
+    /// `||W - W'||_F / ||W||_F` over the whole group, with `W'` as written: the reconstruction
+    /// rounded to the output dtype, or for factored output the product of the rounded factors.
     pub relative_error: f64,
     /// The same per tensor, in `tensors` order.
     pub tensor_relative_errors: Vec<f64>,
     /// Parameters of the original matrices.
     pub params_original: u64,
-    /// Parameters of the factored form (down-projection plus up-projections, with the mean
-    /// direction for `pca`).
+    /// Parameters of the factored form (down-projection plus up-projections).
     pub params_factored: u64,
+    /// Bytes of the original matrices.
+    pub bytes_original: u64,
+    /// Bytes of the factored form in the same dtypes.
+    pub bytes_factored: u64,
 }
 
 /// Where the executor sends output bytes.
@@ -63,13 +78,19 @@ pub fn mean_dims(fit: Fit) -> usize {
     usize::from(fit == Fit::Pca)
 }
 
+/// One fitted group: its report and its encoded outputs (see [`Op::Computed`] for their order).
 struct GroupOutput {
     report: GroupReport,
-    bytes: Vec<Option<Vec<u8>>>,
+    pieces: Vec<Option<Vec<u8>>>,
 }
 
-/// Decodes, stacks and fits one group; returns its report and each member's encoded output.
-fn run_group(checkpoint: &Checkpoint, group: &GroupPlan) -> Result<GroupOutput> {
+/// The rows `rows` of `m`, row-major.
+fn rows_of(m: &Mat<f64>, rows: std::ops::Range<usize>) -> Vec<f64> {
+    matrix_to_rows(m.as_ref().subrows(rows.start, rows.len()))
+}
+
+/// Decodes, stacks and fits one group; returns its report and its outputs in the `emit` form.
+fn run_group(checkpoint: &Checkpoint, group: &GroupPlan, emit: Emit) -> Result<GroupOutput> {
     let members: Vec<_> = group
         .members
         .iter()
@@ -105,30 +126,55 @@ fn run_group(checkpoint: &Checkpoint, group: &GroupPlan) -> Result<GroupOutput> 
     })?;
     drop(w);
 
-    let mut bytes = Vec::with_capacity(members.len());
-    let mut rounded_all = Vec::with_capacity(original.len());
+    // `written` is W' as the output represents it, rounded, for the error figures.
+    let mut pieces = Vec::with_capacity(members.len() + 1);
+    let written: Vec<f64> = match emit {
+        Emit::Dense => {
+            let mut written = Vec::with_capacity(original.len());
+            let mut row0 = 0;
+            for (t, ft) in members.iter().zip(&types) {
+                let encoded = ft.encode(&rows_of(&d.reconstruction, row0..row0 + t.shape[0]));
+                written.extend(ft.decode(&encoded));
+                pieces.push(Some(encoded));
+                row0 += t.shape[0];
+            }
+            written
+        }
+        Emit::Factored => {
+            let latent = d.factors.down.nrows();
+            let down = types[0].encode(&matrix_to_rows(d.factors.down.as_ref()));
+            let down_rounded = matrix_from_rows(latent, cols, &types[0].decode(&down));
+            pieces.push(Some(down));
+            let mut up_rounded = Vec::with_capacity(rows * latent);
+            let mut row0 = 0;
+            for (t, ft) in members.iter().zip(&types) {
+                let encoded = ft.encode(&rows_of(&d.factors.up, row0..row0 + t.shape[0]));
+                up_rounded.extend(ft.decode(&encoded));
+                pieces.push(Some(encoded));
+                row0 += t.shape[0];
+            }
+            let up_rounded = matrix_from_rows(rows, latent, &up_rounded);
+            matrix_to_rows(product(&up_rounded, &down_rounded).as_ref())
+        }
+    };
+    drop(d.reconstruction);
+
     let mut tensor_errors = Vec::with_capacity(members.len());
     let mut row0 = 0;
-    for (t, ft) in members.iter().zip(&types) {
-        let r = t.shape[0];
-        let mut values = Vec::with_capacity(r * cols);
-        for i in row0..row0 + r {
-            for j in 0..cols {
-                values.push(d.reconstruction[(i, j)]);
-            }
-        }
-        let encoded = ft.encode(&values);
-        let rounded = ft.decode(&encoded);
-        tensor_errors.push(relative_error(
-            &original[row0 * cols..(row0 + r) * cols],
-            &rounded,
-        ));
-        rounded_all.extend(rounded);
-        bytes.push(Some(encoded));
-        row0 += r;
+    for t in &members {
+        let range = row0 * cols..(row0 + t.shape[0]) * cols;
+        tensor_errors.push(relative_error(&original[range.clone()], &written[range]));
+        row0 += t.shape[0];
     }
     let rank = d.choice.rank;
-    let latent = (rank + mean_dims(group.fit)) as u64;
+    let latent = d.factors.down.nrows();
+    let bytes_original = members.iter().map(|t| t.range.len() as u64).sum();
+    let bytes_factored = (latent * cols * types[0].size()
+        + members
+            .iter()
+            .zip(&types)
+            .map(|(t, ft)| t.shape[0] * latent * ft.size())
+            .sum::<usize>()) as u64;
     let report = GroupReport {
         layer: group.layer,
         kind: group.kind.name(),
@@ -137,27 +183,53 @@ fn run_group(checkpoint: &Checkpoint, group: &GroupPlan) -> Result<GroupOutput> 
         spec: group.spec.to_string(),
         fit: group.fit.name(),
         rank,
+        latent,
         full_rank: d.choice.full_rank,
         rank_clamped: d.choice.clamped,
         variance_kept: d.variance_kept,
-        relative_error: relative_error(&original, &rounded_all),
+        relative_error: relative_error(&original, &written),
         tensor_relative_errors: tensor_errors,
         params_original: (rows * cols) as u64,
-        params_factored: latent * (rows + cols) as u64,
+        params_factored: (latent * (rows + cols)) as u64,
+        bytes_original,
+        bytes_factored,
     };
-    Ok(GroupOutput { report, bytes })
+    Ok(GroupOutput { report, pieces })
+}
+
+/// `a @ b` in `f64`, single-threaded (parallelism is across matrices, so bytes never depend on the
+/// thread count).
+fn product(a: &Mat<f64>, b: &Mat<f64>) -> Mat<f64> {
+    let mut out = Mat::<f64>::zeros(a.nrows(), b.ncols());
+    matmul(
+        out.as_mut(),
+        Accum::Replace,
+        a.as_ref(),
+        b.as_ref(),
+        1.0,
+        Par::Seq,
+    );
+    out
 }
 
 /// Runs groups in parallel; errors are reported for the lowest group index, so they are
 /// deterministic too.
 fn run_groups(
     checkpoint: &Checkpoint,
-    plan: &Plan,
+    groups: &[GroupPlan],
     indices: &[usize],
+    emit: Emit,
+    progress: Option<&ProgressBar>,
 ) -> Result<Vec<(usize, GroupOutput)>> {
     let results: Vec<(usize, Result<GroupOutput>)> = indices
         .par_iter()
-        .map(|&g| (g, run_group(checkpoint, &plan.groups[g])))
+        .map(|&g| {
+            let r = run_group(checkpoint, &groups[g], emit);
+            if let Some(p) = progress {
+                p.inc(1);
+            }
+            (g, r)
+        })
         .collect();
     results
         .into_iter()
@@ -168,33 +240,212 @@ fn run_groups(
 /// Computes every group's report without producing output (for `--dry-run`).
 pub fn reports_only(
     checkpoint: &Checkpoint,
-    plan: &Plan,
+    groups: &[GroupPlan],
+    emit: Emit,
     progress: &ProgressBar,
 ) -> Result<Vec<GroupReport>> {
-    progress.set_length(plan.groups.len() as u64);
-    let results: Vec<Result<GroupReport>> = plan
-        .groups
-        .par_iter()
-        .map(|g| {
-            let r = run_group(checkpoint, g).map(|o| o.report);
-            progress.inc(1);
-            r
-        })
-        .collect();
-    results.into_iter().collect()
+    progress.set_length(groups.len() as u64);
+    let all: Vec<usize> = (0..groups.len()).collect();
+    Ok(run_groups(checkpoint, groups, &all, emit, Some(progress))?
+        .into_iter()
+        .map(|(_, o)| o.report)
+        .collect())
 }
 
-/// Produces every output tensor in plan order and hands it to `sink`. Returns the group reports in
-/// plan order.
+/// Produces a group output when the write pass reaches it.
+pub trait PieceSource {
+    /// The bytes of output `piece` of group `group` (each is asked for exactly once).
+    fn take(
+        &mut self,
+        checkpoint: &Checkpoint,
+        plan: &Plan,
+        group: usize,
+        piece: usize,
+    ) -> Result<Vec<u8>>;
+}
+
+/// Dense output: computes a layer's groups when the first of its outputs is due, keeps them until
+/// written.
+#[derive(Default)]
+pub struct Lazy {
+    reports: Vec<Option<GroupReport>>,
+    pending: HashMap<usize, Vec<Option<Vec<u8>>>>,
+}
+
+impl Lazy {
+    /// The reports of every group computed, in group order.
+    pub fn into_reports(self) -> Vec<GroupReport> {
+        self.reports.into_iter().flatten().collect()
+    }
+}
+
+impl PieceSource for Lazy {
+    fn take(
+        &mut self,
+        checkpoint: &Checkpoint,
+        plan: &Plan,
+        group: usize,
+        piece: usize,
+    ) -> Result<Vec<u8>> {
+        if self.reports.len() != plan.groups.len() {
+            self.reports = vec![None; plan.groups.len()];
+        }
+        if self.reports[group].is_none() {
+            let layer = plan.groups[group].layer;
+            let due: Vec<usize> = (0..plan.groups.len())
+                .filter(|&g| plan.groups[g].layer == layer && self.reports[g].is_none())
+                .collect();
+            for (g, out) in run_groups(checkpoint, &plan.groups, &due, plan.emit, None)? {
+                self.reports[g] = Some(out.report);
+                self.pending.insert(g, out.pieces);
+            }
+        }
+        let bytes = self
+            .pending
+            .get_mut(&group)
+            .and_then(|m| m.get_mut(piece))
+            .and_then(Option::take)
+            .ok_or_else(|| {
+                Error::invalid(&checkpoint.dir, "internal error: output produced twice")
+            })?;
+        if self
+            .pending
+            .get(&group)
+            .is_some_and(|m| m.iter().all(Option::is_none))
+        {
+            self.pending.remove(&group);
+        }
+        Ok(bytes)
+    }
+}
+
+/// Encoded factors of every group, spilled to a scratch file by [`factor_pass`].
+pub struct Spill {
+    file: File,
+    path: PathBuf,
+    /// Per group, per piece: offset and length in the file.
+    pieces: Vec<Vec<(u64, usize)>>,
+}
+
+impl Spill {
+    /// Deletes the scratch file.
+    pub fn remove(self) -> Result<()> {
+        drop(self.file);
+        std::fs::remove_file(&self.path).map_err(|e| Error::io(&self.path, e))
+    }
+}
+
+impl PieceSource for Spill {
+    fn take(
+        &mut self,
+        _checkpoint: &Checkpoint,
+        _plan: &Plan,
+        group: usize,
+        piece: usize,
+    ) -> Result<Vec<u8>> {
+        let (offset, len) = self
+            .pieces
+            .get(group)
+            .and_then(|p| p.get(piece))
+            .copied()
+            .ok_or_else(|| Error::invalid(&self.path, "internal error: no such factor"))?;
+        let mut bytes = vec![0u8; len];
+        self.file
+            .read_exact_at(&mut bytes, offset)
+            .map_err(|e| Error::io(&self.path, e))?;
+        Ok(bytes)
+    }
+}
+
+/// Fits every group in the factored form, layer by layer (a layer's groups in parallel), writing
+/// the encoded factors to a new scratch file at `spill_path`. Returns the reports in group order and
+/// the spill.
+pub fn factor_pass(
+    checkpoint: &Checkpoint,
+    groups: &[GroupPlan],
+    spill_path: &Path,
+    progress: &ProgressBar,
+) -> Result<(Vec<GroupReport>, Spill)> {
+    progress.set_length(groups.len() as u64);
+    let mut file = File::options()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(spill_path)
+        .map_err(|e| Error::io(spill_path, e))?;
+    let mut reports = Vec::with_capacity(groups.len());
+    let mut pieces = Vec::with_capacity(groups.len());
+    let mut offset = 0u64;
+    let mut start = 0;
+    while start < groups.len() {
+        let layer = groups[start].layer;
+        let end = (start..groups.len())
+            .find(|&g| groups[g].layer != layer)
+            .unwrap_or(groups.len());
+        let due: Vec<usize> = (start..end).collect();
+        for (_, out) in run_groups(checkpoint, groups, &due, Emit::Factored, Some(progress))? {
+            let mut spans = Vec::with_capacity(out.pieces.len());
+            for bytes in out.pieces.into_iter().flatten() {
+                file.write_all(&bytes)
+                    .map_err(|e| Error::io(spill_path, e))?;
+                spans.push((offset, bytes.len()));
+                offset += bytes.len() as u64;
+            }
+            pieces.push(spans);
+            reports.push(out.report);
+        }
+        start = end;
+    }
+    Ok((
+        reports,
+        Spill {
+            file,
+            path: spill_path.to_path_buf(),
+            pieces,
+        },
+    ))
+}
+
+/// `up @ down` of two input factors, encoded in `up`'s dtype.
+fn expand_tensor(checkpoint: &Checkpoint, down: usize, up: usize) -> Result<Vec<u8>> {
+    let (a, b) = (&checkpoint.tensors[down], &checkpoint.tensors[up]);
+    let decoded = |t: &crate::checkpoint::TensorEntry| {
+        let ft = FloatType::from_dtype(t.dtype).ok_or_else(|| {
+            Error::tensor(
+                &checkpoint.shards[t.shard].path,
+                &t.name,
+                format!("dtype {:?} cannot be expanded", t.dtype),
+            )
+        })?;
+        let values = ft.decode(checkpoint.bytes(t));
+        checkpoint.release(t);
+        Ok::<_, Error>((ft, matrix_from_rows(t.shape[0], t.shape[1], &values)))
+    };
+    let (_, a_m) = decoded(a)?;
+    let (ft, b_m) = decoded(b)?;
+    if b_m.ncols() != a_m.nrows() {
+        return Err(Error::tensor(
+            &checkpoint.shards[b.shard].path,
+            &b.name,
+            format!(
+                "shape {:?} does not fit `{}` {:?}",
+                b.shape, a.name, a.shape
+            ),
+        ));
+    }
+    Ok(ft.encode(&matrix_to_rows(product(&b_m, &a_m).as_ref())))
+}
+
+/// Produces every output tensor in plan order and hands it to `sink`; group outputs come from
+/// `pieces`.
 pub fn execute(
     checkpoint: &Checkpoint,
     plan: &Plan,
+    pieces: &mut dyn PieceSource,
     sink: &mut dyn TensorSink,
     progress: &ProgressBar,
-) -> Result<Vec<GroupReport>> {
+) -> Result<()> {
     progress.set_length(plan.data_len());
-    let mut reports: Vec<Option<GroupReport>> = vec![None; plan.groups.len()];
-    let mut pending: HashMap<usize, Vec<Option<Vec<u8>>>> = HashMap::new();
     for shard in &plan.shards {
         sink.begin_shard(shard)?;
         for tensor in &shard.tensors {
@@ -204,40 +455,18 @@ pub fn execute(
                     sink.write_tensor(tensor, checkpoint.bytes(t))?;
                     checkpoint.release(t);
                 }
-                Op::Reconstruct { group, member } => {
-                    if reports[group].is_none() {
-                        let layer = plan.groups[group].layer;
-                        let due: Vec<usize> = (0..plan.groups.len())
-                            .filter(|&g| plan.groups[g].layer == layer && reports[g].is_none())
-                            .collect();
-                        for (g, out) in run_groups(checkpoint, plan, &due)? {
-                            reports[g] = Some(out.report);
-                            pending.insert(g, out.bytes);
-                        }
-                    }
-                    let bytes = pending
-                        .get_mut(&group)
-                        .and_then(|m| m.get_mut(member))
-                        .and_then(Option::take)
-                        .ok_or_else(|| {
-                            Error::tensor(
-                                &checkpoint.dir,
-                                &tensor.name,
-                                "internal error: output produced twice",
-                            )
-                        })?;
+                Op::Computed { group, piece } => {
+                    let bytes = pieces.take(checkpoint, plan, group, piece)?;
                     sink.write_tensor(tensor, &bytes)?;
-                    if pending
-                        .get(&group)
-                        .is_some_and(|m| m.iter().all(Option::is_none))
-                    {
-                        pending.remove(&group);
-                    }
+                }
+                Op::Expand { down, up } => {
+                    let bytes = expand_tensor(checkpoint, down, up)?;
+                    sink.write_tensor(tensor, &bytes)?;
                 }
             }
             progress.inc(tensor.byte_len as u64);
         }
         sink.finish_shard()?;
     }
-    Ok(reports.into_iter().flatten().collect())
+    Ok(())
 }

@@ -10,7 +10,7 @@ use clap::Parser;
 use std::process::ExitCode;
 use surgery_convert::cli::{Cli, Command};
 use surgery_convert::error::{Error, Result};
-use surgery_convert::{convert, verify};
+use surgery_convert::{convert, expand, verify};
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
@@ -25,6 +25,7 @@ fn run(cli: Cli) -> Result<()> {
             );
             Ok(())
         }
+        Some(Command::Expand(args)) => expand::run(&args),
         None => {
             let options = cli.convert.resolve()?;
             if let Some(n) = options.threads {

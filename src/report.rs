@@ -3,8 +3,8 @@
 
 use crate::checkpoint::Checkpoint;
 use crate::cli::ConvertOptions;
-use crate::execute::{mean_dims, GroupReport};
-use crate::plan::Plan;
+use crate::execute::GroupReport;
+use crate::plan::{Emit, Plan};
 use crate::source::InputIdentity;
 use serde::Serialize;
 use std::fmt::Write as _;
@@ -101,7 +101,7 @@ pub struct ModelRecord {
 /// Output files.
 #[derive(Debug, Clone, Serialize)]
 pub struct OutputRecord {
-    /// `dense`: standard checkpoint with reconstructed matrices.
+    /// `dense` (standard checkpoint with reconstructed matrices) or `factored`.
     pub emit: &'static str,
     /// Weight files: name, tensor count, bytes.
     pub weight_files: Vec<ShardRecord>,
@@ -129,8 +129,12 @@ pub struct LayerRecord {
     pub layer: usize,
     /// Each decomposition of the layer.
     pub groups: Vec<GroupReport>,
+    /// Parameters of this layer's decomposed matrices: original, and in the factored form.
+    pub params: BeforeAfter,
+    /// Bytes of the same, in their dtypes.
+    pub bytes: BeforeAfter,
     /// K and V values cached per token by this layer: as the model is, and with the factored form
-    /// (the latent rank, plus one with the mean kept).
+    /// (the latent width: the rank, plus one with the mean kept).
     pub kv_cache_values_per_token: BeforeAfter,
 }
 
@@ -150,6 +154,12 @@ pub struct Totals {
     pub decompositions: usize,
     /// Parameters of the decomposed matrices, original vs factored form.
     pub params: BeforeAfter,
+    /// Bytes of the decomposed matrices, original vs factored form.
+    pub bytes: BeforeAfter,
+    /// Parameters of the whole model: input vs this output.
+    pub model_params: BeforeAfter,
+    /// Tensor data bytes of the whole model: input vs this output.
+    pub model_bytes: BeforeAfter,
     /// K+V values per token over all layers, original vs factored form.
     pub kv_cache_values_per_token: BeforeAfter,
     /// Mean explained variance kept, per group kind.
@@ -170,11 +180,16 @@ impl Report {
         let c = &checkpoint.config;
         let s = &options.surgery;
         let kv_dim = c.kv_dim() as u64;
-        let extra = mean_dims(s.fit) as u64;
+        let zero = BeforeAfter {
+            before: 0,
+            after: 0,
+        };
         let mut layers: Vec<LayerRecord> = (0..c.num_layers)
             .map(|layer| LayerRecord {
                 layer,
                 groups: Vec::new(),
+                params: zero,
+                bytes: zero,
                 kv_cache_values_per_token: BeforeAfter {
                     before: 2 * kv_dim,
                     after: 2 * kv_dim,
@@ -182,14 +197,19 @@ impl Report {
             })
             .collect();
         for g in &groups {
-            layers[g.layer].groups.push(g.clone());
+            let l = &mut layers[g.layer];
+            l.params.before += g.params_original;
+            l.params.after += g.params_factored;
+            l.bytes.before += g.bytes_original;
+            l.bytes.after += g.bytes_factored;
+            l.groups.push(g.clone());
         }
         for l in &mut layers {
             let rank_of = |kind: &str| {
                 l.groups
                     .iter()
                     .find(|g| g.kind == kind)
-                    .map(|g| g.rank as u64 + extra)
+                    .map(|g| g.latent as u64)
             };
             l.kv_cache_values_per_token.after = match rank_of("shared_kv") {
                 Some(r) => r,
@@ -202,11 +222,38 @@ impl Report {
             e.0 += g.variance_kept;
             e.1 += 1;
         }
+        let params = |t: &crate::plan::TensorPlan| t.shape.iter().product::<usize>() as u64;
+        let model_params = BeforeAfter {
+            before: checkpoint
+                .tensors
+                .iter()
+                .map(|t| t.shape.iter().product::<usize>() as u64)
+                .sum(),
+            after: plan
+                .shards
+                .iter()
+                .flat_map(|s| &s.tensors)
+                .map(params)
+                .sum(),
+        };
         let totals = Totals {
             decompositions: groups.len(),
             params: BeforeAfter {
                 before: groups.iter().map(|g| g.params_original).sum(),
                 after: groups.iter().map(|g| g.params_factored).sum(),
+            },
+            bytes: BeforeAfter {
+                before: groups.iter().map(|g| g.bytes_original).sum(),
+                after: groups.iter().map(|g| g.bytes_factored).sum(),
+            },
+            model_params,
+            model_bytes: BeforeAfter {
+                before: checkpoint
+                    .tensors
+                    .iter()
+                    .map(|t| t.range.len() as u64)
+                    .sum(),
+                after: plan.data_len(),
             },
             kv_cache_values_per_token: BeforeAfter {
                 before: layers
@@ -236,7 +283,7 @@ impl Report {
                 k: spec(s.k),
                 v: spec(s.v),
                 fit: s.fit.name(),
-                emit: "dense",
+                emit: plan.emit.name(),
                 max_shard_size: options.max_shard_size,
             },
             input: InputRecord {
@@ -257,7 +304,7 @@ impl Report {
                 head_dim: c.head_dim,
             },
             output: OutputRecord {
-                emit: "dense",
+                emit: plan.emit.name(),
                 weight_files: plan
                     .shards
                     .iter()
@@ -272,9 +319,8 @@ impl Report {
                     .collect(),
                 index: plan.write_index,
                 copied_files: plan
-                    .copies
-                    .iter()
-                    .map(|c| c.relative.display().to_string())
+                    .copied_files()
+                    .map(|p| p.display().to_string())
                     .collect(),
             },
             layers,
@@ -333,18 +379,35 @@ impl Report {
                 100.0 * (b as f64 - a as f64) / a as f64
             }
         };
+        let factored = self.output.emit == Emit::Factored.name();
         let _ = writeln!(
             s,
-            "{} decompositions (fit {}); KV cache per token if factored: {} -> {} values ({:+.1}%); attention params if factored: {} -> {} ({:+.1}%)",
-            t.decompositions,
-            self.options.fit,
+            "{} decompositions (fit {}, emit {})",
+            t.decompositions, self.options.fit, self.output.emit
+        );
+        let _ = writeln!(
+            s,
+            "KV cache per token{}: {} -> {} values ({:+.1}%); decomposed params{}: {} -> {} ({:+.1}%)",
+            if factored { "" } else { " if factored" },
             group_digits(kv.before),
             group_digits(kv.after),
             pct(kv.before, kv.after),
+            if factored { "" } else { " if factored" },
             group_digits(t.params.before),
             group_digits(t.params.after),
             pct(t.params.before, t.params.after),
         );
+        if factored {
+            let _ = writeln!(
+                s,
+                "model: {} -> {} parameters, {} -> {} bytes of weights ({:+.1}%)",
+                group_digits(t.model_params.before),
+                group_digits(t.model_params.after),
+                group_digits(t.model_bytes.before),
+                group_digits(t.model_bytes.after),
+                pct(t.model_bytes.before, t.model_bytes.after),
+            );
+        }
         for g in self
             .layers
             .iter()

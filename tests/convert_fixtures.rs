@@ -286,6 +286,18 @@ const GOLDEN: &[(&str, &str, &[&str])] = &[
         "tiny-tied",
         &["--shared-kv", "rank:4", "--q", "0.5", "--fit", "svd"],
     ),
+    (
+        "f32-kv03-factored",
+        "tiny-f32-gqa",
+        &["--shared-kv", "0.3", "--emit", "factored"],
+    ),
+    (
+        "bf16-kv-factored",
+        "tiny-bf16-sharded",
+        &[
+            "--k", "0.5", "--v", "rank:3", "--q", "0.9", "--fit", "svd", "--emit", "factored",
+        ],
+    ),
 ];
 
 #[test]
