@@ -1,8 +1,7 @@
 """Factored ("latent") Llama attention written by ``surgery-convert --emit factored``.
 
-Status: prototype for issue 4. The converter does not emit factored checkpoints yet; this module
-was tested against factored SmolLM2 checkpoints built with numpy (logits equal the dense
-reconstruction's in float64; greedy generation identical with and without the latent cache).
+The format and the loading algorithm are specified in docs/factored-format.md of the
+surgery-convert repository; this docstring summarises them.
 
 This module is copied next to a factored checkpoint so that Hugging Face transformers can load it
 with ``AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)``. It imports only
