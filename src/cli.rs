@@ -14,7 +14,8 @@ use std::path::PathBuf;
 /// Example: surgery-convert --in TinyLlama --out tinyllama-kv30 --shared-kv 0.3
 ///
 /// SPEC is a variance threshold in (0, 1] (keep the fewest components whose cumulative explained
-/// variance reaches it) or rank:N (keep N components).
+/// variance reaches it), rank:N (keep N components), or budget:F (keep the fraction F of the total
+/// over all layers, e.g. of the K+V cache, ranks allocated across layers by their spectra).
 #[derive(Debug, Parser)]
 #[command(
     name = "surgery-convert",
@@ -92,6 +93,8 @@ pub enum FitArg {
     Seed,
     /// Uncentred truncated SVD (Frobenius-optimal).
     Svd,
+    /// Activation-aware: fit the projections' outputs on calibration text (needs --calibrate).
+    Act,
 }
 
 /// Arguments of a conversion.
@@ -130,9 +133,27 @@ pub struct ConvertArgs {
     #[arg(long, value_name = "SPEC")]
     pub separate: Option<Spec>,
 
-    /// Reconstruction: pca (mean restored), seed (the original script: mean dropped), svd (uncentred).
+    /// Reconstruction: pca (mean restored), seed (the original script: mean dropped), svd (uncentred),
+    /// act (fit the outputs on calibration text; needs --calibrate).
     #[arg(long, value_enum, default_value_t = FitArg::Pca)]
     pub fit: FitArg,
+
+    /// Calibration text (UTF-8) for --fit act: the original model runs over it and the covariance of
+    /// each layer's attention input is accumulated.
+    #[arg(long, value_name = "FILE")]
+    pub calibrate: Option<PathBuf>,
+
+    /// Calibration tokens (from --calib-offset on).
+    #[arg(long, value_name = "N", default_value_t = 8192, requires = "calibrate")]
+    pub calib_tokens: usize,
+
+    /// First calibration token (tokens of the whole file, no special tokens).
+    #[arg(long, value_name = "K", default_value_t = 0, requires = "calibrate")]
+    pub calib_offset: usize,
+
+    /// Window length for the calibration forward pass.
+    #[arg(long, value_name = "N", default_value_t = 512, requires = "calibrate")]
+    pub calib_ctx: usize,
 
     /// Output form: dense (standard checkpoint) or factored (latent + up-projections).
     #[arg(long, value_enum, default_value_t = EmitArg::Dense)]
@@ -207,6 +228,19 @@ pub enum Output {
     Json,
 }
 
+/// Calibration settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Calibration {
+    /// The text file.
+    pub text: PathBuf,
+    /// Tokens used.
+    pub tokens: NonZeroUsize,
+    /// First token.
+    pub offset: usize,
+    /// Window length.
+    pub ctx: NonZeroUsize,
+}
+
 /// Validated conversion options.
 #[derive(Debug, Clone)]
 pub struct ConvertOptions {
@@ -220,6 +254,8 @@ pub struct ConvertOptions {
     pub surgery: Surgery,
     /// `--emit`.
     pub emit: Emit,
+    /// `--calibrate` and its settings (always present with fit `act`, absent otherwise).
+    pub calibration: Option<Calibration>,
     /// `--max-shard-size` in bytes.
     pub max_shard_size: Option<u64>,
     /// `--dry-run`.
@@ -255,6 +291,18 @@ impl ConvertOptions {
             }
         }
         parts.extend(["--fit".into(), s.fit.name().into()]);
+        if let Some(c) = &self.calibration {
+            parts.extend([
+                "--calibrate".into(),
+                c.text.display().to_string(),
+                "--calib-tokens".into(),
+                c.tokens.to_string(),
+                "--calib-offset".into(),
+                c.offset.to_string(),
+                "--calib-ctx".into(),
+                c.ctx.to_string(),
+            ]);
+        }
         if self.emit == Emit::Factored {
             parts.extend(["--emit".into(), "factored".into()]);
         }
@@ -288,6 +336,31 @@ impl ConvertArgs {
             FitArg::Pca => Fit::Pca,
             FitArg::Seed => Fit::Seed,
             FitArg::Svd => Fit::Svd,
+            FitArg::Act => Fit::Act,
+        };
+        let calibration = match (fit, self.calibrate) {
+            (Fit::Act, Some(text)) => Some(Calibration {
+                text,
+                tokens: NonZeroUsize::new(self.calib_tokens).ok_or_else(|| {
+                    Error::usage("--calib-tokens", "must be at least 1 (e.g. 8192)")
+                })?,
+                offset: self.calib_offset,
+                ctx: NonZeroUsize::new(self.calib_ctx)
+                    .ok_or_else(|| Error::usage("--calib-ctx", "must be at least 1 (e.g. 512)"))?,
+            }),
+            (Fit::Act, None) => {
+                return Err(Error::usage(
+                    "--fit act",
+                    "needs calibration text: add --calibrate FILE",
+                ))
+            }
+            (_, Some(_)) => {
+                return Err(Error::usage(
+                    "--calibrate",
+                    "only --fit act uses calibration text: add --fit act or drop --calibrate",
+                ))
+            }
+            (_, None) => None,
         };
         let output = if self.json {
             Output::Json
@@ -307,6 +380,7 @@ impl ConvertArgs {
                 shared_kv: self.shared_kv,
                 fit,
             },
+            calibration,
             emit: match self.emit {
                 EmitArg::Dense => Emit::Dense,
                 EmitArg::Factored => Emit::Factored,

@@ -1,15 +1,17 @@
 //! The conversion, end to end: resolve the input, open it, plan, execute into a staging directory,
 //! write the index, copies, report and checksums, then move the result into place.
 
+use crate::budget;
 use crate::checkpoint::{Checkpoint, CONFIG_FILE, INDEX_FILE};
 use crate::checksums;
 use crate::cli::{ConvertOptions, Output};
 use crate::error::{Error, Result};
-use crate::execute::{self, GroupReport, Lazy};
+use crate::execute::{self, FitInputs, GroupReport, Lazy};
 use crate::output::{check_out_path, Staging};
-use crate::plan::{self, Emit, FileSource, Layout, Plan};
+use crate::plan::{self, Emit, FileSource, GroupKind, GroupPlan, Layout, Plan};
 use crate::report::{FileRecord, Report};
 use crate::source;
+use crate::spec::Spec;
 use crate::writer::{copy_file, sha256_file, write_file, ShardWriter};
 use indicatif::{ProgressBar, ProgressStyle};
 use rayon::prelude::*;
@@ -48,11 +50,13 @@ pub fn run(options: &ConvertOptions) -> Result<Report> {
             ),
         ));
     }
-    let groups = plan::groups(&checkpoint, &options.surgery);
+    let inputs = fit_inputs(options, &checkpoint)?;
+    let mut groups = plan::groups(&checkpoint, &options.surgery);
+    resolve_budgets(&checkpoint, &mut groups, &inputs)?;
 
     let Some(out) = out else {
         let bar = progress_bar(options, "{spinner} decomposing {pos}/{len} matrices");
-        let reports = execute::reports_only(&checkpoint, &groups, options.emit, &bar)?;
+        let reports = execute::reports_only(&checkpoint, &groups, options.emit, &inputs, &bar)?;
         bar.finish_and_clear();
         let plan = plan::plan(
             &checkpoint,
@@ -87,7 +91,7 @@ pub fn run(options: &ConvertOptions) -> Result<Report> {
                 options,
                 "{bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
             );
-            let mut lazy = Lazy::default();
+            let mut lazy = Lazy::new(&inputs);
             let mut writer = ShardWriter::new(staging.path(), &mut digests);
             execute::execute(&checkpoint, &plan, &mut lazy, &mut writer, &bar)?;
             bar.finish_and_clear();
@@ -95,8 +99,13 @@ pub fn run(options: &ConvertOptions) -> Result<Report> {
         }
         Emit::Factored => {
             let bar = progress_bar(options, "{spinner} decomposing {pos}/{len} matrices");
-            let (reports, mut spill) =
-                execute::factor_pass(&checkpoint, &groups, &staging.path().join(SPILL_FILE), &bar)?;
+            let (reports, mut spill) = execute::factor_pass(
+                &checkpoint,
+                &groups,
+                &inputs,
+                &staging.path().join(SPILL_FILE),
+                &bar,
+            )?;
             bar.finish_and_clear();
             let plan = plan::plan(
                 &checkpoint,
@@ -135,6 +144,60 @@ pub fn run(options: &ConvertOptions) -> Result<Report> {
         Some(&options.out.display().to_string()),
     )?;
     Ok(report)
+}
+
+/// Calibration statistics for fit `act` (none for the weight-only fits).
+fn fit_inputs(options: &ConvertOptions, checkpoint: &Checkpoint) -> Result<FitInputs> {
+    let _ = (options, checkpoint);
+    Ok(FitInputs::default())
+}
+
+/// Resolves every `budget:F` SPEC to per-group ranks: per group kind, the spectra of all its groups
+/// are ranked together and the kind's budget is spent from the top (`budget::allocate`).
+fn resolve_budgets(
+    checkpoint: &Checkpoint,
+    groups: &mut [GroupPlan],
+    inputs: &FitInputs,
+) -> Result<()> {
+    let budgeted: Vec<usize> = (0..groups.len())
+        .filter(|&g| matches!(groups[g].spec, Spec::Budget(_)))
+        .collect();
+    if budgeted.is_empty() {
+        return Ok(());
+    }
+    let subset: Vec<GroupPlan> = budgeted.iter().map(|&g| groups[g].clone()).collect();
+    let spectra = execute::spectra(checkpoint, &subset, inputs)?;
+    let mut kinds: Vec<GroupKind> = subset.iter().map(|g| g.kind).collect();
+    kinds.sort();
+    kinds.dedup();
+    for kind in kinds {
+        let members: Vec<usize> = (0..subset.len())
+            .filter(|&i| subset[i].kind == kind)
+            .collect();
+        let Spec::Budget(fraction) = subset[members[0]].spec else {
+            continue;
+        };
+        let widths: Vec<usize> = members
+            .iter()
+            .map(|&i| {
+                subset[i]
+                    .members
+                    .iter()
+                    .map(|&t| checkpoint.tensors[t].shape[0])
+                    .sum()
+            })
+            .collect();
+        let total = budget::total_components(
+            &widths,
+            fraction,
+            execute::mean_dims(subset[members[0]].fit),
+        );
+        let kind_spectra: Vec<Vec<f64>> = members.iter().map(|&i| spectra[i].clone()).collect();
+        for (&i, rank) in members.iter().zip(budget::allocate(&kind_spectra, total)) {
+            groups[budgeted[i]].budget_rank = Some(rank);
+        }
+    }
+    Ok(())
 }
 
 /// Scratch file for the factored form's factors, inside the staging directory (removed before the

@@ -28,6 +28,9 @@ pub enum Fit {
     Seed,
     /// Uncentred truncated SVD.
     Svd,
+    /// Activation-aware: fits the outputs on calibration inputs (`weighted`); needs a covariance,
+    /// so [`decompose`] refuses it.
+    Act,
 }
 
 impl Fit {
@@ -42,6 +45,7 @@ impl Fit {
             Fit::Pca => "pca",
             Fit::Seed => "seed",
             Fit::Svd => "svd",
+            Fit::Act => "act",
         }
     }
 }
@@ -61,6 +65,9 @@ pub enum DecomposeError {
     /// The matrix has no rows or no columns.
     #[error("the matrix is empty")]
     Empty,
+    /// The fit needs calibration statistics that were not given.
+    #[error("fit `act` needs an input covariance (--calibrate)")]
+    NeedsCalibration,
 }
 
 /// The rank a SPEC selects on a spectrum, and whether a fixed rank had to be clamped.
@@ -81,6 +88,8 @@ pub struct Decomposition {
     pub choice: RankChoice,
     /// Sum of the explained-variance ratios of the kept components, in [0, 1].
     pub variance_kept: f64,
+    /// Every component's explained-variance ratio, descending (for rank allocation).
+    pub spectrum: Vec<f64>,
     /// The reconstructed matrix, same shape as the input.
     pub reconstruction: Mat<f64>,
     /// The same as a product of two thin matrices.
@@ -127,7 +136,8 @@ pub fn rank_for_threshold(ratios: &[f64], threshold: f64) -> usize {
     ratios.len()
 }
 
-/// Applies a SPEC to a descending ratio spectrum.
+/// Applies a SPEC to a descending ratio spectrum (a `budget:F` must be resolved to `rank:N` per
+/// group first, see `budget`).
 pub fn choose_rank(ratios: &[f64], spec: Spec) -> RankChoice {
     let full_rank = ratios.len();
     match spec {
@@ -140,6 +150,13 @@ pub fn choose_rank(ratios: &[f64], spec: Spec) -> RankChoice {
             rank: n.min(full_rank),
             full_rank,
             clamped: n > full_rank,
+        },
+        // Budgets are turned into ranks before fitting (`budget::allocate`); on its own a budget
+        // keeps every component.
+        Spec::Budget(_) => RankChoice {
+            rank: full_rank,
+            full_rank,
+            clamped: false,
         },
     }
 }
@@ -177,7 +194,9 @@ pub fn relative_error(original: &[f64], approx: &[f64]) -> f64 {
 }
 
 /// Symmetric eigendecomposition, eigenvalues returned in descending order with matching columns.
-fn eigh_descending(gram: MatRef<'_, f64>) -> Result<(Vec<f64>, Mat<f64>), DecomposeError> {
+pub(crate) fn eigh_descending(
+    gram: MatRef<'_, f64>,
+) -> Result<(Vec<f64>, Mat<f64>), DecomposeError> {
     let n = gram.nrows();
     let mut s = Diag::<f64>::zeros(n);
     let mut u = Mat::<f64>::zeros(n, n);
@@ -200,6 +219,32 @@ fn eigh_descending(gram: MatRef<'_, f64>) -> Result<(Vec<f64>, Mat<f64>), Decomp
     Ok((values, vectors))
 }
 
+/// The sign convention that makes factors deterministic: every column's largest-magnitude entry
+/// (the first, on ties) is made positive.
+pub(crate) fn fix_signs(basis: &mut Mat<f64>) {
+    for j in 0..basis.ncols() {
+        let mut best = 0;
+        for i in 0..basis.nrows() {
+            if basis[(i, j)].abs() > basis[(best, j)].abs() {
+                best = i;
+            }
+        }
+        if basis[(best, j)] < 0.0 {
+            for i in 0..basis.nrows() {
+                basis[(i, j)] = -basis[(i, j)];
+            }
+        }
+    }
+}
+
+/// Counts NaN and infinite entries.
+pub(crate) fn count_non_finite(w: MatRef<'_, f64>) -> usize {
+    (0..w.ncols())
+        .flat_map(|j| (0..w.nrows()).map(move |i| (i, j)))
+        .filter(|&(i, j)| !w[(i, j)].is_finite())
+        .count()
+}
+
 /// Fits `w` (`[rows, cols]`) with `fit`, keeping the rank that `spec` selects.
 pub fn decompose(
     w: MatRef<'_, f64>,
@@ -210,10 +255,10 @@ pub fn decompose(
     if m == 0 || n == 0 {
         return Err(DecomposeError::Empty);
     }
-    let bad = (0..n)
-        .flat_map(|j| (0..m).map(move |i| (i, j)))
-        .filter(|&(i, j)| !w[(i, j)].is_finite())
-        .count();
+    if fit == Fit::Act {
+        return Err(DecomposeError::NeedsCalibration);
+    }
+    let bad = count_non_finite(w);
     if bad > 0 {
         return Err(DecomposeError::NonFinite { count: bad });
     }
@@ -255,22 +300,8 @@ pub fn decompose(
     let choice = choose_rank(&ratios, spec);
     let r = choice.rank;
     let variance_kept = ratios[..r].iter().sum::<f64>().min(1.0);
-    // Sign convention: every kept eigenvector's largest-magnitude entry (the first, on ties) is
-    // positive, so the factors (and their bytes) are deterministic.
     let mut basis = vectors.subcols(0, r).to_owned();
-    for j in 0..r {
-        let mut best = 0;
-        for i in 0..basis.nrows() {
-            if basis[(i, j)].abs() > basis[(best, j)].abs() {
-                best = i;
-            }
-        }
-        if basis[(best, j)] < 0.0 {
-            for i in 0..basis.nrows() {
-                basis[(i, j)] = -basis[(i, j)];
-            }
-        }
-    }
+    fix_signs(&mut basis);
 
     // W' = up * down, with up [m, r] and down [r, n].
     let (up, down) = if rows_side {
@@ -328,6 +359,7 @@ pub fn decompose(
     Ok(Decomposition {
         choice,
         variance_kept,
+        spectrum: ratios,
         reconstruction,
         factors,
     })

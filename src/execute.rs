@@ -8,12 +8,16 @@
 //! decomposed once either way. Input pages are released as soon as they have been consumed.
 
 use crate::checkpoint::Checkpoint;
-use crate::decompose::{decompose, matrix_from_rows, matrix_to_rows, relative_error, Fit};
+use crate::decompose::{
+    decompose, matrix_from_rows, matrix_to_rows, relative_error, DecomposeError, Decomposition, Fit,
+};
 use crate::dtype::FloatType;
 use crate::error::{Error, Result};
 use crate::plan::{Emit, GroupPlan, Op, Plan, ShardPlan, TensorPlan};
+use crate::spec::Spec;
+use crate::weighted::{balance_scales, decompose_weighted, LeftWeight};
 use faer::linalg::matmul::matmul;
-use faer::{Accum, Mat, Par};
+use faer::{Accum, Mat, MatRef, Par};
 use indicatif::ProgressBar;
 use rayon::prelude::*;
 use serde::Serialize;
@@ -78,32 +82,24 @@ pub fn mean_dims(fit: Fit) -> usize {
     usize::from(fit == Fit::Pca)
 }
 
-/// One fitted group: its report and its encoded outputs (see [`Op::Computed`] for their order).
-struct GroupOutput {
-    report: GroupReport,
-    pieces: Vec<Option<Vec<u8>>>,
+/// What the fits need besides the weights.
+#[derive(Debug, Default)]
+pub struct FitInputs {
+    /// Per layer, the covariance of the attention input (`--calibrate`), for fit `act`.
+    pub covariances: Option<Vec<Mat<f64>>>,
 }
 
-/// The rows `rows` of `m`, row-major.
-fn rows_of(m: &Mat<f64>, rows: std::ops::Range<usize>) -> Vec<f64> {
-    matrix_to_rows(m.as_ref().subrows(rows.start, rows.len()))
-}
-
-/// Decodes, stacks and fits one group; returns its report and its outputs in the `emit` form.
-fn run_group(checkpoint: &Checkpoint, group: &GroupPlan, emit: Emit) -> Result<GroupOutput> {
-    let members: Vec<_> = group
-        .members
-        .iter()
-        .map(|&i| &checkpoint.tensors[i])
-        .collect();
-    let first = members[0];
-    let path = &checkpoint.shards[first.shard].path;
-    let names: Vec<String> = members.iter().map(|t| t.name.clone()).collect();
-    let cols = first.shape[1];
+/// Decodes and stacks a group's members: the types, the stacked values (row-major) and the shape.
+fn stack_group(
+    checkpoint: &Checkpoint,
+    group: &GroupPlan,
+) -> Result<(Vec<FloatType>, Vec<f64>, usize, usize)> {
     let mut rows = 0usize;
-    let mut types = Vec::with_capacity(members.len());
+    let mut types = Vec::with_capacity(group.members.len());
     let mut original = Vec::new();
-    for t in &members {
+    let cols = checkpoint.tensors[group.members[0]].shape[1];
+    for &i in &group.members {
+        let t = &checkpoint.tensors[i];
         let ft = FloatType::from_dtype(t.dtype).ok_or_else(|| {
             Error::tensor(
                 &checkpoint.shards[t.shard].path,
@@ -116,14 +112,100 @@ fn run_group(checkpoint: &Checkpoint, group: &GroupPlan, emit: Emit) -> Result<G
         original.extend(ft.decode(checkpoint.bytes(t)));
         checkpoint.release(t);
     }
-    let w = matrix_from_rows(rows, cols, &original);
-    let d = decompose(w.as_ref(), group.fit, group.spec).map_err(|e| {
+    Ok((types, original, rows, cols))
+}
+
+/// Fits a stacked group with its fit and effective SPEC.
+fn fit_group(
+    checkpoint: &Checkpoint,
+    group: &GroupPlan,
+    inputs: &FitInputs,
+    w: MatRef<'_, f64>,
+    spec: Spec,
+) -> Result<Decomposition> {
+    let first = &checkpoint.tensors[group.members[0]];
+    let names: Vec<&str> = group
+        .members
+        .iter()
+        .map(|&i| checkpoint.tensors[i].name.as_str())
+        .collect();
+    let fail = |e: DecomposeError| {
         Error::tensor(
-            path,
+            &checkpoint.shards[first.shard].path,
             names.join("+"),
             format!("layer {}: cannot decompose: {e}", group.layer),
         )
-    })?;
+    };
+    match group.fit {
+        Fit::Act => {
+            let c = inputs
+                .covariances
+                .as_ref()
+                .and_then(|c| c.get(group.layer))
+                .ok_or_else(|| fail(DecomposeError::NeedsCalibration))?;
+            let blocks: Vec<usize> = group
+                .members
+                .iter()
+                .map(|&i| checkpoint.tensors[i].shape[0])
+                .collect();
+            let left = LeftWeight::Diagonal(balance_scales(w, c.as_ref(), &blocks));
+            decompose_weighted(w, c.as_ref(), &left, spec).map_err(fail)
+        }
+        fit => decompose(w, fit, spec).map_err(fail),
+    }
+}
+
+/// Every group's explained-variance spectrum (descending), in group order, computed in parallel:
+/// what `budget:F` allocates ranks from.
+pub fn spectra(
+    checkpoint: &Checkpoint,
+    groups: &[GroupPlan],
+    inputs: &FitInputs,
+) -> Result<Vec<Vec<f64>>> {
+    let results: Vec<Result<Vec<f64>>> = groups
+        .par_iter()
+        .map(|group| {
+            let (_, original, rows, cols) = stack_group(checkpoint, group)?;
+            let w = matrix_from_rows(rows, cols, &original);
+            Ok(fit_group(checkpoint, group, inputs, w.as_ref(), Spec::Rank(1))?.spectrum)
+        })
+        .collect();
+    results.into_iter().collect()
+}
+
+/// One fitted group: its report and its encoded outputs (see [`Op::Computed`] for their order).
+struct GroupOutput {
+    report: GroupReport,
+    pieces: Vec<Option<Vec<u8>>>,
+}
+
+/// The rows `rows` of `m`, row-major.
+fn rows_of(m: &Mat<f64>, rows: std::ops::Range<usize>) -> Vec<f64> {
+    matrix_to_rows(m.as_ref().subrows(rows.start, rows.len()))
+}
+
+/// Decodes, stacks and fits one group; returns its report and its outputs in the `emit` form.
+fn run_group(
+    checkpoint: &Checkpoint,
+    group: &GroupPlan,
+    emit: Emit,
+    inputs: &FitInputs,
+) -> Result<GroupOutput> {
+    let members: Vec<_> = group
+        .members
+        .iter()
+        .map(|&i| &checkpoint.tensors[i])
+        .collect();
+    let names: Vec<String> = members.iter().map(|t| t.name.clone()).collect();
+    let (types, original, rows, cols) = stack_group(checkpoint, group)?;
+    let w = matrix_from_rows(rows, cols, &original);
+    let d = fit_group(
+        checkpoint,
+        group,
+        inputs,
+        w.as_ref(),
+        group.effective_spec(),
+    )?;
     drop(w);
 
     // `written` is W' as the output represents it, rounded, for the error figures.
@@ -219,12 +301,13 @@ fn run_groups(
     groups: &[GroupPlan],
     indices: &[usize],
     emit: Emit,
+    inputs: &FitInputs,
     progress: Option<&ProgressBar>,
 ) -> Result<Vec<(usize, GroupOutput)>> {
     let results: Vec<(usize, Result<GroupOutput>)> = indices
         .par_iter()
         .map(|&g| {
-            let r = run_group(checkpoint, &groups[g], emit);
+            let r = run_group(checkpoint, &groups[g], emit, inputs);
             if let Some(p) = progress {
                 p.inc(1);
             }
@@ -242,14 +325,17 @@ pub fn reports_only(
     checkpoint: &Checkpoint,
     groups: &[GroupPlan],
     emit: Emit,
+    inputs: &FitInputs,
     progress: &ProgressBar,
 ) -> Result<Vec<GroupReport>> {
     progress.set_length(groups.len() as u64);
     let all: Vec<usize> = (0..groups.len()).collect();
-    Ok(run_groups(checkpoint, groups, &all, emit, Some(progress))?
-        .into_iter()
-        .map(|(_, o)| o.report)
-        .collect())
+    Ok(
+        run_groups(checkpoint, groups, &all, emit, inputs, Some(progress))?
+            .into_iter()
+            .map(|(_, o)| o.report)
+            .collect(),
+    )
 }
 
 /// Produces a group output when the write pass reaches it.
@@ -266,20 +352,29 @@ pub trait PieceSource {
 
 /// Dense output: computes a layer's groups when the first of its outputs is due, keeps them until
 /// written.
-#[derive(Default)]
-pub struct Lazy {
+pub struct Lazy<'a> {
+    inputs: &'a FitInputs,
     reports: Vec<Option<GroupReport>>,
     pending: HashMap<usize, Vec<Option<Vec<u8>>>>,
 }
 
-impl Lazy {
+impl<'a> Lazy<'a> {
+    /// Fits with `inputs`.
+    pub fn new(inputs: &'a FitInputs) -> Self {
+        Lazy {
+            inputs,
+            reports: Vec::new(),
+            pending: HashMap::new(),
+        }
+    }
+
     /// The reports of every group computed, in group order.
     pub fn into_reports(self) -> Vec<GroupReport> {
         self.reports.into_iter().flatten().collect()
     }
 }
 
-impl PieceSource for Lazy {
+impl PieceSource for Lazy<'_> {
     fn take(
         &mut self,
         checkpoint: &Checkpoint,
@@ -295,7 +390,9 @@ impl PieceSource for Lazy {
             let due: Vec<usize> = (0..plan.groups.len())
                 .filter(|&g| plan.groups[g].layer == layer && self.reports[g].is_none())
                 .collect();
-            for (g, out) in run_groups(checkpoint, &plan.groups, &due, plan.emit, None)? {
+            for (g, out) in
+                run_groups(checkpoint, &plan.groups, &due, plan.emit, self.inputs, None)?
+            {
                 self.reports[g] = Some(out.report);
                 self.pending.insert(g, out.pieces);
             }
@@ -363,6 +460,7 @@ impl PieceSource for Spill {
 pub fn factor_pass(
     checkpoint: &Checkpoint,
     groups: &[GroupPlan],
+    inputs: &FitInputs,
     spill_path: &Path,
     progress: &ProgressBar,
 ) -> Result<(Vec<GroupReport>, Spill)> {
@@ -383,7 +481,14 @@ pub fn factor_pass(
             .find(|&g| groups[g].layer != layer)
             .unwrap_or(groups.len());
         let due: Vec<usize> = (start..end).collect();
-        for (_, out) in run_groups(checkpoint, groups, &due, Emit::Factored, Some(progress))? {
+        for (_, out) in run_groups(
+            checkpoint,
+            groups,
+            &due,
+            Emit::Factored,
+            inputs,
+            Some(progress),
+        )? {
             let mut spans = Vec::with_capacity(out.pieces.len());
             for bytes in out.pieces.into_iter().flatten() {
                 file.write_all(&bytes)

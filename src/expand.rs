@@ -10,7 +10,7 @@ use crate::checkpoint::{Checkpoint, CONFIG_FILE};
 use crate::cli::ExpandArgs;
 use crate::convert::{finish, input_weight_files, output_sizes, write_index_and_files};
 use crate::error::{Error, Result};
-use crate::execute::{self, Lazy};
+use crate::execute::{self, FitInputs, Lazy};
 use crate::output::{check_out_path, Staging};
 use crate::plan::{self, Op};
 use crate::report::{group_digits, FileRecord, ShardRecord, Tool};
@@ -128,7 +128,7 @@ pub fn run(args: &ExpandArgs) -> Result<()> {
         execute::execute(
             &checkpoint,
             &plan,
-            &mut Lazy::default(),
+            &mut Lazy::new(&FitInputs::default()),
             &mut writer,
             &ProgressBar::hidden(),
         )?;

@@ -12,6 +12,7 @@
 #![warn(missing_docs)]
 
 pub mod arch;
+pub mod budget;
 pub mod checkpoint;
 pub mod checksums;
 pub mod cli;
@@ -30,4 +31,5 @@ pub mod report;
 pub mod source;
 pub mod spec;
 pub mod verify;
+pub mod weighted;
 pub mod writer;

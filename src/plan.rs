@@ -76,6 +76,16 @@ pub enum GroupKind {
     SharedKv,
 }
 
+impl GroupPlan {
+    /// The SPEC the fit uses: the given one, or the rank a budget was resolved to.
+    pub fn effective_spec(&self) -> Spec {
+        match (self.spec, self.budget_rank) {
+            (Spec::Budget(_), Some(rank)) => Spec::Rank(rank),
+            (spec, _) => spec,
+        }
+    }
+}
+
 impl GroupKind {
     /// The factored form's tensors: the down-projection, then one up-projection per member.
     pub fn factors(self) -> (Factor, &'static [Factor]) {
@@ -105,8 +115,10 @@ pub struct GroupPlan {
     pub layer: usize,
     /// What is fitted.
     pub kind: GroupKind,
-    /// How many components to keep.
+    /// How many components to keep, as given.
     pub spec: Spec,
+    /// The rank a `budget:F` SPEC was resolved to (`budget::allocate`); `None` otherwise.
+    pub budget_rank: Option<usize>,
     /// The reconstruction.
     pub fit: Fit,
     /// Indices into [`Checkpoint::tensors`], stacked in this order.
@@ -304,6 +316,7 @@ pub fn groups(checkpoint: &Checkpoint, surgery: &Surgery) -> Vec<GroupPlan> {
                 layer,
                 kind,
                 spec,
+                budget_rank: None,
                 fit: surgery.fit,
                 members,
             });
