@@ -14,6 +14,9 @@ pub enum Role {
     Key,
     /// The attention value projection weight `[kv_heads * head_dim, hidden]`.
     Value,
+    /// The attention output projection `[hidden, heads * head_dim]`: copied byte for byte, but read
+    /// by the activation-aware fit (V errors are weighted through it).
+    Output,
     /// Copied byte for byte.
     PassThrough,
     /// One factor of a factored projection.
@@ -47,7 +50,7 @@ impl Role {
             Role::Query => "q",
             Role::Key => "k",
             Role::Value => "v",
-            Role::PassThrough | Role::Factor(_) => "-",
+            Role::Output | Role::PassThrough | Role::Factor(_) => "-",
         }
     }
 }
@@ -86,7 +89,7 @@ pub static LLAMA: Architecture = Architecture {
         ("self_attn.q_proj.weight", Role::Query),
         ("self_attn.k_proj.weight", Role::Key),
         ("self_attn.v_proj.weight", Role::Value),
-        ("self_attn.o_proj.weight", Role::PassThrough),
+        ("self_attn.o_proj.weight", Role::Output),
         ("self_attn.q_a_proj.weight", Role::Factor(Factor::QDown)),
         ("self_attn.q_b_proj.weight", Role::Factor(Factor::QUp)),
         ("self_attn.kv_a_proj.weight", Role::Factor(Factor::KvDown)),

@@ -43,6 +43,45 @@ pub enum Command {
     /// Multiply a factored checkpoint (--emit factored) back into a standard dense one: original
     /// tensor names, dtypes, shards and config, loadable by any Llama runtime.
     Expand(ExpandArgs),
+    /// Perplexity of a checkpoint (standard or factored) on a text file, computed by this tool's
+    /// own Llama forward pass; prints a JSON report on stdout.
+    ///
+    /// The whole file is tokenized with the model's tokenizer.json (no special tokens); --tokens
+    /// tokens from --offset on are split into windows of --ctx tokens (the remainder dropped), each
+    /// evaluated on its own from position 0 without BOS, scoring every next-token prediction.
+    Eval(EvalArgs),
+}
+
+/// Arguments of `eval`.
+#[derive(Debug, Args)]
+pub struct EvalArgs {
+    /// The checkpoint: a local directory, or a repo id resolved from the Hugging Face cache.
+    #[arg(value_name = "MODEL")]
+    pub model: String,
+
+    /// UTF-8 text file to score.
+    #[arg(long, value_name = "FILE")]
+    pub text: PathBuf,
+
+    /// Tokens to evaluate, from --offset on (rounded down to whole --ctx windows).
+    #[arg(long, value_name = "N", default_value = "4096")]
+    pub tokens: NonZeroUsize,
+
+    /// Window length in tokens; windows do not overlap and do not see each other.
+    #[arg(long, value_name = "N", default_value = "512")]
+    pub ctx: NonZeroUsize,
+
+    /// Tokens of the text to skip before the first window.
+    #[arg(long, value_name = "K", default_value_t = 0)]
+    pub offset: usize,
+
+    /// Hub revision (branch, tag or commit) when MODEL is a repo id.
+    #[arg(long, value_name = "REV", default_value = "main")]
+    pub revision: String,
+
+    /// Worker threads (default: all cores).
+    #[arg(long, value_name = "N")]
+    pub threads: Option<NonZeroUsize>,
 }
 
 /// Arguments of `expand`.

@@ -75,6 +75,7 @@ pub fn run(options: &ConvertOptions) -> Result<Report> {
             &checkpoint,
             &plan,
             reports,
+            inputs.calibration.as_ref(),
             Vec::new(),
             None,
         );
@@ -133,6 +134,7 @@ pub fn run(options: &ConvertOptions) -> Result<Report> {
         &checkpoint,
         &plan,
         reports,
+        inputs.calibration.as_ref(),
         weight_files,
         Some(&sizes),
     );
@@ -148,8 +150,14 @@ pub fn run(options: &ConvertOptions) -> Result<Report> {
 
 /// Calibration statistics for fit `act` (none for the weight-only fits).
 fn fit_inputs(options: &ConvertOptions, checkpoint: &Checkpoint) -> Result<FitInputs> {
-    let _ = (options, checkpoint);
-    Ok(FitInputs::default())
+    let Some(calibration) = &options.calibration else {
+        return Ok(FitInputs::default());
+    };
+    let stats = crate::calibrate::calibrate(checkpoint, calibration)?;
+    Ok(FitInputs {
+        covariances: Some(stats.covariances),
+        calibration: Some(stats.record),
+    })
 }
 
 /// Resolves every `budget:F` SPEC to per-group ranks: per group kind, the spectra of all its groups

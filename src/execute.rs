@@ -87,6 +87,8 @@ pub fn mean_dims(fit: Fit) -> usize {
 pub struct FitInputs {
     /// Per layer, the covariance of the attention input (`--calibrate`), for fit `act`.
     pub covariances: Option<Vec<Mat<f64>>>,
+    /// Where the covariances came from.
+    pub calibration: Option<crate::calibrate::CalibrationRecord>,
 }
 
 /// Decodes and stacks a group's members: the types, the stacked values (row-major) and the shape.

@@ -13,6 +13,7 @@
 
 pub mod arch;
 pub mod budget;
+pub mod calibrate;
 pub mod checkpoint;
 pub mod checksums;
 pub mod cli;
@@ -21,15 +22,18 @@ pub mod convert;
 pub mod decompose;
 pub mod dtype;
 pub mod error;
+pub mod eval;
 pub mod execute;
 pub mod expand;
 pub mod files;
 pub mod latent;
+pub mod llama;
 pub mod output;
 pub mod plan;
 pub mod report;
 pub mod source;
 pub mod spec;
+pub mod tokenize;
 pub mod verify;
 pub mod weighted;
 pub mod writer;

@@ -10,7 +10,7 @@ use clap::Parser;
 use std::process::ExitCode;
 use surgery_convert::cli::{Cli, Command};
 use surgery_convert::error::{Error, Result};
-use surgery_convert::{convert, expand, verify};
+use surgery_convert::{convert, eval, expand, verify};
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
@@ -26,6 +26,15 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Some(Command::Expand(args)) => expand::run(&args),
+        Some(Command::Eval(args)) => {
+            if let Some(n) = args.threads {
+                rayon::ThreadPoolBuilder::new()
+                    .num_threads(n.get())
+                    .build_global()
+                    .map_err(|e| Error::usage("--threads", e.to_string()))?;
+            }
+            eval::run(&args).map(|_| ())
+        }
         None => {
             let options = cli.convert.resolve()?;
             if let Some(n) = options.threads {

@@ -1,6 +1,7 @@
 //! The conversion report: `surgery.json` (deterministic: no times, no output path) and the summary
 //! table printed on stderr.
 
+use crate::calibrate::CalibrationRecord;
 use crate::checkpoint::Checkpoint;
 use crate::cli::ConvertOptions;
 use crate::execute::GroupReport;
@@ -56,6 +57,9 @@ pub struct OptionsRecord {
     pub emit: &'static str,
     /// `--max-shard-size` in bytes.
     pub max_shard_size: Option<u64>,
+    /// Calibration text and settings (`--fit act` only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub calibration: Option<CalibrationRecord>,
 }
 
 /// Input identity and weight files.
@@ -168,12 +172,14 @@ pub struct Totals {
 
 impl Report {
     /// Assembles the report.
+    #[allow(clippy::too_many_arguments)] // one call site per output form; a builder would add nothing
     pub fn build(
         options: &ConvertOptions,
         identity: &InputIdentity,
         checkpoint: &Checkpoint,
         plan: &Plan,
         groups: Vec<GroupReport>,
+        calibration: Option<&CalibrationRecord>,
         weight_files: Vec<FileRecord>,
         output_sizes: Option<&[u64]>,
     ) -> Report {
@@ -285,6 +291,7 @@ impl Report {
                 fit: s.fit.name(),
                 emit: plan.emit.name(),
                 max_shard_size: options.max_shard_size,
+                calibration: calibration.cloned(),
             },
             input: InputRecord {
                 identity: identity.clone(),

@@ -134,6 +134,114 @@ pub fn decompose_weighted(
     })
 }
 
+/// The attention's head layout, for the attention-aware weightings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Heads {
+    /// Query heads.
+    pub num_heads: usize,
+    /// Key/value heads.
+    pub num_kv_heads: usize,
+    /// Width of one head.
+    pub head_dim: usize,
+}
+
+impl Heads {
+    fn group(&self) -> usize {
+        (self.num_heads / self.num_kv_heads.max(1)).max(1)
+    }
+}
+
+/// How much an error in each key output costs in attention logits: per KV head `j`, the sum over
+/// the query heads `h` that read it of the query covariance `W_q,h C W_q,h^T` (`[head_dim,
+/// head_dim]`), since a key error `e` moves head `h`'s logit by `q_h . e`. Block-diagonal
+/// `[kv_dim, kv_dim]`.
+pub fn key_weight(wq: MatRef<'_, f64>, c: MatRef<'_, f64>, heads: Heads) -> Mat<f64> {
+    let hd = heads.head_dim;
+    let kv_dim = heads.num_kv_heads * hd;
+    let mut g = Mat::<f64>::zeros(kv_dim, kv_dim);
+    for h in 0..heads.num_heads {
+        let j = h / heads.group();
+        let wqh = wq.subrows(h * hd, hd);
+        let block = mul(mul(wqh, c).as_ref(), wqh.transpose());
+        for a in 0..hd {
+            for b in 0..hd {
+                g[(j * hd + a, j * hd + b)] += block[(a, b)];
+            }
+        }
+    }
+    g
+}
+
+/// How much an error in each value output costs in the layer's output: per KV head `j`, the sum
+/// over its query heads `h` of `W_o,h^T W_o,h` (`W_o,h` the `o_proj` columns of head `h`), since a
+/// value error `e` reaches the residual stream as `W_o,h e`. Block-diagonal `[kv_dim, kv_dim]`.
+pub fn value_weight(wo: MatRef<'_, f64>, heads: Heads) -> Mat<f64> {
+    let hd = heads.head_dim;
+    let kv_dim = heads.num_kv_heads * hd;
+    let mut g = Mat::<f64>::zeros(kv_dim, kv_dim);
+    for h in 0..heads.num_heads {
+        let j = h / heads.group();
+        let woh = wo.subcols(h * hd, hd);
+        let block = mul(woh.transpose(), woh);
+        for a in 0..hd {
+            for b in 0..hd {
+                g[(j * hd + a, j * hd + b)] += block[(a, b)];
+            }
+        }
+    }
+    g
+}
+
+/// The symmetric square root of a positive semi-definite `g` and its inverse, with eigenvalues
+/// floored at `1e-10` of the largest so the inverse exists.
+pub fn sqrt_and_inverse(g: MatRef<'_, f64>) -> Result<(Mat<f64>, Mat<f64>), DecomposeError> {
+    let n = g.nrows();
+    let (values, vectors) = eigh_descending(g)?;
+    let floor = values.first().copied().unwrap_or(0.0).max(0.0) * 1e-10;
+    let floor = if floor > 0.0 { floor } else { 1.0 };
+    let root: Vec<f64> = values.iter().map(|&v| v.max(floor).sqrt()).collect();
+    let scaled = |f: &dyn Fn(f64) -> f64| {
+        let vs = Mat::from_fn(n, n, |i, k| vectors[(i, k)] * f(root[k]));
+        mul(vs.as_ref(), vectors.transpose())
+    };
+    Ok((scaled(&|r| r), scaled(&|r| 1.0 / r)))
+}
+
+/// The left weighting of a stack of blocks, each with its own cost matrix `g_b` (`None`: identity),
+/// each block then scaled to equal weighted output energy `tr(L_b W_b C W_b^T L_b^T)`.
+pub fn blockwise_weight(
+    w: MatRef<'_, f64>,
+    c: MatRef<'_, f64>,
+    blocks: &[(usize, Option<Mat<f64>>)],
+) -> Result<LeftWeight, DecomposeError> {
+    let m = w.nrows();
+    let mut l = Mat::<f64>::zeros(m, m);
+    let mut inverse = Mat::<f64>::zeros(m, m);
+    let mut row0 = 0;
+    for (rows, g) in blocks {
+        let rows = *rows;
+        let (lb, ib) = match g {
+            Some(g) => sqrt_and_inverse(g.as_ref())?,
+            None => (Mat::identity(rows, rows), Mat::identity(rows, rows)),
+        };
+        let weighted = mul(lb.as_ref(), w.subrows(row0, rows));
+        let e = output_energy(weighted.as_ref(), c);
+        let s = if e > 0.0 && e.is_finite() {
+            1.0 / e.sqrt()
+        } else {
+            1.0
+        };
+        for i in 0..rows {
+            for k in 0..rows {
+                l[(row0 + i, row0 + k)] = s * lb[(i, k)];
+                inverse[(row0 + i, row0 + k)] = ib[(i, k)] / s;
+            }
+        }
+        row0 += rows;
+    }
+    Ok(LeftWeight::Full { l, inverse })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -235,6 +343,45 @@ mod tests {
         let e1 = output_energy(scaled.subrows(0, 3), c.as_ref());
         let e2 = output_energy(scaled.subrows(3, 3), c.as_ref());
         assert!((e1 - 1.0).abs() < 1e-12 && (e2 - 1.0).abs() < 1e-12);
+    }
+
+    #[test]
+    fn attention_weights_are_block_diagonal_sums_over_query_heads() {
+        let heads = Heads {
+            num_heads: 4,
+            num_kv_heads: 2,
+            head_dim: 2,
+        };
+        let wq = noise(8, 5, 1);
+        let wo = noise(5, 8, 2);
+        let c = Mat::<f64>::identity(5, 5);
+        let gk = key_weight(wq.as_ref(), c.as_ref(), heads);
+        let gv = value_weight(wo.as_ref(), heads);
+        // KV head 1 is read by query heads 2 and 3 (rows / columns 4..8).
+        let direct = |a: usize, b: usize| -> (f64, f64) {
+            let (mut k, mut v) = (0.0, 0.0);
+            for h in [2, 3] {
+                for x in 0..5 {
+                    k += wq[(h * 2 + a, x)] * wq[(h * 2 + b, x)];
+                    v += wo[(x, h * 2 + a)] * wo[(x, h * 2 + b)];
+                }
+            }
+            (k, v)
+        };
+        for a in 0..2 {
+            for b in 0..2 {
+                let (k, v) = direct(a, b);
+                assert!((gk[(2 + a, 2 + b)] - k).abs() < 1e-12);
+                assert!((gv[(2 + a, 2 + b)] - v).abs() < 1e-12);
+                // No coupling between KV heads.
+                assert_eq!(gk[(a, 2 + b)], 0.0);
+            }
+        }
+        let (r, ri) = sqrt_and_inverse(gk.as_ref()).unwrap();
+        let back = &r * &r;
+        assert!(max_abs_diff(back.as_ref(), gk.as_ref()) < 1e-9);
+        let id = &r * &ri;
+        assert!(max_abs_diff(id.as_ref(), Mat::<f64>::identity(4, 4).as_ref()) < 1e-9);
     }
 
     #[test]

@@ -1,0 +1,201 @@
+//! The `eval` subcommand: perplexity of a checkpoint (standard or factored) on a text file, with
+//! this tool's own forward pass ([`crate::llama`]), reported as JSON on stdout.
+//!
+//! The convention is the interop suite's `perplexity()` (`tests/interop/common.py`): the whole
+//! file is tokenized without special tokens; `ids[offset .. offset + tokens]` is cut into
+//! `floor(tokens / ctx)` non-overlapping windows of `ctx` tokens (the remainder dropped), each
+//! evaluated on its own from position 0 without BOS; every next-token prediction inside a window is
+//! scored (`ctx - 1` per window); perplexity is `exp(total NLL / count)`.
+
+use crate::checkpoint::Checkpoint;
+use crate::cli::EvalArgs;
+use crate::error::{Error, Result};
+use crate::llama::Llama;
+use crate::source;
+use crate::tokenize::TextTokenizer;
+use crate::writer::hex;
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+use std::io::IsTerminal;
+use std::ops::Range;
+use std::time::Instant;
+
+/// What `eval` prints.
+#[derive(Debug, Clone, Serialize)]
+pub struct EvalReport {
+    /// MODEL as given.
+    pub model: String,
+    /// `--text` as given.
+    pub text: String,
+    /// SHA-256 of the text file's bytes.
+    pub text_sha256: String,
+    /// `--offset`, in tokens.
+    pub offset: usize,
+    /// Next-token predictions scored: `windows * (ctx - 1)`.
+    pub tokens: usize,
+    /// `--ctx`.
+    pub ctx: usize,
+    /// Windows evaluated.
+    pub windows: usize,
+    /// `exp(nll_mean)`.
+    pub perplexity: f64,
+    /// Mean negative log-likelihood per scored token (nats).
+    pub nll_mean: f64,
+    /// Wall time of the whole evaluation (loading, tokenizing, forward), seconds.
+    pub seconds: f64,
+    /// Worker threads used.
+    pub threads: usize,
+}
+
+/// The token ids evaluated: `range` of the text's ids, `windows` windows of `ctx`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Selection {
+    /// Indices into the text's ids.
+    pub range: Range<usize>,
+    /// Number of windows.
+    pub windows: usize,
+}
+
+/// Picks the ids to evaluate from a text of `total` tokens: up to `tokens` from `offset` on, in
+/// whole windows of `ctx`. Errors name the option to change.
+pub fn select(total: usize, offset: usize, tokens: usize, ctx: usize) -> Result<Selection> {
+    if ctx == 0 {
+        return Err(Error::usage("--ctx", "must be at least 1"));
+    }
+    if tokens < ctx {
+        return Err(Error::usage(
+            "--tokens",
+            format!("{tokens} tokens make no window of --ctx {ctx}"),
+        ));
+    }
+    let available = total.saturating_sub(offset);
+    let windows = tokens.min(available) / ctx;
+    if windows == 0 {
+        return Err(Error::usage(
+            "--offset",
+            format!(
+                "the text has {total} tokens; {available} remain after --offset {offset}, fewer than --ctx {ctx}"
+            ),
+        ));
+    }
+    Ok(Selection {
+        range: offset..offset + windows * ctx,
+        windows,
+    })
+}
+
+/// Runs the layer-wise forward pass over `ids` in windows of `ctx` and returns the summed negative
+/// log-likelihood and the number of predictions scored. `progress` is told each finished layer.
+pub fn negative_log_likelihood(
+    llama: &Llama<'_>,
+    ids: &[u32],
+    ctx: usize,
+    mut progress: impl FnMut(usize),
+) -> Result<(f64, usize)> {
+    let mut h = llama.embed(ids)?;
+    for index in 0..llama.params().num_layers {
+        llama.layer(index)?.forward(&mut h, ctx);
+        progress(index);
+    }
+    llama.log_likelihood(h.as_ref(), ids, ctx)
+}
+
+fn progress_bar(layers: usize) -> ProgressBar {
+    if !std::io::stderr().is_terminal() {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::new(layers as u64);
+    if let Ok(style) = ProgressStyle::with_template("eval: layer {pos}/{len} {wide_bar} {elapsed}")
+    {
+        bar.set_style(style);
+    }
+    bar
+}
+
+/// Runs `eval` and prints the report as JSON on stdout.
+pub fn run(args: &EvalArgs) -> Result<EvalReport> {
+    let started = Instant::now();
+    let (ctx, tokens) = (args.ctx.get(), args.tokens.get());
+    let input = source::resolve(&args.model, &args.revision)?;
+    let checkpoint = Checkpoint::open(&input.dir)?;
+    let llama = Llama::new(&checkpoint)?;
+    let tokenizer = TextTokenizer::load(&input.dir)?;
+
+    let bytes = std::fs::read(&args.text).map_err(|e| {
+        Error::usage(
+            "--text",
+            format!("cannot read {}: {e}", args.text.display()),
+        )
+    })?;
+    let text = std::str::from_utf8(&bytes).map_err(|e| {
+        Error::usage(
+            "--text",
+            format!("{} is not UTF-8: {e}", args.text.display()),
+        )
+    })?;
+    let ids = tokenizer.encode(text)?;
+    let selection = select(ids.len(), args.offset, tokens, ctx)?;
+    let ids = &ids[selection.range.clone()];
+
+    let bar = progress_bar(llama.params().num_layers);
+    let (nll, count) = negative_log_likelihood(&llama, ids, ctx, |_| bar.inc(1))?;
+    bar.finish_and_clear();
+    let nll_mean = nll / count.max(1) as f64;
+    let report = EvalReport {
+        model: args.model.clone(),
+        text: args.text.display().to_string(),
+        text_sha256: hex(&Sha256::digest(&bytes)),
+        offset: args.offset,
+        tokens: count,
+        ctx,
+        windows: selection.windows,
+        perplexity: nll_mean.exp(),
+        nll_mean,
+        seconds: started.elapsed().as_secs_f64(),
+        threads: rayon::current_num_threads(),
+    };
+    let json = serde_json::to_string_pretty(&report).map_err(|source| Error::Json {
+        path: args.text.clone(),
+        source,
+    })?;
+    println!("{json}");
+    Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn selection_follows_the_convention() {
+        // 4096 tokens in windows of 512 from offset 0: 8 windows.
+        assert_eq!(
+            select(10_000, 0, 4096, 512).unwrap(),
+            Selection {
+                range: 0..4096,
+                windows: 8
+            }
+        );
+        // The remainder is dropped; the offset shifts the slice.
+        assert_eq!(
+            select(10_000, 7, 300, 64).unwrap(),
+            Selection {
+                range: 7..7 + 256,
+                windows: 4
+            }
+        );
+        // Fewer tokens in the text than asked: whole windows of what remains.
+        assert_eq!(select(1000, 100, 4096, 256).unwrap().windows, 3);
+    }
+
+    #[test]
+    fn selection_errors_name_the_option() {
+        let msg = |r: Result<Selection>| r.unwrap_err().to_string();
+        assert!(msg(select(100, 0, 100, 0)).starts_with("--ctx"));
+        assert!(msg(select(10_000, 0, 100, 512)).starts_with("--tokens"));
+        let m = msg(select(600, 200, 4096, 512));
+        assert!(m.starts_with("--offset") && m.contains("400 remain"), "{m}");
+        assert!(msg(select(10, 20, 4096, 4)).contains("0 remain"));
+    }
+}

@@ -1,0 +1,85 @@
+//! One decoder layer with its weights decoded to `f32`, applied to all tokens at once:
+//! `h += o_proj(attention(rope(q), rope(k), v))` on `input_layernorm(h)`, then
+//! `h += down(silu(gate(x)) * up(x))` on `x = post_attention_layernorm(h)`.
+
+use crate::llama::attention::{attend, windows, AttentionShape};
+use crate::llama::linear::{KeyValue, Linear, Projection};
+use crate::llama::ops::{add_in_place, rms_norm, swiglu_in_place};
+use crate::llama::rope::{Rope, RopeTable};
+use faer::{Mat, MatRef};
+
+/// A decoder layer's weights (`f32`) and the parameters its forward pass needs.
+#[derive(Debug, Clone)]
+pub struct Layer {
+    /// The layer's index.
+    pub index: usize,
+    /// `input_layernorm.weight`.
+    pub input_layernorm: Vec<f32>,
+    /// `post_attention_layernorm.weight`.
+    pub post_attention_layernorm: Vec<f32>,
+    /// The query projection, dense or factored.
+    pub q: Projection,
+    /// The key and value projections, dense, factored, or from one shared latent.
+    pub kv: KeyValue,
+    /// `o_proj`.
+    pub o: Linear,
+    /// `mlp.gate_proj`.
+    pub gate: Linear,
+    /// `mlp.up_proj`.
+    pub up: Linear,
+    /// `mlp.down_proj`.
+    pub down: Linear,
+    /// Heads and sliding window.
+    pub shape: AttentionShape,
+    /// The rotary embedding.
+    pub rope: Rope,
+    /// `rms_norm_eps`.
+    pub eps: f64,
+}
+
+impl Layer {
+    /// `input_layernorm(h)`: what the attention projections read, `[tokens, hidden]`.
+    pub fn attention_input(&self, h: MatRef<'_, f32>) -> Mat<f32> {
+        rms_norm(h, &self.input_layernorm, self.eps)
+    }
+
+    /// Applies the layer in place to `h` (`[T, hidden]`), whose rows are split into independent
+    /// windows of `ctx` rows (the last may be shorter; `ctx == 0` means one window of all rows),
+    /// positions `0..len` within each window. `h` must have `hidden_size` columns (as
+    /// [`crate::llama::Llama::embed`] returns).
+    pub fn forward(&self, h: &mut Mat<f32>, ctx: usize) {
+        let x = self.attention_input(h.as_ref());
+        let mut q = self.q.apply(x.as_ref());
+        let (mut k, v) = self.kv.apply(x.as_ref());
+        drop(x);
+        self.rotate_windows(&mut q, &mut k, ctx);
+        let attn = attend(q.as_ref(), k.as_ref(), v.as_ref(), &self.shape, ctx);
+        drop((q, k, v));
+        add_in_place(h, self.o.apply(attn.as_ref()).as_ref());
+        drop(attn);
+
+        let x = rms_norm(h.as_ref(), &self.post_attention_layernorm, self.eps);
+        let mut gate = self.gate.apply(x.as_ref());
+        swiglu_in_place(&mut gate, self.up.apply(x.as_ref()).as_ref());
+        drop(x);
+        add_in_place(h, self.down.apply(gate.as_ref()).as_ref());
+    }
+
+    /// RoPE on queries and keys, positions restarting at 0 in every window.
+    fn rotate_windows(&self, q: &mut Mat<f32>, k: &mut Mat<f32>, ctx: usize) {
+        let mut tables: Vec<(usize, RopeTable)> = Vec::new();
+        for w in windows(q.nrows(), ctx) {
+            let len = w.len();
+            let index = match tables.iter().position(|(l, _)| *l == len) {
+                Some(i) => i,
+                None => {
+                    tables.push((len, self.rope.table(len)));
+                    tables.len() - 1
+                }
+            };
+            let table = &tables[index].1;
+            table.rotate(q.as_mut().subrows_mut(w.start, len));
+            table.rotate(k.as_mut().subrows_mut(w.start, len));
+        }
+    }
+}

@@ -1,0 +1,163 @@
+//! Linear maps of the forward pass in `f32`: a dense weight (optionally with a bias), a factored
+//! projection `b(a(x))` of the factored format, and the key/value pair, whose factors may share one
+//! latent. Each applies to `[tokens, in]` activations with a multi-threaded faer product.
+
+use faer::linalg::matmul::matmul;
+use faer::{Accum, Mat, MatRef, Par};
+
+/// `y = x W^T + bias` for a Hugging Face weight `W` `[out, in]`.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    /// `W^T`, `[in, out]` (the row-major `[out, in]` bytes read column-major).
+    pub weight_t: Mat<f32>,
+    /// The bias, `out` values.
+    pub bias: Option<Vec<f32>>,
+}
+
+impl Linear {
+    /// Builds the map from `W`'s values, row-major `[out, in]`.
+    pub fn from_row_major(
+        values: &[f32],
+        out: usize,
+        input: usize,
+        bias: Option<Vec<f32>>,
+    ) -> Self {
+        Linear {
+            weight_t: MatRef::from_column_major_slice(values, input, out).to_owned(),
+            bias,
+        }
+    }
+
+    /// Input width.
+    pub fn in_features(&self) -> usize {
+        self.weight_t.nrows()
+    }
+
+    /// Output width.
+    pub fn out_features(&self) -> usize {
+        self.weight_t.ncols()
+    }
+
+    /// `x W^T + bias` for `x` `[tokens, in]`: `[tokens, out]`.
+    pub fn apply(&self, x: MatRef<'_, f32>) -> Mat<f32> {
+        let mut y = Mat::<f32>::zeros(x.nrows(), self.out_features());
+        matmul(
+            y.as_mut(),
+            Accum::Replace,
+            x,
+            self.weight_t.as_ref(),
+            1.0,
+            Par::rayon(0),
+        );
+        if let Some(bias) = &self.bias {
+            for (j, b) in bias.iter().enumerate() {
+                y.col_as_slice_mut(j).iter_mut().for_each(|v| *v += b);
+            }
+        }
+        y
+    }
+}
+
+/// A query, key or value projection: dense, or factored as `up(down(x))` (the up-projection
+/// carries the projection's bias, if any).
+#[derive(Debug, Clone)]
+pub enum Projection {
+    /// `q_proj` / `k_proj` / `v_proj`.
+    Dense(Linear),
+    /// `*_a_proj` (down, to the latent) then `*_b_proj` (up).
+    Factored {
+        /// The down-projection `[L, in]`.
+        down: Linear,
+        /// The up-projection `[out, L]`.
+        up: Linear,
+    },
+}
+
+impl Projection {
+    /// The projection of `x` `[tokens, in]`.
+    pub fn apply(&self, x: MatRef<'_, f32>) -> Mat<f32> {
+        match self {
+            Projection::Dense(w) => w.apply(x),
+            Projection::Factored { down, up } => up.apply(down.apply(x).as_ref()),
+        }
+    }
+}
+
+/// The key and value projections of a layer.
+#[derive(Debug, Clone)]
+pub enum KeyValue {
+    /// Each on its own (dense or factored).
+    Separate {
+        /// Keys.
+        k: Projection,
+        /// Values.
+        v: Projection,
+    },
+    /// One latent `kv_a_proj(x)` shared by `k_b_proj` and `v_b_proj` (`kv == "shared"`).
+    Shared {
+        /// `kv_a_proj` `[L, in]`.
+        down: Linear,
+        /// `k_b_proj` `[kv_dim, L]`.
+        k_up: Linear,
+        /// `v_b_proj` `[kv_dim, L]`.
+        v_up: Linear,
+    },
+}
+
+impl KeyValue {
+    /// Keys and values of `x` `[tokens, in]` (before RoPE).
+    pub fn apply(&self, x: MatRef<'_, f32>) -> (Mat<f32>, Mat<f32>) {
+        match self {
+            KeyValue::Separate { k, v } => (k.apply(x), v.apply(x)),
+            KeyValue::Shared { down, k_up, v_up } => {
+                let latent = down.apply(x);
+                (k_up.apply(latent.as_ref()), v_up.apply(latent.as_ref()))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dense_with_bias_and_factored_agree_with_hand_products() {
+        // W = [[1, 2, 3], [4, 5, 6]] (out 2, in 3), bias [10, 20]; x = [[1, 0, -1], [2, 1, 0]].
+        let w = Linear::from_row_major(
+            &[1.0, 2.0, 3.0, 4.0, 5.0, 6.0],
+            2,
+            3,
+            Some(vec![10.0, 20.0]),
+        );
+        assert_eq!((w.in_features(), w.out_features()), (3, 2));
+        let x = Mat::<f32>::from_fn(2, 3, |i, j| [[1.0, 0.0, -1.0], [2.0, 1.0, 0.0]][i][j]);
+        let y = w.apply(x.as_ref());
+        assert_eq!(
+            [y[(0, 0)], y[(0, 1)], y[(1, 0)], y[(1, 1)]],
+            [
+                1.0 - 3.0 + 10.0,
+                4.0 - 6.0 + 20.0,
+                2.0 + 2.0 + 10.0,
+                8.0 + 5.0 + 20.0
+            ]
+        );
+        // W = b @ a with a = [[1, 1, 1]] and b = [[1], [2]]: W = [[1, 1, 1], [2, 2, 2]].
+        let p = Projection::Factored {
+            down: Linear::from_row_major(&[1.0, 1.0, 1.0], 1, 3, None),
+            up: Linear::from_row_major(&[1.0, 2.0], 2, 1, None),
+        };
+        let y = p.apply(x.as_ref());
+        assert_eq!(
+            [y[(0, 0)], y[(0, 1)], y[(1, 0)], y[(1, 1)]],
+            [0.0, 0.0, 3.0, 6.0]
+        );
+        let kv = KeyValue::Shared {
+            down: Linear::from_row_major(&[1.0, 1.0, 1.0], 1, 3, None),
+            k_up: Linear::from_row_major(&[1.0, 2.0], 2, 1, None),
+            v_up: Linear::from_row_major(&[-1.0], 1, 1, None),
+        };
+        let (k, v) = kv.apply(x.as_ref());
+        assert_eq!((k[(1, 1)], v[(1, 0)]), (6.0, -3.0));
+    }
+}

@@ -1,0 +1,237 @@
+//! A Llama forward pass in `f32` on a memory-mapped checkpoint, dense or factored
+//! (`docs/factored-format.md`), for perplexity (`eval`) and, layer by layer, for calibration.
+//!
+//! The pass runs **layer-wise over all tokens**: [`Llama::embed`] gives the `[T, hidden]` hidden
+//! states, each [`Llama::layer`] decodes one layer's weights and [`Layer::forward`] applies it in
+//! place, and [`Llama::log_likelihood`] scores the result. Only one layer's weights are decoded at a
+//! time (their pages are released after decoding), so memory is the activations of `T` tokens plus
+//! one layer. Tokens are split into independent windows of `ctx` rows, each starting at position 0:
+//!
+//! ```no_run
+//! # use surgery_convert::{checkpoint::Checkpoint, llama::Llama};
+//! # fn main() -> surgery_convert::error::Result<()> {
+//! let checkpoint = Checkpoint::open(std::path::Path::new("model"))?;
+//! let llama = Llama::new(&checkpoint)?;
+//! let ids = [1u32, 2, 3, 4];
+//! let mut h = llama.embed(&ids)?;
+//! for i in 0..llama.params().num_layers {
+//!     llama.layer(i)?.forward(&mut h, 2);
+//! }
+//! let (nll, count) = llama.log_likelihood(h.as_ref(), &ids, 2)?;
+//! # Ok(()) }
+//! ```
+//!
+//! Factored projections are applied as two products, `b(a(x))`; nothing is multiplied out.
+
+pub mod attention;
+pub mod layer;
+pub mod linear;
+pub mod load;
+pub mod ops;
+pub mod params;
+pub mod rope;
+
+pub use layer::Layer;
+pub use params::LlamaParams;
+
+use crate::checkpoint::{Checkpoint, CONFIG_FILE};
+use crate::error::{Error, Result};
+use attention::windows;
+use faer::linalg::matmul::matmul;
+use faer::{Accum, Mat, MatRef, Par};
+use load::Loader;
+use rayon::prelude::*;
+
+/// Name of the token embedding.
+pub const EMBED: &str = "model.embed_tokens.weight";
+/// Name of the final norm.
+pub const FINAL_NORM: &str = "model.norm.weight";
+/// Name of the untied output head.
+pub const LM_HEAD: &str = "lm_head.weight";
+/// Logit rows computed at once by [`Llama::log_likelihood`] (bounds the `[vocab, rows]` buffer).
+const LOGIT_CHUNK: usize = 256;
+
+/// A Llama model over a borrowed checkpoint; weights are read on demand.
+#[derive(Debug)]
+pub struct Llama<'a> {
+    checkpoint: &'a Checkpoint,
+    params: LlamaParams,
+}
+
+impl<'a> Llama<'a> {
+    /// Resolves the forward pass's parameters from the checkpoint's `config.json` and checks every
+    /// tensor's name, shape and dtype (no data is read), so a bad checkpoint fails before any work.
+    pub fn new(checkpoint: &'a Checkpoint) -> Result<Self> {
+        let params = LlamaParams::resolve(&checkpoint.config, &checkpoint.dir.join(CONFIG_FILE))?;
+        let llama = Llama { checkpoint, params };
+        let loader = llama.loader();
+        let (v, h) = (llama.params.vocab_size, llama.params.hidden_size);
+        loader.raw(EMBED, &[v, h])?;
+        loader.raw(FINAL_NORM, &[h])?;
+        if llama.params.tie_word_embeddings {
+            if let Some(t) = checkpoint.tensor(LM_HEAD) {
+                return Err(Error::tensor(
+                    &checkpoint.shards[t.shard].path,
+                    LM_HEAD,
+                    "present, but config.json's tie_word_embeddings is true (the head is the embedding)",
+                ));
+            }
+        } else {
+            loader.raw(LM_HEAD, &[v, h])?;
+        }
+        for layer in 0..llama.params.num_layers {
+            loader.check_layer(layer)?;
+        }
+        Ok(llama)
+    }
+
+    /// The resolved parameters.
+    pub fn params(&self) -> &LlamaParams {
+        &self.params
+    }
+
+    /// The checkpoint.
+    pub fn checkpoint(&self) -> &'a Checkpoint {
+        self.checkpoint
+    }
+
+    fn loader(&self) -> Loader<'_> {
+        Loader {
+            checkpoint: self.checkpoint,
+            params: &self.params,
+        }
+    }
+
+    /// The embeddings of `ids`, `[T, hidden]` (only the rows used are decoded).
+    pub fn embed(&self, ids: &[u32]) -> Result<Mat<f32>> {
+        let (vocab, hidden) = (self.params.vocab_size, self.params.hidden_size);
+        let (ty, bytes) = self.loader().raw(EMBED, &[vocab, hidden])?;
+        let row_bytes = hidden * ty.size();
+        let mut h = Mat::<f32>::zeros(ids.len(), hidden);
+        for (t, &id) in ids.iter().enumerate() {
+            let id = id as usize;
+            if id >= vocab {
+                return Err(Error::tensor(
+                    &self.checkpoint.dir,
+                    EMBED,
+                    format!("token id {id} is outside the vocabulary of {vocab} rows (does tokenizer.json belong to this model?)"),
+                ));
+            }
+            let row = load::decode_f32(ty, &bytes[id * row_bytes..(id + 1) * row_bytes]);
+            for (j, v) in row.into_iter().enumerate() {
+                h[(t, j)] = v;
+            }
+        }
+        Ok(h)
+    }
+
+    /// Decodes layer `index`'s weights.
+    pub fn layer(&self, index: usize) -> Result<Layer> {
+        let p = &self.params;
+        if index >= p.num_layers {
+            return Err(Error::invalid(
+                self.checkpoint.dir.join(CONFIG_FILE),
+                format!(
+                    "layer {index} requested, but the model has {} layers",
+                    p.num_layers
+                ),
+            ));
+        }
+        let l = self.loader();
+        let (h, inter) = (p.hidden_size, p.intermediate_size);
+        let q_dim = p.attention.num_heads * p.attention.head_dim;
+        let (q, kv) = l.attention(index)?;
+        let ab = p.attention_bias;
+        Ok(Layer {
+            index,
+            input_layernorm: l.values(&l.layer_name(index, "input_layernorm.weight"), &[h])?,
+            post_attention_layernorm: l.values(
+                &l.layer_name(index, "post_attention_layernorm.weight"),
+                &[h],
+            )?,
+            q,
+            kv,
+            o: l.layer_linear(index, "self_attn.o_proj", h, q_dim, ab, "attention_bias")?,
+            gate: l.layer_linear(index, "mlp.gate_proj", inter, h, p.mlp_bias, "mlp_bias")?,
+            up: l.layer_linear(index, "mlp.up_proj", inter, h, p.mlp_bias, "mlp_bias")?,
+            down: l.layer_linear(index, "mlp.down_proj", h, inter, p.mlp_bias, "mlp_bias")?,
+            shape: p.attention,
+            rope: p.rope,
+            eps: p.rms_norm_eps,
+        })
+    }
+
+    /// The final norm and the head applied to `h` (`[T, hidden]`, after the last layer), scored
+    /// against `ids` (the `T` tokens `h` was computed from) in windows of `ctx` rows: within each
+    /// window, every row but the last predicts the next token. Returns the sum of `-log p(next)`
+    /// (log-softmax in `f64`) and the number of predictions scored.
+    pub fn log_likelihood(
+        &self,
+        h: MatRef<'_, f32>,
+        ids: &[u32],
+        ctx: usize,
+    ) -> Result<(f64, usize)> {
+        let p = &self.params;
+        let (vocab, hidden) = (p.vocab_size, p.hidden_size);
+        if h.nrows() != ids.len() || h.ncols() != hidden {
+            return Err(Error::invalid(
+                &self.checkpoint.dir,
+                format!(
+                    "log_likelihood: hidden states are [{}, {}] but there are {} ids and hidden_size is {hidden}",
+                    h.nrows(),
+                    h.ncols(),
+                    ids.len()
+                ),
+            ));
+        }
+        if let Some(&bad) = ids.iter().find(|&&id| id as usize >= vocab) {
+            return Err(Error::tensor(
+                &self.checkpoint.dir,
+                EMBED,
+                format!("token id {bad} is outside the vocabulary of {vocab} rows"),
+            ));
+        }
+        let l = self.loader();
+        let norm = l.values(FINAL_NORM, &[hidden])?;
+        let head_name = if p.tie_word_embeddings {
+            EMBED
+        } else {
+            LM_HEAD
+        };
+        // [vocab, hidden] row-major read column-major: W^T, [hidden, vocab].
+        let head = l.linear(head_name, vocab, hidden, None)?;
+        let x = ops::rms_norm(h, &norm, p.rms_norm_eps);
+
+        let mut total = 0f64;
+        let mut count = 0usize;
+        let mut logits = Mat::<f32>::zeros(vocab, LOGIT_CHUNK);
+        for w in windows(ids.len(), ctx) {
+            // Rows w.start .. w.end - 1 predict ids w.start + 1 .. w.end.
+            let last = w.end.saturating_sub(1);
+            let mut start = w.start;
+            while start < last {
+                let rows = (last - start).min(LOGIT_CHUNK);
+                let mut out = logits.as_mut().subcols_mut(0, rows);
+                // logits^T = W [vocab, hidden] @ x^T [hidden, rows]: each token's logits contiguous.
+                matmul(
+                    out.as_mut(),
+                    Accum::Replace,
+                    head.weight_t.transpose(),
+                    x.as_ref().subrows(start, rows).transpose(),
+                    1.0,
+                    Par::rayon(0),
+                );
+                let logits = &logits;
+                let nll: Vec<f64> = (0..rows)
+                    .into_par_iter()
+                    .map(|r| ops::nll(logits.col_as_slice(r), ids[start + r + 1] as usize))
+                    .collect();
+                // Summed in order, so the result does not depend on the thread count.
+                total += nll.iter().sum::<f64>();
+                count += rows;
+                start += rows;
+            }
+        }
+        Ok((total, count))
+    }
+}

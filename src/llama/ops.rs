@@ -1,0 +1,205 @@
+//! The element-wise and row-wise math of the Llama forward pass, pure and on `f32`: RMSNorm, SiLU
+//! and the SwiGLU product, a masked softmax, and the negative log-likelihood of one logit row
+//! (accumulated in `f64`).
+//!
+//! Activations are `[tokens, features]` faer matrices (column-major, so one feature of all tokens is
+//! contiguous); row-wise reductions therefore walk the columns and keep one accumulator per row.
+
+use faer::{Mat, MatRef};
+
+/// RMSNorm of every row of `x` (transformers' `LlamaRMSNorm`): `w * x / sqrt(mean(x^2) + eps)`.
+/// The mean of squares is accumulated in `f64`.
+pub fn rms_norm(x: MatRef<'_, f32>, weight: &[f32], eps: f64) -> Mat<f32> {
+    let (rows, cols) = (x.nrows(), x.ncols());
+    let mut sum_sq = vec![0f64; rows];
+    for j in 0..cols {
+        let col = x.col(j);
+        for (i, acc) in sum_sq.iter_mut().enumerate() {
+            let v = col[i] as f64;
+            *acc += v * v;
+        }
+    }
+    let inv: Vec<f32> = sum_sq
+        .iter()
+        .map(|&s| (1.0 / (s / cols.max(1) as f64 + eps).sqrt()) as f32)
+        .collect();
+    Mat::from_fn(rows, cols, |i, j| weight[j] * (x[(i, j)] * inv[i]))
+}
+
+/// `x * sigmoid(x)` (with [`exp_f32`]).
+#[inline(always)]
+pub fn silu(x: f32) -> f32 {
+    x / (1.0 + exp_f32(-x))
+}
+
+/// The SwiGLU product in place: `gate <- silu(gate) * up`, element by element (same shapes).
+pub fn swiglu_in_place(gate: &mut Mat<f32>, up: MatRef<'_, f32>) {
+    for j in 0..gate.ncols() {
+        let u = up.col(j);
+        for (i, g) in gate.col_as_slice_mut(j).iter_mut().enumerate() {
+            *g = silu(*g) * u[i];
+        }
+    }
+}
+
+/// `h <- h + delta` (same shapes): a residual connection.
+pub fn add_in_place(h: &mut Mat<f32>, delta: MatRef<'_, f32>) {
+    for j in 0..h.ncols() {
+        let d = delta.col(j);
+        for (i, v) in h.col_as_slice_mut(j).iter_mut().enumerate() {
+            *v += d[i];
+        }
+    }
+}
+
+/// `e^x` in `f32` without a libm call, so loops over it vectorise: Cody-Waite reduction
+/// `x = n ln 2 + r` (`|r| <= ln 2 / 2`), a degree-7 Taylor polynomial for `e^r` (truncation below
+/// 6e-9), and `2^n` built in the exponent bits. Relative error within a few ulp (about 3e-7) for
+/// `x` in `[-87, 88]`; 0 below -87 (where `e^x` is under 1.7e-38), saturating above 88.
+#[inline(always)]
+pub fn exp_f32(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    // ln 2 split so that n * LN2_HI is exact for |n| < 2^9.
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    // 1.5 * 2^23: adding and subtracting it rounds to the nearest integer.
+    const ROUND: f32 = 12_582_912.0;
+    let xc = x.clamp(-87.0, 88.0);
+    let n = (xc * LOG2E + ROUND) - ROUND;
+    let r = (xc - n * LN2_HI) - n * LN2_LO;
+    let mut p = 1.0 / 5040.0;
+    p = p * r + 1.0 / 720.0;
+    p = p * r + 1.0 / 120.0;
+    p = p * r + 1.0 / 24.0;
+    p = p * r + 1.0 / 6.0;
+    p = p * r + 0.5;
+    p = p * r + 1.0;
+    p = p * r + 1.0;
+    let scale = f32::from_bits((((n as i32) + 127) as u32) << 23);
+    if x < -87.0 {
+        0.0
+    } else {
+        p * scale
+    }
+}
+
+/// Softmax of `scores[keep]` in place, every entry outside `keep` set to 0 (the attention mask).
+/// The maximum is subtracted first; the normaliser is summed in `f64`.
+pub fn masked_softmax_in_place(scores: &mut [f32], keep: std::ops::Range<usize>) {
+    let end = keep.end.min(scores.len());
+    let keep = keep.start.min(end)..end;
+    let max = scores[keep.clone()]
+        .iter()
+        .copied()
+        .fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0f64;
+    for v in &mut scores[keep.clone()] {
+        *v = exp_f32(*v - max);
+        sum += *v as f64;
+    }
+    let inv = (1.0 / sum) as f32;
+    for v in &mut scores[keep.clone()] {
+        *v *= inv;
+    }
+    scores[..keep.start].fill(0.0);
+    scores[keep.end..].fill(0.0);
+}
+
+/// `-log softmax(logits)[target]`, in `f64`: `log(sum exp(l - max)) + max - l[target]`.
+/// The exponentials are [`exp_f32`] of `l - max` (at most 1), summed in `f64`.
+pub fn nll(logits: &[f32], target: usize) -> f64 {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let sum: f64 = logits.iter().map(|&l| exp_f32(l - max) as f64).sum();
+    sum.ln() + max as f64 - logits[target] as f64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exp_f32_is_accurate() {
+        let mut worst = 0f64;
+        let mut x = -87.0f32;
+        while x <= 88.0 {
+            let want = (x as f64).exp();
+            let rel = ((exp_f32(x) as f64 - want) / want).abs();
+            worst = worst.max(rel);
+            x += 0.0137;
+        }
+        assert!(worst < 4e-7, "worst relative error {worst}");
+        assert_eq!(exp_f32(0.0), 1.0);
+        assert_eq!(exp_f32(-100.0), 0.0);
+        assert_eq!(exp_f32(f32::NEG_INFINITY), 0.0);
+        assert!((exp_f32(1.0) as f64 - std::f64::consts::E).abs() < 3e-7);
+    }
+
+    #[test]
+    fn rms_norm_golden() {
+        // [1, 2, 3, 4]: mean of squares 7.5, 1/sqrt(7.5) = 0.3651483716701107.
+        let x = Mat::<f32>::from_fn(2, 4, |i, j| if i == 0 { (j + 1) as f32 } else { 0.0 });
+        let y = rms_norm(x.as_ref(), &[1.0, 1.0, 1.0, 2.0], 0.0);
+        let want = [
+            0.3651483716701107,
+            0.7302967433402214,
+            1.0954451150103321,
+            2.0 * 1.4605934866804429,
+        ];
+        for (j, w) in want.iter().enumerate() {
+            assert!((y[(0, j)] as f64 - w).abs() < 1e-6, "{j}");
+        }
+        // eps keeps a zero row finite (and zero).
+        let y = rms_norm(x.as_ref(), &[1.0; 4], 1e-5);
+        assert_eq!(y[(1, 2)], 0.0);
+        assert!((y[(0, 0)] as f64 - 1.0 / (7.5f64 + 1e-5).sqrt()).abs() < 1e-7);
+    }
+
+    #[test]
+    fn silu_golden() {
+        assert_eq!(silu(0.0), 0.0);
+        assert!((silu(1.0) as f64 - 0.7310585786300049).abs() < 1e-7);
+        assert!((silu(-2.0) as f64 - -0.2384058440442351).abs() < 1e-7);
+        assert_eq!(silu(100.0), 100.0);
+        assert!(silu(-100.0).abs() < 1e-30);
+        let mut g = Mat::<f32>::from_fn(1, 2, |_, j| j as f32);
+        let u = Mat::<f32>::from_fn(1, 2, |_, _| 3.0);
+        swiglu_in_place(&mut g, u.as_ref());
+        assert_eq!(g[(0, 0)], 0.0);
+        assert!((g[(0, 1)] - 3.0 * 0.7310586).abs() < 1e-6);
+    }
+
+    #[test]
+    fn masked_softmax_rows_sum_to_one() {
+        let mut s = vec![1.0f32, 2.0, 3.0, 100.0, -4.0];
+        masked_softmax_in_place(&mut s, 0..3);
+        let total: f32 = s.iter().sum();
+        assert!((total - 1.0).abs() < 1e-6);
+        assert_eq!(&s[3..], &[0.0, 0.0]);
+        // softmax([1, 2, 3]) = e^(x-3) / (e^-2 + e^-1 + 1)
+        let z = (-2f64).exp() + (-1f64).exp() + 1.0;
+        assert!((s[2] as f64 - 1.0 / z).abs() < 1e-6);
+        assert!((s[0] as f64 - (-2f64).exp() / z).abs() < 1e-6);
+        let mut s = vec![5.0f32, 7.0, 9.0];
+        masked_softmax_in_place(&mut s, 1..2);
+        assert_eq!(s, vec![0.0, 1.0, 0.0]);
+    }
+
+    #[test]
+    fn nll_golden() {
+        // logits log 1, log 2, log 3: p = [1/6, 2/6, 3/6].
+        let l = [0.0f32, 2f32.ln(), 3f32.ln()];
+        assert!((nll(&l, 2) - 2f64.ln()).abs() < 1e-7);
+        assert!((nll(&l, 0) - 6f64.ln()).abs() < 1e-7);
+        // Shift invariance with large logits (no overflow).
+        let l = [1000.0f32, 1000.0 + 2f32.ln(), 1000.0 + 3f32.ln()];
+        assert!((nll(&l, 1) - 3f64.ln()).abs() < 1e-4);
+    }
+
+    #[test]
+    fn residual_add() {
+        let mut h = Mat::<f32>::from_fn(2, 2, |i, j| (i + 2 * j) as f32);
+        let d = Mat::<f32>::from_fn(2, 2, |_, _| 0.5);
+        add_in_place(&mut h, d.as_ref());
+        assert_eq!(h[(1, 1)], 3.5);
+    }
+}

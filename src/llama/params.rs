@@ -1,0 +1,324 @@
+//! The hyper-parameters of the forward pass, read once from `config.json` ([`ModelConfig::raw`]):
+//! the raw fields as the file spells them ([`RawParams`], transformers' `LlamaConfig` defaults for
+//! absent keys), resolved and validated into [`LlamaParams`] (RoPE type and its parameters, the
+//! activation, biases, Mistral's sliding window). Downstream code never reads the JSON again.
+
+use crate::config::ModelConfig;
+use crate::error::{Error, Result};
+use crate::llama::attention::AttentionShape;
+use crate::llama::rope::{Rope, RopeScaling};
+use serde::Deserialize;
+use serde_json::{Map, Value};
+use std::path::Path;
+
+/// The `config.json` keys the forward pass reads beyond [`ModelConfig`], as written.
+#[derive(Debug, Default, Deserialize)]
+pub struct RawParams {
+    /// `rms_norm_eps` (default 1e-6).
+    pub rms_norm_eps: Option<f64>,
+    /// `rope_theta` (default 10000).
+    pub rope_theta: Option<f64>,
+    /// `rope_scaling` (transformers 4) ...
+    pub rope_scaling: Option<Map<String, Value>>,
+    /// ... or `rope_parameters` (transformers 5; `rope_scaling` wins when both are set).
+    pub rope_parameters: Option<Map<String, Value>>,
+    /// `max_position_embeddings` (default 2048).
+    pub max_position_embeddings: Option<usize>,
+    /// A top-level `original_max_position_embeddings` overrides the one in the RoPE parameters.
+    pub original_max_position_embeddings: Option<usize>,
+    /// `partial_rotary_factor`: only 1 (or absent) is supported.
+    pub partial_rotary_factor: Option<f64>,
+    /// `hidden_act` (default `silu`, the only one supported).
+    pub hidden_act: Option<String>,
+    /// `attention_bias` (default false): q, k, v and o projections carry biases.
+    pub attention_bias: Option<bool>,
+    /// `mlp_bias` (default false): gate, up and down projections carry biases.
+    pub mlp_bias: Option<bool>,
+    /// `intermediate_size` (required).
+    pub intermediate_size: Option<usize>,
+    /// `vocab_size` (required).
+    pub vocab_size: Option<usize>,
+    /// `sliding_window` (Mistral only; `null` for none).
+    pub sliding_window: Option<usize>,
+}
+
+/// Everything the forward pass needs to know about the model, validated.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LlamaParams {
+    /// `hidden_size`.
+    pub hidden_size: usize,
+    /// `intermediate_size`.
+    pub intermediate_size: usize,
+    /// `vocab_size`.
+    pub vocab_size: usize,
+    /// `num_hidden_layers`.
+    pub num_layers: usize,
+    /// Heads and sliding window.
+    pub attention: AttentionShape,
+    /// `rms_norm_eps`.
+    pub rms_norm_eps: f64,
+    /// The resolved rotary embedding.
+    pub rope: Rope,
+    /// `max_position_embeddings`.
+    pub max_position_embeddings: usize,
+    /// `attention_bias`.
+    pub attention_bias: bool,
+    /// `mlp_bias`.
+    pub mlp_bias: bool,
+    /// `tie_word_embeddings`: the head is `embed_tokens`.
+    pub tie_word_embeddings: bool,
+}
+
+impl LlamaParams {
+    /// Resolves the parameters of `config` (read from `path`, named in errors).
+    pub fn resolve(config: &ModelConfig, path: &Path) -> Result<Self> {
+        let raw: RawParams =
+            serde_json::from_value(Value::Object(config.raw.clone())).map_err(|source| {
+                Error::Json {
+                    path: path.to_path_buf(),
+                    source,
+                }
+            })?;
+        Self::from_raw(config, &raw, path)
+    }
+
+    /// Resolves already-parsed raw fields.
+    pub fn from_raw(config: &ModelConfig, raw: &RawParams, path: &Path) -> Result<Self> {
+        let invalid = |message: String| Error::invalid(path, message);
+        let act = raw.hidden_act.as_deref().unwrap_or("silu");
+        if act != "silu" {
+            return Err(invalid(format!(
+                "hidden_act `{act}` is not supported by eval (Llama uses silu)"
+            )));
+        }
+        let required = |value: Option<usize>, key: &str| {
+            value
+                .filter(|&n| n > 0)
+                .ok_or_else(|| invalid(format!("`{key}` must be a positive integer")))
+        };
+        let intermediate_size = required(raw.intermediate_size, "intermediate_size")?;
+        let vocab_size = required(raw.vocab_size, "vocab_size")?;
+        let max_position_embeddings = raw.max_position_embeddings.unwrap_or(2048).max(1);
+        let rms_norm_eps = raw.rms_norm_eps.unwrap_or(1e-6);
+        if !(rms_norm_eps.is_finite() && rms_norm_eps >= 0.0) {
+            return Err(invalid(format!(
+                "`rms_norm_eps` must be a non-negative number, found {rms_norm_eps}"
+            )));
+        }
+        if let Some(f) = raw.partial_rotary_factor.filter(|&f| f != 1.0) {
+            return Err(invalid(format!(
+                "partial_rotary_factor {f} is not supported by eval (Llama rotates the whole head)"
+            )));
+        }
+        if config.head_dim % 2 != 0 {
+            return Err(invalid(format!(
+                "head_dim {} is odd; RoPE needs an even head dimension",
+                config.head_dim
+            )));
+        }
+        let rope = resolve_rope(raw, config.head_dim, max_position_embeddings)
+            .map_err(|m| invalid(format!("rope: {m}")))?;
+        let sliding_window = if config.class_name == "MistralForCausalLM" {
+            raw.sliding_window.filter(|&w| w > 0)
+        } else {
+            None
+        };
+        Ok(LlamaParams {
+            hidden_size: config.hidden_size,
+            intermediate_size,
+            vocab_size,
+            num_layers: config.num_layers,
+            attention: AttentionShape {
+                num_heads: config.num_heads,
+                num_kv_heads: config.num_kv_heads,
+                head_dim: config.head_dim,
+                sliding_window,
+            },
+            rms_norm_eps,
+            rope,
+            max_position_embeddings,
+            attention_bias: raw.attention_bias.unwrap_or(false),
+            mlp_bias: raw.mlp_bias.unwrap_or(false),
+            tie_word_embeddings: config.tie_word_embeddings,
+        })
+    }
+}
+
+/// The RoPE parameters as transformers 5 standardises them: the `rope_scaling` object if non-empty,
+/// else `rope_parameters`; `rope_theta` from that object, else the top-level key, else 10000; the
+/// type from `rope_type`, else the legacy `type`, else `default`.
+fn resolve_rope(
+    raw: &RawParams,
+    head_dim: usize,
+    max_position_embeddings: usize,
+) -> std::result::Result<Rope, String> {
+    let empty = Map::new();
+    let p = raw
+        .rope_scaling
+        .as_ref()
+        .filter(|m| !m.is_empty())
+        .or(raw.rope_parameters.as_ref())
+        .unwrap_or(&empty);
+    let number = |key: &str| -> std::result::Result<Option<f64>, String> {
+        match p.get(key) {
+            None | Some(Value::Null) => Ok(None),
+            Some(v) => v
+                .as_f64()
+                .filter(|x| x.is_finite() && *x > 0.0)
+                .map(Some)
+                .ok_or_else(|| format!("`{key}` must be a positive number, found {v}")),
+        }
+    };
+    let required = |key: &str, kind: &str| {
+        number(key)?.ok_or_else(|| format!("rope type `{kind}` needs `{key}`"))
+    };
+    let theta = match number("rope_theta")? {
+        Some(t) => t,
+        None => raw.rope_theta.unwrap_or(10000.0),
+    };
+    if !(theta.is_finite() && theta > 0.0) {
+        return Err(format!(
+            "rope_theta must be a positive number, found {theta}"
+        ));
+    }
+    let kind = ["rope_type", "type"]
+        .iter()
+        .find_map(|k| p.get(*k).and_then(Value::as_str))
+        .unwrap_or("default");
+    let scaling = match kind {
+        "default" => RopeScaling::None,
+        "linear" => RopeScaling::Linear {
+            factor: required("factor", kind)?,
+        },
+        "dynamic" => RopeScaling::Dynamic {
+            factor: required("factor", kind)?,
+            max_position_embeddings,
+        },
+        "llama3" => {
+            let low_freq_factor = required("low_freq_factor", kind)?;
+            let high_freq_factor = required("high_freq_factor", kind)?;
+            if high_freq_factor == low_freq_factor {
+                return Err("llama3 needs high_freq_factor != low_freq_factor".into());
+            }
+            let original = match raw.original_max_position_embeddings {
+                Some(n) => n as f64,
+                None => number("original_max_position_embeddings")?
+                    .unwrap_or(max_position_embeddings as f64),
+            };
+            RopeScaling::Llama3 {
+                factor: required("factor", kind)?,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings: original as usize,
+            }
+        }
+        other => {
+            return Err(format!(
+                "rope type `{other}` is not supported by eval (supported: default, linear, dynamic, llama3)"
+            ))
+        }
+    };
+    Ok(Rope {
+        theta,
+        head_dim,
+        scaling,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn resolve(extra: Value) -> Result<LlamaParams> {
+        let mut v = json!({"architectures": ["LlamaForCausalLM"], "hidden_size": 64,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "num_hidden_layers": 2,
+            "intermediate_size": 128, "vocab_size": 256});
+        for (k, x) in extra.as_object().unwrap() {
+            v[k] = x.clone();
+        }
+        let path = Path::new("config.json");
+        let config = ModelConfig::from_json(&v, path).unwrap();
+        LlamaParams::resolve(&config, path)
+    }
+
+    #[test]
+    fn defaults_follow_transformers() {
+        let p = resolve(json!({})).unwrap();
+        assert_eq!(p.rms_norm_eps, 1e-6);
+        assert_eq!(p.rope.theta, 10000.0);
+        assert_eq!(p.rope.scaling, RopeScaling::None);
+        assert_eq!(p.max_position_embeddings, 2048);
+        assert!(!p.attention_bias && !p.mlp_bias);
+        assert_eq!(p.attention.head_dim, 16);
+    }
+
+    #[test]
+    fn reads_rope_scaling_both_spellings() {
+        let p = resolve(
+            json!({"rope_theta": 500000.0, "max_position_embeddings": 4096,
+            "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                             "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}}),
+        )
+        .unwrap();
+        assert_eq!(p.rope.theta, 500000.0);
+        assert_eq!(
+            p.rope.scaling,
+            RopeScaling::Llama3 {
+                factor: 8.0,
+                low_freq_factor: 1.0,
+                high_freq_factor: 4.0,
+                original_max_position_embeddings: 8192
+            }
+        );
+        // transformers 5: rope_parameters carries the theta; the legacy `type` key.
+        let p = resolve(json!({"rope_theta": 1.0,
+            "rope_parameters": {"type": "linear", "factor": 2.0, "rope_theta": 1000.0}}))
+        .unwrap();
+        assert_eq!(p.rope.theta, 1000.0);
+        assert_eq!(p.rope.scaling, RopeScaling::Linear { factor: 2.0 });
+        let p = resolve(json!({"rope_scaling": null, "rope_parameters": {"rope_type": "default"}}))
+            .unwrap();
+        assert_eq!(p.rope.scaling, RopeScaling::None);
+        // llama3 without original_max_position_embeddings falls back to max_position_embeddings.
+        let p = resolve(
+            json!({"max_position_embeddings": 300, "rope_scaling": {"rope_type": "llama3",
+            "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0}}),
+        )
+        .unwrap();
+        assert!(matches!(
+            p.rope.scaling,
+            RopeScaling::Llama3 {
+                original_max_position_embeddings: 300,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn refuses_what_it_cannot_compute() {
+        let err = |v: Value| resolve(v).unwrap_err().to_string();
+        assert!(err(json!({"hidden_act": "gelu"})).contains("hidden_act `gelu`"));
+        assert!(
+            err(json!({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}))
+                .contains("rope type `yarn` is not supported")
+        );
+        assert!(err(json!({"rope_scaling": {"rope_type": "linear"}})).contains("needs `factor`"));
+        assert!(
+            err(json!({"rope_scaling": {"rope_type": "linear", "factor": -1}}))
+                .contains("positive number")
+        );
+        assert!(err(json!({"vocab_size": null})).contains("vocab_size"));
+        assert!(err(json!({"partial_rotary_factor": 0.5})).contains("partial_rotary_factor"));
+        assert!(err(json!({"rms_norm_eps": "x"})).contains("config.json"));
+    }
+
+    #[test]
+    fn mistral_sliding_window_only_for_mistral() {
+        let p = resolve(json!({"sliding_window": 64})).unwrap();
+        assert_eq!(p.attention.sliding_window, None);
+        let p = resolve(json!({"architectures": ["MistralForCausalLM"], "sliding_window": 64}))
+            .unwrap();
+        assert_eq!(p.attention.sliding_window, Some(64));
+    }
+}
