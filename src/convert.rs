@@ -4,7 +4,7 @@
 use crate::budget;
 use crate::checkpoint::{Checkpoint, CONFIG_FILE, INDEX_FILE};
 use crate::checksums;
-use crate::cli::{ConvertOptions, Output};
+use crate::cli::{Calibration, ConvertOptions, Output};
 use crate::error::{Error, Result};
 use crate::execute::{self, FitInputs, GroupReport, Lazy};
 use crate::output::{check_out_path, Staging};
@@ -50,7 +50,7 @@ pub fn run(options: &ConvertOptions) -> Result<Report> {
             ),
         ));
     }
-    let inputs = fit_inputs(options, &checkpoint)?;
+    let inputs = fit_inputs(options.calibration.as_ref(), &checkpoint)?;
     let mut groups = plan::groups(&checkpoint, &options.surgery);
     resolve_budgets(&checkpoint, &mut groups, &inputs)?;
 
@@ -149,8 +149,11 @@ pub fn run(options: &ConvertOptions) -> Result<Report> {
 }
 
 /// Calibration statistics for fit `act` (none for the weight-only fits).
-fn fit_inputs(options: &ConvertOptions, checkpoint: &Checkpoint) -> Result<FitInputs> {
-    let Some(calibration) = &options.calibration else {
+pub(crate) fn fit_inputs(
+    calibration: Option<&Calibration>,
+    checkpoint: &Checkpoint,
+) -> Result<FitInputs> {
+    let Some(calibration) = calibration else {
         return Ok(FitInputs::default());
     };
     let stats = crate::calibrate::calibrate(checkpoint, calibration)?;
@@ -162,7 +165,7 @@ fn fit_inputs(options: &ConvertOptions, checkpoint: &Checkpoint) -> Result<FitIn
 
 /// Resolves every `budget:F` SPEC to per-group ranks: per group kind, the spectra of all its groups
 /// are ranked together and the kind's budget is spent from the top (`budget::allocate`).
-fn resolve_budgets(
+pub(crate) fn resolve_budgets(
     checkpoint: &Checkpoint,
     groups: &mut [GroupPlan],
     inputs: &FitInputs,

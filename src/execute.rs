@@ -296,6 +296,18 @@ fn product(a: &Mat<f64>, b: &Mat<f64>) -> Mat<f64> {
     out
 }
 
+/// Fits one group and encodes its outputs in the `emit` form (for dense: each member's
+/// reconstruction in its dtype), with its report. For in-memory use (`sweep`).
+pub fn fit_and_encode(
+    checkpoint: &Checkpoint,
+    group: &GroupPlan,
+    emit: Emit,
+    inputs: &FitInputs,
+) -> Result<(GroupReport, Vec<Vec<u8>>)> {
+    let out = run_group(checkpoint, group, emit, inputs)?;
+    Ok((out.report, out.pieces.into_iter().flatten().collect()))
+}
+
 /// Runs groups in parallel; errors are reported for the lowest group index, so they are
 /// deterministic too.
 fn run_groups(
