@@ -31,8 +31,10 @@ def record(**fields) -> None:
 
 
 @lru_cache(maxsize=None)
-def tokenizer(model_dir: str):
-    return AutoTokenizer.from_pretrained(model_dir)
+def tokenizer(model_dir: str, trust_remote_code: bool = False):
+    # A factored output's config names custom code: without trust_remote_code, AutoTokenizer asks
+    # (on a terminal) whether to run it before falling back to the plain tokenizer.
+    return AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
 
 
 @lru_cache(maxsize=2)
@@ -41,13 +43,27 @@ def text_ids(model_dir: str, text_path: str) -> tuple[int, ...]:
     return tuple(tokenizer(model_dir)(text, add_special_tokens=False)["input_ids"])
 
 
-@lru_cache(maxsize=1)
-def load(model_dir: str):
-    """Loads a checkpoint, failing on any missing, unexpected or mismatched key."""
-    model, info = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, output_loading_info=True)
+def load_checked(model_dir: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):
+    """Loads a checkpoint (uncached), failing on any missing, unexpected or mismatched key."""
+    model, info = AutoModelForCausalLM.from_pretrained(
+        model_dir, dtype=dtype, trust_remote_code=trust_remote_code, output_loading_info=True
+    )
     problems = {k: sorted(map(str, v)) for k, v in info.items() if v}
     assert not problems, f"{model_dir} does not load cleanly: {problems}"
     return model.eval()
+
+
+@lru_cache(maxsize=1)
+def load(model_dir: str):
+    """A standard checkpoint in float32, checked by load_checked; the last one is kept."""
+    return load_checked(model_dir)
+
+
+@lru_cache(maxsize=1)
+def load_remote(model_dir: str):
+    """A checkpoint that ships its own modeling code (--emit factored), trust_remote_code=True,
+    float32, checked by load_checked; kept apart from load's cache."""
+    return load_checked(model_dir, trust_remote_code=True)
 
 
 def perplexity(model_dir: str, text_path: str, tokens: int = EVAL_TOKENS, first: int = 0) -> float:
@@ -67,19 +83,34 @@ def perplexity(model_dir: str, text_path: str, tokens: int = EVAL_TOKENS, first:
     return math.exp(nll / count)
 
 
-def logits(model_dir: str, text_path: str) -> torch.Tensor:
-    model = load(model_dir)
+def logit_ids(model_dir: str, text_path: str) -> torch.Tensor:
+    """The logit batch's token ids, [LOGIT_BATCH]."""
     b, t = LOGIT_BATCH
-    ids = text_ids(model_dir, text_path)[LOGIT_OFFSET : LOGIT_OFFSET + b * t]
+    return torch.tensor(text_ids(model_dir, text_path)[LOGIT_OFFSET : LOGIT_OFFSET + b * t]).view(b, t)
+
+
+def forward_logits(model, ids: torch.Tensor) -> torch.Tensor:
+    """Logits of one forward without cache, in the model's dtype."""
     with torch.inference_mode():
-        return model(input_ids=torch.tensor(ids).view(b, t), use_cache=False).logits.float()
+        return model(input_ids=ids, use_cache=False).logits
 
 
-def generate(model_dir: str, use_cache: bool = True) -> list[int]:
-    model = load(model_dir)
-    tok = tokenizer(model_dir)
+def logits(model_dir: str, text_path: str) -> torch.Tensor:
+    return forward_logits(load(model_dir), logit_ids(model_dir, text_path)).float()
+
+
+def prompt_ids(model_dir: str, remote: bool = False):
+    """PROMPT in the chat template, tokenized (input_ids and attention_mask)."""
+    tok = tokenizer(model_dir, remote)
     text = tok.apply_chat_template([{"role": "user", "content": PROMPT}], tokenize=False, add_generation_prompt=True)
-    enc = tok(text, add_special_tokens=False, return_tensors="pt")
+    return tok(text, add_special_tokens=False, return_tensors="pt")
+
+
+def generate(model_dir: str, use_cache: bool = True, remote: bool = False) -> list[int]:
+    """NEW_TOKENS greedy tokens after the chat-templated PROMPT (remote: load with load_remote)."""
+    model = load_remote(model_dir) if remote else load(model_dir)
+    tok = tokenizer(model_dir, remote)
+    enc = prompt_ids(model_dir, remote)
     with torch.inference_mode():
         out = model.generate(
             **enc, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False,

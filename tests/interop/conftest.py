@@ -29,6 +29,14 @@ CONFIGS: dict[str, list[str]] = {
 FULL_RANK = ["kv10-pca", "kv10-svd", "sep10-svd", "kv10-pca-resharded"]
 COMPRESSED = ["kv03", "kv09-q09-seed"]
 
+# --emit factored outputs -> the dense output of the same options they are compared with. They load
+# only with trust_remote_code=True, so they stay out of CONFIGS (whose tests load every output as a
+# plain Llama); see the factored_outputs fixture.
+FACTORED: dict[str, str] = {"kv03-factored": "kv03", "kv09-factored": "kv09"}
+# Dense twins not in CONFIGS, converted with the factored outputs.
+EXTRA_DENSE: dict[str, list[str]] = {"kv09": ["--shared-kv", "0.9"]}
+EXPANDED = {"kv03-expanded": "kv03-factored"}  # `surgery-convert expand` output -> its input
+
 
 def env_path(name: str) -> Path:
     value = os.environ.get(name)
@@ -74,4 +82,22 @@ def outputs(surgery_bin: Path, original: Path, work: Path) -> dict[str, Path]:
         out = work / name
         convert(surgery_bin, original, out, options)
         result[name] = out
+    return result
+
+
+@pytest.fixture(scope="session")
+def factored_outputs(surgery_bin: Path, original: Path, work: Path, outputs: dict[str, Path]) -> dict[str, Path]:
+    """The FACTORED outputs (each twin's options plus --emit factored), the EXTRA_DENSE twins and
+    the EXPANDED outputs, converted once per session; with `outputs`, every twin by name."""
+    result = dict(outputs)
+    for name, options in EXTRA_DENSE.items():
+        convert(surgery_bin, original, work / name, options)
+        result[name] = work / name
+    dense_options = {**CONFIGS, **EXTRA_DENSE}
+    for name, twin in FACTORED.items():
+        convert(surgery_bin, original, work / name, [*dense_options[twin], "--emit", "factored"])
+        result[name] = work / name
+    for name, source in EXPANDED.items():
+        subprocess.run([str(surgery_bin), "expand", str(result[source]), "--out", str(work / name), "--force", "--quiet"], check=True)
+        result[name] = work / name
     return result
