@@ -50,6 +50,148 @@ pub enum Command {
     /// tokens from --offset on are split into windows of --ctx tokens (the remainder dropped), each
     /// evaluated on its own from position 0 without BOS, scoring every next-token prediction.
     Eval(EvalArgs),
+    /// Perplexity over a grid of conversions (SPEC lists x fits), computed in memory; writes
+    /// sweep.json, sweep.md and sweep.svg into --out.
+    ///
+    /// For every combination of the --shared-kv and --q SPEC lists and the --fit list, the model is
+    /// evaluated as eval does, layer by layer, with each layer's projections replaced by their
+    /// fitted reconstructions; the unmodified model is scored once as the base. No checkpoint is
+    /// written; sweep.svg plots perplexity against K/V cache values per token.
+    ///
+    /// Example: surgery-convert sweep --in MODEL --text wiki.txt --shared-kv 0.9,0.5,budget:0.25
+    /// --fit pca,svd --out sweep-dir
+    Sweep(SweepArgs),
+    /// Components K, V and the stacked K/V of each layer need for 50%, 90% and 99% of their
+    /// variance (weight-only pca fit), separately and with one shared basis.
+    ///
+    /// Prints a table on stderr (or JSON on stdout with --json); --svg draws the cumulative
+    /// explained-variance curves, one panel per layer.
+    Inspect(InspectArgs),
+}
+
+/// Arguments of `sweep`.
+#[derive(Debug, Args)]
+pub struct SweepArgs {
+    /// Input checkpoint: a local directory, or a Hugging Face repo id resolved from the local cache.
+    #[arg(long = "in", value_name = "MODEL")]
+    pub input: String,
+
+    /// Hub revision (branch, tag or commit) when --in is a repo id.
+    #[arg(long, value_name = "REV", default_value = "main")]
+    pub revision: String,
+
+    /// UTF-8 text file to score (tokenized whole, without special tokens, as for eval).
+    #[arg(long, value_name = "FILE")]
+    pub text: PathBuf,
+
+    /// Tokens to evaluate, from --offset on (rounded down to whole --ctx windows).
+    #[arg(long, value_name = "N", default_value = "4096")]
+    pub tokens: NonZeroUsize,
+
+    /// Window length in tokens; windows do not overlap and do not see each other.
+    #[arg(long, value_name = "N", default_value = "512")]
+    pub ctx: NonZeroUsize,
+
+    /// Tokens of the text to skip before the first window.
+    #[arg(long, value_name = "K", default_value_t = 0)]
+    pub offset: usize,
+
+    /// Comma-separated SPECs for the shared K/V fit, one configuration each (e.g. 0.9,0.5,budget:0.25).
+    #[arg(long, value_name = "LIST", value_delimiter = ',', value_parser = parse_spec_item)]
+    pub shared_kv: Vec<Spec>,
+
+    /// Comma-separated SPECs for q_proj's own fit, combined with every --shared-kv SPEC.
+    #[arg(long, value_name = "LIST", value_delimiter = ',', value_parser = parse_spec_item)]
+    pub q: Vec<Spec>,
+
+    /// Comma-separated fits, each combined with every SPEC: pca, seed, svd, act (act needs
+    /// --calibrate).
+    #[arg(long, value_name = "LIST", value_delimiter = ',', value_parser = parse_fit_item, default_value = "pca")]
+    pub fit: Vec<FitArg>,
+
+    /// Calibration text (UTF-8) for the act fits; the calibration pass runs once per sweep.
+    #[arg(long, value_name = "FILE")]
+    pub calibrate: Option<PathBuf>,
+
+    /// Calibration tokens (from --calib-offset on).
+    #[arg(long, value_name = "N", default_value_t = 8192, requires = "calibrate")]
+    pub calib_tokens: usize,
+
+    /// First calibration token (tokens of the whole file, no special tokens).
+    #[arg(long, value_name = "K", default_value_t = 0, requires = "calibrate")]
+    pub calib_offset: usize,
+
+    /// Window length for the calibration forward pass.
+    #[arg(long, value_name = "N", default_value_t = 512, requires = "calibrate")]
+    pub calib_ctx: usize,
+
+    /// How --fit act weighs output errors: attention (key errors by the queries that read them,
+    /// value errors through o_proj) or energy (all outputs alike).
+    #[arg(long, value_enum, default_value_t = ActWeightingArg::Attention, requires = "calibrate")]
+    pub act_weighting: ActWeightingArg,
+
+    /// Output directory for sweep.json, sweep.md and sweep.svg (created atomically; must not exist
+    /// unless --force).
+    #[arg(long, value_name = "DIR")]
+    pub out: PathBuf,
+
+    /// Replace an existing --out directory (only once the new one is complete).
+    #[arg(long)]
+    pub force: bool,
+
+    /// Print nothing on success.
+    #[arg(long, short)]
+    pub quiet: bool,
+
+    /// Worker threads (default: all cores).
+    #[arg(long, value_name = "N")]
+    pub threads: Option<NonZeroUsize>,
+}
+
+/// Arguments of `inspect`.
+#[derive(Debug, Args)]
+pub struct InspectArgs {
+    /// The checkpoint: a local directory, or a repo id resolved from the Hugging Face cache.
+    #[arg(value_name = "MODEL")]
+    pub model: String,
+
+    /// Hub revision (branch, tag or commit) when MODEL is a repo id.
+    #[arg(long, value_name = "REV", default_value = "main")]
+    pub revision: String,
+
+    /// Draw the cumulative explained-variance curves (one panel per layer) into this SVG file.
+    #[arg(long, value_name = "FILE")]
+    pub svg: Option<PathBuf>,
+
+    /// Print the counts as JSON on stdout instead of the table on stderr.
+    #[arg(long)]
+    pub json: bool,
+
+    /// Worker threads (default: all cores).
+    #[arg(long, value_name = "N")]
+    pub threads: Option<NonZeroUsize>,
+}
+
+/// One entry of a comma-separated SPEC list.
+pub fn parse_spec_item(s: &str) -> std::result::Result<Spec, String> {
+    if s.trim().is_empty() {
+        return Err(
+            "an empty entry: give comma-separated SPECs, e.g. 0.9,0.5,budget:0.25".to_string(),
+        );
+    }
+    s.parse()
+}
+
+/// One entry of a comma-separated fit list.
+pub fn parse_fit_item(s: &str) -> std::result::Result<FitArg, String> {
+    match s.trim() {
+        "pca" => Ok(FitArg::Pca),
+        "seed" => Ok(FitArg::Seed),
+        "svd" => Ok(FitArg::Svd),
+        "act" => Ok(FitArg::Act),
+        "" => Err("an empty entry: give comma-separated fits, e.g. pca,svd".to_string()),
+        other => Err(format!("unknown fit `{other}`: use pca, seed, svd or act")),
+    }
 }
 
 /// Arguments of `eval`.
@@ -136,6 +278,27 @@ pub enum FitArg {
     Act,
 }
 
+impl FitArg {
+    /// The fit this names.
+    pub fn fit(self) -> Fit {
+        match self {
+            FitArg::Pca => Fit::Pca,
+            FitArg::Seed => Fit::Seed,
+            FitArg::Svd => Fit::Svd,
+            FitArg::Act => Fit::Act,
+        }
+    }
+}
+
+/// `--act-weighting`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ActWeightingArg {
+    /// Key errors weighted by query statistics, value errors through o_proj.
+    Attention,
+    /// Output energy only, K and V balanced.
+    Energy,
+}
+
 /// Arguments of a conversion.
 #[derive(Debug, Args)]
 pub struct ConvertArgs {
@@ -193,6 +356,11 @@ pub struct ConvertArgs {
     /// Window length for the calibration forward pass.
     #[arg(long, value_name = "N", default_value_t = 512, requires = "calibrate")]
     pub calib_ctx: usize,
+
+    /// How --fit act weighs output errors: attention (key errors by the queries that read them,
+    /// value errors through o_proj) or energy (all outputs alike).
+    #[arg(long, value_enum, default_value_t = ActWeightingArg::Attention, requires = "calibrate")]
+    pub act_weighting: ActWeightingArg,
 
     /// Output form: dense (standard checkpoint) or factored (latent + up-projections).
     #[arg(long, value_enum, default_value_t = EmitArg::Dense)]
@@ -278,6 +446,8 @@ pub struct Calibration {
     pub offset: usize,
     /// Window length.
     pub ctx: NonZeroUsize,
+    /// How output errors are weighted.
+    pub weighting: crate::execute::ActWeighting,
 }
 
 /// Validated conversion options.
@@ -341,6 +511,9 @@ impl ConvertOptions {
                 "--calib-ctx".into(),
                 c.ctx.to_string(),
             ]);
+            if c.weighting == crate::execute::ActWeighting::Energy {
+                parts.extend(["--act-weighting".into(), "energy".into()]);
+            }
         }
         if self.emit == Emit::Factored {
             parts.extend(["--emit".into(), "factored".into()]);
@@ -386,6 +559,10 @@ impl ConvertArgs {
                 offset: self.calib_offset,
                 ctx: NonZeroUsize::new(self.calib_ctx)
                     .ok_or_else(|| Error::usage("--calib-ctx", "must be at least 1 (e.g. 512)"))?,
+                weighting: match self.act_weighting {
+                    ActWeightingArg::Attention => crate::execute::ActWeighting::Attention,
+                    ActWeightingArg::Energy => crate::execute::ActWeighting::Energy,
+                },
             }),
             (Fit::Act, None) => {
                 return Err(Error::usage(

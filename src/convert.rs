@@ -159,6 +159,7 @@ pub(crate) fn fit_inputs(
     let stats = crate::calibrate::calibrate(checkpoint, calibration)?;
     Ok(FitInputs {
         covariances: Some(stats.covariances),
+        weighting: calibration.weighting,
         calibration: Some(stats.record),
     })
 }

@@ -10,7 +10,7 @@
 use crate::checkpoint::Checkpoint;
 use crate::cli::EvalArgs;
 use crate::error::{Error, Result};
-use crate::llama::Llama;
+use crate::llama::{Layer, Llama};
 use crate::source;
 use crate::tokenize::TextTokenizer;
 use crate::writer::hex;
@@ -19,6 +19,7 @@ use serde::Serialize;
 use sha2::{Digest, Sha256};
 use std::io::IsTerminal;
 use std::ops::Range;
+use std::path::Path;
 use std::time::Instant;
 
 /// What `eval` prints.
@@ -91,14 +92,53 @@ pub fn negative_log_likelihood(
     llama: &Llama<'_>,
     ids: &[u32],
     ctx: usize,
+    progress: impl FnMut(usize),
+) -> Result<(f64, usize)> {
+    negative_log_likelihood_edited(llama, ids, ctx, |_| Ok(()), progress)
+}
+
+/// [`negative_log_likelihood`] with each layer passed to `edit` after decoding and before it is
+/// applied (`sweep` swaps in reconstructed projections there), so only one edited layer exists at
+/// a time.
+pub fn negative_log_likelihood_edited(
+    llama: &Llama<'_>,
+    ids: &[u32],
+    ctx: usize,
+    mut edit: impl FnMut(&mut Layer) -> Result<()>,
     mut progress: impl FnMut(usize),
 ) -> Result<(f64, usize)> {
     let mut h = llama.embed(ids)?;
     for index in 0..llama.params().num_layers {
-        llama.layer(index)?.forward(&mut h, ctx);
+        let mut layer = llama.layer(index)?;
+        edit(&mut layer)?;
+        layer.forward(&mut h, ctx);
+        drop(layer);
         progress(index);
     }
     llama.log_likelihood(h.as_ref(), ids, ctx)
+}
+
+/// A text file read and tokenized for scoring.
+#[derive(Debug, Clone)]
+pub struct ScoredText {
+    /// Every token of the file, without special tokens.
+    pub ids: Vec<u32>,
+    /// SHA-256 of the file's bytes.
+    pub sha256: String,
+}
+
+/// Reads `path` (given as `--text`) and tokenizes the whole file with the `tokenizer.json` in
+/// `model_dir`, without special tokens.
+pub fn read_text(model_dir: &Path, path: &Path) -> Result<ScoredText> {
+    let tokenizer = TextTokenizer::load(model_dir)?;
+    let bytes = std::fs::read(path)
+        .map_err(|e| Error::usage("--text", format!("cannot read {}: {e}", path.display())))?;
+    let text = std::str::from_utf8(&bytes)
+        .map_err(|e| Error::usage("--text", format!("{} is not UTF-8: {e}", path.display())))?;
+    Ok(ScoredText {
+        ids: tokenizer.encode(text)?,
+        sha256: hex(&Sha256::digest(&bytes)),
+    })
 }
 
 fn progress_bar(layers: usize) -> ProgressBar {
@@ -120,23 +160,9 @@ pub fn run(args: &EvalArgs) -> Result<EvalReport> {
     let input = source::resolve(&args.model, &args.revision)?;
     let checkpoint = Checkpoint::open(&input.dir)?;
     let llama = Llama::new(&checkpoint)?;
-    let tokenizer = TextTokenizer::load(&input.dir)?;
-
-    let bytes = std::fs::read(&args.text).map_err(|e| {
-        Error::usage(
-            "--text",
-            format!("cannot read {}: {e}", args.text.display()),
-        )
-    })?;
-    let text = std::str::from_utf8(&bytes).map_err(|e| {
-        Error::usage(
-            "--text",
-            format!("{} is not UTF-8: {e}", args.text.display()),
-        )
-    })?;
-    let ids = tokenizer.encode(text)?;
-    let selection = select(ids.len(), args.offset, tokens, ctx)?;
-    let ids = &ids[selection.range.clone()];
+    let text = read_text(&input.dir, &args.text)?;
+    let selection = select(text.ids.len(), args.offset, tokens, ctx)?;
+    let ids = &text.ids[selection.range.clone()];
 
     let bar = progress_bar(llama.params().num_layers);
     let (nll, count) = negative_log_likelihood(&llama, ids, ctx, |_| bar.inc(1))?;
@@ -145,7 +171,7 @@ pub fn run(args: &EvalArgs) -> Result<EvalReport> {
     let report = EvalReport {
         model: args.model.clone(),
         text: args.text.display().to_string(),
-        text_sha256: hex(&Sha256::digest(&bytes)),
+        text_sha256: text.sha256.clone(),
         offset: args.offset,
         tokens: count,
         ctx,

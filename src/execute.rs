@@ -7,6 +7,7 @@
 //! factors to a scratch file ([`Spill`]) that the write pass then reads back: every matrix is
 //! decomposed once either way. Input pages are released as soon as they have been consumed.
 
+use crate::arch::Role;
 use crate::checkpoint::Checkpoint;
 use crate::decompose::{
     decompose, matrix_from_rows, matrix_to_rows, relative_error, DecomposeError, Decomposition, Fit,
@@ -15,7 +16,10 @@ use crate::dtype::FloatType;
 use crate::error::{Error, Result};
 use crate::plan::{Emit, GroupPlan, Op, Plan, ShardPlan, TensorPlan};
 use crate::spec::Spec;
-use crate::weighted::{balance_scales, decompose_weighted, LeftWeight};
+use crate::weighted::{
+    balance_scales, blockwise_weight, decompose_weighted, key_weight, value_weight, Heads,
+    LeftWeight,
+};
 use faer::linalg::matmul::matmul;
 use faer::{Accum, Mat, MatRef, Par};
 use indicatif::ProgressBar;
@@ -82,11 +86,24 @@ pub fn mean_dims(fit: Fit) -> usize {
     usize::from(fit == Fit::Pca)
 }
 
+/// How fit `act` weighs the errors of the outputs it fits (see `weighted`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum ActWeighting {
+    /// Every output direction alike; stacked blocks balanced to equal output energy.
+    Energy,
+    /// Key errors weighted by the queries that read them, value errors through `o_proj`; blocks
+    /// then balanced to equal weighted energy.
+    #[default]
+    Attention,
+}
+
 /// What the fits need besides the weights.
 #[derive(Debug, Default)]
 pub struct FitInputs {
     /// Per layer, the covariance of the attention input (`--calibrate`), for fit `act`.
     pub covariances: Option<Vec<Mat<f64>>>,
+    /// How fit `act` weighs output errors.
+    pub weighting: ActWeighting,
     /// Where the covariances came from.
     pub calibration: Option<crate::calibrate::CalibrationRecord>,
 }
@@ -145,16 +162,86 @@ fn fit_group(
                 .as_ref()
                 .and_then(|c| c.get(group.layer))
                 .ok_or_else(|| fail(DecomposeError::NeedsCalibration))?;
-            let blocks: Vec<usize> = group
+            let rows: Vec<usize> = group
                 .members
                 .iter()
                 .map(|&i| checkpoint.tensors[i].shape[0])
                 .collect();
-            let left = LeftWeight::Diagonal(balance_scales(w, c.as_ref(), &blocks));
+            let left = match inputs.weighting {
+                ActWeighting::Energy => LeftWeight::Diagonal(balance_scales(w, c.as_ref(), &rows)),
+                ActWeighting::Attention => {
+                    let blocks = attention_blocks(checkpoint, group, c.as_ref())?;
+                    blockwise_weight(w, c.as_ref(), &blocks).map_err(fail)?
+                }
+            };
             decompose_weighted(w, c.as_ref(), &left, spec).map_err(fail)
         }
         fit => decompose(w, fit, spec).map_err(fail),
     }
+}
+
+/// Decodes a layer's projection (by role) to `f64`.
+fn decode_role(checkpoint: &Checkpoint, layer: usize, role: Role) -> Result<Mat<f64>> {
+    let arch = checkpoint.config.arch;
+    let name = arch
+        .layer_tensor_name(layer, role)
+        .ok_or_else(|| Error::invalid(&checkpoint.dir, format!("no {role:?} name")))?;
+    let t = checkpoint
+        .tensor(&name)
+        .ok_or_else(|| Error::tensor(&checkpoint.dir, &name, "missing"))?;
+    let ft = FloatType::from_dtype(t.dtype).ok_or_else(|| {
+        Error::tensor(
+            &checkpoint.shards[t.shard].path,
+            &t.name,
+            format!("dtype {:?} cannot be read as floats", t.dtype),
+        )
+    })?;
+    if t.shape.len() != 2 {
+        return Err(Error::tensor(
+            &checkpoint.shards[t.shard].path,
+            &t.name,
+            format!("expected a matrix, found shape {:?}", t.shape),
+        ));
+    }
+    Ok(matrix_from_rows(
+        t.shape[0],
+        t.shape[1],
+        &ft.decode(checkpoint.bytes(t)),
+    ))
+}
+
+/// The attention-aware cost of each member's output errors: keys through the queries that read
+/// them, values through `o_proj`; queries unweighted.
+fn attention_blocks(
+    checkpoint: &Checkpoint,
+    group: &GroupPlan,
+    c: MatRef<'_, f64>,
+) -> Result<Vec<(usize, Option<Mat<f64>>)>> {
+    let cfg = &checkpoint.config;
+    let heads = Heads {
+        num_heads: cfg.num_heads,
+        num_kv_heads: cfg.num_kv_heads,
+        head_dim: cfg.head_dim,
+    };
+    group
+        .members
+        .iter()
+        .map(|&i| {
+            let t = &checkpoint.tensors[i];
+            let g = match t.class.role {
+                Role::Key => {
+                    let wq = decode_role(checkpoint, group.layer, Role::Query)?;
+                    Some(key_weight(wq.as_ref(), c, heads))
+                }
+                Role::Value => {
+                    let wo = decode_role(checkpoint, group.layer, Role::Output)?;
+                    Some(value_weight(wo.as_ref(), heads))
+                }
+                _ => None,
+            };
+            Ok((t.shape[0], g))
+        })
+        .collect()
 }
 
 /// Every group's explained-variance spectrum (descending), in group order, computed in parallel:

@@ -10,7 +10,7 @@ use clap::Parser;
 use std::process::ExitCode;
 use surgery_convert::cli::{Cli, Command};
 use surgery_convert::error::{Error, Result};
-use surgery_convert::{convert, eval, expand, verify};
+use surgery_convert::{convert, eval, expand, inspect, sweep, verify};
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
@@ -35,6 +35,14 @@ fn run(cli: Cli) -> Result<()> {
             }
             eval::run(&args).map(|_| ())
         }
+        Some(Command::Sweep(args)) => {
+            set_threads(args.threads)?;
+            sweep::run(&args).map(|_| ())
+        }
+        Some(Command::Inspect(args)) => {
+            set_threads(args.threads)?;
+            inspect::run(&args).map(|_| ())
+        }
         None => {
             let options = cli.convert.resolve()?;
             if let Some(n) = options.threads {
@@ -46,6 +54,17 @@ fn run(cli: Cli) -> Result<()> {
             convert::run(&options).map(|_| ())
         }
     }
+}
+
+/// Sizes the global thread pool to `--threads`, when given.
+fn set_threads(threads: Option<std::num::NonZeroUsize>) -> Result<()> {
+    if let Some(n) = threads {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(n.get())
+            .build_global()
+            .map_err(|e| Error::usage("--threads", e.to_string()))?;
+    }
+    Ok(())
 }
 
 fn main() -> ExitCode {

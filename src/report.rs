@@ -211,16 +211,7 @@ impl Report {
             l.groups.push(g.clone());
         }
         for l in &mut layers {
-            let rank_of = |kind: &str| {
-                l.groups
-                    .iter()
-                    .find(|g| g.kind == kind)
-                    .map(|g| g.latent as u64)
-            };
-            l.kv_cache_values_per_token.after = match rank_of("shared_kv") {
-                Some(r) => r,
-                None => rank_of("k").unwrap_or(kv_dim) + rank_of("v").unwrap_or(kv_dim),
-            };
+            l.kv_cache_values_per_token.after = kv_values_per_token(&l.groups, kv_dim);
         }
         let mut variance: std::collections::BTreeMap<String, (f64, usize)> = Default::default();
         for g in &groups {
@@ -442,6 +433,22 @@ impl Report {
             }
         }
         s
+    }
+}
+
+/// K and V values one layer caches per token in the factored form, given that layer's groups:
+/// the shared latent width (`r + m`), else each of K and V's latent width, or `kv_dim` for a
+/// projection left untouched.
+pub fn kv_values_per_token(layer_groups: &[GroupReport], kv_dim: u64) -> u64 {
+    let latent_of = |kind: &str| {
+        layer_groups
+            .iter()
+            .find(|g| g.kind == kind)
+            .map(|g| g.latent as u64)
+    };
+    match latent_of("shared_kv") {
+        Some(r) => r,
+        None => latent_of("k").unwrap_or(kv_dim) + latent_of("v").unwrap_or(kv_dim),
     }
 }
 
