@@ -3,6 +3,7 @@
 
 use crate::decompose::Fit;
 use crate::error::{Error, Result};
+use crate::execute::ActWeighting;
 use crate::plan::{Emit, Surgery};
 use crate::spec::Spec;
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -109,26 +110,9 @@ pub struct SweepArgs {
     #[arg(long, value_name = "LIST", value_delimiter = ',', value_parser = parse_fit_item, default_value = "pca")]
     pub fit: Vec<FitArg>,
 
-    /// Calibration text (UTF-8) for the act fits; the calibration pass runs once per sweep.
-    #[arg(long, value_name = "FILE")]
-    pub calibrate: Option<PathBuf>,
-
-    /// Calibration tokens (from --calib-offset on).
-    #[arg(long, value_name = "N", default_value_t = 8192, requires = "calibrate")]
-    pub calib_tokens: usize,
-
-    /// First calibration token (tokens of the whole file, no special tokens).
-    #[arg(long, value_name = "K", default_value_t = 0, requires = "calibrate")]
-    pub calib_offset: usize,
-
-    /// Window length for the calibration forward pass.
-    #[arg(long, value_name = "N", default_value_t = 512, requires = "calibrate")]
-    pub calib_ctx: usize,
-
-    /// How --fit act weighs output errors: attention (key errors by the queries that read them,
-    /// value errors through o_proj) or energy (all outputs alike).
-    #[arg(long, value_enum, default_value_t = ActWeightingArg::Attention, requires = "calibrate")]
-    pub act_weighting: ActWeightingArg,
+    /// Calibration for the act fits (the pass runs once per sweep).
+    #[command(flatten)]
+    pub calibration: CalibrationArgs,
 
     /// Output directory for sweep.json, sweep.md and sweep.svg (created atomically; must not exist
     /// unless --force).
@@ -290,6 +274,83 @@ impl FitArg {
     }
 }
 
+/// The calibration options of `--fit act`, shared by conversions and `sweep`.
+#[derive(Debug, Args)]
+pub struct CalibrationArgs {
+    /// Calibration text (UTF-8) for --fit act: the original model runs over it and the covariance
+    /// of each layer's attention input is accumulated.
+    #[arg(long, value_name = "FILE")]
+    pub calibrate: Option<PathBuf>,
+
+    /// Calibration tokens (from --calib-offset on).
+    #[arg(long, value_name = "N", default_value_t = 8192, requires = "calibrate")]
+    pub calib_tokens: usize,
+
+    /// First calibration token (tokens of the whole file, no special tokens).
+    #[arg(long, value_name = "K", default_value_t = 0, requires = "calibrate")]
+    pub calib_offset: usize,
+
+    /// Window length for the calibration forward pass.
+    #[arg(long, value_name = "N", default_value_t = 512, requires = "calibrate")]
+    pub calib_ctx: usize,
+
+    /// How --fit act weighs output errors: attention (key errors by the queries that read them,
+    /// value errors through o_proj) or energy (all outputs alike).
+    #[arg(long, value_enum, default_value_t = ActWeightingArg::Attention, requires = "calibrate")]
+    pub act_weighting: ActWeightingArg,
+}
+
+impl CalibrationArgs {
+    /// The validated settings: present exactly when a fit `act` is requested (`wants_act`), which
+    /// needs `--calibrate`; `--calibrate` without one is refused.
+    pub fn resolve(&self, wants_act: bool) -> Result<Option<Calibration>> {
+        match (wants_act, &self.calibrate) {
+            (true, Some(text)) => Ok(Some(Calibration {
+                text: text.clone(),
+                tokens: NonZeroUsize::new(self.calib_tokens).ok_or_else(|| {
+                    Error::usage("--calib-tokens", "must be at least 1 (e.g. 8192)")
+                })?,
+                offset: self.calib_offset,
+                ctx: NonZeroUsize::new(self.calib_ctx)
+                    .ok_or_else(|| Error::usage("--calib-ctx", "must be at least 1 (e.g. 512)"))?,
+                weighting: match self.act_weighting {
+                    ActWeightingArg::Attention => ActWeighting::Attention,
+                    ActWeightingArg::Energy => ActWeighting::Energy,
+                },
+            })),
+            (true, None) => Err(Error::usage(
+                "--fit act",
+                "needs calibration text: add --calibrate FILE (or drop act from --fit)",
+            )),
+            (false, Some(_)) => Err(Error::usage(
+                "--calibrate",
+                "only --fit act uses calibration text: add act to --fit or drop --calibrate",
+            )),
+            (false, None) => Ok(None),
+        }
+    }
+}
+
+impl Calibration {
+    /// The options that reproduce these settings.
+    pub fn command_args(&self) -> Vec<String> {
+        let mut parts = vec![
+            "--calibrate".into(),
+            self.text.display().to_string(),
+            "--calib-tokens".into(),
+            self.tokens.to_string(),
+            "--calib-offset".into(),
+            self.offset.to_string(),
+            "--calib-ctx".into(),
+            self.ctx.to_string(),
+        ];
+        if self.weighting == ActWeighting::Energy {
+            parts.extend(["--act-weighting".into(), "energy".into()]);
+        }
+        parts
+    }
+}
+
 /// `--act-weighting`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum ActWeightingArg {
@@ -340,27 +401,9 @@ pub struct ConvertArgs {
     #[arg(long, value_enum, default_value_t = FitArg::Pca)]
     pub fit: FitArg,
 
-    /// Calibration text (UTF-8) for --fit act: the original model runs over it and the covariance of
-    /// each layer's attention input is accumulated.
-    #[arg(long, value_name = "FILE")]
-    pub calibrate: Option<PathBuf>,
-
-    /// Calibration tokens (from --calib-offset on).
-    #[arg(long, value_name = "N", default_value_t = 8192, requires = "calibrate")]
-    pub calib_tokens: usize,
-
-    /// First calibration token (tokens of the whole file, no special tokens).
-    #[arg(long, value_name = "K", default_value_t = 0, requires = "calibrate")]
-    pub calib_offset: usize,
-
-    /// Window length for the calibration forward pass.
-    #[arg(long, value_name = "N", default_value_t = 512, requires = "calibrate")]
-    pub calib_ctx: usize,
-
-    /// How --fit act weighs output errors: attention (key errors by the queries that read them,
-    /// value errors through o_proj) or energy (all outputs alike).
-    #[arg(long, value_enum, default_value_t = ActWeightingArg::Attention, requires = "calibrate")]
-    pub act_weighting: ActWeightingArg,
+    /// Calibration for --fit act.
+    #[command(flatten)]
+    pub calibration: CalibrationArgs,
 
     /// Output form: dense (standard checkpoint) or factored (latent + up-projections).
     #[arg(long, value_enum, default_value_t = EmitArg::Dense)]
@@ -447,7 +490,7 @@ pub struct Calibration {
     /// Window length.
     pub ctx: NonZeroUsize,
     /// How output errors are weighted.
-    pub weighting: crate::execute::ActWeighting,
+    pub weighting: ActWeighting,
 }
 
 /// Validated conversion options.
@@ -501,19 +544,7 @@ impl ConvertOptions {
         }
         parts.extend(["--fit".into(), s.fit.name().into()]);
         if let Some(c) = &self.calibration {
-            parts.extend([
-                "--calibrate".into(),
-                c.text.display().to_string(),
-                "--calib-tokens".into(),
-                c.tokens.to_string(),
-                "--calib-offset".into(),
-                c.offset.to_string(),
-                "--calib-ctx".into(),
-                c.ctx.to_string(),
-            ]);
-            if c.weighting == crate::execute::ActWeighting::Energy {
-                parts.extend(["--act-weighting".into(), "energy".into()]);
-            }
+            parts.extend(c.command_args());
         }
         if self.emit == Emit::Factored {
             parts.extend(["--emit".into(), "factored".into()]);
@@ -550,34 +581,7 @@ impl ConvertArgs {
             FitArg::Svd => Fit::Svd,
             FitArg::Act => Fit::Act,
         };
-        let calibration = match (fit, self.calibrate) {
-            (Fit::Act, Some(text)) => Some(Calibration {
-                text,
-                tokens: NonZeroUsize::new(self.calib_tokens).ok_or_else(|| {
-                    Error::usage("--calib-tokens", "must be at least 1 (e.g. 8192)")
-                })?,
-                offset: self.calib_offset,
-                ctx: NonZeroUsize::new(self.calib_ctx)
-                    .ok_or_else(|| Error::usage("--calib-ctx", "must be at least 1 (e.g. 512)"))?,
-                weighting: match self.act_weighting {
-                    ActWeightingArg::Attention => crate::execute::ActWeighting::Attention,
-                    ActWeightingArg::Energy => crate::execute::ActWeighting::Energy,
-                },
-            }),
-            (Fit::Act, None) => {
-                return Err(Error::usage(
-                    "--fit act",
-                    "needs calibration text: add --calibrate FILE",
-                ))
-            }
-            (_, Some(_)) => {
-                return Err(Error::usage(
-                    "--calibrate",
-                    "only --fit act uses calibration text: add --fit act or drop --calibrate",
-                ))
-            }
-            (_, None) => None,
-        };
+        let calibration = self.calibration.resolve(fit == Fit::Act)?;
         let output = if self.json {
             Output::Json
         } else if self.quiet {

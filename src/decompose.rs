@@ -365,12 +365,13 @@ pub fn decompose(
     })
 }
 
+/// Matrices and comparisons shared by the math modules' unit tests.
 #[cfg(test)]
-mod tests {
-    use super::*;
+pub(crate) mod test_matrices {
+    use faer::{Mat, MatRef};
 
     /// A deterministic pseudo-random matrix (xorshift), values in [-1, 1).
-    fn noise(m: usize, n: usize, seed: u64) -> Mat<f64> {
+    pub(crate) fn noise(m: usize, n: usize, seed: u64) -> Mat<f64> {
         let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
         Mat::from_fn(m, n, |_, _| {
             state ^= state << 13;
@@ -380,7 +381,7 @@ mod tests {
         })
     }
 
-    fn max_abs_diff(a: MatRef<'_, f64>, b: MatRef<'_, f64>) -> f64 {
+    pub(crate) fn max_abs_diff(a: MatRef<'_, f64>, b: MatRef<'_, f64>) -> f64 {
         let mut d = 0.0f64;
         for i in 0..a.nrows() {
             for j in 0..a.ncols() {
@@ -389,6 +390,12 @@ mod tests {
         }
         d
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::test_matrices::{max_abs_diff, noise};
+    use super::*;
 
     #[test]
     fn rank_rule_golden_values() {

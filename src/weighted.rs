@@ -245,27 +245,8 @@ pub fn blockwise_weight(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::decompose::test_matrices::{max_abs_diff, noise};
     use crate::decompose::{decompose, Fit};
-
-    fn noise(m: usize, n: usize, seed: u64) -> Mat<f64> {
-        let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        Mat::from_fn(m, n, |_, _| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            (state >> 11) as f64 / (1u64 << 52) as f64 - 1.0
-        })
-    }
-
-    fn max_abs_diff(a: MatRef<'_, f64>, b: MatRef<'_, f64>) -> f64 {
-        let mut d = 0.0f64;
-        for i in 0..a.nrows() {
-            for j in 0..a.ncols() {
-                d = d.max((a[(i, j)] - b[(i, j)]).abs());
-            }
-        }
-        d
-    }
 
     #[test]
     fn identity_covariance_and_one_block_equals_svd() {

@@ -2,13 +2,11 @@
 //! the fit list, in that order), the calibration settings, and the command that reproduces the
 //! sweep.
 
-use crate::cli::{ActWeightingArg, Calibration, FitArg, SweepArgs};
+use crate::cli::{Calibration, FitArg, SweepArgs};
 use crate::decompose::Fit;
 use crate::error::{Error, Result};
-use crate::execute::ActWeighting;
 use crate::plan::Surgery;
 use crate::spec::Spec;
-use std::num::NonZeroUsize;
 
 /// One conversion of the sweep.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -101,30 +99,7 @@ pub fn configs(args: &SweepArgs) -> Result<Vec<SweepConfig>> {
 /// The calibration settings: present exactly when a fit `act` is listed, which needs
 /// `--calibrate`.
 pub fn calibration(args: &SweepArgs) -> Result<Option<Calibration>> {
-    let wants = args.fit.contains(&FitArg::Act);
-    match (wants, &args.calibrate) {
-        (true, Some(text)) => Ok(Some(Calibration {
-            text: text.clone(),
-            tokens: NonZeroUsize::new(args.calib_tokens)
-                .ok_or_else(|| Error::usage("--calib-tokens", "must be at least 1 (e.g. 8192)"))?,
-            offset: args.calib_offset,
-            ctx: NonZeroUsize::new(args.calib_ctx)
-                .ok_or_else(|| Error::usage("--calib-ctx", "must be at least 1 (e.g. 512)"))?,
-            weighting: match args.act_weighting {
-                ActWeightingArg::Attention => ActWeighting::Attention,
-                ActWeightingArg::Energy => ActWeighting::Energy,
-            },
-        })),
-        (true, None) => Err(Error::usage(
-            "--fit act",
-            "needs calibration text: add --calibrate FILE (or drop act from --fit)",
-        )),
-        (false, Some(_)) => Err(Error::usage(
-            "--calibrate",
-            "only --fit act uses calibration text: add act to --fit or drop --calibrate",
-        )),
-        (false, None) => Ok(None),
-    }
+    args.calibration.resolve(args.fit.contains(&FitArg::Act))
 }
 
 /// The command that reproduces the sweep (add `--out DIR`).
@@ -162,19 +137,7 @@ pub fn command(args: &SweepArgs, calibration: Option<&Calibration>) -> String {
         ),
     ]);
     if let Some(c) = calibration {
-        parts.extend([
-            "--calibrate".into(),
-            c.text.display().to_string(),
-            "--calib-tokens".into(),
-            c.tokens.to_string(),
-            "--calib-offset".into(),
-            c.offset.to_string(),
-            "--calib-ctx".into(),
-            c.ctx.to_string(),
-        ]);
-        if c.weighting == ActWeighting::Energy {
-            parts.extend(["--act-weighting".into(), "energy".into()]);
-        }
+        parts.extend(c.command_args());
     }
     parts.join(" ")
 }
