@@ -361,15 +361,31 @@ impl Checkpoint {
 
     /// Tells the kernel the tensor's pages are no longer needed. Failure is harmless and ignored.
     pub fn release(&self, t: &TensorEntry) {
-        let map = &self.shards[t.shard].map;
-        if t.range.is_empty() {
+        self.release_range(t.shard, t.range.clone());
+    }
+
+    /// Bytes `range` of shard `shard`'s file, borrowed from the map (for hashing whole files).
+    pub fn file_bytes(&self, shard: usize, range: Range<usize>) -> &[u8] {
+        &self.shards[shard].map[range]
+    }
+
+    /// Length of shard `shard`'s file.
+    pub fn file_len(&self, shard: usize) -> usize {
+        self.shards[shard].map.len()
+    }
+
+    /// Tells the kernel that bytes `range` of shard `shard`'s map are no longer needed (the pages
+    /// they touch, rounded out to page boundaries). Failure is harmless and ignored.
+    pub fn release_range(&self, shard: usize, range: Range<usize>) {
+        let map = &self.shards[shard].map;
+        if range.is_empty() || range.end > map.len() {
             return;
         }
         // SAFETY: MADV_DONTNEED on a read-only, file-backed private mapping that is never written
         // only drops clean pages; any later access re-reads them from the file, so borrowed slices
         // stay valid and keep their contents.
         let _ = unsafe {
-            map.unchecked_advise_range(UncheckedAdvice::DontNeed, t.range.start, t.range.len())
+            map.unchecked_advise_range(UncheckedAdvice::DontNeed, range.start, range.len())
         };
     }
 

@@ -68,6 +68,38 @@ pub enum Command {
     /// Prints a table on stderr (or JSON on stdout with --json); --svg draws the cumulative
     /// explained-variance curves, one panel per layer.
     Inspect(InspectArgs),
+    /// Write a synthetic checkpoint of a named model shape (for benchmarks): exact tensor names,
+    /// shapes, BF16 dtype, shards and config.json, deterministic values from --seed, attention
+    /// projections with decaying spectra. Shapes: smollm2-135m, tinyllama-1.1b, llama3-8b.
+    #[command(hide = true)]
+    Synth(SynthArgs),
+}
+
+/// Arguments of the hidden `synth` command.
+#[derive(Debug, Args)]
+pub struct SynthArgs {
+    /// The model shape: smollm2-135m, tinyllama-1.1b or llama3-8b.
+    #[arg(long, value_name = "NAME", value_parser = parse_shape)]
+    pub shape: &'static crate::synth::ModelShape,
+
+    /// Output directory (created atomically).
+    #[arg(long, value_name = "DIR")]
+    pub out: PathBuf,
+
+    /// Seed of the pseudo-random values.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+
+    /// Replace an existing output directory.
+    #[arg(long)]
+    pub force: bool,
+}
+
+fn parse_shape(s: &str) -> std::result::Result<&'static crate::synth::ModelShape, String> {
+    crate::synth::shape(s).ok_or_else(|| {
+        let names: Vec<&str> = crate::synth::SHAPES.iter().map(|s| s.name).collect();
+        format!("unknown shape `{s}`; known: {}", names.join(", "))
+    })
 }
 
 /// Arguments of `sweep`.
@@ -432,6 +464,11 @@ pub struct ConvertArgs {
     /// Worker threads (default: all cores). Output bytes do not depend on it.
     #[arg(long, value_name = "N")]
     pub threads: Option<NonZeroUsize>,
+
+    /// Benchmark floor (scripts/bench): load every matrix to fit into memory, then time the fits
+    /// alone and print `{"decompose_seconds": S, "matrices": N}`; write nothing.
+    #[arg(long, hide = true, conflicts_with = "dry_run")]
+    pub bench_decompose: bool,
 }
 
 /// Parses a size like `2GB` (10^9), `2GiB` (2^30), `500MB`, `64KiB` or plain bytes.
@@ -518,6 +555,8 @@ pub struct ConvertOptions {
     pub output: Output,
     /// `--threads`.
     pub threads: Option<NonZeroUsize>,
+    /// The hidden `--bench-decompose`.
+    pub bench_decompose: bool,
 }
 
 impl ConvertOptions {
@@ -610,6 +649,7 @@ impl ConvertArgs {
             force: self.force,
             output,
             threads: self.threads,
+            bench_decompose: self.bench_decompose,
         })
     }
 }

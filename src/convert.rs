@@ -6,15 +6,15 @@ use crate::checkpoint::{Checkpoint, CONFIG_FILE, INDEX_FILE};
 use crate::checksums;
 use crate::cli::{Calibration, ConvertOptions, Output};
 use crate::error::{Error, Result};
-use crate::execute::{self, FitInputs, GroupReport, Lazy};
+use crate::execute::{self, FitInputs, GroupReport, Pipelined};
+use crate::input_hash::InputHasher;
 use crate::output::{check_out_path, Staging};
 use crate::plan::{self, Emit, FileSource, GroupKind, GroupPlan, Layout, Plan};
-use crate::report::{FileRecord, Report};
+use crate::report::Report;
 use crate::source;
 use crate::spec::Spec;
-use crate::writer::{copy_file, sha256_file, write_file, ShardWriter};
+use crate::writer::{copy_file, write_file, ShardWriter};
 use indicatif::{ProgressBar, ProgressStyle};
-use rayon::prelude::*;
 use std::collections::BTreeMap;
 use std::io::IsTerminal;
 use std::path::Path;
@@ -85,6 +85,7 @@ pub fn run(options: &ConvertOptions) -> Result<Report> {
 
     let staging = Staging::create(&out)?;
     let mut digests: BTreeMap<String, String> = BTreeMap::new();
+    let mut hasher = InputHasher::new(&checkpoint);
     let (plan, reports) = match options.emit {
         Emit::Dense => {
             let plan = plan::plan(&checkpoint, groups, &Layout::Dense, options.max_shard_size)?;
@@ -92,11 +93,29 @@ pub fn run(options: &ConvertOptions) -> Result<Report> {
                 options,
                 "{bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
             );
-            let mut lazy = Lazy::new(&inputs);
             let mut writer = ShardWriter::new(staging.path(), &mut digests);
-            execute::execute(&checkpoint, &plan, &mut lazy, &mut writer, &bar)?;
+            let order = execute::need_order(&plan);
+            let reports = execute::with_pipeline(
+                &checkpoint,
+                &plan.groups,
+                &order,
+                Emit::Dense,
+                &inputs,
+                |pipeline| {
+                    let mut source = Pipelined::new(pipeline, plan.groups.len());
+                    execute::execute(
+                        &checkpoint,
+                        &plan,
+                        &mut source,
+                        &mut writer,
+                        &mut hasher,
+                        &bar,
+                    )?;
+                    Ok(source.into_reports())
+                },
+            )?;
             bar.finish_and_clear();
-            (plan, lazy.into_reports())
+            (plan, reports)
         }
         Emit::Factored => {
             let bar = progress_bar(options, "{spinner} decomposing {pos}/{len} matrices");
@@ -119,14 +138,21 @@ pub fn run(options: &ConvertOptions) -> Result<Report> {
                 "{bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
             );
             let mut writer = ShardWriter::new(staging.path(), &mut digests);
-            execute::execute(&checkpoint, &plan, &mut spill, &mut writer, &bar)?;
+            execute::execute(
+                &checkpoint,
+                &plan,
+                &mut spill,
+                &mut writer,
+                &mut hasher,
+                &bar,
+            )?;
             bar.finish_and_clear();
             spill.remove()?;
             (plan, reports)
         }
     };
     write_index_and_files(&checkpoint, &plan, staging.path(), &mut digests)?;
-    let weight_files = input_weight_files(&checkpoint)?;
+    let weight_files = hasher.finish(&checkpoint);
     let sizes = output_sizes(&plan, staging.path())?;
     let report = Report::build(
         options,
@@ -146,6 +172,19 @@ pub fn run(options: &ConvertOptions) -> Result<Report> {
         Some(&options.out.display().to_string()),
     )?;
     Ok(report)
+}
+
+/// The decomposition floor of a conversion (`--bench-decompose`): every group's matrix is decoded
+/// into memory first, then only the fits are timed, in parallel across matrices as the conversion
+/// runs them. Returns the seconds and the number of fits.
+pub fn decompose_floor(options: &ConvertOptions) -> Result<(f64, usize)> {
+    let input = source::resolve(&options.input, &options.revision)?;
+    let checkpoint = Checkpoint::open(&input.dir)?;
+    let inputs = fit_inputs(options.calibration.as_ref(), &checkpoint)?;
+    let mut groups = plan::groups(&checkpoint, &options.surgery);
+    resolve_budgets(&checkpoint, &mut groups, &inputs)?;
+    let seconds = execute::decompose_floor(&checkpoint, &groups, &inputs)?;
+    Ok((seconds, groups.len()))
 }
 
 /// Calibration statistics for fit `act` (none for the weight-only fits).
@@ -254,23 +293,6 @@ pub(crate) fn write_index_and_files(
         digests.insert(file.relative.to_string_lossy().into_owned(), digest);
     }
     Ok(())
-}
-
-/// Size and SHA-256 of each input weight file.
-pub(crate) fn input_weight_files(checkpoint: &Checkpoint) -> Result<Vec<FileRecord>> {
-    checkpoint
-        .shards
-        .par_iter()
-        .map(|s| {
-            Ok(FileRecord {
-                name: s.file_name.clone(),
-                bytes: std::fs::metadata(&s.path)
-                    .map_err(|e| Error::io(&s.path, e))?
-                    .len(),
-                sha256: sha256_file(&s.path)?,
-            })
-        })
-        .collect()
 }
 
 /// Sizes of the written shards, in plan order.

@@ -213,10 +213,14 @@ pub(crate) fn eigh_descending(
         Default::default(),
     )
     .map_err(|_| DecomposeError::NoConvergence)?;
-    // faer sorts eigenvalues in nondecreasing order: reverse both.
+    drop(buffer);
+    // faer sorts eigenvalues in nondecreasing order: reverse both (the columns in place, so a
+    // large decomposition holds one n x n matrix, not two).
     let values: Vec<f64> = (0..n).rev().map(|i| s[i]).collect();
-    let vectors = Mat::from_fn(n, n, |i, j| u[(i, n - 1 - j)]);
-    Ok((values, vectors))
+    for j in 0..n / 2 {
+        faer::perm::swap_cols_idx(u.as_mut(), j, n - 1 - j);
+    }
+    Ok((values, u))
 }
 
 /// The sign convention that makes factors deterministic: every column's largest-magnitude entry
@@ -296,11 +300,13 @@ pub fn decompose(
         );
     }
     let (eigenvalues, vectors) = eigh_descending(gram.as_ref())?;
+    drop(gram);
     let ratios = explained_variance_ratios(&eigenvalues);
     let choice = choose_rank(&ratios, spec);
     let r = choice.rank;
     let variance_kept = ratios[..r].iter().sum::<f64>().min(1.0);
     let mut basis = vectors.subcols(0, r).to_owned();
+    drop(vectors);
     fix_signs(&mut basis);
 
     // W' = up * down, with up [m, r] and down [r, n].
@@ -329,6 +335,7 @@ pub fn decompose(
         );
         (up, basis.transpose().to_owned())
     };
+    drop(centred);
     let mut reconstruction = Mat::<f64>::zeros(m, n);
     matmul(
         reconstruction.as_mut(),

@@ -10,10 +10,11 @@
 use crate::arch::Role;
 use crate::checkpoint::Checkpoint;
 use crate::decompose::{
-    decompose, matrix_from_rows, matrix_to_rows, relative_error, DecomposeError, Decomposition, Fit,
+    decompose, matrix_from_rows, matrix_to_rows, DecomposeError, Decomposition, Fit,
 };
 use crate::dtype::FloatType;
 use crate::error::{Error, Result};
+use crate::input_hash::InputHasher;
 use crate::plan::{Emit, GroupPlan, Op, Plan, ShardPlan, TensorPlan};
 use crate::spec::Spec;
 use crate::weighted::{
@@ -30,6 +31,8 @@ use std::fs::File;
 use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, Receiver};
 
 /// What one decomposition kept and cost, as recorded in `surgery.json`.
 #[derive(Debug, Clone, Serialize)]
@@ -71,14 +74,26 @@ pub struct GroupReport {
     pub bytes_factored: u64,
 }
 
-/// Where the executor sends output bytes.
+/// Where the executor sends output bytes: shards in plan order, each a sequence of tensors, each
+/// tensor's bytes in one or more parts.
 pub trait TensorSink {
     /// A new output file starts.
     fn begin_shard(&mut self, shard: &ShardPlan) -> Result<()>;
-    /// The next tensor's bytes, in plan order.
-    fn write_tensor(&mut self, tensor: &TensorPlan, bytes: &[u8]) -> Result<()>;
+    /// The next tensor in plan order starts.
+    fn begin_tensor(&mut self, tensor: &TensorPlan) -> Result<()>;
+    /// The next bytes of the current tensor.
+    fn write_part(&mut self, bytes: &[u8]) -> Result<()>;
+    /// The current tensor is complete (its planned length must have been written).
+    fn end_tensor(&mut self) -> Result<()>;
     /// The current file is complete.
     fn finish_shard(&mut self) -> Result<()>;
+
+    /// A whole tensor in one part.
+    fn write_tensor(&mut self, tensor: &TensorPlan, bytes: &[u8]) -> Result<()> {
+        self.begin_tensor(tensor)?;
+        self.write_part(bytes)?;
+        self.end_tensor()
+    }
 }
 
 /// Extra latent dimensions a fit needs for the mean row.
@@ -108,15 +123,18 @@ pub struct FitInputs {
     pub calibration: Option<crate::calibrate::CalibrationRecord>,
 }
 
-/// Decodes and stacks a group's members: the types, the stacked values (row-major) and the shape.
-fn stack_group(
-    checkpoint: &Checkpoint,
-    group: &GroupPlan,
-) -> Result<(Vec<FloatType>, Vec<f64>, usize, usize)> {
-    let mut rows = 0usize;
+/// Decodes and stacks a group's members straight into one matrix: the types and the matrix.
+/// Each member's pages are released once decoded.
+fn stack_group(checkpoint: &Checkpoint, group: &GroupPlan) -> Result<(Vec<FloatType>, Mat<f64>)> {
     let mut types = Vec::with_capacity(group.members.len());
-    let mut original = Vec::new();
     let cols = checkpoint.tensors[group.members[0]].shape[1];
+    let rows: usize = group
+        .members
+        .iter()
+        .map(|&i| checkpoint.tensors[i].shape[0])
+        .sum();
+    let mut w = Mat::<f64>::zeros(rows, cols);
+    let mut row0 = 0;
     for &i in &group.members {
         let t = &checkpoint.tensors[i];
         let ft = FloatType::from_dtype(t.dtype).ok_or_else(|| {
@@ -127,11 +145,14 @@ fn stack_group(
             )
         })?;
         types.push(ft);
-        rows += t.shape[0];
-        original.extend(ft.decode(checkpoint.bytes(t)));
+        ft.decode_into(
+            checkpoint.bytes(t),
+            w.as_mut().subrows_mut(row0, t.shape[0]),
+        );
         checkpoint.release(t);
+        row0 += t.shape[0];
     }
-    Ok((types, original, rows, cols))
+    Ok((types, w))
 }
 
 /// Fits a stacked group with its fit and effective SPEC.
@@ -254,12 +275,43 @@ pub fn spectra(
     let results: Vec<Result<Vec<f64>>> = groups
         .par_iter()
         .map(|group| {
-            let (_, original, rows, cols) = stack_group(checkpoint, group)?;
-            let w = matrix_from_rows(rows, cols, &original);
+            let (_, w) = stack_group(checkpoint, group)?;
             Ok(fit_group(checkpoint, group, inputs, w.as_ref(), Spec::Rank(1))?.spectrum)
         })
         .collect();
     results.into_iter().collect()
+}
+
+/// Seconds taken by the fits of `groups` alone, in parallel across matrices, with every matrix
+/// decoded into memory beforehand (the benchmark's decomposition floor).
+pub fn decompose_floor(
+    checkpoint: &Checkpoint,
+    groups: &[GroupPlan],
+    inputs: &FitInputs,
+) -> Result<f64> {
+    let matrices: Vec<Mat<f64>> = groups
+        .par_iter()
+        .map(|group| Ok(stack_group(checkpoint, group)?.1))
+        .collect::<Result<_>>()?;
+    let started = std::time::Instant::now();
+    let fits: Vec<Result<Decomposition>> = groups
+        .par_iter()
+        .zip(&matrices)
+        .map(|(group, w)| {
+            fit_group(
+                checkpoint,
+                group,
+                inputs,
+                w.as_ref(),
+                group.effective_spec(),
+            )
+        })
+        .collect();
+    let seconds = started.elapsed().as_secs_f64();
+    for fit in fits {
+        fit?;
+    }
+    Ok(seconds)
 }
 
 /// One fitted group: its report and its encoded outputs (see [`Op::Computed`] for their order).
@@ -268,9 +320,41 @@ struct GroupOutput {
     pieces: Vec<Option<Vec<u8>>>,
 }
 
-/// The rows `rows` of `m`, row-major.
-fn rows_of(m: &Mat<f64>, rows: std::ops::Range<usize>) -> Vec<f64> {
-    matrix_to_rows(m.as_ref().subrows(rows.start, rows.len()))
+/// `||W - W'||_F / ||W||_F` of the whole group and of each member (`rows[k]` rows each), summed
+/// in row-major order; `written(i, j)` is `W'`.
+fn group_errors(
+    w: MatRef<'_, f64>,
+    rows: &[usize],
+    written: impl Fn(usize, usize) -> f64,
+) -> (f64, Vec<f64>) {
+    let ratio = |diff: f64, norm: f64| {
+        if norm > 0.0 {
+            (diff / norm).sqrt()
+        } else if diff > 0.0 {
+            f64::INFINITY
+        } else {
+            0.0
+        }
+    };
+    let (mut diff, mut norm) = (0.0f64, 0.0f64);
+    let mut members = Vec::with_capacity(rows.len());
+    let mut i = 0;
+    for &n in rows {
+        let (mut d, mut m) = (0.0f64, 0.0f64);
+        for _ in 0..n {
+            for j in 0..w.ncols() {
+                let a = w[(i, j)];
+                let e = a - written(i, j);
+                diff += e * e;
+                norm += a * a;
+                d += e * e;
+                m += a * a;
+            }
+            i += 1;
+        }
+        members.push(ratio(d, m));
+    }
+    (ratio(diff, norm), members)
 }
 
 /// Decodes, stacks and fits one group; returns its report and its outputs in the `emit` form.
@@ -286,8 +370,9 @@ fn run_group(
         .map(|&i| &checkpoint.tensors[i])
         .collect();
     let names: Vec<String> = members.iter().map(|t| t.name.clone()).collect();
-    let (types, original, rows, cols) = stack_group(checkpoint, group)?;
-    let w = matrix_from_rows(rows, cols, &original);
+    let member_rows: Vec<usize> = members.iter().map(|t| t.shape[0]).collect();
+    let (types, w) = stack_group(checkpoint, group)?;
+    let (rows, cols) = (w.nrows(), w.ncols());
     let d = fit_group(
         checkpoint,
         group,
@@ -295,48 +380,45 @@ fn run_group(
         w.as_ref(),
         group.effective_spec(),
     )?;
-    drop(w);
 
-    // `written` is W' as the output represents it, rounded, for the error figures.
-    let mut pieces = Vec::with_capacity(members.len() + 1);
-    let written: Vec<f64> = match emit {
+    // The errors compare W with W' as the output represents it, rounded.
+    let mut pieces: Vec<Option<Vec<u8>>> = Vec::with_capacity(members.len() + 1);
+    let (relative_error, tensor_errors) = match emit {
         Emit::Dense => {
-            let mut written = Vec::with_capacity(original.len());
             let mut row0 = 0;
+            let mut starts = Vec::with_capacity(members.len());
             for (t, ft) in members.iter().zip(&types) {
-                let encoded = ft.encode(&rows_of(&d.reconstruction, row0..row0 + t.shape[0]));
-                written.extend(ft.decode(&encoded));
-                pieces.push(Some(encoded));
+                starts.push(row0);
+                pieces.push(Some(
+                    ft.encode_rows(d.reconstruction.as_ref().subrows(row0, t.shape[0])),
+                ));
                 row0 += t.shape[0];
             }
-            written
+            let encoded: Vec<&[u8]> = pieces.iter().flatten().map(Vec::as_slice).collect();
+            group_errors(w.as_ref(), &member_rows, |i, j| {
+                let k = starts.partition_point(|&s| s <= i) - 1;
+                types[k].decode_at(encoded[k], (i - starts[k]) * cols + j)
+            })
         }
         Emit::Factored => {
             let latent = d.factors.down.nrows();
-            let down = types[0].encode(&matrix_to_rows(d.factors.down.as_ref()));
-            let down_rounded = matrix_from_rows(latent, cols, &types[0].decode(&down));
+            let down = types[0].encode_rows(d.factors.down.as_ref());
+            let mut down_rounded = Mat::<f64>::zeros(latent, cols);
+            types[0].decode_into(&down, down_rounded.as_mut());
             pieces.push(Some(down));
-            let mut up_rounded = Vec::with_capacity(rows * latent);
+            let mut up_rounded = Mat::<f64>::zeros(rows, latent);
             let mut row0 = 0;
             for (t, ft) in members.iter().zip(&types) {
-                let encoded = ft.encode(&rows_of(&d.factors.up, row0..row0 + t.shape[0]));
-                up_rounded.extend(ft.decode(&encoded));
+                let encoded = ft.encode_rows(d.factors.up.as_ref().subrows(row0, t.shape[0]));
+                ft.decode_into(&encoded, up_rounded.as_mut().subrows_mut(row0, t.shape[0]));
                 pieces.push(Some(encoded));
                 row0 += t.shape[0];
             }
-            let up_rounded = matrix_from_rows(rows, latent, &up_rounded);
-            matrix_to_rows(product(&up_rounded, &down_rounded).as_ref())
+            let written = product(&up_rounded, &down_rounded);
+            group_errors(w.as_ref(), &member_rows, |i, j| written[(i, j)])
         }
     };
-    drop(d.reconstruction);
-
-    let mut tensor_errors = Vec::with_capacity(members.len());
-    let mut row0 = 0;
-    for t in &members {
-        let range = row0 * cols..(row0 + t.shape[0]) * cols;
-        tensor_errors.push(relative_error(&original[range.clone()], &written[range]));
-        row0 += t.shape[0];
-    }
+    drop(w);
     let rank = d.choice.rank;
     let latent = d.factors.down.nrows();
     let bytes_original = members.iter().map(|t| t.range.len() as u64).sum();
@@ -358,7 +440,7 @@ fn run_group(
         full_rank: d.choice.full_rank,
         rank_clamped: d.choice.clamped,
         variance_kept: d.variance_kept,
-        relative_error: relative_error(&original, &written),
+        relative_error,
         tensor_relative_errors: tensor_errors,
         params_original: (rows * cols) as u64,
         params_factored: (latent * (rows + cols)) as u64,
@@ -555,9 +637,9 @@ impl PieceSource for Spill {
     }
 }
 
-/// Fits every group in the factored form, layer by layer (a layer's groups in parallel), writing
-/// the encoded factors to a new scratch file at `spill_path`. Returns the reports in group order and
-/// the spill.
+/// Fits every group in the factored form (ahead of this loop, through a [`Pipeline`]), writing
+/// the encoded factors in group order to a new scratch file at `spill_path`. Returns the reports in
+/// group order and the spill.
 pub fn factor_pass(
     checkpoint: &Checkpoint,
     groups: &[GroupPlan],
@@ -575,33 +657,31 @@ pub fn factor_pass(
     let mut reports = Vec::with_capacity(groups.len());
     let mut pieces = Vec::with_capacity(groups.len());
     let mut offset = 0u64;
-    let mut start = 0;
-    while start < groups.len() {
-        let layer = groups[start].layer;
-        let end = (start..groups.len())
-            .find(|&g| groups[g].layer != layer)
-            .unwrap_or(groups.len());
-        let due: Vec<usize> = (start..end).collect();
-        for (_, out) in run_groups(
-            checkpoint,
-            groups,
-            &due,
-            Emit::Factored,
-            inputs,
-            Some(progress),
-        )? {
-            let mut spans = Vec::with_capacity(out.pieces.len());
-            for bytes in out.pieces.into_iter().flatten() {
-                file.write_all(&bytes)
-                    .map_err(|e| Error::io(spill_path, e))?;
-                spans.push((offset, bytes.len()));
-                offset += bytes.len() as u64;
+    let order: Vec<usize> = (0..groups.len()).collect();
+    with_pipeline(
+        checkpoint,
+        groups,
+        &order,
+        Emit::Factored,
+        inputs,
+        |pipeline| {
+            for g in 0..groups.len() {
+                let out = pipeline.get(g, &checkpoint.dir)?;
+                let mut spans = Vec::with_capacity(out.pieces.len());
+                for bytes in out.pieces.into_iter().flatten() {
+                    file.write_all(&bytes)
+                        .map_err(|e| Error::io(spill_path, e))?;
+                    spans.push((offset, bytes.len()));
+                    offset += bytes.len() as u64;
+                }
+                pieces.push(spans);
+                reports.push(out.report);
+                pipeline.done();
+                progress.inc(1);
             }
-            pieces.push(spans);
-            reports.push(out.report);
-        }
-        start = end;
-    }
+            Ok(())
+        },
+    )?;
     Ok((
         reports,
         Spill {
@@ -642,13 +722,18 @@ fn expand_tensor(checkpoint: &Checkpoint, down: usize, up: usize) -> Result<Vec<
     Ok(ft.encode(&matrix_to_rows(product(&b_m, &a_m).as_ref())))
 }
 
+/// Bytes of a copied tensor written (and then released from the input map) at a time.
+const COPY_CHUNK: usize = 16 << 20;
+
 /// Produces every output tensor in plan order and hands it to `sink`; group outputs come from
-/// `pieces`.
+/// `pieces`. Copied tensors go through in chunks, each released from the input map once written;
+/// the input files are hashed on the way (`hasher`).
 pub fn execute(
     checkpoint: &Checkpoint,
     plan: &Plan,
     pieces: &mut dyn PieceSource,
     sink: &mut dyn TensorSink,
+    hasher: &mut InputHasher,
     progress: &ProgressBar,
 ) -> Result<()> {
     progress.set_length(plan.data_len());
@@ -658,16 +743,32 @@ pub fn execute(
             match tensor.op {
                 Op::Copy { tensor: index } => {
                     let t = &checkpoint.tensors[index];
-                    sink.write_tensor(tensor, checkpoint.bytes(t))?;
-                    checkpoint.release(t);
+                    let bytes = checkpoint.bytes(t);
+                    sink.begin_tensor(tensor)?;
+                    let mut at = 0;
+                    while at < bytes.len() {
+                        let end = (at + COPY_CHUNK).min(bytes.len());
+                        sink.write_part(&bytes[at..end])?;
+                        let range = t.range.start + at..t.range.start + end;
+                        hasher.advance(checkpoint, t.shard, range.end);
+                        checkpoint.release_range(t.shard, range);
+                        at = end;
+                    }
+                    sink.end_tensor()?;
                 }
                 Op::Computed { group, piece } => {
                     let bytes = pieces.take(checkpoint, plan, group, piece)?;
                     sink.write_tensor(tensor, &bytes)?;
+                    // A dense output replaces the input tensor of the same name.
+                    if let Some(t) = checkpoint.tensor(&tensor.name) {
+                        hasher.visit(checkpoint, t);
+                    }
                 }
                 Op::Expand { down, up } => {
                     let bytes = expand_tensor(checkpoint, down, up)?;
                     sink.write_tensor(tensor, &bytes)?;
+                    hasher.visit(checkpoint, &checkpoint.tensors[down]);
+                    hasher.visit(checkpoint, &checkpoint.tensors[up]);
                 }
             }
             progress.inc(tensor.byte_len as u64);
@@ -675,4 +776,166 @@ pub fn execute(
         sink.finish_shard()?;
     }
     Ok(())
+}
+
+/// Fits run ahead of their consumer: groups are fitted in `order` on the thread pool, at most
+/// [`window`] of them computed or waiting at a time, and handed over in any order; the consumer
+/// takes them by index and says when it is done with one, which lets the next start. So the
+/// fits of the next layers overlap the writing of this one, and memory stays bounded.
+pub struct Pipeline<'a> {
+    results: Receiver<(usize, Result<GroupOutput>)>,
+    tokens: Receiver<()>,
+    ready: HashMap<usize, Result<GroupOutput>>,
+    cancel: &'a AtomicBool,
+}
+
+/// Groups in flight at once: twice the worker threads, so that every worker has a next group
+/// while the consumer drains the last.
+fn window() -> usize {
+    2 * rayon::current_num_threads().max(1)
+}
+
+impl Pipeline<'_> {
+    /// Waits for group `g`'s output (each group is taken once); `dir` names the checkpoint in the
+    /// internal error of a group that never comes.
+    fn get(&mut self, g: usize, dir: &Path) -> Result<GroupOutput> {
+        loop {
+            if let Some(r) = self.ready.remove(&g) {
+                return r;
+            }
+            match self.results.recv() {
+                Ok((i, r)) => {
+                    self.ready.insert(i, r);
+                }
+                Err(_) => {
+                    return Err(Error::invalid(
+                        dir,
+                        format!("internal error: the fit of group {g} was never produced"),
+                    ))
+                }
+            }
+        }
+    }
+
+    /// The consumer is done with one group: one more may start.
+    fn done(&mut self) {
+        let _ = self.tokens.recv();
+    }
+}
+
+/// Runs `consume` with a [`Pipeline`] fitting `order` (group indices into `groups`) in `emit` form.
+pub fn with_pipeline<R>(
+    checkpoint: &Checkpoint,
+    groups: &[GroupPlan],
+    order: &[usize],
+    emit: Emit,
+    inputs: &FitInputs,
+    consume: impl FnOnce(&mut Pipeline<'_>) -> Result<R>,
+) -> Result<R> {
+    let cancel = AtomicBool::new(false);
+    std::thread::scope(|scope| {
+        let (results_tx, results) = mpsc::channel();
+        let (tokens_tx, tokens) = mpsc::sync_channel::<()>(window());
+        let cancel = &cancel;
+        scope.spawn(move || {
+            rayon::in_place_scope(|s| {
+                for &g in order {
+                    if cancel.load(Ordering::Relaxed) || tokens_tx.send(()).is_err() {
+                        break;
+                    }
+                    let results_tx = results_tx.clone();
+                    s.spawn(move |_| {
+                        if cancel.load(Ordering::Relaxed) {
+                            return;
+                        }
+                        let r = run_group(checkpoint, &groups[g], emit, inputs);
+                        let _ = results_tx.send((g, r));
+                    });
+                }
+            });
+        });
+        let mut pipeline = Pipeline {
+            results,
+            tokens,
+            ready: HashMap::new(),
+            cancel,
+        };
+        let out = consume(&mut pipeline);
+        pipeline.cancel.store(true, Ordering::Relaxed);
+        drop(pipeline);
+        out
+    })
+}
+
+/// The groups in the order the plan's writes first need them.
+pub fn need_order(plan: &Plan) -> Vec<usize> {
+    let mut seen = vec![false; plan.groups.len()];
+    let mut order = Vec::with_capacity(plan.groups.len());
+    for shard in &plan.shards {
+        for t in &shard.tensors {
+            if let Op::Computed { group, .. } = t.op {
+                if !std::mem::replace(&mut seen[group], true) {
+                    order.push(group);
+                }
+            }
+        }
+    }
+    order
+}
+
+/// Dense output through a [`Pipeline`]: groups are fitted ahead of the write pass, in the order it
+/// needs them.
+pub struct Pipelined<'p, 'a> {
+    pipeline: &'p mut Pipeline<'a>,
+    reports: Vec<Option<GroupReport>>,
+    pending: HashMap<usize, Vec<Option<Vec<u8>>>>,
+}
+
+impl<'p, 'a> Pipelined<'p, 'a> {
+    /// Serves the outputs of `groups` groups from `pipeline`.
+    pub fn new(pipeline: &'p mut Pipeline<'a>, groups: usize) -> Self {
+        Pipelined {
+            pipeline,
+            reports: vec![None; groups],
+            pending: HashMap::new(),
+        }
+    }
+
+    /// The reports of every group computed, in group order.
+    pub fn into_reports(self) -> Vec<GroupReport> {
+        self.reports.into_iter().flatten().collect()
+    }
+}
+
+impl PieceSource for Pipelined<'_, '_> {
+    fn take(
+        &mut self,
+        checkpoint: &Checkpoint,
+        _plan: &Plan,
+        group: usize,
+        piece: usize,
+    ) -> Result<Vec<u8>> {
+        if self.reports.get(group).is_some_and(Option::is_none) {
+            let out = self.pipeline.get(group, &checkpoint.dir)?;
+            self.reports[group] = Some(out.report);
+            self.pending.insert(group, out.pieces);
+        }
+        let bytes = self
+            .pending
+            .get_mut(&group)
+            .and_then(|m| m.get_mut(piece))
+            .and_then(Option::take)
+            .ok_or_else(|| {
+                Error::invalid(&checkpoint.dir, "internal error: output produced twice")
+            })?;
+        if self
+            .pending
+            .get(&group)
+            .is_some_and(|m| m.iter().all(Option::is_none))
+        {
+            self.pending.remove(&group);
+            self.pipeline.done();
+        }
+        Ok(bytes)
+    }
 }

@@ -8,9 +8,10 @@
 
 use crate::checkpoint::{Checkpoint, CONFIG_FILE};
 use crate::cli::ExpandArgs;
-use crate::convert::{finish, input_weight_files, output_sizes, write_index_and_files};
+use crate::convert::{finish, output_sizes, write_index_and_files};
 use crate::error::{Error, Result};
 use crate::execute::{self, FitInputs, Lazy};
+use crate::input_hash::InputHasher;
 use crate::output::{check_out_path, Staging};
 use crate::plan::{self, Op};
 use crate::report::{group_digits, FileRecord, ShardRecord, Tool};
@@ -123,6 +124,7 @@ pub fn run(args: &ExpandArgs) -> Result<()> {
 
     let staging = Staging::create(&out)?;
     let mut digests: BTreeMap<String, String> = BTreeMap::new();
+    let mut hasher = InputHasher::new(&checkpoint);
     {
         let mut writer = ShardWriter::new(staging.path(), &mut digests);
         execute::execute(
@@ -130,9 +132,11 @@ pub fn run(args: &ExpandArgs) -> Result<()> {
             &plan,
             &mut Lazy::new(&FitInputs::default()),
             &mut writer,
+            &mut hasher,
             &ProgressBar::hidden(),
         )?;
     }
+    let weight_files = hasher.finish(&checkpoint);
     write_index_and_files(&checkpoint, &plan, staging.path(), &mut digests)?;
     let sizes = output_sizes(&plan, staging.path())?;
     let mut command = format!("surgery-convert expand {}", args.input);
@@ -148,7 +152,7 @@ pub fn run(args: &ExpandArgs) -> Result<()> {
         operation: "expand",
         input: ExpandInput {
             identity: input.identity.clone(),
-            weight_files: input_weight_files(&checkpoint)?,
+            weight_files,
         },
         output: plan
             .shards

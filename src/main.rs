@@ -39,6 +39,11 @@ fn run(cli: Cli) -> Result<()> {
             set_threads(args.threads)?;
             sweep::run(&args).map(|_| ())
         }
+        Some(Command::Synth(args)) => {
+            let out = surgery_convert::synth::write(args.shape, args.seed, &args.out, args.force)?;
+            println!("{}", out.display());
+            Ok(())
+        }
         Some(Command::Inspect(args)) => {
             set_threads(args.threads)?;
             inspect::run(&args).map(|_| ())
@@ -50,6 +55,11 @@ fn run(cli: Cli) -> Result<()> {
                     .num_threads(n.get())
                     .build_global()
                     .map_err(|e| Error::usage("--threads", e.to_string()))?;
+            }
+            if options.bench_decompose {
+                let (seconds, matrices) = convert::decompose_floor(&options)?;
+                println!("{{\"decompose_seconds\": {seconds}, \"matrices\": {matrices}}}");
+                return Ok(());
             }
             convert::run(&options).map(|_| ())
         }
