@@ -255,6 +255,16 @@ pub fn decompose(
     fit: Fit,
     spec: Spec,
 ) -> Result<Decomposition, DecomposeError> {
+    decompose_owned(w.to_owned(), fit, spec)
+}
+
+/// [`decompose`], consuming `w`: it is centred in place, so a large fit holds one copy of the
+/// matrix fewer.
+pub fn decompose_owned(
+    mut w: Mat<f64>,
+    fit: Fit,
+    spec: Spec,
+) -> Result<Decomposition, DecomposeError> {
     let (m, n) = (w.nrows(), w.ncols());
     if m == 0 || n == 0 {
         return Err(DecomposeError::Empty);
@@ -262,7 +272,7 @@ pub fn decompose(
     if fit == Fit::Act {
         return Err(DecomposeError::NeedsCalibration);
     }
-    let bad = count_non_finite(w);
+    let bad = count_non_finite(w.as_ref());
     if bad > 0 {
         return Err(DecomposeError::NonFinite { count: bad });
     }
@@ -274,7 +284,12 @@ pub fn decompose(
     } else {
         vec![0.0; n]
     };
-    let centred = Mat::from_fn(m, n, |i, j| w[(i, j)] - mean[j]);
+    for j in 0..n {
+        for i in 0..m {
+            w[(i, j)] -= mean[j];
+        }
+    }
+    let centred = w;
 
     // Gram matrix of the smaller side: its eigenvectors span the singular subspace on that side.
     let rows_side = m <= n;

@@ -70,6 +70,27 @@ impl FloatType {
         out
     }
 
+    /// Decodes little-endian `bytes` into `out` (exactly `out.len()` elements).
+    pub fn decode_slice(self, bytes: &[u8], out: &mut [f64]) {
+        match self {
+            FloatType::F32 => {
+                for (o, c) in out.iter_mut().zip(bytes.chunks_exact(4)) {
+                    *o = f32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f64;
+                }
+            }
+            FloatType::F16 => {
+                for (o, c) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+                    *o = f16::from_le_bytes([c[0], c[1]]).to_f64();
+                }
+            }
+            FloatType::BF16 => {
+                for (o, c) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+                    *o = bf16::from_le_bytes([c[0], c[1]]).to_f64();
+                }
+            }
+        }
+    }
+
     /// The value at element `index` of little-endian `bytes`.
     #[inline]
     pub fn decode_at(self, bytes: &[u8], index: usize) -> f64 {
@@ -156,6 +177,9 @@ mod tests {
             let mut back = faer::Mat::<f64>::zeros(rows, cols);
             t.decode_into(&bytes, back.as_mut());
             let flat = t.decode(&bytes);
+            let mut sliced = vec![0.0; flat.len()];
+            t.decode_slice(&bytes, &mut sliced);
+            assert_eq!(sliced, flat);
             for i in 0..rows {
                 for j in 0..cols {
                     assert_eq!(back[(i, j)], flat[i * cols + j]);

@@ -10,7 +10,7 @@
 use crate::arch::Role;
 use crate::checkpoint::Checkpoint;
 use crate::decompose::{
-    decompose, matrix_from_rows, matrix_to_rows, DecomposeError, Decomposition, Fit,
+    decompose_owned, matrix_from_rows, matrix_to_rows, DecomposeError, Decomposition, Fit,
 };
 use crate::dtype::FloatType;
 use crate::error::{Error, Result};
@@ -124,7 +124,7 @@ pub struct FitInputs {
 }
 
 /// Decodes and stacks a group's members straight into one matrix: the types and the matrix.
-/// Each member's pages are released once decoded.
+/// The members' pages stay mapped: the caller releases them after its last read.
 fn stack_group(checkpoint: &Checkpoint, group: &GroupPlan) -> Result<(Vec<FloatType>, Mat<f64>)> {
     let mut types = Vec::with_capacity(group.members.len());
     let cols = checkpoint.tensors[group.members[0]].shape[1];
@@ -149,18 +149,25 @@ fn stack_group(checkpoint: &Checkpoint, group: &GroupPlan) -> Result<(Vec<FloatT
             checkpoint.bytes(t),
             w.as_mut().subrows_mut(row0, t.shape[0]),
         );
-        checkpoint.release(t);
         row0 += t.shape[0];
     }
     Ok((types, w))
 }
 
-/// Fits a stacked group with its fit and effective SPEC.
+/// Releases the pages of a group's members.
+fn release_members(checkpoint: &Checkpoint, group: &GroupPlan) {
+    for &i in &group.members {
+        checkpoint.release(&checkpoint.tensors[i]);
+    }
+}
+
+/// Fits a stacked group (consumed: the weight-only fits centre it in place) with its fit and
+/// effective SPEC.
 fn fit_group(
     checkpoint: &Checkpoint,
     group: &GroupPlan,
     inputs: &FitInputs,
-    w: MatRef<'_, f64>,
+    w: Mat<f64>,
     spec: Spec,
 ) -> Result<Decomposition> {
     let first = &checkpoint.tensors[group.members[0]];
@@ -188,6 +195,7 @@ fn fit_group(
                 .iter()
                 .map(|&i| checkpoint.tensors[i].shape[0])
                 .collect();
+            let w = w.as_ref();
             let left = match inputs.weighting {
                 ActWeighting::Energy => LeftWeight::Diagonal(balance_scales(w, c.as_ref(), &rows)),
                 ActWeighting::Attention => {
@@ -197,7 +205,7 @@ fn fit_group(
             };
             decompose_weighted(w, c.as_ref(), &left, spec).map_err(fail)
         }
-        fit => decompose(w, fit, spec).map_err(fail),
+        fit => decompose_owned(w, fit, spec).map_err(fail),
     }
 }
 
@@ -276,7 +284,8 @@ pub fn spectra(
         .par_iter()
         .map(|group| {
             let (_, w) = stack_group(checkpoint, group)?;
-            Ok(fit_group(checkpoint, group, inputs, w.as_ref(), Spec::Rank(1))?.spectrum)
+            release_members(checkpoint, group);
+            Ok(fit_group(checkpoint, group, inputs, w, Spec::Rank(1))?.spectrum)
         })
         .collect();
     results.into_iter().collect()
@@ -291,21 +300,17 @@ pub fn decompose_floor(
 ) -> Result<f64> {
     let matrices: Vec<Mat<f64>> = groups
         .par_iter()
-        .map(|group| Ok(stack_group(checkpoint, group)?.1))
+        .map(|group| {
+            let (_, w) = stack_group(checkpoint, group)?;
+            release_members(checkpoint, group);
+            Ok(w)
+        })
         .collect::<Result<_>>()?;
     let started = std::time::Instant::now();
     let fits: Vec<Result<Decomposition>> = groups
         .par_iter()
-        .zip(&matrices)
-        .map(|(group, w)| {
-            fit_group(
-                checkpoint,
-                group,
-                inputs,
-                w.as_ref(),
-                group.effective_spec(),
-            )
-        })
+        .zip(matrices)
+        .map(|(group, w)| fit_group(checkpoint, group, inputs, w, group.effective_spec()))
         .collect();
     let seconds = started.elapsed().as_secs_f64();
     for fit in fits {
@@ -320,12 +325,14 @@ struct GroupOutput {
     pieces: Vec<Option<Vec<u8>>>,
 }
 
-/// `||W - W'||_F / ||W||_F` of the whole group and of each member (`rows[k]` rows each), summed
-/// in row-major order; `written(i, j)` is `W'`.
+/// `||W - W'||_F / ||W||_F` of the whole group and of each member (`rows[k]` rows each, `cols`
+/// columns), summed in row-major order. `original(i, buf)` and `written(i, buf)` fill `buf` with row
+/// `i` of `W` and `W'`.
 fn group_errors(
-    w: MatRef<'_, f64>,
     rows: &[usize],
-    written: impl Fn(usize, usize) -> f64,
+    cols: usize,
+    original: impl Fn(usize, &mut [f64]),
+    written: impl Fn(usize, &mut [f64]),
 ) -> (f64, Vec<f64>) {
     let ratio = |diff: f64, norm: f64| {
         if norm > 0.0 {
@@ -336,15 +343,17 @@ fn group_errors(
             0.0
         }
     };
+    let (mut a_row, mut b_row) = (vec![0.0; cols], vec![0.0; cols]);
     let (mut diff, mut norm) = (0.0f64, 0.0f64);
     let mut members = Vec::with_capacity(rows.len());
     let mut i = 0;
     for &n in rows {
         let (mut d, mut m) = (0.0f64, 0.0f64);
         for _ in 0..n {
-            for j in 0..w.ncols() {
-                let a = w[(i, j)];
-                let e = a - written(i, j);
+            original(i, &mut a_row);
+            written(i, &mut b_row);
+            for (&a, &b) in a_row.iter().zip(&b_row) {
+                let e = a - b;
                 diff += e * e;
                 norm += a * a;
                 d += e * e;
@@ -373,31 +382,36 @@ fn run_group(
     let member_rows: Vec<usize> = members.iter().map(|t| t.shape[0]).collect();
     let (types, w) = stack_group(checkpoint, group)?;
     let (rows, cols) = (w.nrows(), w.ncols());
-    let d = fit_group(
-        checkpoint,
-        group,
-        inputs,
-        w.as_ref(),
-        group.effective_spec(),
-    )?;
+    let d = fit_group(checkpoint, group, inputs, w, group.effective_spec())?;
 
-    // The errors compare W with W' as the output represents it, rounded.
+    // The errors compare W, decoded again from the input's pages (so the fit could consume its
+    // copy), with W' as the output represents it, rounded.
+    let mut starts = Vec::with_capacity(members.len());
+    let mut row0 = 0;
+    for t in &members {
+        starts.push(row0);
+        row0 += t.shape[0];
+    }
+    let member_of = |i: usize| starts.partition_point(|&s| s <= i) - 1;
+    let inputs_bytes: Vec<&[u8]> = members.iter().map(|t| checkpoint.bytes(t)).collect();
+    let row_of = |bytes: &[&[u8]], i: usize, buf: &mut [f64]| {
+        let k = member_of(i);
+        let size = types[k].size();
+        let start = (i - starts[k]) * cols * size;
+        types[k].decode_slice(&bytes[k][start..start + cols * size], buf);
+    };
+    let original = |i: usize, buf: &mut [f64]| row_of(&inputs_bytes, i, buf);
     let mut pieces: Vec<Option<Vec<u8>>> = Vec::with_capacity(members.len() + 1);
     let (relative_error, tensor_errors) = match emit {
         Emit::Dense => {
-            let mut row0 = 0;
-            let mut starts = Vec::with_capacity(members.len());
-            for (t, ft) in members.iter().zip(&types) {
-                starts.push(row0);
+            for ((t, ft), &start) in members.iter().zip(&types).zip(&starts) {
                 pieces.push(Some(
-                    ft.encode_rows(d.reconstruction.as_ref().subrows(row0, t.shape[0])),
+                    ft.encode_rows(d.reconstruction.as_ref().subrows(start, t.shape[0])),
                 ));
-                row0 += t.shape[0];
             }
             let encoded: Vec<&[u8]> = pieces.iter().flatten().map(Vec::as_slice).collect();
-            group_errors(w.as_ref(), &member_rows, |i, j| {
-                let k = starts.partition_point(|&s| s <= i) - 1;
-                types[k].decode_at(encoded[k], (i - starts[k]) * cols + j)
+            group_errors(&member_rows, cols, original, |i, buf| {
+                row_of(&encoded, i, buf)
             })
         }
         Emit::Factored => {
@@ -407,18 +421,20 @@ fn run_group(
             types[0].decode_into(&down, down_rounded.as_mut());
             pieces.push(Some(down));
             let mut up_rounded = Mat::<f64>::zeros(rows, latent);
-            let mut row0 = 0;
-            for (t, ft) in members.iter().zip(&types) {
-                let encoded = ft.encode_rows(d.factors.up.as_ref().subrows(row0, t.shape[0]));
-                ft.decode_into(&encoded, up_rounded.as_mut().subrows_mut(row0, t.shape[0]));
+            for ((t, ft), &start) in members.iter().zip(&types).zip(&starts) {
+                let encoded = ft.encode_rows(d.factors.up.as_ref().subrows(start, t.shape[0]));
+                ft.decode_into(&encoded, up_rounded.as_mut().subrows_mut(start, t.shape[0]));
                 pieces.push(Some(encoded));
-                row0 += t.shape[0];
             }
             let written = product(&up_rounded, &down_rounded);
-            group_errors(w.as_ref(), &member_rows, |i, j| written[(i, j)])
+            group_errors(&member_rows, cols, original, |i, buf| {
+                for (j, x) in buf.iter_mut().enumerate() {
+                    *x = written[(i, j)];
+                }
+            })
         }
     };
-    drop(w);
+    release_members(checkpoint, group);
     let rank = d.choice.rank;
     let latent = d.factors.down.nrows();
     let bytes_original = members.iter().map(|t| t.range.len() as u64).sum();

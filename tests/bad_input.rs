@@ -63,7 +63,52 @@ fn missing_config(tmp: &Path) -> PathBuf {
     dir
 }
 
+/// Writes NaN and infinities over the first values of a decomposed matrix (F32 fixture).
+fn non_finite_k_proj(tmp: &Path) -> PathBuf {
+    let dir = intact(tmp);
+    let path = dir.join("model.safetensors");
+    let mut bytes = std::fs::read(&path).unwrap();
+    let (start, _) = {
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        let name = "model.layers.1.self_attn.k_proj.weight";
+        let view = st.tensor(name).unwrap();
+        let data_start = view.data().as_ptr() as usize - bytes.as_ptr() as usize;
+        (data_start, view.data().len())
+    };
+    for (k, v) in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY]
+        .iter()
+        .enumerate()
+    {
+        bytes[start + 4 * k..start + 4 * k + 4].copy_from_slice(&v.to_le_bytes());
+    }
+    std::fs::write(&path, bytes).unwrap();
+    dir
+}
+
 const CASES: &[Case] = &[
+    Case {
+        name: "NaN and Inf in a matrix to decompose (dense, fits run ahead of the writer)",
+        input: non_finite_k_proj,
+        args: &["--shared-kv", "0.3", "--q", "0.9"],
+        exit: 1,
+        expect: &[
+            "model.safetensors",
+            "model.layers.1.self_attn.k_proj.weight",
+            "layer 1",
+            "3",
+        ],
+    },
+    Case {
+        name: "NaN and Inf in a matrix to decompose (factored, one thread)",
+        input: non_finite_k_proj,
+        args: &["--shared-kv", "0.3", "--emit", "factored", "--threads", "1"],
+        exit: 1,
+        expect: &[
+            "model.safetensors",
+            "model.layers.1.self_attn.k_proj.weight",
+            "layer 1",
+        ],
+    },
     Case {
         name: "truncated shard",
         input: truncated_shard,
