@@ -184,6 +184,12 @@ pub fn relative_error(original: &[f64], approx: &[f64]) -> f64 {
         diff += (a - b) * (a - b);
         norm += a * a;
     }
+    error_ratio(diff, norm)
+}
+
+/// `sqrt(diff / norm)` from the squared error and squared norm sums of a relative error (0 when
+/// both are zero, infinite when only the norm is).
+pub fn error_ratio(diff: f64, norm: f64) -> f64 {
     if norm > 0.0 {
         (diff / norm).sqrt()
     } else if diff > 0.0 {

@@ -1,16 +1,18 @@
 //! The executor: fits the plan's groups (in parallel across matrices) and walks the plan shard by
 //! shard and tensor by tensor, handing bytes to a sink.
 //!
-//! Dense output computes a layer's groups when the first of its tensors is due ([`Lazy`]), so only
-//! the layer(s) in flight are held in memory. Factored output needs every latent width before the
-//! layout exists, so [`factor_pass`] fits all groups first, layer by layer, and spills the encoded
-//! factors to a scratch file ([`Spill`]) that the write pass then reads back: every matrix is
-//! decomposed once either way. Input pages are released as soon as they have been consumed.
+//! Fits run ahead of the writer through a [`Pipeline`] in the order the write pass needs them, so
+//! only the groups in flight are held in memory. Dense output takes them as its tensors come due
+//! ([`Pipelined`]). Factored output needs every latent width before the layout exists, so
+//! [`factor_pass`] drains the pipeline first and spills the encoded factors to a scratch file
+//! ([`Spill`]) that the write pass then reads back: every matrix is decomposed once either way.
+//! Input pages are released as soon as they have been consumed.
 
 use crate::arch::Role;
 use crate::checkpoint::Checkpoint;
 use crate::decompose::{
-    decompose_owned, matrix_from_rows, matrix_to_rows, DecomposeError, Decomposition, Fit,
+    decompose_owned, error_ratio, matrix_from_rows, matrix_to_rows, DecomposeError, Decomposition,
+    Fit,
 };
 use crate::dtype::FloatType;
 use crate::error::{Error, Result};
@@ -334,15 +336,6 @@ fn group_errors(
     original: impl Fn(usize, &mut [f64]),
     written: impl Fn(usize, &mut [f64]),
 ) -> (f64, Vec<f64>) {
-    let ratio = |diff: f64, norm: f64| {
-        if norm > 0.0 {
-            (diff / norm).sqrt()
-        } else if diff > 0.0 {
-            f64::INFINITY
-        } else {
-            0.0
-        }
-    };
     let (mut a_row, mut b_row) = (vec![0.0; cols], vec![0.0; cols]);
     let (mut diff, mut norm) = (0.0f64, 0.0f64);
     let mut members = Vec::with_capacity(rows.len());
@@ -361,9 +354,9 @@ fn group_errors(
             }
             i += 1;
         }
-        members.push(ratio(d, m));
+        members.push(error_ratio(d, m));
     }
-    (ratio(diff, norm), members)
+    (error_ratio(diff, norm), members)
 }
 
 /// Decodes, stacks and fits one group; returns its report and its outputs in the `emit` form.
@@ -549,69 +542,21 @@ pub trait PieceSource {
     ) -> Result<Vec<u8>>;
 }
 
-/// Dense output: computes a layer's groups when the first of its outputs is due, keeps them until
-/// written.
-pub struct Lazy<'a> {
-    inputs: &'a FitInputs,
-    reports: Vec<Option<GroupReport>>,
-    pending: HashMap<usize, Vec<Option<Vec<u8>>>>,
-}
+/// The source for plans without groups (`expand`): no piece is ever asked for.
+pub struct NoPieces;
 
-impl<'a> Lazy<'a> {
-    /// Fits with `inputs`.
-    pub fn new(inputs: &'a FitInputs) -> Self {
-        Lazy {
-            inputs,
-            reports: Vec::new(),
-            pending: HashMap::new(),
-        }
-    }
-
-    /// The reports of every group computed, in group order.
-    pub fn into_reports(self) -> Vec<GroupReport> {
-        self.reports.into_iter().flatten().collect()
-    }
-}
-
-impl PieceSource for Lazy<'_> {
+impl PieceSource for NoPieces {
     fn take(
         &mut self,
         checkpoint: &Checkpoint,
-        plan: &Plan,
+        _plan: &Plan,
         group: usize,
-        piece: usize,
+        _piece: usize,
     ) -> Result<Vec<u8>> {
-        if self.reports.len() != plan.groups.len() {
-            self.reports = vec![None; plan.groups.len()];
-        }
-        if self.reports[group].is_none() {
-            let layer = plan.groups[group].layer;
-            let due: Vec<usize> = (0..plan.groups.len())
-                .filter(|&g| plan.groups[g].layer == layer && self.reports[g].is_none())
-                .collect();
-            for (g, out) in
-                run_groups(checkpoint, &plan.groups, &due, plan.emit, self.inputs, None)?
-            {
-                self.reports[g] = Some(out.report);
-                self.pending.insert(g, out.pieces);
-            }
-        }
-        let bytes = self
-            .pending
-            .get_mut(&group)
-            .and_then(|m| m.get_mut(piece))
-            .and_then(Option::take)
-            .ok_or_else(|| {
-                Error::invalid(&checkpoint.dir, "internal error: output produced twice")
-            })?;
-        if self
-            .pending
-            .get(&group)
-            .is_some_and(|m| m.iter().all(Option::is_none))
-        {
-            self.pending.remove(&group);
-        }
-        Ok(bytes)
+        Err(Error::invalid(
+            &checkpoint.dir,
+            format!("internal error: output of group {group} asked of a plan without groups"),
+        ))
     }
 }
 
@@ -798,11 +743,10 @@ pub fn execute(
 /// [`window`] of them computed or waiting at a time, and handed over in any order; the consumer
 /// takes them by index and says when it is done with one, which lets the next start. So the
 /// fits of the next layers overlap the writing of this one, and memory stays bounded.
-pub struct Pipeline<'a> {
+pub struct Pipeline {
     results: Receiver<(usize, Result<GroupOutput>)>,
     tokens: Receiver<()>,
     ready: HashMap<usize, Result<GroupOutput>>,
-    cancel: &'a AtomicBool,
 }
 
 /// Groups in flight at once: twice the worker threads, so that every worker has a next group
@@ -811,7 +755,7 @@ fn window() -> usize {
     2 * rayon::current_num_threads().max(1)
 }
 
-impl Pipeline<'_> {
+impl Pipeline {
     /// Waits for group `g`'s output (each group is taken once); `dir` names the checkpoint in the
     /// internal error of a group that never comes.
     fn get(&mut self, g: usize, dir: &Path) -> Result<GroupOutput> {
@@ -846,7 +790,7 @@ pub fn with_pipeline<R>(
     order: &[usize],
     emit: Emit,
     inputs: &FitInputs,
-    consume: impl FnOnce(&mut Pipeline<'_>) -> Result<R>,
+    consume: impl FnOnce(&mut Pipeline) -> Result<R>,
 ) -> Result<R> {
     let cancel = AtomicBool::new(false);
     std::thread::scope(|scope| {
@@ -874,10 +818,9 @@ pub fn with_pipeline<R>(
             results,
             tokens,
             ready: HashMap::new(),
-            cancel,
         };
         let out = consume(&mut pipeline);
-        pipeline.cancel.store(true, Ordering::Relaxed);
+        cancel.store(true, Ordering::Relaxed);
         drop(pipeline);
         out
     })
@@ -901,15 +844,15 @@ pub fn need_order(plan: &Plan) -> Vec<usize> {
 
 /// Dense output through a [`Pipeline`]: groups are fitted ahead of the write pass, in the order it
 /// needs them.
-pub struct Pipelined<'p, 'a> {
-    pipeline: &'p mut Pipeline<'a>,
+pub struct Pipelined<'p> {
+    pipeline: &'p mut Pipeline,
     reports: Vec<Option<GroupReport>>,
     pending: HashMap<usize, Vec<Option<Vec<u8>>>>,
 }
 
-impl<'p, 'a> Pipelined<'p, 'a> {
+impl<'p> Pipelined<'p> {
     /// Serves the outputs of `groups` groups from `pipeline`.
-    pub fn new(pipeline: &'p mut Pipeline<'a>, groups: usize) -> Self {
+    pub fn new(pipeline: &'p mut Pipeline, groups: usize) -> Self {
         Pipelined {
             pipeline,
             reports: vec![None; groups],
@@ -923,7 +866,7 @@ impl<'p, 'a> Pipelined<'p, 'a> {
     }
 }
 
-impl PieceSource for Pipelined<'_, '_> {
+impl PieceSource for Pipelined<'_> {
     fn take(
         &mut self,
         checkpoint: &Checkpoint,

@@ -10,7 +10,7 @@ use crate::checkpoint::{Checkpoint, CONFIG_FILE};
 use crate::cli::ExpandArgs;
 use crate::convert::{finish, output_sizes, write_index_and_files};
 use crate::error::{Error, Result};
-use crate::execute::{self, FitInputs, Lazy};
+use crate::execute::{self, NoPieces};
 use crate::input_hash::InputHasher;
 use crate::output::{check_out_path, Staging};
 use crate::plan::{self, Op};
@@ -130,7 +130,7 @@ pub fn run(args: &ExpandArgs) -> Result<()> {
         execute::execute(
             &checkpoint,
             &plan,
-            &mut Lazy::new(&FitInputs::default()),
+            &mut NoPieces,
             &mut writer,
             &mut hasher,
             &ProgressBar::hidden(),
