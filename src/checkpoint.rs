@@ -8,9 +8,9 @@ use crate::arch::{Classified, Role};
 use crate::config::ModelConfig;
 use crate::dtype::FloatType;
 use crate::error::{Error, Result};
+use crate::{files, header};
 use memmap2::{Mmap, UncheckedAdvice};
-use safetensors::{Dtype, SafeTensors};
-use serde_json::Value;
+use safetensors::Dtype;
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::ops::Range;
@@ -115,21 +115,28 @@ pub(crate) fn map_file(path: &Path) -> Result<Mmap> {
 
 impl Checkpoint {
     /// Opens the checkpoint in `dir`, validating config, index, headers and the tensor-name table.
+    ///
+    /// Nothing outside the checkpoint is opened: every file read must resolve (symlinks followed)
+    /// inside `dir`, or, for a Hugging Face cache snapshot, inside its repo folder (whose
+    /// `snapshots/` symlink into `blobs/`); see [`files::containment_root`].
     pub fn open(dir: &Path) -> Result<Self> {
+        let root = files::containment_root(dir)?;
         let config_path = dir.join(CONFIG_FILE);
-        if !config_path.is_file() {
+        if config_path.symlink_metadata().is_err() {
             return Err(Error::invalid(
                 &config_path,
                 "not found: a checkpoint directory needs config.json",
             ));
         }
+        files::check_contained(&root, &config_path)?;
         let config = ModelConfig::load(&config_path)?;
 
         let index_path = dir.join(INDEX_FILE);
-        let (shard_names, weight_map) = if index_path.is_file() {
+        let (shard_names, weight_map) = if index_path.symlink_metadata().is_ok() {
+            files::check_contained(&root, &index_path)?;
             let (names, map) = read_index(&index_path)?;
             (names, Some(map))
-        } else if dir.join(SINGLE_FILE).is_file() {
+        } else if dir.join(SINGLE_FILE).symlink_metadata().is_ok() {
             (vec![SINGLE_FILE.to_string()], None)
         } else {
             return Err(Error::invalid(
@@ -138,41 +145,60 @@ impl Checkpoint {
             ));
         };
 
+        // Every shard the index names must exist before any is read.
+        for file_name in &shard_names {
+            let path = dir.join(file_name);
+            if path.symlink_metadata().is_err() {
+                return Err(Error::invalid(
+                    &path,
+                    format!("shard listed in {INDEX_FILE} is missing"),
+                ));
+            }
+        }
         let mut shards = Vec::with_capacity(shard_names.len());
         let mut tensors = Vec::new();
         let mut by_name = HashMap::new();
         for (shard_index, file_name) in shard_names.iter().enumerate() {
             let path = dir.join(file_name);
-            if !path.is_file() {
-                return Err(Error::invalid(
-                    &path,
-                    "shard listed in the index is missing",
-                ));
-            }
+            files::check_contained(&root, &path)?;
             let map = map_file(&path)?;
-            let (header_len, metadata) =
-                SafeTensors::read_metadata(&map).map_err(|e| Error::Safetensors {
+            let header = header::parse(&map).map_err(|e| match e.tensor {
+                Some(name) => Error::tensor(&path, name, e.message),
+                None => Error::Safetensors {
                     path: path.clone(),
-                    message: e.to_string(),
-                })?;
-            let data_start = 8usize
-                .checked_add(header_len)
-                .ok_or_else(|| Error::Safetensors {
+                    message: e.message,
+                },
+            })?;
+            if tensors.len() + header.tensors.len() > header::MAX_TENSORS {
+                return Err(Error::Safetensors {
                     path: path.clone(),
-                    message: "header length overflows".into(),
-                })?;
-            for name in metadata.offset_keys() {
-                let info = metadata.info(&name).ok_or_else(|| Error::Safetensors {
-                    path: path.clone(),
-                    message: format!("tensor `{name}` lost"),
-                })?;
+                    message: format!(
+                        "the checkpoint holds more than {} tensors (the limit)",
+                        header::MAX_TENSORS
+                    ),
+                });
+            }
+            let data_start = header.data_start;
+            for (name, info) in header.tensors {
                 let (begin, end) = info.data_offsets;
+                // The header module checked that the tensors tile the data section, which ends at
+                // the end of the file; the checked sums keep that true here without relying on it.
                 let range = data_start
                     .checked_add(begin)
                     .zip(data_start.checked_add(end))
                     .map(|(b, e)| b..e)
                     .filter(|r| r.end <= map.len())
                     .ok_or_else(|| Error::tensor(&path, &name, "data offsets out of bounds"))?;
+                if info.shape.contains(&0) {
+                    return Err(Error::tensor(
+                        &path,
+                        &name,
+                        format!(
+                            "shape {:?} has no elements (no Llama tensor is empty)",
+                            info.shape
+                        ),
+                    ));
+                }
                 let class = config.arch.classify(&name).ok_or_else(|| {
                     Error::tensor(
                         &path,
@@ -225,20 +251,15 @@ impl Checkpoint {
                     name,
                     shard: shard_index,
                     dtype: info.dtype,
-                    shape: info.shape.clone(),
+                    shape: info.shape,
                     range,
                     class,
                 });
             }
-            let metadata = metadata
-                .metadata()
-                .as_ref()
-                .map(|m| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
-                .unwrap_or_default();
             shards.push(Shard {
                 file_name: file_name.clone(),
                 path,
-                metadata,
+                metadata: header.metadata,
                 map,
             });
         }
@@ -255,7 +276,7 @@ impl Checkpoint {
         }
 
         let weight_files: Vec<&str> = shard_names.iter().map(String::as_str).collect();
-        let (other_files, skipped_files) = list_other_files(dir, &weight_files)?;
+        let (other_files, skipped_files) = list_other_files(dir, &root, &weight_files)?;
         let checkpoint = Checkpoint {
             dir: dir.to_path_buf(),
             config,
@@ -395,32 +416,78 @@ impl Checkpoint {
     }
 }
 
+/// Largest `model.safetensors.index.json` accepted (64 MiB).
+pub const MAX_INDEX_BYTES: u64 = 64 << 20;
+
+/// The index's `weight_map`, streamed so duplicate names and oversized maps are refused.
+struct WeightMap(BTreeMap<String, String>);
+
+impl<'de> serde::Deserialize<'de> for WeightMap {
+    fn deserialize<D: serde::Deserializer<'de>>(
+        deserializer: D,
+    ) -> std::result::Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = WeightMap;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("an object mapping tensor names to shard file names")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> std::result::Result<WeightMap, A::Error> {
+                use serde::de::Error as _;
+                let mut out = BTreeMap::new();
+                while let Some(name) = map.next_key::<String>()? {
+                    if out.len() >= header::MAX_TENSORS {
+                        return Err(A::Error::custom(format!(
+                            "weight_map lists more than {} tensors (the limit)",
+                            header::MAX_TENSORS
+                        )));
+                    }
+                    let file: String = map.next_value().map_err(|e| {
+                        A::Error::custom(format!("weight_map entry for `{name}`: {e}"))
+                    })?;
+                    if out.contains_key(&name) {
+                        return Err(A::Error::custom(format!(
+                            "weight_map lists `{name}` more than once"
+                        )));
+                    }
+                    out.insert(name, file);
+                }
+                Ok(WeightMap(out))
+            }
+        }
+        deserializer.deserialize_map(V)
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct IndexFile {
+    weight_map: WeightMap,
+}
+
 /// Reads `model.safetensors.index.json`: shard names (sorted) and the weight map.
 fn read_index(path: &Path) -> Result<(Vec<String>, BTreeMap<String, String>)> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-    let value: Value = serde_json::from_str(&text).map_err(|source| Error::Json {
-        path: path.to_path_buf(),
-        source,
+    let text = files::read_limited(path, MAX_INDEX_BYTES)?;
+    let index: IndexFile = serde_json::from_str(&text).map_err(|source| {
+        if source.classify() == serde_json::error::Category::Data {
+            Error::invalid(path, source.to_string())
+        } else {
+            Error::Json {
+                path: path.to_path_buf(),
+                source,
+            }
+        }
     })?;
-    let map = value
-        .get("weight_map")
-        .and_then(Value::as_object)
-        .ok_or_else(|| Error::invalid(path, "missing `weight_map` object"))?;
-    let mut weight_map = BTreeMap::new();
-    for (name, file) in map {
-        let file = file.as_str().ok_or_else(|| {
-            Error::invalid(
-                path,
-                format!("weight_map entry for `{name}` is not a string"),
-            )
-        })?;
+    let weight_map = index.weight_map.0;
+    for (name, file) in &weight_map {
         if !is_plain_file_name(file) {
             return Err(Error::invalid(
                 path,
-                format!("weight_map entry for `{name}` names `{file}`, which is not a plain file name in the checkpoint directory"),
+                format!("weight_map entry for `{name}` names `{file}`, which is not a plain file name in the checkpoint directory (refused: only files inside it are opened)"),
             ));
         }
-        weight_map.insert(name.clone(), file.to_string());
     }
     if weight_map.is_empty() {
         return Err(Error::invalid(path, "`weight_map` is empty"));
@@ -433,10 +500,14 @@ fn read_index(path: &Path) -> Result<(Vec<String>, BTreeMap<String, String>)> {
 
 /// Lists the files of `dir` (recursively, skipping hidden entries) other than the weights: those to
 /// copy, and those in other weight formats to skip.
-fn list_other_files(dir: &Path, weight_files: &[&str]) -> Result<(Vec<PathBuf>, Vec<PathBuf>)> {
+fn list_other_files(
+    dir: &Path,
+    root: &Path,
+    weight_files: &[&str],
+) -> Result<(Vec<PathBuf>, Vec<PathBuf>)> {
     let mut copy = Vec::new();
     let mut skip = Vec::new();
-    for rel in crate::files::walk(dir, false)? {
+    for rel in files::walk_within(dir, false, root)? {
         let top_level = rel.parent().is_none_or(|p| p.as_os_str().is_empty());
         let name = rel.to_string_lossy();
         if top_level

@@ -6,6 +6,9 @@ use crate::latent::{self, KvMode, LatentAttention};
 use serde_json::{Map, Value};
 use std::path::Path;
 
+/// Largest `config.json` accepted (16 MiB; real ones are a few kilobytes).
+pub const MAX_CONFIG_BYTES: u64 = 16 << 20;
+
 /// The model facts the surgery needs, validated.
 #[derive(Debug, Clone)]
 pub struct ModelConfig {
@@ -87,7 +90,7 @@ impl ModelConfig {
 
     /// Reads and validates `path`.
     pub fn load(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let text = crate::files::read_limited(path, MAX_CONFIG_BYTES)?;
         let value: Value = serde_json::from_str(&text).map_err(|source| Error::Json {
             path: path.to_path_buf(),
             source,

@@ -67,6 +67,20 @@ pub enum Error {
         /// Why it could not be resolved.
         message: String,
     },
+    /// A write failed for lack of space: the filesystem is full, a quota or `ulimit -f` reached.
+    #[error("{}: no space left to write the output ({source}); free space or choose another --out", path.display())]
+    NoSpace {
+        /// The file being written.
+        path: PathBuf,
+        /// The operating system's error.
+        source: std::io::Error,
+    },
+    /// SIGINT or SIGTERM stopped the run; the partial output was removed.
+    #[error("interrupted by {}; nothing was written (the partial output was removed)", crate::interrupt::signal_name(*signal))]
+    Interrupted {
+        /// The signal number.
+        signal: i32,
+    },
     /// `verify` found mismatches (one line each in `problems`).
     #[error("{} problem(s) found in {}:\n{}", problems.len(), dir.display(), problems.join("\n"))]
     VerifyFailed {
@@ -79,10 +93,16 @@ pub enum Error {
 
 impl Error {
     /// Builds an [`Error::Io`] for `path`.
+    /// Builds an [`Error::Io`] for `path`, or [`Error::NoSpace`] when the cause is a full
+    /// filesystem, a quota or the file size limit.
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        Error::Io {
-            path: path.into(),
-            source,
+        use std::io::ErrorKind;
+        let path = path.into();
+        match source.kind() {
+            ErrorKind::StorageFull | ErrorKind::FileTooLarge | ErrorKind::QuotaExceeded => {
+                Error::NoSpace { path, source }
+            }
+            _ => Error::Io { path, source },
         }
     }
 
@@ -115,10 +135,12 @@ impl Error {
         }
     }
 
-    /// The process exit code for this error: 2 for usage errors, 1 otherwise.
+    /// The process exit code for this error: 2 for usage errors, 128 + the signal number for an
+    /// interruption (130 for Ctrl-C, as shells report it), 1 otherwise.
     pub fn exit_code(&self) -> i32 {
         match self {
             Error::Usage { .. } => 2,
+            Error::Interrupted { signal } => 128 + signal,
             _ => 1,
         }
     }

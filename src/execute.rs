@@ -151,9 +151,34 @@ fn stack_group(checkpoint: &Checkpoint, group: &GroupPlan) -> Result<(Vec<FloatT
             checkpoint.bytes(t),
             w.as_mut().subrows_mut(row0, t.shape[0]),
         );
+        let (nan, infinite) = count_non_finite(w.as_ref().subrows(row0, t.shape[0]));
+        if nan + infinite > 0 {
+            return Err(Error::tensor(
+                &checkpoint.shards[t.shard].path,
+                &t.name,
+                format!(
+                    "layer {}: {} non-finite values ({nan} NaN, {infinite} infinite); a matrix to decompose must be finite",
+                    group.layer,
+                    nan + infinite
+                ),
+            ));
+        }
         row0 += t.shape[0];
     }
     Ok((types, w))
+}
+
+/// Counts NaN and infinite entries.
+fn count_non_finite(m: faer::MatRef<'_, f64>) -> (usize, usize) {
+    let (mut nan, mut infinite) = (0, 0);
+    for j in 0..m.ncols() {
+        for i in 0..m.nrows() {
+            let v = m[(i, j)];
+            nan += usize::from(v.is_nan());
+            infinite += usize::from(v.is_infinite());
+        }
+    }
+    (nan, infinite)
 }
 
 /// Releases the pages of a group's members.
@@ -763,11 +788,16 @@ impl Pipeline {
             if let Some(r) = self.ready.remove(&g) {
                 return r;
             }
-            match self.results.recv() {
+            crate::interrupt::check()?;
+            match self
+                .results
+                .recv_timeout(std::time::Duration::from_millis(50))
+            {
                 Ok((i, r)) => {
                     self.ready.insert(i, r);
                 }
-                Err(_) => {
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
                     return Err(Error::invalid(
                         dir,
                         format!("internal error: the fit of group {g} was never produced"),
@@ -800,12 +830,15 @@ pub fn with_pipeline<R>(
         scope.spawn(move || {
             rayon::in_place_scope(|s| {
                 for &g in order {
-                    if cancel.load(Ordering::Relaxed) || tokens_tx.send(()).is_err() {
+                    if cancel.load(Ordering::Relaxed)
+                        || crate::interrupt::requested()
+                        || tokens_tx.send(()).is_err()
+                    {
                         break;
                     }
                     let results_tx = results_tx.clone();
                     s.spawn(move |_| {
-                        if cancel.load(Ordering::Relaxed) {
+                        if cancel.load(Ordering::Relaxed) || crate::interrupt::requested() {
                             return;
                         }
                         let r = run_group(checkpoint, &groups[g], emit, inputs);

@@ -26,8 +26,12 @@ pub mod eval;
 pub mod execute;
 pub mod expand;
 pub mod files;
+#[doc(hidden)]
+pub mod fuzzing;
+pub mod header;
 pub mod input_hash;
 pub mod inspect;
+pub mod interrupt;
 pub mod latent;
 pub mod llama;
 pub mod output;

@@ -94,6 +94,10 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if let Err(e) = surgery_convert::interrupt::install() {
+        eprintln!("surgery-convert: error: {e}");
+        return ExitCode::from(1);
+    }
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

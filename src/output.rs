@@ -29,6 +29,16 @@ pub fn check_out_path(input_dir: &Path, out: &Path, force: bool) -> Result<PathB
             format!("parent directory of `{}` is not usable: {e}", out.display()),
         )
     })?;
+    if !parent.is_dir() {
+        return Err(Error::usage(
+            "--out",
+            format!(
+                "parent of `{}` is not a directory (`{}` is a file)",
+                out.display(),
+                parent.display()
+            ),
+        ));
+    }
     let out_abs = parent.join(name);
     let input = input_dir
         .canonicalize()
@@ -89,7 +99,16 @@ impl Staging {
         if tmp.exists() {
             std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
         }
-        std::fs::create_dir(&tmp).map_err(|e| Error::io(&tmp, e))?;
+        std::fs::create_dir(&tmp).map_err(|e| {
+            Error::usage(
+                "--out",
+                format!(
+                    "cannot create the output beside `{}`: {e}; choose a writable location",
+                    out.display()
+                ),
+            )
+        })?;
+        crate::interrupt::register_staging(tmp.clone());
         Ok(Staging {
             tmp,
             out: out.to_path_buf(),
@@ -104,6 +123,7 @@ impl Staging {
 
     /// Moves the staging directory into place, replacing an existing output only now.
     pub fn commit(mut self) -> Result<()> {
+        crate::interrupt::check()?;
         sync_dir(&self.tmp)?;
         let old = sibling(&self.out, "surgery-old");
         let replacing = self.out.symlink_metadata().is_ok();
@@ -117,6 +137,7 @@ impl Staging {
             return Err(Error::io(&self.out, e));
         }
         self.committed = true;
+        crate::interrupt::unregister_staging(&self.tmp);
         if replacing {
             std::fs::remove_dir_all(&old).map_err(|e| Error::io(&old, e))?;
         }
@@ -131,6 +152,7 @@ impl Drop for Staging {
     fn drop(&mut self) {
         if !self.committed {
             let _ = std::fs::remove_dir_all(&self.tmp);
+            crate::interrupt::unregister_staging(&self.tmp);
         }
     }
 }

@@ -6,7 +6,6 @@ use crate::checkpoint::{map_file, INDEX_FILE};
 use crate::checksums;
 use crate::error::{Error, Result};
 use crate::writer::sha256_file;
-use safetensors::SafeTensors;
 use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
@@ -67,10 +66,11 @@ pub fn verify(dir: &Path) -> Result<Verified> {
     for name in present.iter().filter(|n| n.ends_with(".safetensors")) {
         let path = dir.join(name);
         let map = map_file(&path)?;
-        match SafeTensors::read_metadata(&map) {
-            Ok((_, metadata)) => {
-                let names: BTreeSet<String> = metadata.offset_keys().into_iter().collect();
-                shard_tensors.insert(name.clone(), (names, metadata.data_len() as u64));
+        match crate::header::parse(&map) {
+            Ok(header) => {
+                let data_len = (map.len() - header.data_start) as u64;
+                let names: BTreeSet<String> = header.tensors.into_iter().map(|(n, _)| n).collect();
+                shard_tensors.insert(name.clone(), (names, data_len));
             }
             Err(e) => problems.push(format!("{name}: invalid safetensors header: {e}")),
         }
@@ -79,7 +79,7 @@ pub fn verify(dir: &Path) -> Result<Verified> {
     // The index against the shards.
     let index_path = dir.join(INDEX_FILE);
     if index_path.is_file() {
-        let text = std::fs::read_to_string(&index_path).map_err(|e| Error::io(&index_path, e))?;
+        let text = crate::files::read_limited(&index_path, crate::checkpoint::MAX_INDEX_BYTES)?;
         match serde_json::from_str::<Value>(&text) {
             Err(e) => problems.push(format!("{INDEX_FILE}: not valid JSON: {e}")),
             Ok(value) => check_index(&value, &shard_tensors, &mut problems),

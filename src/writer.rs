@@ -46,6 +46,7 @@ impl HashingFile {
 
     /// Appends bytes.
     pub fn write_all(&mut self, bytes: &[u8]) -> Result<()> {
+        crate::interrupt::check()?;
         self.hasher.update(bytes);
         self.out
             .write_all(bytes)

@@ -87,3 +87,54 @@ proptest! {
         }
     }
 }
+
+proptest! {
+    /// Whatever the text, parsing a SPEC never panics, and what it accepts is in range.
+    #[test]
+    fn spec_parsing_accepts_only_valid_values(s in ".{0,24}") {
+        match s.parse::<Spec>() {
+            Ok(Spec::Threshold(t)) => prop_assert!(t.is_finite() && t > 0.0 && t <= 1.0),
+            Ok(Spec::Rank(n)) => prop_assert!(n >= 1),
+            Ok(Spec::Budget(f)) => prop_assert!(f.is_finite() && f > 0.0 && f <= 1.0),
+            Err(message) => prop_assert!(!message.is_empty()),
+        }
+    }
+
+    /// Structured near-misses: the grammar's prefixes with arbitrary numbers.
+    #[test]
+    fn spec_numbers_are_range_checked(x in prop_oneof![
+        any::<f64>(),
+        -2.0f64..2.0,
+        Just(f64::NAN),
+        Just(f64::INFINITY),
+        Just(f64::NEG_INFINITY),
+        Just(0.0),
+        Just(1.0),
+    ]) {
+        let in_range = x.is_finite() && x > 0.0 && x <= 1.0;
+        prop_assert_eq!(format!("{x}").parse::<Spec>().is_ok(), in_range);
+        prop_assert_eq!(format!("budget:{x}").parse::<Spec>().is_ok(), in_range);
+    }
+
+    #[test]
+    fn rank_specs_need_a_positive_whole_number(n in any::<i64>()) {
+        let parsed = format!("rank:{n}").parse::<Spec>();
+        if n >= 1 {
+            prop_assert_eq!(parsed, Ok(Spec::Rank(n as usize)));
+        } else {
+            prop_assert!(parsed.is_err());
+        }
+    }
+
+    /// The rank rule at its edges: a threshold of 1 keeps everything, one at or below the first
+    /// ratio keeps one component, and choose_rank agrees with rank_for_threshold.
+    #[test]
+    fn rank_rule_edges(ratios in spectrum(), t in 0.0001f64..=1.0) {
+        prop_assert_eq!(rank_for_threshold(&ratios, 1.0), ratios.len());
+        prop_assert_eq!(rank_for_threshold(&ratios, ratios[0]), 1);
+        let c = choose_rank(&ratios, Spec::Threshold(t));
+        prop_assert_eq!(c.rank, rank_for_threshold(&ratios, t));
+        prop_assert!(!c.clamped);
+        prop_assert_eq!(c.full_rank, ratios.len());
+    }
+}

@@ -125,8 +125,9 @@ impl<'a> Llama<'a> {
         Ok(h)
     }
 
-    /// Decodes layer `index`'s weights.
+    /// Decodes layer `index`'s weights (or stops here if a signal asked the run to stop).
     pub fn layer(&self, index: usize) -> Result<Layer> {
+        crate::interrupt::check()?;
         let p = &self.params;
         if index >= p.num_layers {
             return Err(Error::invalid(

@@ -1,0 +1,41 @@
+#!/usr/bin/env python3
+"""Packs the checkpoints of fixtures/bad/ (and its intact _base/) into seed inputs for the
+`checkpoint` fuzz target: sections config.json, index (empty if none), shards, joined by the
+separator of src/fuzzing.rs. Deterministic; writes fuzz/seeds/checkpoint/<case>.
+
+    python3 fuzz/seeds.py
+"""
+
+from pathlib import Path
+
+SEPARATOR = b"\n--8<--\n"
+ROOT = Path(__file__).resolve().parent.parent
+BAD = ROOT / "fixtures" / "bad"
+OUT = ROOT / "fuzz" / "seeds" / "checkpoint"
+
+
+def pack(d: Path) -> bytes | None:
+    if any(p.is_symlink() for p in d.iterdir()):
+        return None  # symlinks cannot be expressed in a fuzz input
+    config = (d / "config.json").read_bytes() if (d / "config.json").is_file() else b""
+    index_path = d / "model.safetensors.index.json"
+    index = index_path.read_bytes() if index_path.is_file() else b""
+    shards = sorted(p for p in d.iterdir() if p.name.endswith(".safetensors"))
+    return SEPARATOR.join([config, index] + [p.read_bytes() for p in shards])
+
+
+def main() -> None:
+    OUT.mkdir(parents=True, exist_ok=True)
+    for old in OUT.iterdir():
+        old.unlink()
+    dirs = [(BAD / "_base" / "input", "base"), (BAD / "_base" / "sharded", "base-sharded")]
+    dirs += [(c / "input", c.name) for c in sorted(BAD.iterdir())
+             if (c / "input").is_dir() and not c.name.startswith("_")]
+    for d, name in dirs:
+        data = pack(d)
+        if data is not None:
+            (OUT / name).write_bytes(data)
+
+
+if __name__ == "__main__":
+    main()
