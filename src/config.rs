@@ -9,6 +9,10 @@ use std::path::Path;
 /// Largest `config.json` accepted (16 MiB; real ones are a few kilobytes).
 pub const MAX_CONFIG_BYTES: u64 = 16 << 20;
 
+/// Largest `hidden_size` and `num_attention_heads * head_dim` accepted (65,536): bounds the memory
+/// of one fit whatever a checkpoint claims.
+pub const MAX_DIMENSION: usize = 1 << 16;
+
 /// The model facts the surgery needs, validated.
 #[derive(Debug, Clone)]
 pub struct ModelConfig {
@@ -172,9 +176,20 @@ impl ModelConfig {
                 "num_key_value_heads {num_kv_heads} does not divide num_attention_heads {num_heads}"
             )));
         }
-        num_heads
+        let q_dim = num_heads
             .checked_mul(head_dim)
             .ok_or_else(|| invalid("num_attention_heads * head_dim overflows".into()))?;
+        // Bounds what one fit may allocate (a matrix of these dimensions in f64), whatever the file.
+        for (what, value) in [
+            ("hidden_size", hidden_size),
+            ("num_attention_heads * head_dim", q_dim),
+        ] {
+            if value > MAX_DIMENSION {
+                return Err(invalid(format!(
+                    "{what} = {value} exceeds the limit of {MAX_DIMENSION} (Llama-3-405B uses 16384)"
+                )));
+            }
+        }
         let tie_word_embeddings = match obj.get("tie_word_embeddings") {
             None | Some(Value::Null) => false,
             Some(Value::Bool(b)) => *b,

@@ -299,6 +299,23 @@ mod tests {
     }
 
     #[test]
+    fn a_header_with_too_many_tensors_is_refused_while_streaming() {
+        let mut header = String::from("{");
+        for i in 0..=MAX_TENSORS {
+            if i > 0 {
+                header.push(',');
+            }
+            header.push_str(&format!(
+                r#""t{i}":{{"dtype":"U8","shape":[1],"data_offsets":[{i},{}]}}"#,
+                i + 1
+            ));
+        }
+        header.push('}');
+        let e = parse(&file(&header, MAX_TENSORS + 1)).unwrap_err();
+        assert!(e.message.contains("more than 262144 tensors"), "{e}");
+    }
+
+    #[test]
     fn refuses_with_the_cause() {
         let one = r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}"#;
         assert!(parse(&file(one, 8)).is_ok());

@@ -14,6 +14,9 @@ const BIN: &str = env!("CARGO_BIN_EXE_surgery-convert");
 /// A synthetic SmolLM2-135M-shaped checkpoint (270 MB), made once and kept in cargo's test
 /// scratch directory: big enough that a conversion takes seconds, so signals land mid-run.
 fn big_input() -> PathBuf {
+    // The tests of this file run in parallel; one of them makes the input.
+    static MADE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _guard = MADE.lock().unwrap_or_else(|e| e.into_inner());
     let base = Path::new(env!("CARGO_TARGET_TMPDIR")).join("interrupt-input");
     let dir = base.join("smollm2");
     let done = base.join("complete");
