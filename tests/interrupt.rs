@@ -247,13 +247,7 @@ fn full_filesystem_is_a_clear_no_space_error() {
     let tmp = tempfile::tempdir().unwrap();
     let mount = tmp.path().join("small");
     std::fs::create_dir(&mount).unwrap();
-    let mounted = Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=256k", "tmpfs"])
-        .arg(&mount)
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if !mounted {
+    if !mount_tmpfs(&mount, "size=256k") {
         eprintln!("full_filesystem_is_a_clear_no_space_error: cannot mount a tmpfs here (not root); covered by file_size_limit_is_a_clear_no_space_error");
         return;
     }
@@ -269,7 +263,7 @@ fn full_filesystem_is_a_clear_no_space_error() {
     ]);
     let stderr = String::from_utf8_lossy(&o.stderr).into_owned();
     let left = entries(&mount);
-    let _ = Command::new("umount").arg(&mount).status();
+    unmount(&mount);
     assert_no_space(o.status.code(), &stderr, tmp.path(), &["small"]);
     assert_eq!(
         left,

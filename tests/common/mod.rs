@@ -155,3 +155,18 @@ pub fn copy_dir(src: &Path, dst: &Path) {
         std::fs::write(path, bytes).unwrap();
     }
 }
+
+/// Mounts a tmpfs with `options` on `dir` (needs root); false where this user may not mount.
+pub fn mount_tmpfs(dir: &Path, options: &str) -> bool {
+    Command::new("mount")
+        .args(["-t", "tmpfs", "-o", options, "tmpfs"])
+        .arg(dir)
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// Unmounts what [`mount_tmpfs`] mounted.
+pub fn unmount(dir: &Path) {
+    let _ = Command::new("umount").arg(dir).status();
+}
