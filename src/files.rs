@@ -29,7 +29,7 @@ pub fn check_contained(root: &Path, path: &Path) -> Result<()> {
         return Err(Error::invalid(
             path,
             format!(
-                "resolves to `{}`, outside the checkpoint directory `{}` (refused: nothing outside it is opened)",
+                "resolves to `{}`, outside the checkpoint directory `{}` (refused: nothing outside it is opened; copy the file into the directory instead of linking it)",
                 resolved.display(),
                 root.display()
             ),
