@@ -3,6 +3,19 @@
 
 use std::path::PathBuf;
 
+/// `s` with every control character written as a Rust escape (`\n`, `\u{1b}`).
+pub fn escape_controls(s: &str) -> String {
+    s.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_default().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
+}
+
 /// Shorthand for results of this crate.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
@@ -132,6 +145,21 @@ impl Error {
             path: path.into(),
             tensor: tensor.into(),
             message: message.into(),
+        }
+    }
+
+    /// The message as printed: control characters (a newline or a terminal escape in a hostile
+    /// file or tensor name) are escaped, so one error is one line and cannot rewrite the terminal.
+    /// `verify`'s report keeps its one line per problem.
+    pub fn to_line(&self) -> String {
+        let text = self.to_string();
+        match self {
+            Error::VerifyFailed { .. } => text
+                .lines()
+                .map(escape_controls)
+                .collect::<Vec<_>>()
+                .join("\n"),
+            _ => escape_controls(&text),
         }
     }
 

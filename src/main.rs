@@ -101,7 +101,7 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("surgery-convert: error: {e}");
+            eprintln!("surgery-convert: error: {}", e.to_line());
             ExitCode::from(e.exit_code() as u8)
         }
     }
