@@ -66,7 +66,8 @@ pub fn run(options: &ConvertOptions) -> Result<Report> {
         )?;
         if options.output == Output::Summary {
             for line in plan.describe(&checkpoint) {
-                eprintln!("{line}");
+                // File names come from the input: printed escaped, one line each.
+                eprintln!("{}", crate::error::escape_controls(&line));
             }
         }
         let report = Report::build(
