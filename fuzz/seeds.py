@@ -3,9 +3,15 @@
 `checkpoint` fuzz target: sections config.json, index (empty if none), shards, joined by the
 separator of src/fuzzing.rs. Deterministic; writes fuzz/seeds/checkpoint/<case>.
 
-    python3 fuzz/seeds.py
+    python3 fuzz/seeds.py [--bin target/release/surgery-convert]
+
+With --bin, the base checkpoint is also converted to the factored form (shared K/V and q; separate
+K and V) and those outputs become seeds, so the fuzzer starts from valid `latent_attention` configs.
 """
 
+import argparse
+import subprocess
+import tempfile
 from pathlib import Path
 
 SEPARATOR = b"\n--8<--\n"
@@ -24,7 +30,16 @@ def pack(d: Path) -> bytes | None:
     return SEPARATOR.join([config, index] + [p.read_bytes() for p in shards])
 
 
+FACTORED = {
+    "base-factored-shared-kv": ["--shared-kv", "0.3", "--q", "0.9"],
+    "base-factored-separate": ["--k", "0.5", "--v", "0.5"],
+}
+
+
 def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--bin", help="surgery-convert binary, to add factored seeds")
+    args = ap.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
     for old in OUT.iterdir():
         old.unlink()
@@ -35,6 +50,15 @@ def main() -> None:
         data = pack(d)
         if data is not None:
             (OUT / name).write_bytes(data)
+    if args.bin:
+        for name, options in FACTORED.items():
+            with tempfile.TemporaryDirectory() as tmp:
+                out = Path(tmp) / "out"
+                subprocess.run([args.bin, "--in", str(BAD / "_base" / "input"), "--out", str(out),
+                                "--emit", "factored", "--quiet"] + options, check=True)
+                (out / "surgery.json").unlink()
+                (out / "SHA256SUMS").unlink()
+                (OUT / name).write_bytes(pack(out))
 
 
 if __name__ == "__main__":
