@@ -11,8 +11,8 @@
 use crate::arch::Role;
 use crate::checkpoint::Checkpoint;
 use crate::decompose::{
-    decompose_owned, error_ratio, matrix_from_rows, matrix_to_rows, DecomposeError, Decomposition,
-    Fit,
+    count_non_finite, decompose_owned, error_ratio, matrix_from_rows, matrix_to_rows,
+    DecomposeError, Decomposition, Fit,
 };
 use crate::dtype::FloatType;
 use crate::error::{Error, Result};
@@ -151,34 +151,21 @@ fn stack_group(checkpoint: &Checkpoint, group: &GroupPlan) -> Result<(Vec<FloatT
             checkpoint.bytes(t),
             w.as_mut().subrows_mut(row0, t.shape[0]),
         );
-        let (nan, infinite) = count_non_finite(w.as_ref().subrows(row0, t.shape[0]));
-        if nan + infinite > 0 {
+        // Checked per member, so the message names the tensor (the fit checks the stack again).
+        let bad = count_non_finite(w.as_ref().subrows(row0, t.shape[0]));
+        if bad > 0 {
             return Err(Error::tensor(
                 &checkpoint.shards[t.shard].path,
                 &t.name,
                 format!(
-                    "layer {}: {} non-finite values ({nan} NaN, {infinite} infinite); a matrix to decompose must be finite",
-                    group.layer,
-                    nan + infinite
+                    "layer {}: {bad} non-finite values (NaN or infinite); a matrix to decompose must be finite",
+                    group.layer
                 ),
             ));
         }
         row0 += t.shape[0];
     }
     Ok((types, w))
-}
-
-/// Counts NaN and infinite entries.
-fn count_non_finite(m: faer::MatRef<'_, f64>) -> (usize, usize) {
-    let (mut nan, mut infinite) = (0, 0);
-    for j in 0..m.ncols() {
-        for i in 0..m.nrows() {
-            let v = m[(i, j)];
-            nan += usize::from(v.is_nan());
-            infinite += usize::from(v.is_infinite());
-        }
-    }
-    (nan, infinite)
 }
 
 /// Releases the pages of a group's members.

@@ -4,8 +4,9 @@
 //! a map) and names no tensor in most of its errors, so this module parses the header itself while
 //! reusing the crate's types: the 8-byte length is checked against [`MAX_HEADER_BYTES`] and the file
 //! length before anything is read, the JSON object is streamed entry by entry so a duplicate name or
-//! an entry past [`MAX_TENSORS`] stops it before more is allocated, and every offset and size is
-//! computed with checked arithmetic. What it accepts, the `safetensors` crate accepts too.
+//! an entry past [`MAX_TENSORS`] stops it before more is allocated (only a failure is parsed again,
+//! without allocating, to tell bad syntax from bad entries), and every offset and size is computed
+//! with checked arithmetic. What it accepts, the `safetensors` crate accepts too.
 
 use safetensors::tensor::TensorInfo;
 use safetensors::Dtype;
@@ -124,13 +125,17 @@ pub fn parse(file: &[u8]) -> Result<Header, HeaderError> {
             "header is not JSON: it must be a JSON object starting with `{`",
         ));
     }
-    // Syntax first (without allocating anything), so a malformed header is reported as such.
-    serde_json::from_str::<de::IgnoredAny>(text)
-        .map_err(|e| HeaderError::file(format!("header is not valid JSON: {e}")))?;
     let mut de = serde_json::Deserializer::from_str(text);
     let entries = de::Deserializer::deserialize_map(&mut de, HeaderVisitor)
         .and_then(|entries| de.end().map(|()| entries))
-        .map_err(|e| HeaderError::file(format!("header: {e}")))?;
+        .map_err(|e| {
+            // The visitor's context hides the error's kind; only on failure, a second pass that
+            // allocates nothing tells a malformed header from a well-formed one with bad entries.
+            match serde_json::from_str::<de::IgnoredAny>(text) {
+                Err(syntax) => HeaderError::file(format!("header is not valid JSON: {syntax}")),
+                Ok(_) => HeaderError::file(format!("header: {e}")),
+            }
+        })?;
     let Entries { metadata, tensors } = entries;
     let data_len = file.len() - data_start;
     Ok(Header {
