@@ -16,6 +16,16 @@ pub fn escape_controls(s: &str) -> String {
         .collect()
 }
 
+/// The conventional name of a signal number.
+pub fn signal_name(signal: i32) -> &'static str {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    match signal {
+        SIGINT => "SIGINT",
+        SIGTERM => "SIGTERM",
+        _ => "a signal",
+    }
+}
+
 /// Shorthand for results of this crate.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
@@ -88,8 +98,16 @@ pub enum Error {
         /// The operating system's error.
         source: std::io::Error,
     },
+    /// A command that needs a standard checkpoint was given a factored one.
+    #[error("{}: a factored checkpoint (written by --emit factored); expand it to a standard one first: surgery-convert expand {input} --out DENSE_DIR", path.display())]
+    FactoredInput {
+        /// Its `config.json`.
+        path: PathBuf,
+        /// The input as given.
+        input: String,
+    },
     /// SIGINT or SIGTERM stopped the run; the partial output was removed.
-    #[error("interrupted by {}; nothing was written (the partial output was removed)", crate::interrupt::signal_name(*signal))]
+    #[error("interrupted by {}; nothing was written (the partial output was removed)", signal_name(*signal))]
     Interrupted {
         /// The signal number.
         signal: i32,

@@ -8,11 +8,12 @@
 //! the first shard is `model.safetensors`; with one, shard `i` of `n` is
 //! `model-0000i-of-0000n.safetensors`, as Hugging Face names them.
 
-use crate::checkpoint::{Checkpoint, CONFIG_FILE, INDEX_FILE, SINGLE_FILE};
-use crate::decompose::Fit;
+use crate::input::checkpoint::Checkpoint;
+use crate::model::layout::{CONFIG_FILE, INDEX_FILE, SINGLE_FILE};
+use crate::fit::decompose::Fit;
 use crate::error::{Error, Result};
 use crate::plan::{self, Layout, Surgery};
-use crate::spec::Spec;
+use crate::fit::spec::Spec;
 use std::path::Path;
 
 /// Separates the sections of a fuzz input.

@@ -69,12 +69,3 @@ pub fn unregister_staging(dir: &std::path::Path) {
         dirs.retain(|d| d != dir);
     }
 }
-
-/// The conventional name of a signal number.
-pub fn signal_name(signal: i32) -> &'static str {
-    match signal {
-        SIGINT => "SIGINT",
-        SIGTERM => "SIGTERM",
-        _ => "a signal",
-    }
-}

@@ -1,9 +1,20 @@
 //! surgery-convert: streaming weight surgery on Llama-architecture checkpoints.
 //!
-//! The pipeline: [`source`] resolves `--in`; [`checkpoint`] maps and validates it; [`plan`] decides
-//! every output byte's origin; [`execute`] runs the [`decompose`] math layer by layer; [`writer`]
-//! streams files into an [`output`] staging directory; [`report`] and [`checksums`] record provenance;
-//! [`verify`] checks an output directory.
+//! The stages, each a folder with one job; imports only run downward in this list (checked in CI
+//! by `scripts/check-imports`, drawn in `docs/design.md`):
+//!
+//! - [`cli`]: clap's raw arguments, resolved once into [`options`] (imported by `main` only);
+//! - [`commands`]: one module per subcommand, each running the stages below;
+//! - [`report`]: `surgery.json` and the summary table;
+//! - [`execute`]: fits the plan's groups (pipelined) and walks the plan, feeding the writer;
+//! - [`output`]: the atomic staging directory, the streaming writer, checksums;
+//! - [`llama`]: the forward pass, tokenizer, scoring and the calibration pass;
+//! - [`options`]: the validated options the library consumes;
+//! - [`plan`]: the pure stage that decides every output tensor and file;
+//! - [`fit`]: the math (rank rules, weight-only and activation-aware fits);
+//! - [`input`]: resolving, mapping and validating a checkpoint;
+//! - [`model`]: name tables, config, dtypes, the factored format;
+//! - support: [`error`], [`interrupt`], [`digest`].
 
 #![cfg_attr(
     not(test),
@@ -11,37 +22,23 @@
 )]
 #![warn(missing_docs)]
 
-pub mod arch;
-pub mod budget;
-pub mod calibrate;
-pub mod checkpoint;
-pub mod checksums;
 pub mod cli;
-pub mod config;
-pub mod convert;
-pub mod decompose;
-pub mod dtype;
-pub mod error;
-pub mod eval;
-pub mod execute;
-pub mod expand;
-pub mod files;
-#[doc(hidden)]
-pub mod fuzzing;
-pub mod header;
-pub mod input_hash;
-pub mod inspect;
-pub mod interrupt;
-pub mod latent;
+pub mod commands;
+pub(crate) mod execute;
+pub mod fit;
+pub mod input;
 pub mod llama;
-pub mod output;
+pub mod model;
+pub mod options;
+pub(crate) mod output;
 pub mod plan;
 pub mod report;
-pub mod source;
-pub mod spec;
-pub mod sweep;
-pub mod synth;
-pub mod tokenize;
-pub mod verify;
-pub mod weighted;
-pub mod writer;
+
+pub mod digest;
+pub mod error;
+pub mod interrupt;
+
+#[cfg(feature = "dev")]
+pub mod dev;
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing;

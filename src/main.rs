@@ -1,5 +1,5 @@
-//! The `surgery-convert` executable: parses the command line, runs, and prints any error once, on one
-//! line, with a meaningful exit code (2 for usage errors, 1 for everything else).
+//! The `surgery-convert` executable: parses and resolves the command line once, runs the command,
+//! and prints any error once, on one line, with a meaningful exit code (see `Error::exit_code`).
 
 #![cfg_attr(
     not(test),
@@ -8,73 +8,21 @@
 
 use clap::Parser;
 use std::process::ExitCode;
-use surgery_convert::cli::{Cli, Command};
-use surgery_convert::error::{Error, Result};
-use surgery_convert::{convert, eval, expand, inspect, sweep, verify};
+use surgery_convert::cli::{Cli, Task};
+use surgery_convert::commands;
+use surgery_convert::error::Result;
 
 fn run(cli: Cli) -> Result<()> {
-    match cli.command {
-        Some(Command::Verify { dir }) => {
-            let v = verify::verify(&dir)?;
-            println!(
-                "OK: {} ({} files match SHA256SUMS; {} safetensors files, {} tensors, headers and index valid)",
-                dir.display(),
-                v.files,
-                v.weight_files,
-                v.tensors
-            );
-            Ok(())
-        }
-        Some(Command::Expand(args)) => expand::run(&args),
-        Some(Command::Eval(args)) => {
-            if let Some(n) = args.threads {
-                rayon::ThreadPoolBuilder::new()
-                    .num_threads(n.get())
-                    .build_global()
-                    .map_err(|e| Error::usage("--threads", e.to_string()))?;
-            }
-            eval::run(&args).map(|_| ())
-        }
-        Some(Command::Sweep(args)) => {
-            set_threads(args.threads)?;
-            sweep::run(&args).map(|_| ())
-        }
-        Some(Command::Synth(args)) => {
-            let out = surgery_convert::synth::write(args.shape, args.seed, &args.out, args.force)?;
-            println!("{}", out.display());
-            Ok(())
-        }
-        Some(Command::Inspect(args)) => {
-            set_threads(args.threads)?;
-            inspect::run(&args).map(|_| ())
-        }
-        None => {
-            let options = cli.convert.resolve()?;
-            if let Some(n) = options.threads {
-                rayon::ThreadPoolBuilder::new()
-                    .num_threads(n.get())
-                    .build_global()
-                    .map_err(|e| Error::usage("--threads", e.to_string()))?;
-            }
-            if options.bench_decompose {
-                let (seconds, matrices) = convert::decompose_floor(&options)?;
-                println!("{{\"decompose_seconds\": {seconds}, \"matrices\": {matrices}}}");
-                return Ok(());
-            }
-            convert::run(&options).map(|_| ())
-        }
+    let invocation = cli.resolve()?;
+    commands::set_threads(invocation.threads)?;
+    match invocation.task {
+        Task::Verify(dir) => commands::verify::run(&dir),
+        Task::Expand(options) => commands::expand::run(&options),
+        Task::Eval(options) => commands::eval::run(&options).map(|_| ()),
+        Task::Sweep(options) => commands::sweep::run(&options).map(|_| ()),
+        Task::Inspect(options) => commands::inspect::run(&options).map(|_| ()),
+        Task::Convert(options) => commands::convert::run(&options).map(|_| ()),
     }
-}
-
-/// Sizes the global thread pool to `--threads`, when given.
-fn set_threads(threads: Option<std::num::NonZeroUsize>) -> Result<()> {
-    if let Some(n) = threads {
-        rayon::ThreadPoolBuilder::new()
-            .num_threads(n.get())
-            .build_global()
-            .map_err(|e| Error::usage("--threads", e.to_string()))?;
-    }
-    Ok(())
 }
 
 fn main() -> ExitCode {

@@ -10,10 +10,10 @@ use safetensors::tensor::TensorView;
 use safetensors::{Dtype, SafeTensors};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
-use surgery_convert::checkpoint::Checkpoint;
-use surgery_convert::eval::negative_log_likelihood;
+use surgery_convert::input::checkpoint::Checkpoint;
+use surgery_convert::llama::score::negative_log_likelihood;
 use surgery_convert::llama::Llama;
-use surgery_convert::tokenize::TextTokenizer;
+use surgery_convert::llama::tokenize::TextTokenizer;
 
 const FIXTURES: &[&str] = &["tiny-f32-gqa", "tiny-bf16-sharded", "tiny-tied"];
 const TEXT: &str = "fixtures/eval/text.txt";
@@ -111,7 +111,7 @@ fn add_biases(path: &Path) {
 #[test]
 fn perplexity_matches_the_numpy_reference() {
     let tmp = tempfile::tempdir().unwrap();
-    let text_sha = surgery_convert::writer::hex(&sha2_digest(&std::fs::read(TEXT).unwrap()));
+    let text_sha = surgery_convert::digest::hex(&sha2_digest(&std::fs::read(TEXT).unwrap()));
     let mut checked = 0;
     for fixture_name in FIXTURES {
         let path = fixture("eval").join(format!("{fixture_name}.json"));

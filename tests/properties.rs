@@ -2,10 +2,10 @@
 
 use faer::Mat;
 use proptest::prelude::*;
-use surgery_convert::decompose::{
+use surgery_convert::fit::decompose::{
     choose_rank, decompose, matrix_to_rows, rank_for_threshold, relative_error, Fit,
 };
-use surgery_convert::spec::Spec;
+use surgery_convert::fit::spec::Spec;
 
 fn spectrum() -> impl Strategy<Value = Vec<f64>> {
     prop::collection::vec(0.0f64..10.0, 1..40).prop_map(|mut v| {

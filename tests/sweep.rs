@@ -8,7 +8,7 @@ mod common;
 use common::*;
 use serde_json::Value;
 use std::path::Path;
-use surgery_convert::sweep::plot::{BASE_COLOR, PALETTE};
+use surgery_convert::commands::sweep::plot::{BASE_COLOR, PALETTE};
 
 const MODEL: &str = "fixtures/tiny-f32-gqa";
 const TEXT: &str = "fixtures/eval/text.txt";

@@ -2,9 +2,9 @@
 //! name, its shape checked against the config, decoded from F32/F16/BF16 to `f32`, and its pages
 //! released. Builds the linear maps of one layer, dense or factored as `config.json` says.
 
-use crate::arch::{Factor, Role};
-use crate::checkpoint::Checkpoint;
-use crate::dtype::FloatType;
+use crate::model::arch::{Factor, Role};
+use crate::input::checkpoint::Checkpoint;
+use crate::model::dtype::FloatType;
 use crate::error::{Error, Result};
 use crate::llama::linear::{KeyValue, Linear, Projection};
 use crate::llama::params::LlamaParams;
@@ -188,7 +188,7 @@ impl<'a> Loader<'a> {
     }
 
     /// The linear map of an attention projection tensor by role, with its shape from
-    /// [`crate::config::ModelConfig::attention_tensors`].
+    /// [`crate::model::config::ModelConfig::attention_tensors`].
     fn role_linear(&self, layer: usize, role: Role, bias: Option<Vec<f32>>) -> Result<Linear> {
         let c = &self.checkpoint.config;
         let shape = c
@@ -198,7 +198,7 @@ impl<'a> Loader<'a> {
             .map(|(_, s)| s)
             .ok_or_else(|| {
                 Error::invalid(
-                    self.checkpoint.dir.join(crate::checkpoint::CONFIG_FILE),
+                    self.checkpoint.dir.join(crate::model::layout::CONFIG_FILE),
                     format!("layer {layer}: no {role:?} tensor in this layout"),
                 )
             })?;

@@ -8,7 +8,7 @@
 //! one layer. Tokens are split into independent windows of `ctx` rows, each starting at position 0:
 //!
 //! ```no_run
-//! # use surgery_convert::{checkpoint::Checkpoint, llama::Llama};
+//! # use surgery_convert::{input::checkpoint::Checkpoint, llama::Llama};
 //! # fn main() -> surgery_convert::error::Result<()> {
 //! let checkpoint = Checkpoint::open(std::path::Path::new("model"))?;
 //! let llama = Llama::new(&checkpoint)?;
@@ -24,17 +24,21 @@
 //! Factored projections are applied as two products, `b(a(x))`; nothing is multiplied out.
 
 pub mod attention;
+pub mod calibrate;
 pub mod layer;
 pub mod linear;
 pub mod load;
 pub mod ops;
 pub mod params;
 pub mod rope;
+pub mod score;
+pub mod tokenize;
 
 pub use layer::Layer;
 pub use params::LlamaParams;
 
-use crate::checkpoint::{Checkpoint, CONFIG_FILE};
+use crate::input::checkpoint::Checkpoint;
+use crate::model::layout::CONFIG_FILE;
 use crate::error::{Error, Result};
 use attention::windows;
 use faer::linalg::matmul::matmul;

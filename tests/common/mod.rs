@@ -6,7 +6,7 @@ use safetensors::{Dtype, SafeTensors};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use surgery_convert::dtype::FloatType;
+use surgery_convert::model::dtype::FloatType;
 
 /// Path of a bundled fixture.
 pub fn fixture(name: &str) -> PathBuf {

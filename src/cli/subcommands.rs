@@ -1,0 +1,381 @@
+//! The subcommands' arguments (`eval`, `expand`, `inspect`, `sweep`) and their resolution into
+//! the [`crate::options`] types.
+
+use super::convert::CalibrationArgs;
+use super::parse::{parse_fit_item, parse_spec_item};
+use super::FitArg;
+use crate::error::{Error, Result};
+use crate::fit::decompose::Fit;
+use crate::fit::spec::Spec;
+use crate::options::{EvalOptions, ExpandOptions, InspectOptions, SweepOptions, TextWindow};
+use clap::Args;
+use std::num::NonZeroUsize;
+use std::path::PathBuf;
+
+/// Arguments of `eval`.
+#[derive(Debug, Args)]
+pub struct EvalArgs {
+    /// The checkpoint: a local directory, or a repo id resolved from the Hugging Face cache.
+    #[arg(value_name = "MODEL")]
+    pub model: String,
+
+    /// UTF-8 text file to score.
+    #[arg(long, value_name = "FILE")]
+    pub text: PathBuf,
+
+    /// Tokens to evaluate, from --offset on (rounded down to whole --ctx windows).
+    #[arg(long, value_name = "N", default_value = "4096")]
+    pub tokens: NonZeroUsize,
+
+    /// Window length in tokens; windows do not overlap and do not see each other.
+    #[arg(long, value_name = "N", default_value = "512")]
+    pub ctx: NonZeroUsize,
+
+    /// Tokens of the text to skip before the first window.
+    #[arg(long, value_name = "K", default_value_t = 0)]
+    pub offset: usize,
+
+    /// Hub revision (branch, tag or commit) when MODEL is a repo id.
+    #[arg(long, value_name = "REV", default_value = "main")]
+    pub revision: String,
+
+    /// Worker threads (default: all cores).
+    #[arg(long, value_name = "N")]
+    pub threads: Option<NonZeroUsize>,
+}
+
+/// Arguments of `expand`.
+#[derive(Debug, Args)]
+pub struct ExpandArgs {
+    /// The factored checkpoint: a local directory, or a repo id resolved from the Hugging Face cache.
+    #[arg(value_name = "FACTORED")]
+    pub input: String,
+
+    /// Output directory (created atomically; must not exist unless --force).
+    #[arg(long, value_name = "DIR")]
+    pub out: PathBuf,
+
+    /// Hub revision (branch, tag or commit) when FACTORED is a repo id.
+    #[arg(long, value_name = "REV", default_value = "main")]
+    pub revision: String,
+
+    /// Print the plan; write nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+
+    /// Replace an existing --out directory (only once the new one is complete).
+    #[arg(long)]
+    pub force: bool,
+
+    /// Print nothing on success.
+    #[arg(long, short)]
+    pub quiet: bool,
+}
+
+/// Arguments of `inspect`.
+#[derive(Debug, Args)]
+pub struct InspectArgs {
+    /// The checkpoint: a local directory, or a repo id resolved from the Hugging Face cache.
+    #[arg(value_name = "MODEL")]
+    pub model: String,
+
+    /// Hub revision (branch, tag or commit) when MODEL is a repo id.
+    #[arg(long, value_name = "REV", default_value = "main")]
+    pub revision: String,
+
+    /// Draw the cumulative explained-variance curves (one panel per layer) into this SVG file.
+    #[arg(long, value_name = "FILE")]
+    pub svg: Option<PathBuf>,
+
+    /// Print the counts as JSON on stdout instead of the table on stderr.
+    #[arg(long)]
+    pub json: bool,
+
+    /// Worker threads (default: all cores).
+    #[arg(long, value_name = "N")]
+    pub threads: Option<NonZeroUsize>,
+}
+
+/// Arguments of `sweep`.
+#[derive(Debug, Clone, Args)]
+pub struct SweepArgs {
+    /// Input checkpoint: a local directory, or a Hugging Face repo id resolved from the local cache.
+    #[arg(long = "in", value_name = "MODEL")]
+    pub input: String,
+
+    /// Hub revision (branch, tag or commit) when --in is a repo id.
+    #[arg(long, value_name = "REV", default_value = "main")]
+    pub revision: String,
+
+    /// UTF-8 text file to score (tokenized whole, without special tokens, as for eval).
+    #[arg(long, value_name = "FILE")]
+    pub text: PathBuf,
+
+    /// Tokens to evaluate, from --offset on (rounded down to whole --ctx windows).
+    #[arg(long, value_name = "N", default_value = "4096")]
+    pub tokens: NonZeroUsize,
+
+    /// Window length in tokens; windows do not overlap and do not see each other.
+    #[arg(long, value_name = "N", default_value = "512")]
+    pub ctx: NonZeroUsize,
+
+    /// Tokens of the text to skip before the first window.
+    #[arg(long, value_name = "K", default_value_t = 0)]
+    pub offset: usize,
+
+    /// Comma-separated SPECs for the shared K/V fit, one configuration each (e.g. 0.9,0.5,budget:0.25).
+    #[arg(long, value_name = "LIST", value_delimiter = ',', value_parser = parse_spec_item)]
+    pub shared_kv: Vec<Spec>,
+
+    /// Comma-separated SPECs for q_proj's own fit, combined with every --shared-kv SPEC.
+    #[arg(long, value_name = "LIST", value_delimiter = ',', value_parser = parse_spec_item)]
+    pub q: Vec<Spec>,
+
+    /// Comma-separated fits, each combined with every SPEC: pca, seed, svd, act (act needs
+    /// --calibrate).
+    #[arg(long, value_name = "LIST", value_delimiter = ',', value_parser = parse_fit_item, default_value = "pca")]
+    pub fit: Vec<FitArg>,
+
+    /// Calibration for the act fits (the pass runs once per sweep).
+    #[command(flatten)]
+    pub calibration: CalibrationArgs,
+
+    /// Output directory for sweep.json, sweep.md and sweep.svg (created atomically; must not exist
+    /// unless --force).
+    #[arg(long, value_name = "DIR")]
+    pub out: PathBuf,
+
+    /// Replace an existing --out directory (only once the new one is complete).
+    #[arg(long)]
+    pub force: bool,
+
+    /// Print nothing on success.
+    #[arg(long, short)]
+    pub quiet: bool,
+
+    /// Worker threads (default: all cores).
+    #[arg(long, value_name = "N")]
+    pub threads: Option<NonZeroUsize>,
+}
+
+impl EvalArgs {
+    /// The validated options.
+    pub fn resolve(self) -> EvalOptions {
+        EvalOptions {
+            model: self.model,
+            revision: self.revision,
+            window: TextWindow {
+                text: self.text,
+                tokens: self.tokens,
+                ctx: self.ctx,
+                offset: self.offset,
+            },
+        }
+    }
+}
+
+impl ExpandArgs {
+    /// The validated options.
+    pub fn resolve(self) -> ExpandOptions {
+        ExpandOptions {
+            input: self.input,
+            revision: self.revision,
+            out: self.out,
+            dry_run: self.dry_run,
+            force: self.force,
+            quiet: self.quiet,
+        }
+    }
+}
+
+impl InspectArgs {
+    /// The validated options.
+    pub fn resolve(self) -> InspectOptions {
+        InspectOptions {
+            model: self.model,
+            revision: self.revision,
+            svg: self.svg,
+            json: self.json,
+        }
+    }
+}
+
+/// Refuses an entry listed twice in `option`'s list.
+fn refuse_duplicates<T: ToString>(option: &str, items: &[T]) -> Result<()> {
+    let names: Vec<String> = items.iter().map(ToString::to_string).collect();
+    for (i, name) in names.iter().enumerate() {
+        if names[..i].contains(name) {
+            return Err(Error::usage(
+                option,
+                format!("`{name}` is listed twice; give each entry once"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+impl SweepArgs {
+    /// The validated options: at least one SPEC list and one fit, no entry twice, calibration
+    /// exactly when a fit `act` is listed.
+    pub fn resolve(self) -> Result<SweepOptions> {
+        if self.shared_kv.is_empty() && self.q.is_empty() {
+            return Err(Error::usage(
+                "--shared-kv",
+                "no surgery requested: give --shared-kv LIST and/or --q LIST (e.g. --shared-kv 0.9,0.5,budget:0.25)",
+            ));
+        }
+        if self.fit.is_empty() {
+            return Err(Error::usage(
+                "--fit",
+                "no fit given: give comma-separated fits, e.g. pca,svd",
+            ));
+        }
+        refuse_duplicates("--shared-kv", &self.shared_kv)?;
+        refuse_duplicates("--q", &self.q)?;
+        let fits: Vec<Fit> = self.fit.iter().map(|f| f.fit()).collect();
+        refuse_duplicates("--fit", &fits.iter().map(|f| f.name()).collect::<Vec<_>>())?;
+        let calibration = self.calibration.resolve(self.fit.contains(&FitArg::Act))?;
+        Ok(SweepOptions {
+            input: self.input,
+            revision: self.revision,
+            window: TextWindow {
+                text: self.text,
+                tokens: self.tokens,
+                ctx: self.ctx,
+                offset: self.offset,
+            },
+            shared_kv: self.shared_kv,
+            q: self.q,
+            fits,
+            calibration,
+            out: self.out,
+            force: self.force,
+            quiet: self.quiet,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cli::{Cli, Command};
+    use crate::options::{Calibration, SweepConfig};
+    use clap::Parser;
+
+    fn configs(a: &SweepArgs) -> Result<Vec<SweepConfig>> {
+        a.clone().resolve().map(|o| o.configs())
+    }
+
+    fn calibration(a: &SweepArgs) -> Result<Option<Calibration>> {
+        a.clone().resolve().map(|o| o.calibration)
+    }
+
+    /// The reproduce command (the calibration is the one `a` resolves to).
+    fn command(a: &SweepArgs, calibration: Option<&Calibration>) -> String {
+        let o = a.clone().resolve().unwrap();
+        assert_eq!(o.calibration.as_ref(), calibration);
+        o.reproduce_command()
+    }
+
+    fn args(extra: &[&str]) -> std::result::Result<SweepArgs, clap::Error> {
+        let mut all = vec![
+            "surgery-convert",
+            "sweep",
+            "--in",
+            "m",
+            "--text",
+            "t.txt",
+            "--out",
+            "o",
+        ];
+        all.extend_from_slice(extra);
+        match Cli::try_parse_from(all)?.command {
+            Some(Command::Sweep(a)) => Ok(a),
+            other => panic!("not a sweep: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn configs_are_the_product_in_order() {
+        let a = args(&["--shared-kv", "0.9,budget:0.25", "--fit", "pca,svd"]).unwrap();
+        let labels: Vec<String> = configs(&a).unwrap().iter().map(|c| c.label()).collect();
+        assert_eq!(
+            labels,
+            [
+                "--shared-kv 0.9 --fit pca",
+                "--shared-kv 0.9 --fit svd",
+                "--shared-kv budget:0.25 --fit pca",
+                "--shared-kv budget:0.25 --fit svd",
+            ]
+        );
+        let a = args(&["--shared-kv", "0.5", "--q", "0.9,rank:4"]).unwrap();
+        let labels: Vec<String> = configs(&a).unwrap().iter().map(|c| c.label()).collect();
+        assert_eq!(
+            labels,
+            [
+                "--shared-kv 0.5 --q 0.9 --fit pca",
+                "--shared-kv 0.5 --q rank:4 --fit pca",
+            ]
+        );
+        let c = configs(&args(&["--q", "0.9"]).unwrap()).unwrap();
+        assert_eq!(c[0].surgery().shared_kv, None);
+        assert_eq!(c[0].surgery().q, Some(Spec::Threshold(0.9)));
+        assert_eq!(
+            command(&a, None),
+            "surgery-convert sweep --in m --text t.txt --tokens 4096 --offset 0 --ctx 512 --shared-kv 0.5 --q 0.9,rank:4 --fit pca"
+        );
+    }
+
+    #[test]
+    fn bad_lists_are_refused_with_the_option_named() {
+        let msg = |r: Result<Vec<SweepConfig>>| r.unwrap_err().to_string();
+        assert!(msg(configs(&args(&[]).unwrap())).starts_with("--shared-kv: no surgery"));
+        let m = msg(configs(&args(&["--shared-kv", "0.5,0.5"]).unwrap()));
+        assert!(m.starts_with("--shared-kv: `0.5` is listed twice"), "{m}");
+        let m = msg(configs(
+            &args(&["--q", "0.5", "--fit", "pca,svd,pca"]).unwrap(),
+        ));
+        assert!(m.starts_with("--fit: `pca` is listed twice"), "{m}");
+        for bad in [
+            &["--shared-kv", ""][..],
+            &["--shared-kv", "0.5,,0.9"],
+            &["--shared-kv", "0.5", "--fit", "pca,foo"],
+            &["--shared-kv", "0.5", "--fit", ""],
+            &["--shared-kv", "1.5"],
+        ] {
+            assert!(args(bad).is_err(), "{bad:?} should be refused");
+        }
+        let e = args(&["--shared-kv", "0.5", "--fit", "foo"])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("unknown fit `foo`"), "{e}");
+    }
+
+    #[test]
+    fn act_needs_calibration_and_calibration_needs_act() {
+        let a = args(&["--shared-kv", "0.5", "--fit", "pca,act"]).unwrap();
+        let m = calibration(&a).unwrap_err().to_string();
+        assert!(m.starts_with("--fit act: needs calibration text"), "{m}");
+        let a = args(&["--shared-kv", "0.5", "--calibrate", "c.txt"]).unwrap();
+        assert!(calibration(&a)
+            .unwrap_err()
+            .to_string()
+            .starts_with("--calibrate: only --fit act"));
+        let a = args(&[
+            "--shared-kv",
+            "0.5",
+            "--fit",
+            "act",
+            "--calibrate",
+            "c.txt",
+            "--calib-tokens",
+            "64",
+        ])
+        .unwrap();
+        let c = calibration(&a).unwrap().unwrap();
+        assert_eq!((c.tokens.get(), c.offset, c.ctx.get()), (64, 0, 512));
+        assert!(command(&a, Some(&c)).ends_with(
+            "--fit act --calibrate c.txt --calib-tokens 64 --calib-offset 0 --calib-ctx 512"
+        ));
+    }
+}

@@ -1,0 +1,157 @@
+//! The conversion, end to end: resolve the input, open it, prepare the fits, then either plan and
+//! report (`--dry-run`) or execute into a staging directory, write the index, copies, report and
+//! checksums, and move the result into place.
+
+use crate::error::{Error, Result};
+use crate::execute::prepare::{fit_inputs, resolve_budgets};
+use crate::execute::write::{write_dense, write_factored, Written};
+use crate::execute::{self, FitInputs};
+use crate::input::checkpoint::Checkpoint;
+use crate::input::source::{self, ResolvedInput};
+use crate::options::{ConvertOptions, Output};
+use crate::output::files::{finish, output_sizes, write_index_and_files};
+use crate::output::staging::{check_out_path, Staging};
+use crate::plan::{self, Emit, GroupPlan};
+use crate::report::Report;
+use indicatif::ProgressBar;
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Instant;
+
+/// The bar of the fits alone (dry runs, the factored form's first pass).
+const FIT_BAR: &str = "{spinner} decomposing {pos}/{len} matrices";
+/// The bar of the write pass.
+const WRITE_BAR: &str = "{bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}";
+
+fn progress_bar(options: &ConvertOptions, template: &str) -> ProgressBar {
+    super::progress_bar(options.output == Output::Summary, 0, template)
+}
+
+/// Runs a conversion (or a dry run) and returns its report.
+pub fn run(options: &ConvertOptions) -> Result<Report> {
+    let started = Instant::now();
+    let input = source::resolve(&options.input, &options.revision)?;
+    let out = if options.dry_run {
+        None
+    } else {
+        Some(check_out_path(&input.dir, &options.out, options.force)?)
+    };
+    let checkpoint = Checkpoint::open(&input.dir)?;
+    checkpoint.require_dense(&options.input)?;
+    let inputs = fit_inputs(options.calibration.as_ref(), &checkpoint)?;
+    let mut groups = plan::groups(&checkpoint, &options.surgery);
+    resolve_budgets(&checkpoint, &mut groups, &inputs)?;
+    let report = match out {
+        None => dry_run(options, &input, &checkpoint, groups, &inputs)?,
+        Some(out) => convert(options, &input, &checkpoint, groups, &inputs, &out)?,
+    };
+    let out = (!options.dry_run).then(|| options.out.display().to_string());
+    print(options, &report, started, out.as_deref())?;
+    Ok(report)
+}
+
+/// Fits every group, plans and prints the plan (as a summary); writes nothing.
+fn dry_run(
+    options: &ConvertOptions,
+    input: &ResolvedInput,
+    checkpoint: &Checkpoint,
+    groups: Vec<GroupPlan>,
+    inputs: &FitInputs,
+) -> Result<Report> {
+    let bar = progress_bar(options, FIT_BAR);
+    let reports = execute::reports_only(checkpoint, &groups, options.emit, inputs, &bar)?;
+    bar.finish_and_clear();
+    let layout = execute::layout(options.emit, &reports);
+    let plan = plan::plan(checkpoint, groups, &layout, options.max_shard_size)?;
+    if options.output == Output::Summary {
+        for line in plan.describe(checkpoint) {
+            // File names come from the input: printed escaped, one line each.
+            eprintln!("{}", crate::error::escape_controls(&line));
+        }
+    }
+    Ok(Report::build(
+        options,
+        &input.identity,
+        checkpoint,
+        &plan,
+        reports,
+        inputs.calibration.as_ref(),
+        Vec::new(),
+        None,
+    ))
+}
+
+/// Writes the conversion into a staging directory and commits it as `out`.
+fn convert(
+    options: &ConvertOptions,
+    input: &ResolvedInput,
+    checkpoint: &Checkpoint,
+    groups: Vec<GroupPlan>,
+    inputs: &FitInputs,
+    out: &Path,
+) -> Result<Report> {
+    let staging = Staging::create(out)?;
+    let mut digests: BTreeMap<String, String> = BTreeMap::new();
+    let written = match options.emit {
+        Emit::Dense => write_dense(
+            checkpoint,
+            groups,
+            inputs,
+            options.max_shard_size,
+            staging.path(),
+            &mut digests,
+            &progress_bar(options, WRITE_BAR),
+        )?,
+        Emit::Factored => write_factored(
+            checkpoint,
+            groups,
+            inputs,
+            options.max_shard_size,
+            staging.path(),
+            &mut digests,
+            [
+                &progress_bar(options, FIT_BAR),
+                &progress_bar(options, WRITE_BAR),
+            ],
+        )?,
+    };
+    let Written {
+        plan,
+        reports,
+        weight_files,
+    } = written;
+    write_index_and_files(checkpoint, &plan, staging.path(), &mut digests)?;
+    let sizes = output_sizes(&plan, staging.path())?;
+    let report = Report::build(
+        options,
+        &input.identity,
+        checkpoint,
+        &plan,
+        reports,
+        inputs.calibration.as_ref(),
+        weight_files,
+        Some(&sizes),
+    );
+    finish(staging, &report, digests)?;
+    Ok(report)
+}
+
+fn print(
+    options: &ConvertOptions,
+    report: &Report,
+    started: Instant,
+    out: Option<&str>,
+) -> Result<()> {
+    match options.output {
+        Output::Quiet => {}
+        Output::Summary => eprint!("{}", report.summary(started.elapsed().as_secs_f64(), out)),
+        Output::Json => {
+            let json = serde_json::to_string_pretty(report).map_err(|source| Error::Json {
+                path: "surgery.json".into(),
+                source,
+            })?;
+            println!("{json}");
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,80 @@
+//! The `eval` subcommand: perplexity of a checkpoint (standard or factored) on a text file, with
+//! this tool's own forward pass ([`crate::llama`]), reported as JSON on stdout; which tokens are
+//! scored is [`crate::llama::score`]'s convention.
+
+use crate::error::{Error, Result};
+use crate::input::checkpoint::Checkpoint;
+use crate::input::source;
+use crate::llama::score::{negative_log_likelihood, read_text, select};
+use crate::llama::Llama;
+use crate::options::EvalOptions;
+use serde::Serialize;
+use std::time::Instant;
+
+/// What `eval` prints.
+#[derive(Debug, Clone, Serialize)]
+pub struct EvalReport {
+    /// MODEL as given.
+    pub model: String,
+    /// `--text` as given.
+    pub text: String,
+    /// SHA-256 of the text file's bytes.
+    pub text_sha256: String,
+    /// `--offset`, in tokens.
+    pub offset: usize,
+    /// Next-token predictions scored: `windows * (ctx - 1)`.
+    pub tokens: usize,
+    /// `--ctx`.
+    pub ctx: usize,
+    /// Windows evaluated.
+    pub windows: usize,
+    /// `exp(nll_mean)`.
+    pub perplexity: f64,
+    /// Mean negative log-likelihood per scored token (nats).
+    pub nll_mean: f64,
+    /// Wall time of the whole evaluation (loading, tokenizing, forward), seconds.
+    pub seconds: f64,
+    /// Worker threads used.
+    pub threads: usize,
+}
+
+/// Runs `eval` and prints the report as JSON on stdout.
+pub fn run(options: &EvalOptions) -> Result<EvalReport> {
+    let started = Instant::now();
+    let w = &options.window;
+    let (ctx, tokens) = (w.ctx.get(), w.tokens.get());
+    let input = source::resolve(&options.model, &options.revision)?;
+    let checkpoint = Checkpoint::open(&input.dir)?;
+    let llama = Llama::new(&checkpoint)?;
+    let text = read_text(&input.dir, &w.text)?;
+    let selection = select(text.ids.len(), w.offset, tokens, ctx)?;
+    let ids = &text.ids[selection.range.clone()];
+
+    let bar = super::progress_bar(
+        true,
+        llama.params().num_layers as u64,
+        "eval: layer {pos}/{len} {wide_bar} {elapsed}",
+    );
+    let (nll, count) = negative_log_likelihood(&llama, ids, ctx, |_| bar.inc(1))?;
+    bar.finish_and_clear();
+    let nll_mean = nll / count.max(1) as f64;
+    let report = EvalReport {
+        model: options.model.clone(),
+        text: w.text.display().to_string(),
+        text_sha256: text.sha256.clone(),
+        offset: w.offset,
+        tokens: count,
+        ctx,
+        windows: selection.windows,
+        perplexity: nll_mean.exp(),
+        nll_mean,
+        seconds: started.elapsed().as_secs_f64(),
+        threads: rayon::current_num_threads(),
+    };
+    let json = serde_json::to_string_pretty(&report).map_err(|source| Error::Json {
+        path: w.text.clone(),
+        source,
+    })?;
+    println!("{json}");
+    Ok(report)
+}

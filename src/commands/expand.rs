@@ -1,0 +1,176 @@
+//! `surgery-convert expand`: a factored checkpoint (`--emit factored`) multiplied back into a
+//! standard dense one, for runtimes without the factored module (llama.cpp, vLLM, candle).
+//!
+//! Each `b @ a` pair becomes the projection it replaced, under its original name, in the
+//! up-projection's dtype and shard; `config.json` gets its original architecture back; everything
+//! else is copied. The output carries its own `surgery.json` (embedding the factored checkpoint's
+//! report) and `SHA256SUMS`.
+
+use crate::input::checkpoint::Checkpoint;
+use crate::model::layout::CONFIG_FILE;
+use crate::options::ExpandOptions;
+use crate::output::files::{finish, output_sizes, write_index_and_files};
+use crate::error::{Error, Result};
+use crate::execute::{self, NoPieces};
+use crate::execute::input_hash::InputHasher;
+use crate::output::staging::{check_out_path, Staging};
+use crate::plan::{self, Op};
+use crate::report::{group_digits, FileRecord, ShardRecord, Tool};
+use crate::input::source::{self, InputIdentity};
+use crate::output::writer::ShardWriter;
+use indicatif::ProgressBar;
+use serde::Serialize;
+use serde_json::Value;
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+/// `surgery.json` of an expanded checkpoint.
+#[derive(Debug, Clone, Serialize)]
+pub struct ExpandReport {
+    /// Tool name and version.
+    pub tool: Tool,
+    /// The command that reproduces this output (add `--out DIR`).
+    pub command: String,
+    /// `expand`.
+    pub operation: &'static str,
+    /// The factored input.
+    pub input: ExpandInput,
+    /// Output weight files.
+    pub output: Vec<ShardRecord>,
+    /// Each dense projection restored, with the factors it was multiplied from.
+    pub expanded: Vec<ExpandedTensor>,
+    /// The factored checkpoint's own `surgery.json`, when it has one.
+    pub source_report: Option<Value>,
+}
+
+/// Where the factored checkpoint came from.
+#[derive(Debug, Clone, Serialize)]
+pub struct ExpandInput {
+    /// Local path or hub repo.
+    #[serde(flatten)]
+    pub identity: InputIdentity,
+    /// Weight files with size and SHA-256.
+    pub weight_files: Vec<FileRecord>,
+}
+
+/// One restored projection.
+#[derive(Debug, Clone, Serialize)]
+pub struct ExpandedTensor {
+    /// Its name.
+    pub name: String,
+    /// Its shape.
+    pub shape: Vec<usize>,
+    /// `[up, down]`: the factors multiplied.
+    pub from: [String; 2],
+}
+
+/// Runs `expand`.
+pub fn run(options: &ExpandOptions) -> Result<()> {
+    let started = Instant::now();
+    let input = source::resolve(&options.input, &options.revision)?;
+    let out = if options.dry_run {
+        None
+    } else {
+        Some(check_out_path(&input.dir, &options.out, options.force)?)
+    };
+    let checkpoint = Checkpoint::open(&input.dir)?;
+    let latent = checkpoint.config.latent.clone().ok_or_else(|| {
+        Error::invalid(
+            checkpoint.dir.join(CONFIG_FILE),
+            "not a factored checkpoint (no latent_attention); only output of --emit factored can be expanded",
+        )
+    })?;
+    let plan = plan::plan_expand(&checkpoint, &latent)?;
+    let expanded: Vec<ExpandedTensor> = plan
+        .shards
+        .iter()
+        .flat_map(|s| &s.tensors)
+        .filter_map(|t| match t.op {
+            Op::Expand { down, up } => Some(ExpandedTensor {
+                name: t.name.clone(),
+                shape: t.shape.clone(),
+                from: [
+                    checkpoint.tensors[up].name.clone(),
+                    checkpoint.tensors[down].name.clone(),
+                ],
+            }),
+            _ => None,
+        })
+        .collect();
+    let Some(out) = out else {
+        if !options.quiet {
+            for line in plan.describe(&checkpoint) {
+                eprintln!("{line}");
+            }
+            eprintln!(
+                "dry run: {} projections would be expanded; nothing written",
+                expanded.len()
+            );
+        }
+        return Ok(());
+    };
+
+    let source_report = {
+        let path = checkpoint.dir.join("surgery.json");
+        if path.is_file() {
+            let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+            Some(
+                serde_json::from_str::<Value>(&text)
+                    .map_err(|source| Error::Json { path, source })?,
+            )
+        } else {
+            None
+        }
+    };
+
+    let staging = Staging::create(&out)?;
+    let mut digests: BTreeMap<String, String> = BTreeMap::new();
+    let mut hasher = InputHasher::new(&checkpoint);
+    {
+        let mut writer = ShardWriter::new(staging.path(), &mut digests);
+        execute::execute(
+            &checkpoint,
+            &plan,
+            &mut NoPieces,
+            &mut writer,
+            &mut hasher,
+            &ProgressBar::hidden(),
+        )?;
+    }
+    let weight_files = hasher.finish(&checkpoint);
+    write_index_and_files(&checkpoint, &plan, staging.path(), &mut digests)?;
+    let sizes = output_sizes(&plan, staging.path())?;
+    let report = ExpandReport {
+        tool: Tool::current(),
+        command: options.reproduce_command(),
+        operation: "expand",
+        input: ExpandInput {
+            identity: input.identity.clone(),
+            weight_files,
+        },
+        output: plan
+            .shards
+            .iter()
+            .zip(&sizes)
+            .map(|(s, &bytes)| ShardRecord {
+                name: s.file_name.clone(),
+                tensors: s.tensors.len(),
+                bytes,
+            })
+            .collect(),
+        expanded,
+        source_report,
+    };
+    finish(staging, &report, digests)?;
+    if !options.quiet {
+        eprintln!(
+            "expanded {} projections; wrote {} ({} weight files, {} bytes) in {:.2}s",
+            report.expanded.len(),
+            options.out.display(),
+            sizes.len(),
+            group_digits(sizes.iter().sum()),
+            started.elapsed().as_secs_f64()
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,39 @@
+//! One module per subcommand, each running the stages below it from its validated options:
+//! [`convert`] (the default command), [`expand`], [`eval`], [`verify`], [`inspect`], [`sweep`].
+//! Also what several commands share: the worker pool and progress bars.
+
+pub mod convert;
+pub mod eval;
+pub mod expand;
+pub mod inspect;
+pub mod sweep;
+pub mod verify;
+
+use crate::error::{Error, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+use std::io::IsTerminal;
+use std::num::NonZeroUsize;
+
+/// Sizes the global worker pool to `--threads`, when given (call once, before any work).
+pub fn set_threads(threads: Option<NonZeroUsize>) -> Result<()> {
+    if let Some(n) = threads {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(n.get())
+            .build_global()
+            .map_err(|e| Error::usage("--threads", e.to_string()))?;
+    }
+    Ok(())
+}
+
+/// A progress bar of `len` steps drawn with `template` on stderr, or a hidden one when `show` is
+/// false or stderr is not a terminal.
+pub(crate) fn progress_bar(show: bool, len: u64, template: &str) -> ProgressBar {
+    if !show || !std::io::stderr().is_terminal() {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::new(len);
+    if let Ok(style) = ProgressStyle::with_template(template) {
+        bar.set_style(style);
+    }
+    bar
+}

@@ -1,0 +1,138 @@
+//! One configuration of a sweep evaluated in memory: the forward pass of `eval`, layer by layer,
+//! with each layer's fitted projections swapped for their reconstructions as that layer is reached.
+//! A layer's groups are fitted (in parallel) only then, encoded in the projection's dtype exactly as
+//! a dense conversion writes them, decoded to `f32`, and dropped with the layer, so memory stays one
+//! layer's worth.
+
+use crate::input::checkpoint::Checkpoint;
+use crate::model::dtype::FloatType;
+use crate::error::{Error, Result};
+use crate::llama::score::negative_log_likelihood_edited;
+use crate::execute::{fit_and_encode, FitInputs, GroupReport};
+use crate::llama::linear::{KeyValue, Linear, Projection};
+use crate::llama::load::decode_f32;
+use crate::llama::{Layer, Llama};
+use crate::plan::{Emit, GroupKind, GroupPlan};
+use rayon::prelude::*;
+
+/// What evaluating one configuration gave.
+#[derive(Debug, Clone)]
+pub struct Evaluation {
+    /// Summed negative log-likelihood (nats).
+    pub nll: f64,
+    /// Predictions scored.
+    pub count: usize,
+    /// Every group's report, in group order.
+    pub reports: Vec<GroupReport>,
+}
+
+/// Runs the forward pass over `ids` (windows of `ctx`) with `groups` fitted and substituted layer by
+/// layer. `progress` is told each finished layer.
+pub fn evaluate(
+    llama: &Llama<'_>,
+    groups: &[GroupPlan],
+    inputs: &FitInputs,
+    ids: &[u32],
+    ctx: usize,
+    progress: impl FnMut(usize),
+) -> Result<Evaluation> {
+    let checkpoint = llama.checkpoint();
+    let mut reports = Vec::with_capacity(groups.len());
+    let (nll, count) = negative_log_likelihood_edited(
+        llama,
+        ids,
+        ctx,
+        |layer| {
+            let due: Vec<&GroupPlan> = groups.iter().filter(|g| g.layer == layer.index).collect();
+            let fitted: Vec<Result<(GroupReport, Vec<Vec<u8>>)>> = due
+                .par_iter()
+                .map(|g| fit_and_encode(checkpoint, g, Emit::Dense, inputs))
+                .collect();
+            for (group, result) in due.into_iter().zip(fitted) {
+                let (report, pieces) = result?;
+                substitute(checkpoint, layer, group, &pieces)?;
+                reports.push(report);
+            }
+            Ok(())
+        },
+        progress,
+    )?;
+    Ok(Evaluation {
+        nll,
+        count,
+        reports,
+    })
+}
+
+/// The bias a projection carries (the up-projection's, for a factored one).
+fn bias_of(p: &Projection) -> Option<Vec<f32>> {
+    match p {
+        Projection::Dense(l) => l.bias.clone(),
+        Projection::Factored { up, .. } => up.bias.clone(),
+    }
+}
+
+/// Replaces `group`'s projections in `layer` by the dense maps of `pieces` (one encoded
+/// reconstruction per member, in member order), keeping each projection's bias.
+fn substitute(
+    checkpoint: &Checkpoint,
+    layer: &mut Layer,
+    group: &GroupPlan,
+    pieces: &[Vec<u8>],
+) -> Result<()> {
+    let mut linears = Vec::with_capacity(pieces.len());
+    for (&member, bytes) in group.members.iter().zip(pieces) {
+        let t = &checkpoint.tensors[member];
+        let ty = FloatType::from_dtype(t.dtype).ok_or_else(|| {
+            Error::tensor(
+                &checkpoint.shards[t.shard].path,
+                &t.name,
+                format!("dtype {:?} cannot be decomposed", t.dtype),
+            )
+        })?;
+        linears.push((decode_f32(ty, bytes), t.shape[0], t.shape[1]));
+    }
+    let dense = |i: usize, bias: Option<Vec<f32>>| -> Result<Projection> {
+        let (values, out, input) = linears.get(i).ok_or_else(|| {
+            Error::invalid(
+                &checkpoint.dir,
+                format!(
+                    "internal error: layer {} group {} has no output {i}",
+                    group.layer,
+                    group.kind.name()
+                ),
+            )
+        })?;
+        Ok(Projection::Dense(Linear::from_row_major(
+            values, *out, *input, bias,
+        )))
+    };
+    let (k, v) = match &layer.kv {
+        KeyValue::Separate { k, v } => (k, v),
+        KeyValue::Shared { .. } => return Err(Error::invalid(
+            &checkpoint.dir,
+            "a factored checkpoint (written by --emit factored); expand it to a standard one first",
+        )),
+    };
+    let (k_bias, v_bias) = (bias_of(k), bias_of(v));
+    match group.kind {
+        GroupKind::Q => layer.q = dense(0, bias_of(&layer.q))?,
+        GroupKind::SharedKv => {
+            layer.kv = KeyValue::Separate {
+                k: dense(0, k_bias)?,
+                v: dense(1, v_bias)?,
+            }
+        }
+        GroupKind::K => {
+            if let KeyValue::Separate { k, .. } = &mut layer.kv {
+                *k = dense(0, k_bias)?;
+            }
+        }
+        GroupKind::V => {
+            if let KeyValue::Separate { v, .. } = &mut layer.kv {
+                *v = dense(0, v_bias)?;
+            }
+        }
+    }
+    Ok(())
+}

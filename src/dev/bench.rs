@@ -1,0 +1,50 @@
+//! The decomposition floor of a conversion (`surgery-dev bench-decompose`, used by
+//! `scripts/bench`): every group's matrix is decoded into memory first, then only the fits are
+//! timed, in parallel across matrices as the conversion runs them.
+
+use crate::error::Result;
+use crate::execute::group::{fit_group, release_members, stack_group};
+use crate::execute::prepare::{fit_inputs, resolve_budgets};
+use crate::execute::FitInputs;
+use crate::fit::decompose::Decomposition;
+use crate::input::checkpoint::Checkpoint;
+use crate::input::source;
+use crate::options::ConvertOptions;
+use crate::plan::{self, GroupPlan};
+use faer::Mat;
+use rayon::prelude::*;
+
+/// The floor of the conversion `options` describes: the seconds its fits take and their number.
+pub fn decompose_floor(options: &ConvertOptions) -> Result<(f64, usize)> {
+    let input = source::resolve(&options.input, &options.revision)?;
+    let checkpoint = Checkpoint::open(&input.dir)?;
+    let inputs = fit_inputs(options.calibration.as_ref(), &checkpoint)?;
+    let mut groups = plan::groups(&checkpoint, &options.surgery);
+    resolve_budgets(&checkpoint, &mut groups, &inputs)?;
+    let seconds = fits_alone(&checkpoint, &groups, &inputs)?;
+    Ok((seconds, groups.len()))
+}
+
+/// Seconds taken by the fits of `groups` alone, in parallel across matrices, with every matrix
+/// decoded into memory beforehand.
+fn fits_alone(checkpoint: &Checkpoint, groups: &[GroupPlan], inputs: &FitInputs) -> Result<f64> {
+    let matrices: Vec<Mat<f64>> = groups
+        .par_iter()
+        .map(|group| {
+            let (_, w) = stack_group(checkpoint, group)?;
+            release_members(checkpoint, group);
+            Ok(w)
+        })
+        .collect::<Result<_>>()?;
+    let started = std::time::Instant::now();
+    let fits: Vec<Result<Decomposition>> = groups
+        .par_iter()
+        .zip(matrices)
+        .map(|(group, w)| fit_group(checkpoint, group, inputs, w, group.effective_spec()))
+        .collect();
+    let seconds = started.elapsed().as_secs_f64();
+    for fit in fits {
+        fit?;
+    }
+    Ok(seconds)
+}

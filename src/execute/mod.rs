@@ -1,0 +1,211 @@
+//! The executor: fits the plan's groups (in parallel across matrices) and walks the plan shard by
+//! shard and tensor by tensor, handing bytes to a sink.
+//!
+//! Fits run ahead of the writer through a [`pipeline::Pipeline`] in the order the write pass needs them, so
+//! only the groups in flight are held in memory. Dense output takes them as its tensors come due
+//! ([`pipeline::Pipelined`]). Factored output needs every latent width before the layout exists, so
+//! [`spill::factor_pass`] drains the pipeline first and spills the encoded factors to a scratch file
+//! ([`spill::Spill`]) that the write pass then reads back: every matrix is decomposed once either way.
+//! Input pages are released as soon as they have been consumed.
+//!
+//! [`prepare`] computes what the fits need first (calibration, budgets); [`write`] runs a
+//! conversion's write pass; [`input_hash`] hashes the input on the way.
+
+pub mod group;
+pub mod input_hash;
+pub mod pipeline;
+pub mod prepare;
+pub mod spill;
+pub mod write;
+
+pub use group::{fit_and_encode, reports_only, spectra};
+pub use spill::factor_pass;
+
+use crate::error::{Error, Result};
+use crate::fit::act::ActWeighting;
+use crate::execute::input_hash::InputHasher;
+use crate::fit::decompose::{matrix_from_rows, matrix_to_rows};
+use crate::input::checkpoint::{Checkpoint, TensorEntry};
+use crate::model::dtype::FloatType;
+use crate::output::sink::TensorSink;
+use crate::plan::{Emit, Layout, Op, Plan};
+use faer::Mat;
+use indicatif::ProgressBar;
+use serde::Serialize;
+
+/// What one decomposition kept and cost, as recorded in `surgery.json`.
+#[derive(Debug, Clone, Serialize)]
+pub struct GroupReport {
+    /// Layer index.
+    pub layer: usize,
+    /// `q`, `k`, `v` or `shared_kv`.
+    pub kind: &'static str,
+    /// The tensors fitted together, in stacking order.
+    pub tensors: Vec<String>,
+    /// Shape of the (stacked) matrix fitted: `[rows, cols]`.
+    pub shape: [usize; 2],
+    /// The SPEC given.
+    pub spec: String,
+    /// The reconstruction.
+    pub fit: &'static str,
+    /// Components kept.
+    pub rank: usize,
+    /// Width of the factored form's latent: `rank`, plus one for the mean direction of fit `pca`.
+    pub latent: usize,
+    /// Components available.
+    pub full_rank: usize,
+    /// Whether `rank:N` exceeded the maximum and was clamped.
+    pub rank_clamped: bool,
+    /// Explained variance kept (sum of the kept components' ratios).
+    pub variance_kept: f64,
+    /// `||W - W'||_F / ||W||_F` over the whole group, with `W'` as written: the reconstruction
+    /// rounded to the output dtype, or for factored output the product of the rounded factors.
+    pub relative_error: f64,
+    /// The same per tensor, in `tensors` order.
+    pub tensor_relative_errors: Vec<f64>,
+    /// Parameters of the original matrices.
+    pub params_original: u64,
+    /// Parameters of the factored form (down-projection plus up-projections).
+    pub params_factored: u64,
+    /// Bytes of the original matrices.
+    pub bytes_original: u64,
+    /// Bytes of the factored form in the same dtypes.
+    pub bytes_factored: u64,
+}
+
+/// What the fits need besides the weights.
+#[derive(Debug, Default)]
+pub struct FitInputs {
+    /// Per layer, the covariance of the attention input (`--calibrate`), for fit `act`.
+    pub covariances: Option<Vec<Mat<f64>>>,
+    /// How fit `act` weighs output errors.
+    pub weighting: ActWeighting,
+    /// Where the covariances came from.
+    pub calibration: Option<crate::llama::calibrate::CalibrationRecord>,
+}
+
+/// The output layout for `emit`, given the groups' reports (their latent widths).
+pub fn layout(emit: Emit, reports: &[GroupReport]) -> Layout {
+    match emit {
+        Emit::Dense => Layout::Dense,
+        Emit::Factored => Layout::Factored {
+            latents: reports.iter().map(|r| r.latent).collect(),
+        },
+    }
+}
+
+/// Produces a group output when the write pass reaches it.
+pub trait PieceSource {
+    /// The bytes of output `piece` of group `group` (each is asked for exactly once).
+    fn take(
+        &mut self,
+        checkpoint: &Checkpoint,
+        plan: &Plan,
+        group: usize,
+        piece: usize,
+    ) -> Result<Vec<u8>>;
+}
+
+/// The source for plans without groups (`expand`): no piece is ever asked for.
+pub struct NoPieces;
+
+impl PieceSource for NoPieces {
+    fn take(
+        &mut self,
+        checkpoint: &Checkpoint,
+        _plan: &Plan,
+        group: usize,
+        _piece: usize,
+    ) -> Result<Vec<u8>> {
+        Err(Error::invalid(
+            &checkpoint.dir,
+            format!("internal error: output of group {group} asked of a plan without groups"),
+        ))
+    }
+}
+
+/// `up @ down` of two input factors, encoded in `up`'s dtype.
+fn expand_tensor(checkpoint: &Checkpoint, down: usize, up: usize) -> Result<Vec<u8>> {
+    let (a, b) = (&checkpoint.tensors[down], &checkpoint.tensors[up]);
+    let decoded = |t: &TensorEntry| {
+        let ft = FloatType::from_dtype(t.dtype).ok_or_else(|| {
+            Error::tensor(
+                &checkpoint.shards[t.shard].path,
+                &t.name,
+                format!("dtype {:?} cannot be expanded", t.dtype),
+            )
+        })?;
+        let values = ft.decode(checkpoint.bytes(t));
+        checkpoint.release(t);
+        Ok::<_, Error>((ft, matrix_from_rows(t.shape[0], t.shape[1], &values)))
+    };
+    let (_, a_m) = decoded(a)?;
+    let (ft, b_m) = decoded(b)?;
+    if b_m.ncols() != a_m.nrows() {
+        return Err(Error::tensor(
+            &checkpoint.shards[b.shard].path,
+            &b.name,
+            format!(
+                "shape {:?} does not fit `{}` {:?}",
+                b.shape, a.name, a.shape
+            ),
+        ));
+    }
+    Ok(ft.encode(&matrix_to_rows(group::product(&b_m, &a_m).as_ref())))
+}
+
+/// Bytes of a copied tensor written (and then released from the input map) at a time.
+const COPY_CHUNK: usize = 16 << 20;
+
+/// Produces every output tensor in plan order and hands it to `sink`; group outputs come from
+/// `pieces`. Copied tensors go through in chunks, each released from the input map once written;
+/// the input files are hashed on the way (`hasher`).
+pub fn execute(
+    checkpoint: &Checkpoint,
+    plan: &Plan,
+    pieces: &mut dyn PieceSource,
+    sink: &mut dyn TensorSink,
+    hasher: &mut InputHasher,
+    progress: &ProgressBar,
+) -> Result<()> {
+    progress.set_length(plan.data_len());
+    for shard in &plan.shards {
+        sink.begin_shard(shard)?;
+        for tensor in &shard.tensors {
+            match tensor.op {
+                Op::Copy { tensor: index } => {
+                    let t = &checkpoint.tensors[index];
+                    let bytes = checkpoint.bytes(t);
+                    sink.begin_tensor(tensor)?;
+                    let mut at = 0;
+                    while at < bytes.len() {
+                        let end = (at + COPY_CHUNK).min(bytes.len());
+                        sink.write_part(&bytes[at..end])?;
+                        let range = t.range.start + at..t.range.start + end;
+                        hasher.advance(checkpoint, t.shard, range.end);
+                        checkpoint.release_range(t.shard, range);
+                        at = end;
+                    }
+                    sink.end_tensor()?;
+                }
+                Op::Computed { group, piece } => {
+                    let bytes = pieces.take(checkpoint, plan, group, piece)?;
+                    sink.write_tensor(tensor, &bytes)?;
+                    // A dense output replaces the input tensor of the same name.
+                    if let Some(t) = checkpoint.tensor(&tensor.name) {
+                        hasher.visit(checkpoint, t);
+                    }
+                }
+                Op::Expand { down, up } => {
+                    let bytes = expand_tensor(checkpoint, down, up)?;
+                    sink.write_tensor(tensor, &bytes)?;
+                    hasher.visit(checkpoint, &checkpoint.tensors[down]);
+                    hasher.visit(checkpoint, &checkpoint.tensors[up]);
+                }
+            }
+            progress.inc(tensor.byte_len as u64);
+        }
+        sink.finish_shard()?;
+    }
+    Ok(())
+}

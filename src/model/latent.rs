@@ -1,0 +1,312 @@
+//! The factored format's description in `config.json` (`latent_attention`), both ways: written for
+//! `--emit factored`, parsed and validated when a factored checkpoint is read (by `expand`), and
+//! removed again to restore a standard Llama config. The format is specified in
+//! `docs/factored-format.md`; the Python module that loads it is embedded here.
+
+use crate::error::{Error, Result};
+use serde_json::{json, Map, Value};
+use std::path::Path;
+
+/// `latent_attention.format_version` this build writes and reads.
+pub const FORMAT_VERSION: u64 = 1;
+/// The transformers module written next to a factored checkpoint.
+pub const MODULE_FILE: &str = "modeling_surgery_llama.py";
+/// Its source (lives in the repository under `python/`).
+pub const MODULE_SOURCE: &str = include_str!("../../python/modeling_surgery_llama.py");
+/// `architectures[0]` of a factored checkpoint.
+pub const CLASS_NAME: &str = "SurgeryLlamaForCausalLM";
+/// `model_type` of a factored checkpoint.
+pub const MODEL_TYPE: &str = "surgery_llama";
+
+/// How K and V are factored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KvMode {
+    /// One latent for both (`kv_a_proj`, `k_b_proj`, `v_b_proj`).
+    Shared,
+    /// Each on its own (`k_a_proj`/`k_b_proj` and/or `v_a_proj`/`v_b_proj`).
+    Separate,
+}
+
+impl KvMode {
+    fn name(self) -> &'static str {
+        match self {
+            KvMode::Shared => "shared",
+            KvMode::Separate => "separate",
+        }
+    }
+}
+
+/// The validated `latent_attention` object: which projections are factored and each layer's latent
+/// width (the stored width: the rank, plus one for the mean direction of fit `pca`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct LatentAttention {
+    /// The fit that produced the factors (informational).
+    pub fit: String,
+    /// K/V factoring, `None` when K and V are dense.
+    pub kv: Option<KvMode>,
+    /// Shared K/V latent width per layer (`kv == Shared`).
+    pub kv_rank: Option<Vec<usize>>,
+    /// Query latent width per layer, when the query is factored.
+    pub q_rank: Option<Vec<usize>>,
+    /// K latent width per layer (`kv == Separate`).
+    pub k_rank: Option<Vec<usize>>,
+    /// V latent width per layer (`kv == Separate`).
+    pub v_rank: Option<Vec<usize>>,
+    /// The input's `architectures`, restored by `expand`.
+    pub original_architectures: Value,
+    /// The input's `model_type` (`Null` when it had none), restored by `expand`.
+    pub original_model_type: Value,
+}
+
+impl LatentAttention {
+    /// The JSON object written into `config.json`.
+    pub fn to_json(&self) -> Value {
+        json!({
+            "format_version": FORMAT_VERSION,
+            "fit": self.fit,
+            "kv": self.kv.map(KvMode::name),
+            "kv_rank": self.kv_rank,
+            "q_rank": self.q_rank,
+            "k_rank": self.k_rank,
+            "v_rank": self.v_rank,
+            "original_architectures": self.original_architectures,
+            "original_model_type": self.original_model_type,
+        })
+    }
+
+    /// Parses and validates `value` (the `latent_attention` object of `path`) for a model of
+    /// `num_layers` layers.
+    pub fn from_json(value: &Value, num_layers: usize, path: &Path) -> Result<Self> {
+        let invalid =
+            |message: String| Error::invalid(path, format!("latent_attention: {message}"));
+        let obj = value
+            .as_object()
+            .ok_or_else(|| invalid("expected an object".into()))?;
+        match obj.get("format_version").and_then(Value::as_u64) {
+            Some(FORMAT_VERSION) => {}
+            other => {
+                return Err(invalid(format!(
+                "format_version {} is not supported (this build reads version {FORMAT_VERSION})",
+                other.map_or_else(|| "missing".to_string(), |v| v.to_string())
+            )))
+            }
+        }
+        let kv = match obj.get("kv") {
+            None | Some(Value::Null) => None,
+            Some(Value::String(s)) if s == "shared" => Some(KvMode::Shared),
+            Some(Value::String(s)) if s == "separate" => Some(KvMode::Separate),
+            Some(v) => {
+                return Err(invalid(format!(
+                    "kv must be \"shared\", \"separate\" or null, found {v}"
+                )))
+            }
+        };
+        let ranks = |key: &str| -> Result<Option<Vec<usize>>> {
+            match obj.get(key) {
+                None | Some(Value::Null) => Ok(None),
+                Some(Value::Array(items)) => {
+                    let parsed: Option<Vec<usize>> = items
+                        .iter()
+                        .map(|v| {
+                            v.as_u64()
+                                .and_then(|n| usize::try_from(n).ok())
+                                .filter(|&n| n > 0)
+                        })
+                        .collect();
+                    match parsed {
+                        Some(list) if list.len() == num_layers => Ok(Some(list)),
+                        _ => Err(invalid(format!(
+                            "{key} must list {num_layers} positive integers (one per layer)"
+                        ))),
+                    }
+                }
+                Some(v) => Err(invalid(format!("{key} must be a list, found {v}"))),
+            }
+        };
+        let (kv_rank, q_rank, k_rank, v_rank) = (
+            ranks("kv_rank")?,
+            ranks("q_rank")?,
+            ranks("k_rank")?,
+            ranks("v_rank")?,
+        );
+        match kv {
+            Some(KvMode::Shared) if kv_rank.is_none() => {
+                return Err(invalid("kv is \"shared\" but kv_rank is missing".into()))
+            }
+            Some(KvMode::Separate) if k_rank.is_none() && v_rank.is_none() => {
+                return Err(invalid(
+                    "kv is \"separate\" but neither k_rank nor v_rank is given".into(),
+                ))
+            }
+            _ => {}
+        }
+        if kv != Some(KvMode::Shared) && kv_rank.is_some() {
+            return Err(invalid("kv_rank is only valid with kv \"shared\"".into()));
+        }
+        if kv != Some(KvMode::Separate) && (k_rank.is_some() || v_rank.is_some()) {
+            return Err(invalid(
+                "k_rank / v_rank are only valid with kv \"separate\"".into(),
+            ));
+        }
+        if kv.is_none() && q_rank.is_none() {
+            return Err(invalid("no projection is factored".into()));
+        }
+        let original_architectures = obj
+            .get("original_architectures")
+            .filter(|v| {
+                v.as_array()
+                    .and_then(|a| a.first())
+                    .is_some_and(Value::is_string)
+            })
+            .cloned()
+            .ok_or_else(|| {
+                invalid("original_architectures must be a list of class names".into())
+            })?;
+        let original_model_type = obj
+            .get("original_model_type")
+            .cloned()
+            .unwrap_or(Value::Null);
+        Ok(LatentAttention {
+            fit: obj
+                .get("fit")
+                .and_then(Value::as_str)
+                .unwrap_or("unknown")
+                .to_string(),
+            kv,
+            kv_rank,
+            q_rank,
+            k_rank,
+            v_rank,
+            original_architectures,
+            original_model_type,
+        })
+    }
+
+    /// The original class name (`original_architectures[0]`).
+    pub fn original_class_name(&self) -> &str {
+        self.original_architectures
+            .as_array()
+            .and_then(|a| a.first())
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+    }
+}
+
+/// The factored checkpoint's `config.json`: the original with `architectures`, `model_type`,
+/// `auto_map` and `latent_attention` set (other keys keep their order and values).
+pub fn factored_config(original: &Map<String, Value>, latent: &LatentAttention) -> Value {
+    let mut config = original.clone();
+    config.insert("architectures".into(), json!([CLASS_NAME]));
+    config.insert("model_type".into(), json!(MODEL_TYPE));
+    let module = MODULE_FILE.trim_end_matches(".py");
+    config.insert(
+        "auto_map".into(),
+        json!({
+            "AutoConfig": format!("{module}.SurgeryLlamaConfig"),
+            "AutoModelForCausalLM": format!("{module}.{CLASS_NAME}"),
+        }),
+    );
+    config.insert("latent_attention".into(), latent.to_json());
+    Value::Object(config)
+}
+
+/// The standard config of an expanded checkpoint: `latent_attention` and `auto_map` removed,
+/// `architectures` and `model_type` restored.
+pub fn dense_config(factored: &Map<String, Value>, latent: &LatentAttention) -> Value {
+    let mut config = factored.clone();
+    config.remove("latent_attention");
+    config.remove("auto_map");
+    config.insert(
+        "architectures".into(),
+        latent.original_architectures.clone(),
+    );
+    if latent.original_model_type.is_null() {
+        config.remove("model_type");
+    } else {
+        config.insert("model_type".into(), latent.original_model_type.clone());
+    }
+    Value::Object(config)
+}
+
+/// `value` as pretty JSON with a final newline (the layout transformers' `save_pretrained` uses).
+pub fn to_pretty_bytes(value: &Value, path: &Path) -> Result<Vec<u8>> {
+    let mut text = serde_json::to_string_pretty(value).map_err(|source| Error::Json {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    text.push('\n');
+    Ok(text.into_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> LatentAttention {
+        LatentAttention {
+            fit: "pca".into(),
+            kv: Some(KvMode::Shared),
+            kv_rank: Some(vec![4, 5]),
+            q_rank: None,
+            k_rank: None,
+            v_rank: None,
+            original_architectures: json!(["LlamaForCausalLM"]),
+            original_model_type: json!("llama"),
+        }
+    }
+
+    #[test]
+    fn round_trips_through_config() {
+        let original = json!({"architectures": ["LlamaForCausalLM"], "hidden_size": 8,
+                              "model_type": "llama", "num_hidden_layers": 2});
+        let original = original.as_object().unwrap();
+        let factored = factored_config(original, &sample());
+        assert_eq!(factored["architectures"], json!([CLASS_NAME]));
+        assert_eq!(factored["model_type"], json!(MODEL_TYPE));
+        let parsed =
+            LatentAttention::from_json(&factored["latent_attention"], 2, Path::new("c")).unwrap();
+        assert_eq!(parsed, sample());
+        let dense = dense_config(factored.as_object().unwrap(), &parsed);
+        assert_eq!(&dense, &Value::Object(original.clone()));
+        // Key order is kept.
+        let keys: Vec<_> = dense.as_object().unwrap().keys().cloned().collect();
+        assert_eq!(
+            keys,
+            [
+                "architectures",
+                "hidden_size",
+                "model_type",
+                "num_hidden_layers"
+            ]
+        );
+    }
+
+    #[test]
+    fn rejects_inconsistent_descriptions() {
+        let path = Path::new("config.json");
+        let mut v = sample().to_json();
+        v["kv_rank"] = json!([4]);
+        assert!(LatentAttention::from_json(&v, 2, path)
+            .unwrap_err()
+            .to_string()
+            .contains("kv_rank must list 2"));
+        let mut v = sample().to_json();
+        v["format_version"] = json!(2);
+        assert!(LatentAttention::from_json(&v, 2, path)
+            .unwrap_err()
+            .to_string()
+            .contains("format_version 2"));
+        let mut v = sample().to_json();
+        v["kv"] = json!("separate");
+        assert!(LatentAttention::from_json(&v, 2, path).is_err());
+        let mut v = sample().to_json();
+        v["kv_rank"] = json!([4, 0]);
+        assert!(LatentAttention::from_json(&v, 2, path).is_err());
+    }
+
+    #[test]
+    fn module_source_is_embedded() {
+        assert!(MODULE_SOURCE.contains("class SurgeryLlamaForCausalLM"));
+        assert!(MODULE_SOURCE.contains(&format!("FORMAT_VERSION = {FORMAT_VERSION}")));
+    }
+}

@@ -1,0 +1,175 @@
+//! The options of `eval`, `expand`, `inspect` and `sweep`, validated.
+
+use super::{Calibration, CommandLine};
+use crate::fit::decompose::Fit;
+use crate::fit::spec::Spec;
+use crate::plan::Surgery;
+use std::num::NonZeroUsize;
+use std::path::PathBuf;
+
+/// Which tokens of a text are scored: `tokens` from `offset` on, in windows of `ctx`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TextWindow {
+    /// The UTF-8 text file.
+    pub text: PathBuf,
+    /// Tokens to evaluate (rounded down to whole windows).
+    pub tokens: NonZeroUsize,
+    /// Window length.
+    pub ctx: NonZeroUsize,
+    /// Tokens skipped before the first window.
+    pub offset: usize,
+}
+
+/// `eval`.
+#[derive(Debug, Clone)]
+pub struct EvalOptions {
+    /// The checkpoint as given.
+    pub model: String,
+    /// Hub revision.
+    pub revision: String,
+    /// What to score.
+    pub window: TextWindow,
+}
+
+/// `expand`.
+#[derive(Debug, Clone)]
+pub struct ExpandOptions {
+    /// The factored checkpoint as given.
+    pub input: String,
+    /// Hub revision.
+    pub revision: String,
+    /// Output directory.
+    pub out: PathBuf,
+    /// Print the plan only.
+    pub dry_run: bool,
+    /// Replace an existing output.
+    pub force: bool,
+    /// Print nothing on success.
+    pub quiet: bool,
+}
+
+impl ExpandOptions {
+    /// The command that reproduces this output (add `--out DIR`).
+    pub fn reproduce_command(&self) -> String {
+        let mut c = CommandLine::new(["expand", self.input.as_str()]);
+        c.revision(&self.revision);
+        c.finish()
+    }
+}
+
+/// `inspect`.
+#[derive(Debug, Clone)]
+pub struct InspectOptions {
+    /// The checkpoint as given.
+    pub model: String,
+    /// Hub revision.
+    pub revision: String,
+    /// Where to draw the curves, if anywhere.
+    pub svg: Option<PathBuf>,
+    /// JSON on stdout instead of the table.
+    pub json: bool,
+}
+
+/// One conversion of a sweep.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SweepConfig {
+    /// `--shared-kv` SPEC, if that list was given.
+    pub shared_kv: Option<Spec>,
+    /// `--q` SPEC, if that list was given.
+    pub q: Option<Spec>,
+    /// The fit.
+    pub fit: Fit,
+}
+
+impl SweepConfig {
+    /// The surgery a conversion with these options performs.
+    pub fn surgery(&self) -> Surgery {
+        Surgery {
+            q: self.q,
+            k: None,
+            v: None,
+            shared_kv: self.shared_kv,
+            fit: self.fit,
+        }
+    }
+
+    /// The conversion options, as on the command line: `--shared-kv 0.9 --q 0.5 --fit pca`.
+    pub fn label(&self) -> String {
+        let mut parts = Vec::new();
+        if let Some(s) = self.shared_kv {
+            parts.push(format!("--shared-kv {s}"));
+        }
+        if let Some(s) = self.q {
+            parts.push(format!("--q {s}"));
+        }
+        parts.push(format!("--fit {}", self.fit.name()));
+        parts.join(" ")
+    }
+}
+
+/// `sweep`.
+#[derive(Debug, Clone)]
+pub struct SweepOptions {
+    /// The checkpoint as given.
+    pub input: String,
+    /// Hub revision.
+    pub revision: String,
+    /// What to score.
+    pub window: TextWindow,
+    /// The `--shared-kv` list (no duplicates).
+    pub shared_kv: Vec<Spec>,
+    /// The `--q` list (no duplicates).
+    pub q: Vec<Spec>,
+    /// The `--fit` list (not empty, no duplicates).
+    pub fits: Vec<Fit>,
+    /// Present exactly when `fits` holds `act`.
+    pub calibration: Option<Calibration>,
+    /// Output directory.
+    pub out: PathBuf,
+    /// Replace an existing output.
+    pub force: bool,
+    /// Print nothing on success.
+    pub quiet: bool,
+}
+
+impl SweepOptions {
+    /// The configurations, in order: every `--shared-kv` SPEC, within it every `--q` SPEC, within
+    /// that every fit.
+    pub fn configs(&self) -> Vec<SweepConfig> {
+        let or_none = |list: &[Spec]| -> Vec<Option<Spec>> {
+            if list.is_empty() {
+                vec![None]
+            } else {
+                list.iter().copied().map(Some).collect()
+            }
+        };
+        let mut out = Vec::new();
+        for &shared_kv in &or_none(&self.shared_kv) {
+            for &q in &or_none(&self.q) {
+                for &fit in &self.fits {
+                    out.push(SweepConfig { shared_kv, q, fit });
+                }
+            }
+        }
+        out
+    }
+
+    /// The command that reproduces the sweep (add `--out DIR`).
+    pub fn reproduce_command(&self) -> String {
+        let w = &self.window;
+        let mut c = CommandLine::new(["sweep", "--in", self.input.as_str()]);
+        c.revision(&self.revision)
+            .flag("--text", w.text.display())
+            .flag("--tokens", w.tokens)
+            .flag("--offset", w.offset)
+            .flag("--ctx", w.ctx)
+            .list("--shared-kv", &self.shared_kv)
+            .list("--q", &self.q);
+        let fits: Vec<&str> = self.fits.iter().map(|f| f.name()).collect();
+        c.list("--fit", &fits);
+        if let Some(calibration) = &self.calibration {
+            calibration.add_to(&mut c);
+        }
+        c.finish()
+    }
+}
