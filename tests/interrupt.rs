@@ -10,6 +10,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 const BIN: &str = env!("CARGO_BIN_EXE_surgery-convert");
+/// The developer binary (`synth`), built for tests through the `dev` feature.
+const DEV_BIN: &str = env!("CARGO_BIN_EXE_surgery-dev");
 
 /// A synthetic SmolLM2-135M-shaped checkpoint (270 MB), made once and kept in cargo's test
 /// scratch directory: big enough that a conversion takes seconds, so signals land mid-run.
@@ -23,7 +25,7 @@ fn big_input() -> PathBuf {
     if !done.exists() {
         let _ = std::fs::remove_dir_all(&base);
         std::fs::create_dir_all(&base).unwrap();
-        let o = Command::new(BIN)
+        let o = Command::new(DEV_BIN)
             .args(["synth", "--shape", "smollm2-135m", "--out"])
             .arg(&dir)
             .output()
