@@ -82,6 +82,18 @@ pub enum Error {
         /// What is wrong.
         message: String,
     },
+    /// A tensor's dtype is not one of the float types this tool computes with.
+    #[error("{}: tensor `{tensor}`: dtype {dtype} cannot be {purpose} (supported: F32, F16, BF16)", path.display())]
+    UnsupportedDtype {
+        /// The file holding the tensor.
+        path: PathBuf,
+        /// The tensor's name.
+        tensor: String,
+        /// Its dtype, as safetensors names it.
+        dtype: String,
+        /// What was to be done with it: `decomposed`, `expanded`, `evaluated`.
+        purpose: &'static str,
+    },
     /// The input could not be found locally or in the Hugging Face cache.
     #[error("--in {input}: {message}")]
     Source {
@@ -112,6 +124,12 @@ pub enum Error {
         /// The signal number.
         signal: i32,
     },
+    /// An internal invariant broke: a bug in this tool, never bad input.
+    #[error("internal error (this is a bug in surgery-convert; please report it): {what}")]
+    Bug {
+        /// What broke, with the file, tensor or group it happened on.
+        what: String,
+    },
     /// `verify` found mismatches (one line each in `problems`).
     #[error("{} problem(s) found in {}:\n{}", problems.len(), dir.display(), problems.join("\n"))]
     VerifyFailed {
@@ -123,7 +141,6 @@ pub enum Error {
 }
 
 impl Error {
-    /// Builds an [`Error::Io`] for `path`.
     /// Builds an [`Error::Io`] for `path`, or [`Error::NoSpace`] when the cause is a full
     /// filesystem, a quota or the file size limit.
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
@@ -135,6 +152,11 @@ impl Error {
             }
             _ => Error::Io { path, source },
         }
+    }
+
+    /// Builds an [`Error::Bug`].
+    pub fn bug(what: impl Into<String>) -> Self {
+        Error::Bug { what: what.into() }
     }
 
     /// Builds an [`Error::Usage`].
@@ -181,11 +203,13 @@ impl Error {
         }
     }
 
-    /// The process exit code for this error: 2 for usage errors, 128 + the signal number for an
-    /// interruption (130 for Ctrl-C, as shells report it), 1 otherwise.
+    /// The process exit code for this error: 2 for usage errors, 70 for a bug (sysexits'
+    /// `EX_SOFTWARE`), 128 + the signal number for an interruption (130 for Ctrl-C, as shells
+    /// report it), 1 otherwise.
     pub fn exit_code(&self) -> i32 {
         match self {
             Error::Usage { .. } => 2,
+            Error::Bug { .. } => 70,
             Error::Interrupted { signal } => 128 + signal,
             _ => 1,
         }

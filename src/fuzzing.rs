@@ -8,12 +8,13 @@
 //! the first shard is `model.safetensors`; with one, shard `i` of `n` is
 //! `model-0000i-of-0000n.safetensors`, as Hugging Face names them.
 
-use crate::input::checkpoint::Checkpoint;
-use crate::model::layout::{CONFIG_FILE, INDEX_FILE, SINGLE_FILE};
-use crate::fit::decompose::Fit;
 use crate::error::{Error, Result};
-use crate::plan::{self, Layout, Surgery};
+use crate::fit::decompose::Fit;
 use crate::fit::spec::Spec;
+use crate::input::checkpoint::Checkpoint;
+use crate::model::layout::indexed_shard_name;
+use crate::model::layout::{CONFIG_FILE, INDEX_FILE, SINGLE_FILE};
+use crate::plan::{self, Layout, Surgery};
 use std::path::Path;
 
 /// Separates the sections of a fuzz input.
@@ -64,10 +65,7 @@ pub fn open_and_plan(data: &[u8], dir: &Path) -> Result<usize> {
     } else {
         write(INDEX_FILE, index)?;
         for (i, shard) in shards.iter().enumerate() {
-            write(
-                &format!("model-{:05}-of-{:05}.safetensors", i + 1, shards.len()),
-                shard,
-            )?;
+            write(&indexed_shard_name(i, shards.len()), shard)?;
         }
     }
     let checkpoint = Checkpoint::open(dir)?;

@@ -22,6 +22,8 @@
 )]
 #![warn(missing_docs)]
 
+// The public API is what `main`, the dev binary, the fuzz target and the tests use; every other
+// module is the crate's own.
 pub mod cli;
 pub mod commands;
 pub(crate) mod execute;
@@ -31,8 +33,8 @@ pub mod llama;
 pub mod model;
 pub mod options;
 pub(crate) mod output;
-pub mod plan;
-pub mod report;
+pub(crate) mod plan;
+pub(crate) mod report;
 
 pub mod digest;
 pub mod error;
@@ -42,3 +44,5 @@ pub mod interrupt;
 pub mod dev;
 #[cfg(feature = "fuzzing")]
 pub mod fuzzing;
+#[cfg(test)]
+mod test_support;

@@ -28,7 +28,7 @@ fn progress_bar(options: &ConvertOptions, template: &str) -> ProgressBar {
 }
 
 /// Runs a conversion (or a dry run) and returns its report.
-pub fn run(options: &ConvertOptions) -> Result<Report> {
+pub fn run(options: &ConvertOptions) -> Result<()> {
     let started = Instant::now();
     let input = source::resolve(&options.input, &options.revision)?;
     let out = if options.dry_run {
@@ -47,7 +47,7 @@ pub fn run(options: &ConvertOptions) -> Result<Report> {
     };
     let out = (!options.dry_run).then(|| options.out.display().to_string());
     print(options, &report, started, out.as_deref())?;
-    Ok(report)
+    Ok(())
 }
 
 /// Fits every group, plans and prints the plan (as a summary); writes nothing.

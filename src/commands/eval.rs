@@ -39,7 +39,7 @@ pub struct EvalReport {
 }
 
 /// Runs `eval` and prints the report as JSON on stdout.
-pub fn run(options: &EvalOptions) -> Result<EvalReport> {
+pub fn run(options: &EvalOptions) -> Result<()> {
     let started = Instant::now();
     let w = &options.window;
     let (ctx, tokens) = (w.ctx.get(), w.tokens.get());
@@ -76,5 +76,5 @@ pub fn run(options: &EvalOptions) -> Result<EvalReport> {
         source,
     })?;
     println!("{json}");
-    Ok(report)
+    Ok(())
 }

@@ -6,22 +6,23 @@
 //! else is copied. The output carries its own `surgery.json` (embedding the factored checkpoint's
 //! report) and `SHA256SUMS`.
 
+use crate::error::{Error, Result};
+use crate::execute::input_hash::InputHasher;
+use crate::execute::{self, NoPieces};
 use crate::input::checkpoint::Checkpoint;
+use crate::input::source::{self, InputIdentity, ResolvedInput};
 use crate::model::layout::CONFIG_FILE;
 use crate::options::ExpandOptions;
 use crate::output::files::{finish, output_sizes, write_index_and_files};
-use crate::error::{Error, Result};
-use crate::execute::{self, NoPieces};
-use crate::execute::input_hash::InputHasher;
 use crate::output::staging::{check_out_path, Staging};
-use crate::plan::{self, Op};
-use crate::report::{group_digits, FileRecord, ShardRecord, Tool};
-use crate::input::source::{self, InputIdentity};
 use crate::output::writer::ShardWriter;
+use crate::plan::{self, Op, Plan};
+use crate::report::{group_digits, FileRecord, ShardRecord, Tool};
 use indicatif::ProgressBar;
 use serde::Serialize;
 use serde_json::Value;
 use std::collections::BTreeMap;
+use std::path::Path;
 use std::time::Instant;
 
 /// `surgery.json` of an expanded checkpoint.
@@ -81,8 +82,46 @@ pub fn run(options: &ExpandOptions) -> Result<()> {
         )
     })?;
     let plan = plan::plan_expand(&checkpoint, &latent)?;
-    let expanded: Vec<ExpandedTensor> = plan
-        .shards
+    let expanded = expanded_tensors(&checkpoint, &plan);
+    let Some(out) = out else {
+        if !options.quiet {
+            for line in plan.describe(&checkpoint) {
+                eprintln!("{line}");
+            }
+            eprintln!(
+                "dry run: {} projections would be expanded; nothing written",
+                expanded.len()
+            );
+        }
+        return Ok(());
+    };
+    let source_report = source_report(&checkpoint)?;
+    let count = expanded.len();
+    let sizes = write(
+        options,
+        &input,
+        &checkpoint,
+        &plan,
+        expanded,
+        source_report,
+        &out,
+    )?;
+    if !options.quiet {
+        eprintln!(
+            "expanded {} projections; wrote {} ({} weight files, {} bytes) in {:.2}s",
+            count,
+            options.out.display(),
+            sizes.len(),
+            group_digits(sizes.iter().sum()),
+            started.elapsed().as_secs_f64()
+        );
+    }
+    Ok(())
+}
+
+/// Each projection the plan restores, with the factors it multiplies.
+fn expanded_tensors(checkpoint: &Checkpoint, plan: &Plan) -> Vec<ExpandedTensor> {
+    plan.shards
         .iter()
         .flat_map(|s| &s.tensors)
         .filter_map(|t| match t.op {
@@ -96,50 +135,49 @@ pub fn run(options: &ExpandOptions) -> Result<()> {
             }),
             _ => None,
         })
-        .collect();
-    let Some(out) = out else {
-        if !options.quiet {
-            for line in plan.describe(&checkpoint) {
-                eprintln!("{line}");
-            }
-            eprintln!(
-                "dry run: {} projections would be expanded; nothing written",
-                expanded.len()
-            );
-        }
-        return Ok(());
-    };
+        .collect()
+}
 
-    let source_report = {
-        let path = checkpoint.dir.join("surgery.json");
-        if path.is_file() {
-            let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
-            Some(
-                serde_json::from_str::<Value>(&text)
-                    .map_err(|source| Error::Json { path, source })?,
-            )
-        } else {
-            None
-        }
-    };
+/// The factored checkpoint's own `surgery.json`, when it has one.
+fn source_report(checkpoint: &Checkpoint) -> Result<Option<Value>> {
+    let path = checkpoint.dir.join("surgery.json");
+    if !path.is_file() {
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+    serde_json::from_str::<Value>(&text)
+        .map(Some)
+        .map_err(|source| Error::Json { path, source })
+}
 
-    let staging = Staging::create(&out)?;
+/// Writes the expanded checkpoint and its report into a staging directory committed as `out`;
+/// returns the shard sizes.
+fn write(
+    options: &ExpandOptions,
+    input: &ResolvedInput,
+    checkpoint: &Checkpoint,
+    plan: &Plan,
+    expanded: Vec<ExpandedTensor>,
+    source_report: Option<Value>,
+    out: &Path,
+) -> Result<Vec<u64>> {
+    let staging = Staging::create(out)?;
     let mut digests: BTreeMap<String, String> = BTreeMap::new();
-    let mut hasher = InputHasher::new(&checkpoint);
+    let mut hasher = InputHasher::new(checkpoint);
     {
         let mut writer = ShardWriter::new(staging.path(), &mut digests);
         execute::execute(
-            &checkpoint,
-            &plan,
+            checkpoint,
+            plan,
             &mut NoPieces,
             &mut writer,
             &mut hasher,
             &ProgressBar::hidden(),
         )?;
     }
-    let weight_files = hasher.finish(&checkpoint);
-    write_index_and_files(&checkpoint, &plan, staging.path(), &mut digests)?;
-    let sizes = output_sizes(&plan, staging.path())?;
+    let weight_files = hasher.finish(checkpoint);
+    write_index_and_files(checkpoint, plan, staging.path(), &mut digests)?;
+    let sizes = output_sizes(plan, staging.path())?;
     let report = ExpandReport {
         tool: Tool::current(),
         command: options.reproduce_command(),
@@ -162,15 +200,5 @@ pub fn run(options: &ExpandOptions) -> Result<()> {
         source_report,
     };
     finish(staging, &report, digests)?;
-    if !options.quiet {
-        eprintln!(
-            "expanded {} projections; wrote {} ({} weight files, {} bytes) in {:.2}s",
-            report.expanded.len(),
-            options.out.display(),
-            sizes.len(),
-            group_digits(sizes.iter().sum()),
-            started.elapsed().as_secs_f64()
-        );
-    }
-    Ok(())
+    Ok(sizes)
 }

@@ -2,11 +2,11 @@
 //! safetensors header (offsets in bounds and contiguous, dtype x shape = byte length) and the shard
 //! index against the shards. Each problem is reported on its own line.
 
+use crate::digest::sha256_file;
+use crate::error::{Error, Result};
 use crate::input::checkpoint::map_file;
 use crate::model::layout::INDEX_FILE;
 use crate::output::checksums;
-use crate::error::{Error, Result};
-use crate::digest::sha256_file;
 use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
@@ -93,7 +93,8 @@ pub fn verify(dir: &Path) -> Result<Verified> {
     // The index against the shards.
     let index_path = dir.join(INDEX_FILE);
     if index_path.is_file() {
-        let text = crate::input::files::read_limited(&index_path, crate::input::checkpoint::MAX_INDEX_BYTES)?;
+        let text =
+            crate::input::files::read_limited(&index_path, crate::input::index::MAX_INDEX_BYTES)?;
         match serde_json::from_str::<Value>(&text) {
             Err(e) => problems.push(format!("{INDEX_FILE}: not valid JSON: {e}")),
             Ok(value) => check_index(&value, &shard_tensors, &mut problems),

@@ -14,6 +14,8 @@
 //! depend on the thread count.
 
 use crate::error::{Error, Result};
+use crate::model::arch::{Role, LLAMA};
+use crate::model::layout::shard_file_name;
 use crate::output::staging::Staging;
 use faer::linalg::matmul::matmul;
 use faer::{Accum, Mat, Par};
@@ -129,57 +131,39 @@ impl ModelShape {
         self.hidden / self.heads
     }
 
-    /// Every tensor, in model order (embedding, layers, final norm, head).
+    /// Every tensor, in model order (embedding, layers, final norm, head), named from the Llama
+    /// table.
     pub fn tensors(&self) -> Vec<SynthTensor> {
         let h = self.hidden;
         let kv = self.kv_heads * self.head_dim();
         let std = (1.0 / h as f32).sqrt();
+        let global = |role: Role| LLAMA.global_tensor_name(role).unwrap_or("?").to_string();
+        let layer = |l: usize, role: Role| LLAMA.layer_tensor_name(l, role).unwrap_or_default();
         let t = |name: String, shape: Vec<usize>, kind: Kind| SynthTensor { name, shape, kind };
         let mut out = vec![t(
-            "model.embed_tokens.weight".into(),
+            global(Role::Embedding),
             vec![self.vocab, h],
             Kind::Noise { std: 0.02 },
         )];
         for l in 0..self.layers {
-            let p = format!("model.layers.{l}");
-            out.push(t(
-                format!("{p}.input_layernorm.weight"),
-                vec![h],
-                Kind::Ones,
-            ));
-            for (proj, rows) in [("q_proj", h), ("k_proj", kv), ("v_proj", kv)] {
-                out.push(t(
-                    format!("{p}.self_attn.{proj}.weight"),
-                    vec![rows, h],
-                    Kind::Spectral { std },
-                ));
+            out.push(t(layer(l, Role::InputNorm), vec![h], Kind::Ones));
+            for (role, rows) in [(Role::Query, h), (Role::Key, kv), (Role::Value, kv)] {
+                out.push(t(layer(l, role), vec![rows, h], Kind::Spectral { std }));
             }
-            out.push(t(
-                format!("{p}.self_attn.o_proj.weight"),
-                vec![h, h],
-                Kind::Noise { std },
-            ));
-            out.push(t(
-                format!("{p}.post_attention_layernorm.weight"),
-                vec![h],
-                Kind::Ones,
-            ));
-            for (proj, shape) in [
-                ("gate_proj", vec![self.intermediate, h]),
-                ("up_proj", vec![self.intermediate, h]),
-                ("down_proj", vec![h, self.intermediate]),
+            out.push(t(layer(l, Role::Output), vec![h, h], Kind::Noise { std }));
+            out.push(t(layer(l, Role::PostAttentionNorm), vec![h], Kind::Ones));
+            for (role, shape) in [
+                (Role::MlpGate, vec![self.intermediate, h]),
+                (Role::MlpUp, vec![self.intermediate, h]),
+                (Role::MlpDown, vec![h, self.intermediate]),
             ] {
-                out.push(t(
-                    format!("{p}.mlp.{proj}.weight"),
-                    shape,
-                    Kind::Noise { std },
-                ));
+                out.push(t(layer(l, role), shape, Kind::Noise { std }));
             }
         }
-        out.push(t("model.norm.weight".into(), vec![h], Kind::Ones));
+        out.push(t(global(Role::FinalNorm), vec![h], Kind::Ones));
         if !self.tied {
             out.push(t(
-                "lm_head.weight".into(),
+                global(Role::LmHead),
                 vec![self.vocab, h],
                 Kind::Noise { std },
             ));
@@ -394,11 +378,7 @@ pub fn write(shape: &ModelShape, seed: u64, out: &Path, force: bool) -> Result<P
     let mut weight_map = BTreeMap::new();
     let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
     for (i, tensors) in shards.iter().enumerate() {
-        let file = if n == 1 {
-            "model.safetensors".to_string()
-        } else {
-            format!("model-{:05}-of-{n:05}.safetensors", i + 1)
-        };
+        let file = shard_file_name(i, n);
         let path = staging.path().join(&file);
         let views: Vec<(String, LazyTensor)> = tensors
             .iter()
@@ -430,7 +410,10 @@ pub fn write(shape: &ModelShape, seed: u64, out: &Path, force: bool) -> Result<P
             "metadata": { "total_size": shape.data_bytes() },
             "weight_map": weight_map,
         });
-        write_json(&staging.path().join(crate::model::layout::INDEX_FILE), &index)?;
+        write_json(
+            &staging.path().join(crate::model::layout::INDEX_FILE),
+            &index,
+        )?;
     }
     write_json(&staging.path().join("config.json"), &shape.config())?;
     staging.commit()?;

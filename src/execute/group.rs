@@ -8,7 +8,7 @@ use crate::fit::act::{
     Heads, LeftWeight,
 };
 use crate::fit::decompose::{
-    count_non_finite, decompose_owned, error_ratio, matrix_from_rows, DecomposeError,
+    count_non_finite, decompose_owned, error_ratio, matrix_from_rows, product, DecomposeError,
     Decomposition, Fit,
 };
 use crate::fit::spec::Spec;
@@ -16,14 +16,16 @@ use crate::input::checkpoint::Checkpoint;
 use crate::model::arch::Role;
 use crate::model::dtype::FloatType;
 use crate::plan::{Emit, GroupPlan};
-use faer::linalg::matmul::matmul;
-use faer::{Accum, Mat, MatRef, Par};
+use faer::{Mat, MatRef};
 use indicatif::ProgressBar;
 use rayon::prelude::*;
 
 /// Decodes and stacks a group's members straight into one matrix: the types and the matrix.
 /// The members' pages stay mapped: the caller releases them after its last read.
-pub(crate) fn stack_group(checkpoint: &Checkpoint, group: &GroupPlan) -> Result<(Vec<FloatType>, Mat<f64>)> {
+pub(crate) fn stack_group(
+    checkpoint: &Checkpoint,
+    group: &GroupPlan,
+) -> Result<(Vec<FloatType>, Mat<f64>)> {
     let mut types = Vec::with_capacity(group.members.len());
     let cols = checkpoint.tensors[group.members[0]].shape[1];
     let rows: usize = group
@@ -35,13 +37,12 @@ pub(crate) fn stack_group(checkpoint: &Checkpoint, group: &GroupPlan) -> Result<
     let mut row0 = 0;
     for &i in &group.members {
         let t = &checkpoint.tensors[i];
-        let ft = FloatType::from_dtype(t.dtype).ok_or_else(|| {
-            Error::tensor(
-                &checkpoint.shards[t.shard].path,
-                &t.name,
-                format!("dtype {:?} cannot be decomposed", t.dtype),
-            )
-        })?;
+        let ft = FloatType::of_tensor(
+            t.dtype,
+            &checkpoint.shards[t.shard].path,
+            &t.name,
+            "decomposed",
+        )?;
         types.push(ft);
         ft.decode_into(
             checkpoint.bytes(t),
@@ -124,17 +125,11 @@ fn decode_role(checkpoint: &Checkpoint, layer: usize, role: Role) -> Result<Mat<
     let arch = checkpoint.config.arch;
     let name = arch
         .layer_tensor_name(layer, role)
-        .ok_or_else(|| Error::invalid(&checkpoint.dir, format!("no {role:?} name")))?;
+        .ok_or_else(|| Error::bug(format!("the {} name table has no {role:?}", arch.family)))?;
     let t = checkpoint
         .tensor(&name)
         .ok_or_else(|| Error::tensor(&checkpoint.dir, &name, "missing"))?;
-    let ft = FloatType::from_dtype(t.dtype).ok_or_else(|| {
-        Error::tensor(
-            &checkpoint.shards[t.shard].path,
-            &t.name,
-            format!("dtype {:?} cannot be read as floats", t.dtype),
-        )
-    })?;
+    let ft = FloatType::of_tensor(t.dtype, &checkpoint.shards[t.shard].path, &t.name, "read")?;
     if t.shape.len() != 2 {
         return Err(Error::tensor(
             &checkpoint.shards[t.shard].path,
@@ -299,7 +294,7 @@ pub(crate) fn run_group(
                 ft.decode_into(&encoded, up_rounded.as_mut().subrows_mut(start, t.shape[0]));
                 pieces.push(Some(encoded));
             }
-            let written = product(&up_rounded, &down_rounded);
+            let written = product(up_rounded.as_ref(), down_rounded.as_ref());
             group_errors(&member_rows, cols, original, |i, buf| {
                 for (j, x) in buf.iter_mut().enumerate() {
                     *x = written[(i, j)];
@@ -337,21 +332,6 @@ pub(crate) fn run_group(
         bytes_factored,
     };
     Ok(GroupOutput { report, pieces })
-}
-
-/// `a @ b` in `f64`, single-threaded (parallelism is across matrices, so bytes never depend on the
-/// thread count).
-pub(crate) fn product(a: &Mat<f64>, b: &Mat<f64>) -> Mat<f64> {
-    let mut out = Mat::<f64>::zeros(a.nrows(), b.ncols());
-    matmul(
-        out.as_mut(),
-        Accum::Replace,
-        a.as_ref(),
-        b.as_ref(),
-        1.0,
-        Par::Seq,
-    );
-    out
 }
 
 /// Fits one group and encodes its outputs in the `emit` form (for dense: each member's

@@ -3,9 +3,9 @@
 //! and whatever was not reached is hashed at the end. So the input is read once, not twice, and the
 //! hashed pages are released as they go.
 
-use crate::input::checkpoint::{Checkpoint, TensorEntry};
-use crate::digest::FileRecord;
 use crate::digest::hex;
+use crate::digest::FileRecord;
+use crate::input::checkpoint::{Checkpoint, TensorEntry};
 use sha2::{Digest, Sha256};
 
 /// Bytes hashed (and then released) at a time.

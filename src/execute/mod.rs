@@ -11,20 +11,22 @@
 //! [`prepare`] computes what the fits need first (calibration, budgets); [`write`] runs a
 //! conversion's write pass; [`input_hash`] hashes the input on the way.
 
-pub mod group;
-pub mod input_hash;
-pub mod pipeline;
-pub mod prepare;
-pub mod spill;
-pub mod write;
+pub(crate) mod group;
+pub(crate) mod input_hash;
+pub(crate) mod pipeline;
+pub(crate) mod prepare;
+pub(crate) mod spill;
+pub(crate) mod write;
+#[cfg(test)]
+mod tests;
 
 pub use group::{fit_and_encode, reports_only, spectra};
 pub use spill::factor_pass;
 
 use crate::error::{Error, Result};
-use crate::fit::act::ActWeighting;
 use crate::execute::input_hash::InputHasher;
-use crate::fit::decompose::{matrix_from_rows, matrix_to_rows};
+use crate::fit::act::ActWeighting;
+use crate::fit::decompose::{matrix_from_rows, matrix_to_rows, product};
 use crate::input::checkpoint::{Checkpoint, TensorEntry};
 use crate::model::dtype::FloatType;
 use crate::output::sink::TensorSink;
@@ -117,10 +119,10 @@ impl PieceSource for NoPieces {
         group: usize,
         _piece: usize,
     ) -> Result<Vec<u8>> {
-        Err(Error::invalid(
-            &checkpoint.dir,
-            format!("internal error: output of group {group} asked of a plan without groups"),
-        ))
+        Err(Error::bug(format!(
+            "{}: output of group {group} asked of a plan without groups",
+            checkpoint.dir.display()
+        )))
     }
 }
 
@@ -128,13 +130,12 @@ impl PieceSource for NoPieces {
 fn expand_tensor(checkpoint: &Checkpoint, down: usize, up: usize) -> Result<Vec<u8>> {
     let (a, b) = (&checkpoint.tensors[down], &checkpoint.tensors[up]);
     let decoded = |t: &TensorEntry| {
-        let ft = FloatType::from_dtype(t.dtype).ok_or_else(|| {
-            Error::tensor(
-                &checkpoint.shards[t.shard].path,
-                &t.name,
-                format!("dtype {:?} cannot be expanded", t.dtype),
-            )
-        })?;
+        let ft = FloatType::of_tensor(
+            t.dtype,
+            &checkpoint.shards[t.shard].path,
+            &t.name,
+            "expanded",
+        )?;
         let values = ft.decode(checkpoint.bytes(t));
         checkpoint.release(t);
         Ok::<_, Error>((ft, matrix_from_rows(t.shape[0], t.shape[1], &values)))
@@ -151,7 +152,9 @@ fn expand_tensor(checkpoint: &Checkpoint, down: usize, up: usize) -> Result<Vec<
             ),
         ));
     }
-    Ok(ft.encode(&matrix_to_rows(group::product(&b_m, &a_m).as_ref())))
+    Ok(ft.encode(&matrix_to_rows(
+        product(b_m.as_ref(), a_m.as_ref()).as_ref(),
+    )))
 }
 
 /// Bytes of a copied tensor written (and then released from the input map) at a time.

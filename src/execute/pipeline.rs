@@ -46,10 +46,10 @@ impl Pipeline {
                 }
                 Err(mpsc::RecvTimeoutError::Timeout) => {}
                 Err(mpsc::RecvTimeoutError::Disconnected) => {
-                    return Err(Error::invalid(
-                        dir,
-                        format!("internal error: the fit of group {g} was never produced"),
-                    ))
+                    return Err(Error::bug(format!(
+                        "{}: the fit of group {g} was never produced",
+                        dir.display()
+                    )))
                 }
             }
         }
@@ -166,7 +166,7 @@ impl PieceSource for Pipelined<'_> {
             .and_then(|m| m.get_mut(piece))
             .and_then(Option::take)
             .ok_or_else(|| {
-                Error::invalid(&checkpoint.dir, "internal error: output produced twice")
+                Error::bug(format!("group {group} piece {piece}: output taken twice"))
             })?;
         if self
             .pending

@@ -10,10 +10,7 @@ use crate::options::Calibration;
 use crate::plan::{GroupKind, GroupPlan};
 
 /// Calibration statistics for fit `act` (none for the weight-only fits).
-pub fn fit_inputs(
-    calibration: Option<&Calibration>,
-    checkpoint: &Checkpoint,
-) -> Result<FitInputs> {
+pub fn fit_inputs(calibration: Option<&Calibration>, checkpoint: &Checkpoint) -> Result<FitInputs> {
     let Some(calibration) = calibration else {
         return Ok(FitInputs::default());
     };
@@ -60,11 +57,7 @@ pub fn resolve_budgets(
                     .sum()
             })
             .collect();
-        let total = budget::total_components(
-            &widths,
-            fraction,
-            subset[members[0]].fit.mean_dims(),
-        );
+        let total = budget::total_components(&widths, fraction, subset[members[0]].fit.mean_dims());
         let kind_spectra: Vec<Vec<f64>> = members.iter().map(|&i| spectra[i].clone()).collect();
         for (&i, rank) in members.iter().zip(budget::allocate(&kind_spectra, total)) {
             groups[budgeted[i]].budget_rank = Some(rank);

@@ -41,7 +41,12 @@ impl PieceSource for Spill {
             .get(group)
             .and_then(|p| p.get(piece))
             .copied()
-            .ok_or_else(|| Error::invalid(&self.path, "internal error: no such factor"))?;
+            .ok_or_else(|| {
+                Error::bug(format!(
+                    "{}: no factor {piece} of group {group}",
+                    self.path.display()
+                ))
+            })?;
         let mut bytes = vec![0u8; len];
         self.file
             .read_exact_at(&mut bytes, offset)

@@ -52,7 +52,14 @@ pub fn write_dense(
         inputs,
         |pipeline| {
             let mut source = Pipelined::new(pipeline, plan.groups.len());
-            execute(checkpoint, &plan, &mut source, &mut writer, &mut hasher, bar)?;
+            execute(
+                checkpoint,
+                &plan,
+                &mut source,
+                &mut writer,
+                &mut hasher,
+                bar,
+            )?;
             Ok(source.into_reports())
         },
     )?;

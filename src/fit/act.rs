@@ -14,18 +14,11 @@
 //! shared basis just because its outputs are larger. With `C = I` and one block this is `svd`.
 
 use crate::fit::decompose::{
-    choose_rank, count_non_finite, eigh_descending, explained_variance_ratios, fix_signs,
+    choose_rank, count_non_finite, eigh_descending, explained_variance_ratios, fix_signs, product,
     DecomposeError, Decomposition, Factors,
 };
 use crate::fit::spec::Spec;
-use faer::linalg::matmul::matmul;
-use faer::{Accum, Mat, MatRef, Par};
-
-fn mul(a: MatRef<'_, f64>, b: MatRef<'_, f64>) -> Mat<f64> {
-    let mut out = Mat::<f64>::zeros(a.nrows(), b.ncols());
-    matmul(out.as_mut(), Accum::Replace, a, b, 1.0, Par::Seq);
-    out
-}
+use faer::{Mat, MatRef};
 
 /// How fit `act` weighs the errors of the outputs it fits .
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -40,7 +33,7 @@ pub enum ActWeighting {
 
 /// `tr(W C W^T)`: the expected squared norm of `W x` for inputs of covariance `C`.
 pub fn output_energy(w: MatRef<'_, f64>, c: MatRef<'_, f64>) -> f64 {
-    let wc = mul(w, c);
+    let wc = product(w, c);
     let mut e = 0.0;
     for i in 0..w.nrows() {
         for j in 0..w.ncols() {
@@ -87,14 +80,14 @@ impl LeftWeight {
     fn apply(&self, w: MatRef<'_, f64>) -> Mat<f64> {
         match self {
             LeftWeight::Diagonal(s) => Mat::from_fn(w.nrows(), w.ncols(), |i, j| s[i] * w[(i, j)]),
-            LeftWeight::Full { l, .. } => mul(l.as_ref(), w),
+            LeftWeight::Full { l, .. } => product(l.as_ref(), w),
         }
     }
 
     fn apply_inverse(&self, u: MatRef<'_, f64>) -> Mat<f64> {
         match self {
             LeftWeight::Diagonal(s) => Mat::from_fn(u.nrows(), u.ncols(), |i, j| u[(i, j)] / s[i]),
-            LeftWeight::Full { inverse, .. } => mul(inverse.as_ref(), u),
+            LeftWeight::Full { inverse, .. } => product(inverse.as_ref(), u),
         }
     }
 }
@@ -116,8 +109,8 @@ pub fn decompose_weighted(
         return Err(DecomposeError::NonFinite { count: bad });
     }
     let lw = left.apply(w);
-    let lwc = mul(lw.as_ref(), c);
-    let mut gram = mul(lwc.as_ref(), lw.transpose());
+    let lwc = product(lw.as_ref(), c);
+    let mut gram = product(lwc.as_ref(), lw.transpose());
     // Symmetrise away rounding so the solver sees an exactly symmetric matrix.
     for i in 0..m {
         for j in 0..i {
@@ -133,9 +126,9 @@ pub fn decompose_weighted(
     let variance_kept = ratios[..r].iter().sum::<f64>().min(1.0);
     let mut basis = vectors.subcols(0, r).to_owned();
     fix_signs(&mut basis);
-    let down = mul(basis.transpose(), lw.as_ref());
+    let down = product(basis.transpose(), lw.as_ref());
     let up = left.apply_inverse(basis.as_ref());
-    let reconstruction = mul(up.as_ref(), down.as_ref());
+    let reconstruction = product(up.as_ref(), down.as_ref());
     Ok(Decomposition {
         choice,
         variance_kept,
@@ -173,7 +166,7 @@ pub fn key_weight(wq: MatRef<'_, f64>, c: MatRef<'_, f64>, heads: Heads) -> Mat<
     for h in 0..heads.num_heads {
         let j = h / heads.group();
         let wqh = wq.subrows(h * hd, hd);
-        let block = mul(mul(wqh, c).as_ref(), wqh.transpose());
+        let block = product(product(wqh, c).as_ref(), wqh.transpose());
         for a in 0..hd {
             for b in 0..hd {
                 g[(j * hd + a, j * hd + b)] += block[(a, b)];
@@ -193,7 +186,7 @@ pub fn value_weight(wo: MatRef<'_, f64>, heads: Heads) -> Mat<f64> {
     for h in 0..heads.num_heads {
         let j = h / heads.group();
         let woh = wo.subcols(h * hd, hd);
-        let block = mul(woh.transpose(), woh);
+        let block = product(woh.transpose(), woh);
         for a in 0..hd {
             for b in 0..hd {
                 g[(j * hd + a, j * hd + b)] += block[(a, b)];
@@ -213,7 +206,7 @@ pub fn sqrt_and_inverse(g: MatRef<'_, f64>) -> Result<(Mat<f64>, Mat<f64>), Deco
     let root: Vec<f64> = values.iter().map(|&v| v.max(floor).sqrt()).collect();
     let scaled = |f: &dyn Fn(f64) -> f64| {
         let vs = Mat::from_fn(n, n, |i, k| vectors[(i, k)] * f(root[k]));
-        mul(vs.as_ref(), vectors.transpose())
+        product(vs.as_ref(), vectors.transpose())
     };
     Ok((scaled(&|r| r), scaled(&|r| 1.0 / r)))
 }
@@ -235,7 +228,7 @@ pub fn blockwise_weight(
             Some(g) => sqrt_and_inverse(g.as_ref())?,
             None => (Mat::identity(rows, rows), Mat::identity(rows, rows)),
         };
-        let weighted = mul(lb.as_ref(), w.subrows(row0, rows));
+        let weighted = product(lb.as_ref(), w.subrows(row0, rows));
         let e = output_energy(weighted.as_ref(), c);
         let s = if e > 0.0 && e.is_finite() {
             1.0 / e.sqrt()

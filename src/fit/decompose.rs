@@ -269,6 +269,14 @@ pub fn decompose(
     decompose_owned(w.to_owned(), fit, spec)
 }
 
+/// `a @ b` in `f64`, single-threaded: parallelism is across matrices, so results never depend on
+/// the thread count. The one product of the fits and the executor.
+pub fn product(a: MatRef<'_, f64>, b: MatRef<'_, f64>) -> Mat<f64> {
+    let mut out = Mat::<f64>::zeros(a.nrows(), b.ncols());
+    matmul(out.as_mut(), Accum::Replace, a, b, 1.0, Par::Seq);
+    out
+}
+
 /// [`decompose`], consuming `w`: it is centred in place, so a large fit holds one copy of the
 /// matrix fewer.
 pub fn decompose_owned(
@@ -287,44 +295,16 @@ pub fn decompose_owned(
     if bad > 0 {
         return Err(DecomposeError::NonFinite { count: bad });
     }
-
-    let mean: Vec<f64> = if fit.is_centred() {
-        (0..n)
-            .map(|j| (0..m).map(|i| w[(i, j)]).sum::<f64>() / m as f64)
-            .collect()
-    } else {
-        vec![0.0; n]
-    };
-    for j in 0..n {
-        for i in 0..m {
-            w[(i, j)] -= mean[j];
-        }
-    }
+    let mean = centre_in_place(&mut w, fit);
     let centred = w;
 
     // Gram matrix of the smaller side: its eigenvectors span the singular subspace on that side.
     let rows_side = m <= n;
-    let k = m.min(n);
-    let mut gram = Mat::<f64>::zeros(k, k);
-    if rows_side {
-        matmul(
-            gram.as_mut(),
-            Accum::Replace,
-            centred.as_ref(),
-            centred.transpose(),
-            1.0,
-            Par::Seq,
-        );
+    let gram = if rows_side {
+        product(centred.as_ref(), centred.transpose())
     } else {
-        matmul(
-            gram.as_mut(),
-            Accum::Replace,
-            centred.transpose(),
-            centred.as_ref(),
-            1.0,
-            Par::Seq,
-        );
-    }
+        product(centred.transpose(), centred.as_ref())
+    };
     let (eigenvalues, vectors) = eigh_descending(gram.as_ref())?;
     drop(gram);
     let ratios = explained_variance_ratios(&eigenvalues);
@@ -338,39 +318,17 @@ pub fn decompose_owned(
     // W' = up * down, with up [m, r] and down [r, n].
     let (up, down) = if rows_side {
         // up = U_r, down = U_r^T Wc
-        let mut down = Mat::<f64>::zeros(r, n);
-        matmul(
-            down.as_mut(),
-            Accum::Replace,
-            basis.transpose(),
-            centred.as_ref(),
-            1.0,
-            Par::Seq,
-        );
+        let down = product(basis.transpose(), centred.as_ref());
         (basis, down)
     } else {
         // up = Wc V_r, down = V_r^T
-        let mut up = Mat::<f64>::zeros(m, r);
-        matmul(
-            up.as_mut(),
-            Accum::Replace,
-            centred.as_ref(),
-            basis.as_ref(),
-            1.0,
-            Par::Seq,
-        );
-        (up, basis.transpose().to_owned())
+        (
+            product(centred.as_ref(), basis.as_ref()),
+            basis.transpose().to_owned(),
+        )
     };
     drop(centred);
-    let mut reconstruction = Mat::<f64>::zeros(m, n);
-    matmul(
-        reconstruction.as_mut(),
-        Accum::Replace,
-        up.as_ref(),
-        down.as_ref(),
-        1.0,
-        Par::Seq,
-    );
+    let mut reconstruction = product(up.as_ref(), down.as_ref());
     if fit == Fit::Pca {
         for j in 0..n {
             for i in 0..m {
@@ -378,24 +336,46 @@ pub fn decompose_owned(
             }
         }
     }
-    // The factored form carries the mean as one more latent direction: a row mu^T in `down` and a
-    // column of ones in `up`, so that up * down equals the reconstruction.
-    let extra = usize::from(fit == Fit::Pca);
-    let factors = Factors {
+    Ok(Decomposition {
+        choice,
+        variance_kept,
+        spectrum: ratios,
+        reconstruction,
+        factors: factors_with_mean(&up, &down, &mean, fit),
+    })
+}
+
+/// Subtracts the mean row from `w` for the centred fits; returns it (zeros for the others).
+fn centre_in_place(w: &mut Mat<f64>, fit: Fit) -> Vec<f64> {
+    let (m, n) = (w.nrows(), w.ncols());
+    let mean: Vec<f64> = if fit.is_centred() {
+        (0..n)
+            .map(|j| (0..m).map(|i| w[(i, j)]).sum::<f64>() / m as f64)
+            .collect()
+    } else {
+        vec![0.0; n]
+    };
+    for j in 0..n {
+        for i in 0..m {
+            w[(i, j)] -= mean[j];
+        }
+    }
+    mean
+}
+
+/// The factored form: for fit `pca` the mean as one more latent direction (a row mu^T in `down`
+/// and a column of ones in `up`), so that up * down equals the reconstruction.
+fn factors_with_mean(up: &Mat<f64>, down: &Mat<f64>, mean: &[f64], fit: Fit) -> Factors {
+    let (m, r, n) = (up.nrows(), up.ncols(), down.ncols());
+    let extra = fit.mean_dims();
+    Factors {
         up: Mat::from_fn(m, r + extra, |i, j| if j < r { up[(i, j)] } else { 1.0 }),
         down: Mat::from_fn(
             r + extra,
             n,
             |i, j| if i < r { down[(i, j)] } else { mean[j] },
         ),
-    };
-    Ok(Decomposition {
-        choice,
-        variance_kept,
-        spectrum: ratios,
-        reconstruction,
-        factors,
-    })
+    }
 }
 
 /// Matrices and comparisons shared by the math modules' unit tests.

@@ -4,6 +4,6 @@
 //! stages.
 
 pub mod act;
-pub mod budget;
+pub(crate) mod budget;
 pub mod decompose;
 pub mod spec;

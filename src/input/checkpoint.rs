@@ -4,13 +4,15 @@
 //! Tensor data is only ever borrowed from the maps; [`Checkpoint::release`] tells the kernel a tensor's
 //! pages are no longer needed, so resident memory does not grow with the model.
 
+use crate::error::{Error, Result};
+use crate::input::header::{self, Header};
+use crate::input::{config_file, files, index};
 use crate::model::arch::{Classified, Role};
 use crate::model::config::ModelConfig;
 use crate::model::dtype::FloatType;
-use crate::error::{Error, Result};
-use crate::input::{files, header};
 use crate::model::layout::{CONFIG_FILE, GENERATED_FILES, INDEX_FILE, SINGLE_FILE};
 use memmap2::{Mmap, UncheckedAdvice};
+use safetensors::tensor::TensorInfo;
 use safetensors::Dtype;
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
@@ -86,16 +88,6 @@ pub fn is_foreign_weight_extension(ext: &str) -> bool {
     FOREIGN_WEIGHT_EXTENSIONS.contains(&ext)
 }
 
-fn is_plain_file_name(name: &str) -> bool {
-    !name.is_empty()
-        && name != "."
-        && name != ".."
-        && !name.contains('/')
-        && !name.contains('\\')
-        && !name.contains('\0')
-        && !Path::new(name).is_absolute()
-}
-
 /// Memory-maps `path` read-only.
 pub(crate) fn map_file(path: &Path) -> Result<Mmap> {
     let file = File::open(path).map_err(|e| Error::io(path, e))?;
@@ -106,6 +98,34 @@ pub(crate) fn map_file(path: &Path) -> Result<Mmap> {
     unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))
 }
 
+/// The shard files of a checkpoint and, for an indexed one, the index's weight map.
+#[derive(Debug)]
+struct ShardList {
+    /// Shard file names, in the order they are read.
+    names: Vec<String>,
+    /// Tensor name to shard file name, when the checkpoint has an index.
+    weight_map: Option<BTreeMap<String, String>>,
+}
+
+/// The tensors found so far, with the name lookup that catches duplicates across shards.
+#[derive(Debug, Default)]
+struct TensorTable {
+    tensors: Vec<TensorEntry>,
+    by_name: HashMap<String, usize>,
+}
+
+/// What checking one shard's tensors against the configuration and the index needs.
+struct ShardScan<'a> {
+    config: &'a ModelConfig,
+    weight_map: Option<&'a BTreeMap<String, String>>,
+    /// Index of the shard in [`Checkpoint::shards`].
+    index: usize,
+    file_name: &'a str,
+    path: &'a Path,
+    /// Length of the shard file.
+    len: usize,
+}
+
 impl Checkpoint {
     /// Opens the checkpoint in `dir`, validating config, index, headers and the tensor-name table.
     ///
@@ -114,171 +134,37 @@ impl Checkpoint {
     /// `snapshots/` symlink into `blobs/`); see [`files::containment_root`].
     pub fn open(dir: &Path) -> Result<Self> {
         let root = files::containment_root(dir)?;
-        let config_path = dir.join(CONFIG_FILE);
-        if config_path.symlink_metadata().is_err() {
-            return Err(Error::invalid(
-                &config_path,
-                "not found: a checkpoint directory needs config.json",
-            ));
+        let config = open_config(dir, &root)?;
+        let list = list_shards(dir, &root)?;
+        let mut shards = Vec::with_capacity(list.names.len());
+        let mut table = TensorTable::default();
+        for (shard_index, file_name) in list.names.iter().enumerate() {
+            let (shard, header) = open_shard(dir, &root, file_name)?;
+            let scan = ShardScan {
+                config: &config,
+                weight_map: list.weight_map.as_ref(),
+                index: shard_index,
+                file_name,
+                path: &shard.path,
+                len: shard.map.len(),
+            };
+            table.add_shard(&scan, header)?;
+            shards.push(shard);
         }
-        files::check_contained(&root, &config_path)?;
-        let config = ModelConfig::load(&config_path)?;
-
-        let index_path = dir.join(INDEX_FILE);
-        let (shard_names, weight_map) = if index_path.symlink_metadata().is_ok() {
-            files::check_contained(&root, &index_path)?;
-            let (names, map) = read_index(&index_path)?;
-            (names, Some(map))
-        } else if dir.join(SINGLE_FILE).symlink_metadata().is_ok() {
-            (vec![SINGLE_FILE.to_string()], None)
-        } else {
-            return Err(Error::invalid(
-                dir,
-                format!("no {SINGLE_FILE} or {INDEX_FILE} found (only safetensors checkpoints are supported)"),
-            ));
-        };
-
-        // Every shard the index names must exist before any is read.
-        for file_name in &shard_names {
-            let path = dir.join(file_name);
-            if path.symlink_metadata().is_err() {
-                return Err(Error::invalid(
-                    &path,
-                    format!("shard listed in {INDEX_FILE} is missing"),
-                ));
-            }
+        if let Some(map) = &list.weight_map {
+            table.check_all_present(dir, map)?;
         }
-        let mut shards = Vec::with_capacity(shard_names.len());
-        let mut tensors = Vec::new();
-        let mut by_name = HashMap::new();
-        for (shard_index, file_name) in shard_names.iter().enumerate() {
-            let path = dir.join(file_name);
-            files::check_contained(&root, &path)?;
-            let map = map_file(&path)?;
-            let header = header::parse(&map).map_err(|e| match e.tensor {
-                Some(name) => Error::tensor(&path, name, e.message),
-                None => Error::Safetensors {
-                    path: path.clone(),
-                    message: e.message,
-                },
-            })?;
-            if tensors.len() + header.tensors.len() > header::MAX_TENSORS {
-                return Err(Error::Safetensors {
-                    path: path.clone(),
-                    message: format!(
-                        "the checkpoint holds more than {} tensors (the limit)",
-                        header::MAX_TENSORS
-                    ),
-                });
-            }
-            let data_start = header.data_start;
-            for (name, info) in header.tensors {
-                let (begin, end) = info.data_offsets;
-                // The header module checked that the tensors tile the data section, which ends at
-                // the end of the file; the checked sums keep that true here without relying on it.
-                let range = data_start
-                    .checked_add(begin)
-                    .zip(data_start.checked_add(end))
-                    .map(|(b, e)| b..e)
-                    .filter(|r| r.end <= map.len())
-                    .ok_or_else(|| Error::tensor(&path, &name, "data offsets out of bounds"))?;
-                if info.shape.contains(&0) {
-                    return Err(Error::tensor(
-                        &path,
-                        &name,
-                        format!(
-                            "shape {:?} has no elements (no Llama tensor is empty)",
-                            info.shape
-                        ),
-                    ));
-                }
-                let class = config.arch.classify(&name).ok_or_else(|| {
-                    Error::tensor(
-                        &path,
-                        &name,
-                        format!(
-                            "not a {} tensor name (unmapped tensors are refused)",
-                            config.arch.family
-                        ),
-                    )
-                })?;
-                if let Some(layer) = class.layer {
-                    if layer >= config.num_layers {
-                        return Err(Error::tensor(
-                            &path,
-                            &name,
-                            format!(
-                                "layer {layer} but config.json has num_hidden_layers = {}",
-                                config.num_layers
-                            ),
-                        ));
-                    }
-                }
-                if let Some(map) = &weight_map {
-                    match map.get(&name) {
-                        Some(listed) if listed == file_name => {}
-                        Some(listed) => {
-                            return Err(Error::tensor(
-                                &path,
-                                &name,
-                                format!("the index places it in {listed}"),
-                            ))
-                        }
-                        None => {
-                            return Err(Error::tensor(
-                                &path,
-                                &name,
-                                format!("not listed in {INDEX_FILE}"),
-                            ))
-                        }
-                    }
-                }
-                if by_name.insert(name.clone(), tensors.len()).is_some() {
-                    return Err(Error::tensor(
-                        &path,
-                        &name,
-                        "appears in more than one shard",
-                    ));
-                }
-                tensors.push(TensorEntry {
-                    name,
-                    shard: shard_index,
-                    dtype: info.dtype,
-                    shape: info.shape,
-                    range,
-                    class,
-                });
-            }
-            shards.push(Shard {
-                file_name: file_name.clone(),
-                path,
-                metadata: header.metadata,
-                map,
-            });
-        }
-        if let Some(map) = &weight_map {
-            for (name, file) in map {
-                if !by_name.contains_key(name) {
-                    return Err(Error::tensor(
-                        dir.join(file),
-                        name,
-                        format!("listed in {INDEX_FILE} but absent from the shard"),
-                    ));
-                }
-            }
-        }
-
-        let weight_files: Vec<&str> = shard_names.iter().map(String::as_str).collect();
+        let weight_files: Vec<&str> = list.names.iter().map(String::as_str).collect();
         let (other_files, skipped_files) = list_other_files(dir, &root, &weight_files)?;
         let checkpoint = Checkpoint {
             dir: dir.to_path_buf(),
             config,
             shards,
-            tensors,
-            indexed: weight_map.is_some(),
+            tensors: table.tensors,
+            indexed: list.weight_map.is_some(),
             other_files,
             skipped_files,
-            by_name,
+            by_name: table.by_name,
         };
         checkpoint.check_projections()?;
         Ok(checkpoint)
@@ -421,86 +307,209 @@ impl Checkpoint {
     }
 }
 
-/// Largest `model.safetensors.index.json` accepted (64 MiB).
-pub const MAX_INDEX_BYTES: u64 = 64 << 20;
-
-/// The index's `weight_map`, streamed so duplicate names and oversized maps are refused.
-struct WeightMap(BTreeMap<String, String>);
-
-impl<'de> serde::Deserialize<'de> for WeightMap {
-    fn deserialize<D: serde::Deserializer<'de>>(
-        deserializer: D,
-    ) -> std::result::Result<Self, D::Error> {
-        struct V;
-        impl<'de> serde::de::Visitor<'de> for V {
-            type Value = WeightMap;
-            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                f.write_str("an object mapping tensor names to shard file names")
-            }
-            fn visit_map<A: serde::de::MapAccess<'de>>(
-                self,
-                mut map: A,
-            ) -> std::result::Result<WeightMap, A::Error> {
-                use serde::de::Error as _;
-                let mut out = BTreeMap::new();
-                while let Some(name) = map.next_key::<String>()? {
-                    if out.len() >= header::MAX_TENSORS {
-                        return Err(A::Error::custom(format!(
-                            "weight_map lists more than {} tensors (the limit)",
-                            header::MAX_TENSORS
-                        )));
-                    }
-                    let file: String = map.next_value().map_err(|e| {
-                        A::Error::custom(format!("weight_map entry for `{name}`: {e}"))
-                    })?;
-                    if out.contains_key(&name) {
-                        return Err(A::Error::custom(format!(
-                            "weight_map lists `{name}` more than once"
-                        )));
-                    }
-                    out.insert(name, file);
-                }
-                Ok(WeightMap(out))
-            }
-        }
-        deserializer.deserialize_map(V)
+/// Reads and validates `config.json` of `dir`, which must exist and stay inside `root`.
+fn open_config(dir: &Path, root: &Path) -> Result<ModelConfig> {
+    let config_path = dir.join(CONFIG_FILE);
+    if config_path.symlink_metadata().is_err() {
+        return Err(Error::invalid(
+            &config_path,
+            "not found: a checkpoint directory needs config.json",
+        ));
     }
+    files::check_contained(root, &config_path)?;
+    config_file::read(&config_path)
 }
 
-#[derive(serde::Deserialize)]
-struct IndexFile {
-    weight_map: WeightMap,
-}
-
-/// Reads `model.safetensors.index.json`: shard names (sorted) and the weight map.
-fn read_index(path: &Path) -> Result<(Vec<String>, BTreeMap<String, String>)> {
-    let text = files::read_limited(path, MAX_INDEX_BYTES)?;
-    let index: IndexFile = serde_json::from_str(&text).map_err(|source| {
-        if source.classify() == serde_json::error::Category::Data {
-            Error::invalid(path, source.to_string())
-        } else {
-            Error::Json {
-                path: path.to_path_buf(),
-                source,
-            }
+/// The shard files of `dir`: those `model.safetensors.index.json` lists, or `model.safetensors`
+/// alone. Every one must exist before any is read.
+fn list_shards(dir: &Path, root: &Path) -> Result<ShardList> {
+    let index_path = dir.join(INDEX_FILE);
+    let list = if index_path.symlink_metadata().is_ok() {
+        files::check_contained(root, &index_path)?;
+        let index = index::read(&index_path)?;
+        ShardList {
+            names: index.shards,
+            weight_map: Some(index.weight_map),
         }
-    })?;
-    let weight_map = index.weight_map.0;
-    for (name, file) in &weight_map {
-        if !is_plain_file_name(file) {
+    } else if dir.join(SINGLE_FILE).symlink_metadata().is_ok() {
+        ShardList {
+            names: vec![SINGLE_FILE.to_string()],
+            weight_map: None,
+        }
+    } else {
+        return Err(Error::invalid(
+            dir,
+            format!("no {SINGLE_FILE} or {INDEX_FILE} found (only safetensors checkpoints are supported)"),
+        ));
+    };
+    for file_name in &list.names {
+        let path = dir.join(file_name);
+        if path.symlink_metadata().is_err() {
             return Err(Error::invalid(
-                path,
-                format!("weight_map entry for `{name}` names `{file}`, which is not a plain file name in the checkpoint directory (refused: only files inside it are opened)"),
+                &path,
+                format!("shard listed in {INDEX_FILE} is missing"),
             ));
         }
     }
-    if weight_map.is_empty() {
-        return Err(Error::invalid(path, "`weight_map` is empty"));
+    Ok(list)
+}
+
+/// Maps the shard `file_name` of `dir` (which must stay inside `root`) and parses its header.
+fn open_shard(dir: &Path, root: &Path, file_name: &str) -> Result<(Shard, Header)> {
+    let path = dir.join(file_name);
+    files::check_contained(root, &path)?;
+    let map = map_file(&path)?;
+    let mut header = header::parse(&map).map_err(|e| match e.tensor {
+        Some(name) => Error::tensor(&path, name, e.message),
+        None => Error::Safetensors {
+            path: path.clone(),
+            message: e.message,
+        },
+    })?;
+    let shard = Shard {
+        file_name: file_name.to_string(),
+        path,
+        metadata: std::mem::take(&mut header.metadata),
+        map,
+    };
+    Ok((shard, header))
+}
+
+impl TensorTable {
+    /// Adds the tensors of one shard's header, each checked by `scan`, refusing a name already seen.
+    fn add_shard(&mut self, scan: &ShardScan, header: Header) -> Result<()> {
+        if self.tensors.len() + header.tensors.len() > header::MAX_TENSORS {
+            return Err(Error::Safetensors {
+                path: scan.path.to_path_buf(),
+                message: format!(
+                    "the checkpoint holds more than {} tensors (the limit)",
+                    header::MAX_TENSORS
+                ),
+            });
+        }
+        for (name, info) in header.tensors {
+            let entry = scan.entry(name, info, header.data_start)?;
+            if self
+                .by_name
+                .insert(entry.name.clone(), self.tensors.len())
+                .is_some()
+            {
+                return Err(Error::tensor(
+                    scan.path,
+                    &entry.name,
+                    "appears in more than one shard",
+                ));
+            }
+            self.tensors.push(entry);
+        }
+        Ok(())
     }
-    let mut names: Vec<String> = weight_map.values().cloned().collect();
-    names.sort();
-    names.dedup();
-    Ok((names, weight_map))
+
+    /// Every tensor the index lists must be in a shard.
+    fn check_all_present(&self, dir: &Path, weight_map: &BTreeMap<String, String>) -> Result<()> {
+        for (name, file) in weight_map {
+            if !self.by_name.contains_key(name) {
+                return Err(Error::tensor(
+                    dir.join(file),
+                    name,
+                    format!("listed in {INDEX_FILE} but absent from the shard"),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl ShardScan<'_> {
+    /// Checks one header entry (data range, shape, name, layer, index) into a [`TensorEntry`].
+    fn entry(&self, name: String, info: TensorInfo, data_start: usize) -> Result<TensorEntry> {
+        let range = self.data_range(&name, data_start, info.data_offsets)?;
+        if info.shape.contains(&0) {
+            return Err(Error::tensor(
+                self.path,
+                &name,
+                format!(
+                    "shape {:?} has no elements (no Llama tensor is empty)",
+                    info.shape
+                ),
+            ));
+        }
+        let class = self.classify(&name)?;
+        self.check_listed(&name)?;
+        Ok(TensorEntry {
+            name,
+            shard: self.index,
+            dtype: info.dtype,
+            shape: info.shape,
+            range,
+            class,
+        })
+    }
+
+    /// The tensor's byte range in the file.
+    fn data_range(
+        &self,
+        name: &str,
+        data_start: usize,
+        (begin, end): (usize, usize),
+    ) -> Result<Range<usize>> {
+        // The header module checked that the tensors tile the data section, which ends at the end
+        // of the file; the checked sums keep that true here without relying on it.
+        data_start
+            .checked_add(begin)
+            .zip(data_start.checked_add(end))
+            .map(|(b, e)| b..e)
+            .filter(|r| r.end <= self.len)
+            .ok_or_else(|| Error::tensor(self.path, name, "data offsets out of bounds"))
+    }
+
+    /// The tensor's place in the architecture's table, its layer within `num_hidden_layers`.
+    fn classify(&self, name: &str) -> Result<Classified> {
+        let config = self.config;
+        let class = config.arch.classify(name).ok_or_else(|| {
+            Error::tensor(
+                self.path,
+                name,
+                format!(
+                    "not a {} tensor name (unmapped tensors are refused)",
+                    config.arch.family
+                ),
+            )
+        })?;
+        if let Some(layer) = class.layer {
+            if layer >= config.num_layers {
+                return Err(Error::tensor(
+                    self.path,
+                    name,
+                    format!(
+                        "layer {layer} but config.json has num_hidden_layers = {}",
+                        config.num_layers
+                    ),
+                ));
+            }
+        }
+        Ok(class)
+    }
+
+    /// For an indexed checkpoint: the index must place the tensor in this shard.
+    fn check_listed(&self, name: &str) -> Result<()> {
+        let Some(map) = self.weight_map else {
+            return Ok(());
+        };
+        match map.get(name) {
+            Some(listed) if listed == self.file_name => Ok(()),
+            Some(listed) => Err(Error::tensor(
+                self.path,
+                name,
+                format!("the index places it in {listed}"),
+            )),
+            None => Err(Error::tensor(
+                self.path,
+                name,
+                format!("not listed in {INDEX_FILE}"),
+            )),
+        }
+    }
 }
 
 /// Lists the files of `dir` (recursively, skipping hidden entries) other than the weights: those to
@@ -533,21 +542,4 @@ fn list_other_files(
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn plain_file_names() {
-        assert!(is_plain_file_name("model-00001-of-00002.safetensors"));
-        for bad in [
-            "",
-            "..",
-            "../x.safetensors",
-            "/etc/passwd",
-            "a/b.safetensors",
-            "a\\b",
-        ] {
-            assert!(!is_plain_file_name(bad), "{bad}");
-        }
-    }
-}
+mod tests;

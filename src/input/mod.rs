@@ -1,9 +1,12 @@
 //! Input: resolving `--in` to a directory ([`source`]: a local path or the Hugging Face cache),
-//! keeping every file opened inside it ([`files`]), parsing safetensors headers with limits
-//! ([`header`]) and the shard index ([`index`]), and mapping and validating the whole checkpoint
-//! ([`checkpoint`]). Reads, never writes; imports only `model` and the support modules.
+//! keeping every file opened inside it ([`files`]), reading `config.json` ([`config_file`]),
+//! parsing safetensors headers with limits ([`header`]) and the shard index ([`index`]), and mapping
+//! and validating the whole checkpoint ([`checkpoint`]). Reads, never writes; imports only `model`
+//! and the support modules.
 
 pub mod checkpoint;
-pub mod files;
-pub mod header;
-pub mod source;
+pub(crate) mod config_file;
+pub(crate) mod files;
+pub(crate) mod header;
+pub(crate) mod index;
+pub(crate) mod source;

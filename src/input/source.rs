@@ -5,8 +5,8 @@
 //! cache layout `models--org--name/{refs,snapshots}` exactly as Python's `huggingface_hub` writes it.
 //! It ignores `HF_HUB_OFFLINE` and `HF_HUB_CACHE`, so both are honoured here.
 
-use crate::model::layout::{CONFIG_FILE, INDEX_FILE, SINGLE_FILE};
 use crate::error::{Error, Result};
+use crate::model::layout::{CONFIG_FILE, INDEX_FILE, SINGLE_FILE};
 use hf_hub::{Cache, Repo, RepoType};
 use serde::Serialize;
 use std::path::{Path, PathBuf};

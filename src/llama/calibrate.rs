@@ -7,12 +7,12 @@
 //! streamed from the memory map, so memory is bounded by the activations, not the model. The
 //! statistics are `f64`, `hidden^2` values per layer.
 
-use crate::input::checkpoint::Checkpoint;
-use crate::options::Calibration;
-use crate::error::{Error, Result};
-use crate::llama::Llama;
-use crate::llama::tokenize::TextTokenizer;
 use crate::digest::sha256_file;
+use crate::error::{Error, Result};
+use crate::input::checkpoint::Checkpoint;
+use crate::llama::tokenize::TextTokenizer;
+use crate::llama::Llama;
+use crate::options::Calibration;
 use faer::linalg::matmul::matmul;
 use faer::{Accum, Mat, MatRef, Par};
 use serde::Serialize;

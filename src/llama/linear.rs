@@ -28,11 +28,6 @@ impl Linear {
         }
     }
 
-    /// Input width.
-    pub fn in_features(&self) -> usize {
-        self.weight_t.nrows()
-    }
-
     /// Output width.
     pub fn out_features(&self) -> usize {
         self.weight_t.ncols()
@@ -130,7 +125,7 @@ mod tests {
             3,
             Some(vec![10.0, 20.0]),
         );
-        assert_eq!((w.in_features(), w.out_features()), (3, 2));
+        assert_eq!((w.weight_t.nrows(), w.out_features()), (3, 2));
         let x = Mat::<f32>::from_fn(2, 3, |i, j| [[1.0, 0.0, -1.0], [2.0, 1.0, 0.0]][i][j]);
         let y = w.apply(x.as_ref());
         assert_eq!(

@@ -2,31 +2,12 @@
 //! name, its shape checked against the config, decoded from F32/F16/BF16 to `f32`, and its pages
 //! released. Builds the linear maps of one layer, dense or factored as `config.json` says.
 
-use crate::model::arch::{Factor, Role};
-use crate::input::checkpoint::Checkpoint;
-use crate::model::dtype::FloatType;
 use crate::error::{Error, Result};
+use crate::input::checkpoint::Checkpoint;
 use crate::llama::linear::{KeyValue, Linear, Projection};
 use crate::llama::params::LlamaParams;
-use half::{bf16, f16};
-
-/// Decodes little-endian values of `ty` to `f32` (exact for F16 and BF16).
-pub fn decode_f32(ty: FloatType, bytes: &[u8]) -> Vec<f32> {
-    match ty {
-        FloatType::F32 => bytes
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect(),
-        FloatType::F16 => bytes
-            .chunks_exact(2)
-            .map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32())
-            .collect(),
-        FloatType::BF16 => bytes
-            .chunks_exact(2)
-            .map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32())
-            .collect(),
-    }
-}
+use crate::model::arch::{AttentionProjection, Factor, Mlp, Role};
+use crate::model::dtype::FloatType;
 
 /// Tensor access for the forward pass.
 #[derive(Debug, Clone, Copy)]
@@ -55,23 +36,14 @@ impl<'a> Loader<'a> {
                 ),
             ));
         }
-        let ty = FloatType::from_dtype(t.dtype).ok_or_else(|| {
-            Error::tensor(
-                path,
-                name,
-                format!(
-                    "dtype {:?} is not supported by eval (F32, F16, BF16)",
-                    t.dtype
-                ),
-            )
-        })?;
+        let ty = FloatType::of_tensor(t.dtype, path, name, "evaluated")?;
         Ok((ty, ckpt.bytes(t)))
     }
 
     /// Tensor `name` of `shape`, decoded to `f32` (row-major), its pages released afterwards.
     pub fn values(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
         let (ty, bytes) = self.raw(name, shape)?;
-        let values = decode_f32(ty, bytes);
+        let values = ty.decode_f32(bytes);
         if let Some(t) = self.checkpoint.tensor(name) {
             self.checkpoint.release(t);
         }
@@ -114,41 +86,66 @@ impl<'a> Loader<'a> {
     /// is decoded.
     pub fn check_layer(&self, layer: usize) -> Result<()> {
         let p = self.params;
-        let (h, inter) = (p.hidden_size, p.intermediate_size);
+        let h = p.hidden_size;
         let q_dim = p.attention.num_heads * p.attention.head_dim;
         let kv_dim = p.attention.num_kv_heads * p.attention.head_dim;
-        for norm in ["input_layernorm.weight", "post_attention_layernorm.weight"] {
-            self.raw(&self.layer_name(layer, norm), &[h])?;
+        for norm in [Role::InputNorm, Role::PostAttentionNorm] {
+            self.raw(&self.layer_name(layer, norm)?, &[h])?;
         }
-        let linears = [
-            (
-                "self_attn.o_proj",
-                [h, q_dim],
-                p.attention_bias,
-                "attention_bias",
-            ),
-            ("mlp.gate_proj", [inter, h], p.mlp_bias, "mlp_bias"),
-            ("mlp.up_proj", [inter, h], p.mlp_bias, "mlp_bias"),
-            ("mlp.down_proj", [h, inter], p.mlp_bias, "mlp_bias"),
-        ];
-        for (base, shape, enabled, flag) in linears {
-            self.raw(&self.layer_name(layer, &format!("{base}.weight")), &shape)?;
-            let bias = self.layer_name(layer, &format!("{base}.bias"));
+        for (weight, bias, shape) in self.linears() {
+            let (enabled, flag) = self.bias_flag(bias);
+            self.raw(&self.layer_name(layer, weight)?, &shape)?;
+            let bias = self.layer_name(layer, bias)?;
             self.check_bias(&bias, shape[0], enabled, flag)?;
         }
-        for (base, len) in [("q_proj", q_dim), ("k_proj", kv_dim), ("v_proj", kv_dim)] {
-            let bias = self.layer_name(layer, &format!("self_attn.{base}.bias"));
+        for (projection, len) in [
+            (AttentionProjection::Query, q_dim),
+            (AttentionProjection::Key, kv_dim),
+            (AttentionProjection::Value, kv_dim),
+        ] {
+            let bias = self.layer_name(layer, Role::AttentionBias(projection))?;
             self.check_bias(&bias, len, p.attention_bias, "attention_bias")?;
         }
         Ok(())
     }
 
-    /// The full name of a per-layer tensor from its suffix (e.g. `mlp.up_proj.weight`).
-    pub fn layer_name(&self, layer: usize, suffix: &str) -> String {
-        format!(
-            "{}{layer}.{suffix}",
-            self.checkpoint.config.arch.layer_prefix
-        )
+    /// The dense linear maps of a layer besides q/k/v: weight role, bias role, `[out, in]`.
+    fn linears(&self) -> [(Role, Role, [usize; 2]); 4] {
+        let p = self.params;
+        let (h, inter) = (p.hidden_size, p.intermediate_size);
+        let q_dim = p.attention.num_heads * p.attention.head_dim;
+        [
+            (
+                Role::Output,
+                Role::AttentionBias(AttentionProjection::Output),
+                [h, q_dim],
+            ),
+            (Role::MlpGate, Role::MlpBias(Mlp::Gate), [inter, h]),
+            (Role::MlpUp, Role::MlpBias(Mlp::Up), [inter, h]),
+            (Role::MlpDown, Role::MlpBias(Mlp::Down), [h, inter]),
+        ]
+    }
+
+    /// Whether a bias role is enabled by the config, and the config key that says so.
+    fn bias_flag(&self, bias: Role) -> (bool, &'static str) {
+        match bias {
+            Role::MlpBias(_) => (self.params.mlp_bias, "mlp_bias"),
+            _ => (self.params.attention_bias, "attention_bias"),
+        }
+    }
+
+    /// The name of a per-layer tensor, from the architecture's table.
+    pub fn layer_name(&self, layer: usize, role: Role) -> Result<String> {
+        let arch = self.checkpoint.config.arch;
+        arch.layer_tensor_name(layer, role)
+            .ok_or_else(|| Error::bug(format!("the {} name table has no {role:?}", arch.family)))
+    }
+
+    /// The name of a global tensor, from the architecture's table.
+    pub fn global_name(&self, role: Role) -> Result<&'static str> {
+        let arch = self.checkpoint.config.arch;
+        arch.global_tensor_name(role)
+            .ok_or_else(|| Error::bug(format!("the {} name table has no {role:?}", arch.family)))
     }
 
     /// The linear map of weight `name` `[out, in]` with an optional bias.
@@ -163,28 +160,15 @@ impl<'a> Loader<'a> {
         Ok(Linear::from_row_major(&values, out, input, bias))
     }
 
-    /// A per-layer linear map by suffix (`mlp.gate_proj`), with its `.bias` when `bias_enabled`.
-    pub fn layer_linear(
-        &self,
-        layer: usize,
-        base: &str,
-        out: usize,
-        input: usize,
-        bias_enabled: bool,
-        flag: &str,
-    ) -> Result<Linear> {
-        let bias = self.bias(
-            &self.layer_name(layer, &format!("{base}.bias")),
-            out,
-            bias_enabled,
-            flag,
-        )?;
-        self.linear(
-            &self.layer_name(layer, &format!("{base}.weight")),
-            out,
-            input,
-            bias,
-        )
+    /// The layer's dense linear maps besides q/k/v, with their biases where the config enables
+    /// them: `o_proj`, `gate_proj`, `up_proj`, `down_proj`.
+    pub fn layer_linears(&self, layer: usize) -> Result<[Linear; 4]> {
+        let [o, gate, up, down] = self.linears().map(|(weight, bias, [out, input])| {
+            let (enabled, flag) = self.bias_flag(bias);
+            let bias = self.bias(&self.layer_name(layer, bias)?, out, enabled, flag)?;
+            self.linear(&self.layer_name(layer, weight)?, out, input, bias)
+        });
+        Ok([o?, gate?, up?, down?])
     }
 
     /// The linear map of an attention projection tensor by role, with its shape from
@@ -202,10 +186,7 @@ impl<'a> Loader<'a> {
                     format!("layer {layer}: no {role:?} tensor in this layout"),
                 )
             })?;
-        let name = c.arch.layer_tensor_name(layer, role).ok_or_else(|| {
-            Error::invalid(&self.checkpoint.dir, format!("no tensor name for {role:?}"))
-        })?;
-        self.linear(&name, shape[0], shape[1], bias)
+        self.linear(&self.layer_name(layer, role)?, shape[0], shape[1], bias)
     }
 
     /// Whether the layer's layout (from `config.json`) has a tensor of `role`.
@@ -217,9 +198,14 @@ impl<'a> Loader<'a> {
             .any(|(r, _)| *r == role)
     }
 
-    /// The attention bias of projection `base` (`self_attn.q_proj`), `len` values.
-    fn attention_bias(&self, layer: usize, base: &str, len: usize) -> Result<Option<Vec<f32>>> {
-        let name = self.layer_name(layer, &format!("self_attn.{base}.bias"));
+    /// The attention bias of `projection`, `len` values.
+    fn attention_bias(
+        &self,
+        layer: usize,
+        projection: AttentionProjection,
+        len: usize,
+    ) -> Result<Option<Vec<f32>>> {
+        let name = self.layer_name(layer, Role::AttentionBias(projection))?;
         self.bias(&name, len, self.params.attention_bias, "attention_bias")
     }
 
@@ -245,9 +231,9 @@ impl<'a> Loader<'a> {
     pub fn attention(&self, layer: usize) -> Result<(Projection, KeyValue)> {
         let c = &self.checkpoint.config;
         let (q_dim, kv_dim) = (c.q_dim(), c.kv_dim());
-        let q_bias = self.attention_bias(layer, "q_proj", q_dim)?;
-        let k_bias = self.attention_bias(layer, "k_proj", kv_dim)?;
-        let v_bias = self.attention_bias(layer, "v_proj", kv_dim)?;
+        let q_bias = self.attention_bias(layer, AttentionProjection::Query, q_dim)?;
+        let k_bias = self.attention_bias(layer, AttentionProjection::Key, kv_dim)?;
+        let v_bias = self.attention_bias(layer, AttentionProjection::Value, kv_dim)?;
         let q = self.projection(layer, Role::Query, Factor::QDown, Factor::QUp, q_bias)?;
         let kv = if self.has(layer, Role::Factor(Factor::KvDown)) {
             KeyValue::Shared {
@@ -271,13 +257,13 @@ mod tests {
 
     #[test]
     fn decodes_each_float_type() {
-        assert_eq!(decode_f32(FloatType::F32, &1.5f32.to_le_bytes()), vec![1.5]);
+        assert_eq!(FloatType::F32.decode_f32(&1.5f32.to_le_bytes()), vec![1.5]);
         assert_eq!(
-            decode_f32(FloatType::F16, &[0x00, 0x3c, 0x00, 0xc0]),
+            FloatType::F16.decode_f32(&[0x00, 0x3c, 0x00, 0xc0]),
             vec![1.0, -2.0]
         );
         assert_eq!(
-            decode_f32(FloatType::BF16, &[0x80, 0x3f, 0x20, 0x40]),
+            FloatType::BF16.decode_f32(&[0x80, 0x3f, 0x20, 0x40]),
             vec![1.0, 2.5]
         );
     }

@@ -23,35 +23,37 @@
 //!
 //! Factored projections are applied as two products, `b(a(x))`; nothing is multiplied out.
 
-pub mod attention;
+pub(crate) mod attention;
 pub mod calibrate;
-pub mod layer;
-pub mod linear;
-pub mod load;
-pub mod ops;
-pub mod params;
-pub mod rope;
+pub(crate) mod layer;
+pub(crate) mod linear;
+pub(crate) mod load;
+pub(crate) mod ops;
+pub(crate) mod params;
+pub(crate) mod rope;
 pub mod score;
 pub mod tokenize;
 
 pub use layer::Layer;
 pub use params::LlamaParams;
 
-use crate::input::checkpoint::Checkpoint;
-use crate::model::layout::CONFIG_FILE;
 use crate::error::{Error, Result};
+use crate::input::checkpoint::Checkpoint;
+use crate::model::arch::Role;
+use crate::model::layout::CONFIG_FILE;
 use attention::windows;
 use faer::linalg::matmul::matmul;
 use faer::{Accum, Mat, MatRef, Par};
 use load::Loader;
 use rayon::prelude::*;
 
-/// Name of the token embedding.
-pub const EMBED: &str = "model.embed_tokens.weight";
-/// Name of the final norm.
-pub const FINAL_NORM: &str = "model.norm.weight";
-/// Name of the untied output head.
-pub const LM_HEAD: &str = "lm_head.weight";
+/// The names of the global tensors the pass reads, from the architecture's table.
+#[derive(Debug, Clone, Copy)]
+struct GlobalNames {
+    embed: &'static str,
+    final_norm: &'static str,
+    lm_head: &'static str,
+}
 /// Logit rows computed at once by [`Llama::log_likelihood`] (bounds the `[vocab, rows]` buffer).
 const LOGIT_CHUNK: usize = 256;
 
@@ -60,6 +62,7 @@ const LOGIT_CHUNK: usize = 256;
 pub struct Llama<'a> {
     checkpoint: &'a Checkpoint,
     params: LlamaParams,
+    names: GlobalNames,
 }
 
 impl<'a> Llama<'a> {
@@ -67,21 +70,41 @@ impl<'a> Llama<'a> {
     /// tensor's name, shape and dtype (no data is read), so a bad checkpoint fails before any work.
     pub fn new(checkpoint: &'a Checkpoint) -> Result<Self> {
         let params = LlamaParams::resolve(&checkpoint.config, &checkpoint.dir.join(CONFIG_FILE))?;
-        let llama = Llama { checkpoint, params };
+        let names = {
+            let loader = Loader {
+                checkpoint,
+                params: &params,
+            };
+            GlobalNames {
+                embed: loader.global_name(Role::Embedding)?,
+                final_norm: loader.global_name(Role::FinalNorm)?,
+                lm_head: loader.global_name(Role::LmHead)?,
+            }
+        };
+        let llama = Llama {
+            checkpoint,
+            params,
+            names,
+        };
         let loader = llama.loader();
+        let GlobalNames {
+            embed,
+            final_norm,
+            lm_head,
+        } = names;
         let (v, h) = (llama.params.vocab_size, llama.params.hidden_size);
-        loader.raw(EMBED, &[v, h])?;
-        loader.raw(FINAL_NORM, &[h])?;
+        loader.raw(embed, &[v, h])?;
+        loader.raw(final_norm, &[h])?;
         if llama.params.tie_word_embeddings {
-            if let Some(t) = checkpoint.tensor(LM_HEAD) {
+            if let Some(t) = checkpoint.tensor(lm_head) {
                 return Err(Error::tensor(
                     &checkpoint.shards[t.shard].path,
-                    LM_HEAD,
+                    lm_head,
                     "present, but config.json's tie_word_embeddings is true (the head is the embedding)",
                 ));
             }
         } else {
-            loader.raw(LM_HEAD, &[v, h])?;
+            loader.raw(lm_head, &[v, h])?;
         }
         for layer in 0..llama.params.num_layers {
             loader.check_layer(layer)?;
@@ -109,7 +132,8 @@ impl<'a> Llama<'a> {
     /// The embeddings of `ids`, `[T, hidden]` (only the rows used are decoded).
     pub fn embed(&self, ids: &[u32]) -> Result<Mat<f32>> {
         let (vocab, hidden) = (self.params.vocab_size, self.params.hidden_size);
-        let (ty, bytes) = self.loader().raw(EMBED, &[vocab, hidden])?;
+        let embed = self.names.embed;
+        let (ty, bytes) = self.loader().raw(embed, &[vocab, hidden])?;
         let row_bytes = hidden * ty.size();
         let mut h = Mat::<f32>::zeros(ids.len(), hidden);
         for (t, &id) in ids.iter().enumerate() {
@@ -117,11 +141,11 @@ impl<'a> Llama<'a> {
             if id >= vocab {
                 return Err(Error::tensor(
                     &self.checkpoint.dir,
-                    EMBED,
+                    embed,
                     format!("token id {id} is outside the vocabulary of {vocab} rows (does tokenizer.json belong to this model?)"),
                 ));
             }
-            let row = load::decode_f32(ty, &bytes[id * row_bytes..(id + 1) * row_bytes]);
+            let row = ty.decode_f32(&bytes[id * row_bytes..(id + 1) * row_bytes]);
             for (j, v) in row.into_iter().enumerate() {
                 h[(t, j)] = v;
             }
@@ -143,23 +167,20 @@ impl<'a> Llama<'a> {
             ));
         }
         let l = self.loader();
-        let (h, inter) = (p.hidden_size, p.intermediate_size);
-        let q_dim = p.attention.num_heads * p.attention.head_dim;
+        let h = p.hidden_size;
         let (q, kv) = l.attention(index)?;
-        let ab = p.attention_bias;
+        let [o, gate, up, down] = l.layer_linears(index)?;
         Ok(Layer {
             index,
-            input_layernorm: l.values(&l.layer_name(index, "input_layernorm.weight"), &[h])?,
-            post_attention_layernorm: l.values(
-                &l.layer_name(index, "post_attention_layernorm.weight"),
-                &[h],
-            )?,
+            input_layernorm: l.values(&l.layer_name(index, Role::InputNorm)?, &[h])?,
+            post_attention_layernorm: l
+                .values(&l.layer_name(index, Role::PostAttentionNorm)?, &[h])?,
             q,
             kv,
-            o: l.layer_linear(index, "self_attn.o_proj", h, q_dim, ab, "attention_bias")?,
-            gate: l.layer_linear(index, "mlp.gate_proj", inter, h, p.mlp_bias, "mlp_bias")?,
-            up: l.layer_linear(index, "mlp.up_proj", inter, h, p.mlp_bias, "mlp_bias")?,
-            down: l.layer_linear(index, "mlp.down_proj", h, inter, p.mlp_bias, "mlp_bias")?,
+            o,
+            gate,
+            up,
+            down,
             shape: p.attention,
             rope: p.rope,
             eps: p.rms_norm_eps,
@@ -192,16 +213,16 @@ impl<'a> Llama<'a> {
         if let Some(&bad) = ids.iter().find(|&&id| id as usize >= vocab) {
             return Err(Error::tensor(
                 &self.checkpoint.dir,
-                EMBED,
+                self.names.embed,
                 format!("token id {bad} is outside the vocabulary of {vocab} rows"),
             ));
         }
         let l = self.loader();
-        let norm = l.values(FINAL_NORM, &[hidden])?;
+        let norm = l.values(self.names.final_norm, &[hidden])?;
         let head_name = if p.tie_word_embeddings {
-            EMBED
+            self.names.embed
         } else {
-            LM_HEAD
+            self.names.lm_head
         };
         // [vocab, hidden] row-major read column-major: W^T, [hidden, vocab].
         let head = l.linear(head_name, vocab, hidden, None)?;

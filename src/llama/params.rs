@@ -3,10 +3,10 @@
 //! absent keys), resolved and validated into [`LlamaParams`] (RoPE type and its parameters, the
 //! activation, biases, Mistral's sliding window). Downstream code never reads the JSON again.
 
-use crate::model::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::llama::attention::AttentionShape;
 use crate::llama::rope::{Rope, RopeScaling};
+use crate::model::config::ModelConfig;
 use serde::Deserialize;
 use serde_json::{Map, Value};
 use std::path::Path;

@@ -128,11 +128,6 @@ impl RopeTable {
         self.cos.len().checked_div(self.half).unwrap_or(0)
     }
 
-    /// Whether the table covers no position.
-    pub fn is_empty(&self) -> bool {
-        self.cos.is_empty()
-    }
-
     /// Rotates, in place, every head of `x` (rows: positions `0..x.nrows()`, at most
     /// [`Self::len`]; columns: heads of `2 * half` values side by side). Within a head, value `i`
     /// and value `i + half` form a pair: `(a, b) -> (a cos - b sin, b cos + a sin)`, which is

@@ -107,7 +107,6 @@ pub fn read_text(model_dir: &Path, path: &Path) -> Result<ScoredText> {
     })
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -51,11 +51,6 @@ impl TextTokenizer {
             .map_err(|e| Error::invalid(&self.path, format!("cannot tokenize the text: {e}")))?;
         Ok(encoding.get_ids().to_vec())
     }
-
-    /// The file it was loaded from.
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
 }
 
 #[cfg(test)]

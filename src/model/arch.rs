@@ -3,9 +3,14 @@
 //! A name is either global (`model.embed_tokens.weight`) or per layer
 //! (`model.layers.{N}.self_attn.k_proj.weight`). Each has a [`Role`]: the three projections the
 //! surgery may rewrite, the factors of the factored form (`--emit factored`, see
-//! `docs/factored-format.md`), or pass-through. A tensor matching no entry is an error.
+//! `docs/factored-format.md`), and every tensor copied as it is (norms, MLP, embeddings, head,
+//! biases). A tensor matching no entry is an error. The forward pass, the planner and the
+//! synthetic checkpoints build every name from this table.
 
-/// What a tensor is to the surgery.
+/// What a tensor is: every tensor of an architecture has one role, and every name is built from
+/// the table by role ([`Architecture::layer_tensor_name`], [`Architecture::global_tensor_name`]).
+/// Only the attention projections (and the factored form's factors) are ever rewritten; every
+/// other role is copied byte for byte.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Role {
     /// The attention query projection weight `[heads * head_dim, hidden]`.
@@ -14,13 +19,57 @@ pub enum Role {
     Key,
     /// The attention value projection weight `[kv_heads * head_dim, hidden]`.
     Value,
-    /// The attention output projection `[hidden, heads * head_dim]`: copied byte for byte, but read
-    /// by the activation-aware fit (V errors are weighted through it).
+    /// The attention output projection `[hidden, heads * head_dim]`: copied, but read by the
+    /// activation-aware fit (V errors are weighted through it) and the forward pass.
     Output,
-    /// Copied byte for byte.
-    PassThrough,
+    /// The bias of one attention projection (`attention_bias`), `[rows]`.
+    AttentionBias(AttentionProjection),
+    /// The rotary embedding's `inv_freq` buffer some exports carry (never read).
+    RotaryInvFreq,
+    /// The MLP's gate projection `[intermediate, hidden]`.
+    MlpGate,
+    /// The MLP's up projection `[intermediate, hidden]`.
+    MlpUp,
+    /// The MLP's down projection `[hidden, intermediate]`.
+    MlpDown,
+    /// The bias of one MLP projection (`mlp_bias`).
+    MlpBias(Mlp),
+    /// The RMSNorm before attention, `[hidden]`.
+    InputNorm,
+    /// The RMSNorm before the MLP, `[hidden]`.
+    PostAttentionNorm,
+    /// The token embedding `[vocab, hidden]`.
+    Embedding,
+    /// The final RMSNorm `[hidden]`.
+    FinalNorm,
+    /// The output head `[vocab, hidden]` (absent with tied embeddings).
+    LmHead,
     /// One factor of a factored projection.
     Factor(Factor),
+}
+
+/// The four attention projections, for their biases.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum AttentionProjection {
+    /// `q_proj`.
+    Query,
+    /// `k_proj`.
+    Key,
+    /// `v_proj`.
+    Value,
+    /// `o_proj`.
+    Output,
+}
+
+/// The three MLP projections, for their biases.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Mlp {
+    /// `gate_proj`.
+    Gate,
+    /// `up_proj`.
+    Up,
+    /// `down_proj`.
+    Down,
 }
 
 /// The tensors of the factored form: `W' = b @ a`, `a` the down-projection to the latent, `b` the
@@ -41,18 +90,6 @@ pub enum Factor {
     VDown,
     /// `v_b_proj` `[kv_dim, L or Lv]`.
     VUp,
-}
-
-impl Role {
-    /// Short name used in reports: `q`, `k`, `v`.
-    pub fn short(self) -> &'static str {
-        match self {
-            Role::Query => "q",
-            Role::Key => "k",
-            Role::Value => "v",
-            Role::Output | Role::PassThrough | Role::Factor(_) => "-",
-        }
-    }
 }
 
 /// One architecture family's names.
@@ -97,24 +134,36 @@ pub static LLAMA: Architecture = Architecture {
         ("self_attn.k_b_proj.weight", Role::Factor(Factor::KUp)),
         ("self_attn.v_a_proj.weight", Role::Factor(Factor::VDown)),
         ("self_attn.v_b_proj.weight", Role::Factor(Factor::VUp)),
-        ("self_attn.q_proj.bias", Role::PassThrough),
-        ("self_attn.k_proj.bias", Role::PassThrough),
-        ("self_attn.v_proj.bias", Role::PassThrough),
-        ("self_attn.o_proj.bias", Role::PassThrough),
-        ("self_attn.rotary_emb.inv_freq", Role::PassThrough),
-        ("mlp.gate_proj.weight", Role::PassThrough),
-        ("mlp.up_proj.weight", Role::PassThrough),
-        ("mlp.down_proj.weight", Role::PassThrough),
-        ("mlp.gate_proj.bias", Role::PassThrough),
-        ("mlp.up_proj.bias", Role::PassThrough),
-        ("mlp.down_proj.bias", Role::PassThrough),
-        ("input_layernorm.weight", Role::PassThrough),
-        ("post_attention_layernorm.weight", Role::PassThrough),
+        (
+            "self_attn.q_proj.bias",
+            Role::AttentionBias(AttentionProjection::Query),
+        ),
+        (
+            "self_attn.k_proj.bias",
+            Role::AttentionBias(AttentionProjection::Key),
+        ),
+        (
+            "self_attn.v_proj.bias",
+            Role::AttentionBias(AttentionProjection::Value),
+        ),
+        (
+            "self_attn.o_proj.bias",
+            Role::AttentionBias(AttentionProjection::Output),
+        ),
+        ("self_attn.rotary_emb.inv_freq", Role::RotaryInvFreq),
+        ("mlp.gate_proj.weight", Role::MlpGate),
+        ("mlp.up_proj.weight", Role::MlpUp),
+        ("mlp.down_proj.weight", Role::MlpDown),
+        ("mlp.gate_proj.bias", Role::MlpBias(Mlp::Gate)),
+        ("mlp.up_proj.bias", Role::MlpBias(Mlp::Up)),
+        ("mlp.down_proj.bias", Role::MlpBias(Mlp::Down)),
+        ("input_layernorm.weight", Role::InputNorm),
+        ("post_attention_layernorm.weight", Role::PostAttentionNorm),
     ],
     global_tensors: &[
-        ("model.embed_tokens.weight", Role::PassThrough),
-        ("model.norm.weight", Role::PassThrough),
-        ("lm_head.weight", Role::PassThrough),
+        ("model.embed_tokens.weight", Role::Embedding),
+        ("model.norm.weight", Role::FinalNorm),
+        ("lm_head.weight", Role::LmHead),
     ],
 };
 
@@ -168,7 +217,15 @@ impl Architecture {
             })
     }
 
-    /// The tensor name of a projection in a layer.
+    /// The name of a global (not per-layer) tensor.
+    pub fn global_tensor_name(&self, role: Role) -> Option<&'static str> {
+        self.global_tensors
+            .iter()
+            .find(|(_, r)| *r == role)
+            .map(|(name, _)| *name)
+    }
+
+    /// The name of a per-layer tensor.
     pub fn layer_tensor_name(&self, layer: usize, role: Role) -> Option<String> {
         self.layer_tensors
             .iter()
@@ -194,7 +251,7 @@ mod tests {
             }
         );
         let c = LLAMA.classify("model.layers.0.mlp.up_proj.weight").unwrap();
-        assert_eq!(c.role, Role::PassThrough);
+        assert_eq!(c.role, Role::MlpUp);
         assert_eq!(LLAMA.classify("lm_head.weight").unwrap().layer, None);
         assert!(LLAMA
             .classify("model.layers.x.self_attn.k_proj.weight")
@@ -234,6 +291,24 @@ mod tests {
                 })
             );
         }
+    }
+
+    #[test]
+    fn every_name_is_found_by_its_role() {
+        for &(suffix, role) in LLAMA.layer_tensors {
+            let name = LLAMA.layer_tensor_name(7, role).unwrap();
+            assert_eq!(name, format!("model.layers.7.{suffix}"));
+            assert_eq!(LLAMA.classify(&name).unwrap().role, role);
+        }
+        for &(name, role) in LLAMA.global_tensors {
+            assert_eq!(LLAMA.global_tensor_name(role), Some(name));
+            assert_eq!(
+                LLAMA.classify(name).unwrap(),
+                Classified { layer: None, role }
+            );
+        }
+        assert_eq!(LLAMA.global_tensor_name(Role::Query), None);
+        assert_eq!(LLAMA.layer_tensor_name(0, Role::Embedding), None);
     }
 
     #[test]

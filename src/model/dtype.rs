@@ -1,9 +1,11 @@
 //! Conversion between the floating-point storage types of a checkpoint (F32, F16, BF16, little
 //! endian) and the `f64` values the decompositions work in.
 
+use crate::error::{Error, Result};
 use faer::{MatMut, MatRef};
 use half::{bf16, f16};
 use safetensors::Dtype;
+use std::path::Path;
 
 /// The element types a decomposed tensor may have.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -27,6 +29,22 @@ impl FloatType {
         }
     }
 
+    /// The float type of a tensor, or [`Error::UnsupportedDtype`] naming the file, the tensor and
+    /// what was to be done with it (`purpose`: `decomposed`, `expanded`, `evaluated`).
+    pub fn of_tensor(
+        dtype: Dtype,
+        path: &Path,
+        tensor: &str,
+        purpose: &'static str,
+    ) -> Result<Self> {
+        Self::from_dtype(dtype).ok_or_else(|| Error::UnsupportedDtype {
+            path: path.to_path_buf(),
+            tensor: tensor.to_string(),
+            dtype: format!("{dtype:?}"),
+            purpose,
+        })
+    }
+
     /// Bytes per element.
     pub fn size(self) -> usize {
         match self {
@@ -35,75 +53,64 @@ impl FloatType {
         }
     }
 
+    /// The value of one little-endian element (`b` holds at least [`Self::size`] bytes): the one
+    /// decoder every other method goes through.
+    #[inline]
+    fn value(self, b: &[u8]) -> f64 {
+        match self {
+            FloatType::F32 => f32::from_le_bytes([b[0], b[1], b[2], b[3]]) as f64,
+            FloatType::F16 => f16::from_le_bytes([b[0], b[1]]).to_f64(),
+            FloatType::BF16 => bf16::from_le_bytes([b[0], b[1]]).to_f64(),
+        }
+    }
+
+    /// Writes `v`, rounded to the nearest value of this type, into `out` (at least
+    /// [`Self::size`] bytes): the one encoder.
+    #[inline]
+    fn put(self, v: f64, out: &mut [u8]) {
+        match self {
+            FloatType::F32 => out[..4].copy_from_slice(&(v as f32).to_le_bytes()),
+            FloatType::F16 => out[..2].copy_from_slice(&f16::from_f64(v).to_le_bytes()),
+            FloatType::BF16 => out[..2].copy_from_slice(&bf16::from_f64(v).to_le_bytes()),
+        }
+    }
+
     /// Decodes little-endian bytes (whose length is a multiple of [`Self::size`]) into `f64`.
     pub fn decode(self, bytes: &[u8]) -> Vec<f64> {
-        match self {
-            FloatType::F32 => bytes
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f64)
-                .collect(),
-            FloatType::F16 => bytes
-                .chunks_exact(2)
-                .map(|c| f16::from_le_bytes([c[0], c[1]]).to_f64())
-                .collect(),
-            FloatType::BF16 => bytes
-                .chunks_exact(2)
-                .map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f64())
-                .collect(),
-        }
+        bytes
+            .chunks_exact(self.size())
+            .map(|c| self.value(c))
+            .collect()
+    }
+
+    /// Decodes little-endian bytes into `f32` (exact for F16 and BF16), for the forward pass.
+    pub fn decode_f32(self, bytes: &[u8]) -> Vec<f32> {
+        bytes
+            .chunks_exact(self.size())
+            .map(|c| self.value(c) as f32)
+            .collect()
     }
 
     /// Encodes values, rounding each to the nearest representable value of this type.
     pub fn encode(self, values: &[f64]) -> Vec<u8> {
-        let mut out = Vec::with_capacity(values.len() * self.size());
-        match self {
-            FloatType::F32 => values
-                .iter()
-                .for_each(|&v| out.extend_from_slice(&(v as f32).to_le_bytes())),
-            FloatType::F16 => values
-                .iter()
-                .for_each(|&v| out.extend_from_slice(&f16::from_f64(v).to_le_bytes())),
-            FloatType::BF16 => values
-                .iter()
-                .for_each(|&v| out.extend_from_slice(&bf16::from_f64(v).to_le_bytes())),
+        let mut out = vec![0u8; values.len() * self.size()];
+        for (&v, o) in values.iter().zip(out.chunks_exact_mut(self.size())) {
+            self.put(v, o);
         }
         out
     }
 
     /// Decodes little-endian `bytes` into `out` (exactly `out.len()` elements).
     pub fn decode_slice(self, bytes: &[u8], out: &mut [f64]) {
-        match self {
-            FloatType::F32 => {
-                for (o, c) in out.iter_mut().zip(bytes.chunks_exact(4)) {
-                    *o = f32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f64;
-                }
-            }
-            FloatType::F16 => {
-                for (o, c) in out.iter_mut().zip(bytes.chunks_exact(2)) {
-                    *o = f16::from_le_bytes([c[0], c[1]]).to_f64();
-                }
-            }
-            FloatType::BF16 => {
-                for (o, c) in out.iter_mut().zip(bytes.chunks_exact(2)) {
-                    *o = bf16::from_le_bytes([c[0], c[1]]).to_f64();
-                }
-            }
+        for (o, c) in out.iter_mut().zip(bytes.chunks_exact(self.size())) {
+            *o = self.value(c);
         }
     }
 
     /// The value at element `index` of little-endian `bytes`.
     #[inline]
     pub fn decode_at(self, bytes: &[u8], index: usize) -> f64 {
-        match self {
-            FloatType::F32 => {
-                let b = &bytes[4 * index..4 * index + 4];
-                f32::from_le_bytes([b[0], b[1], b[2], b[3]]) as f64
-            }
-            FloatType::F16 => f16::from_le_bytes([bytes[2 * index], bytes[2 * index + 1]]).to_f64(),
-            FloatType::BF16 => {
-                bf16::from_le_bytes([bytes[2 * index], bytes[2 * index + 1]]).to_f64()
-            }
-        }
+        self.value(&bytes[index * self.size()..])
     }
 
     /// Decodes row-major `bytes` (exactly `out.nrows() * out.ncols()` elements) into `out`, a block
@@ -129,19 +136,8 @@ impl FloatType {
             let r1 = (r0 + ROW_BLOCK).min(rows);
             for j in 0..cols {
                 for i in r0..r1 {
-                    let v = m[(i, j)];
                     let at = (i * cols + j) * size;
-                    match self {
-                        FloatType::F32 => {
-                            out[at..at + 4].copy_from_slice(&(v as f32).to_le_bytes())
-                        }
-                        FloatType::F16 => {
-                            out[at..at + 2].copy_from_slice(&f16::from_f64(v).to_le_bytes())
-                        }
-                        FloatType::BF16 => {
-                            out[at..at + 2].copy_from_slice(&bf16::from_f64(v).to_le_bytes())
-                        }
-                    }
+                    self.put(m[(i, j)], &mut out[at..]);
                 }
             }
         }

@@ -77,80 +77,13 @@ impl LatentAttention {
     /// Parses and validates `value` (the `latent_attention` object of `path`) for a model of
     /// `num_layers` layers.
     pub fn from_json(value: &Value, num_layers: usize, path: &Path) -> Result<Self> {
-        let invalid =
-            |message: String| Error::invalid(path, format!("latent_attention: {message}"));
         let obj = value
             .as_object()
-            .ok_or_else(|| invalid("expected an object".into()))?;
-        match obj.get("format_version").and_then(Value::as_u64) {
-            Some(FORMAT_VERSION) => {}
-            other => {
-                return Err(invalid(format!(
-                "format_version {} is not supported (this build reads version {FORMAT_VERSION})",
-                other.map_or_else(|| "missing".to_string(), |v| v.to_string())
-            )))
-            }
-        }
-        let kv = match obj.get("kv") {
-            None | Some(Value::Null) => None,
-            Some(Value::String(s)) if s == "shared" => Some(KvMode::Shared),
-            Some(Value::String(s)) if s == "separate" => Some(KvMode::Separate),
-            Some(v) => {
-                return Err(invalid(format!(
-                    "kv must be \"shared\", \"separate\" or null, found {v}"
-                )))
-            }
-        };
-        let ranks = |key: &str| -> Result<Option<Vec<usize>>> {
-            match obj.get(key) {
-                None | Some(Value::Null) => Ok(None),
-                Some(Value::Array(items)) => {
-                    let parsed: Option<Vec<usize>> = items
-                        .iter()
-                        .map(|v| {
-                            v.as_u64()
-                                .and_then(|n| usize::try_from(n).ok())
-                                .filter(|&n| n > 0)
-                        })
-                        .collect();
-                    match parsed {
-                        Some(list) if list.len() == num_layers => Ok(Some(list)),
-                        _ => Err(invalid(format!(
-                            "{key} must list {num_layers} positive integers (one per layer)"
-                        ))),
-                    }
-                }
-                Some(v) => Err(invalid(format!("{key} must be a list, found {v}"))),
-            }
-        };
-        let (kv_rank, q_rank, k_rank, v_rank) = (
-            ranks("kv_rank")?,
-            ranks("q_rank")?,
-            ranks("k_rank")?,
-            ranks("v_rank")?,
-        );
-        match kv {
-            Some(KvMode::Shared) if kv_rank.is_none() => {
-                return Err(invalid("kv is \"shared\" but kv_rank is missing".into()))
-            }
-            Some(KvMode::Separate) if k_rank.is_none() && v_rank.is_none() => {
-                return Err(invalid(
-                    "kv is \"separate\" but neither k_rank nor v_rank is given".into(),
-                ))
-            }
-            _ => {}
-        }
-        if kv != Some(KvMode::Shared) && kv_rank.is_some() {
-            return Err(invalid("kv_rank is only valid with kv \"shared\"".into()));
-        }
-        if kv != Some(KvMode::Separate) && (k_rank.is_some() || v_rank.is_some()) {
-            return Err(invalid(
-                "k_rank / v_rank are only valid with kv \"separate\"".into(),
-            ));
-        }
-        if kv.is_none() && q_rank.is_none() {
-            return Err(invalid("no projection is factored".into()));
-        }
+            .ok_or_else(|| invalid(path, "expected an object"))?;
+        check_format_version(obj, path)?;
+        let kv = kv_mode(obj, path)?;
+        let ranks = Ranks::from_json(obj, num_layers, path)?;
+        ranks.check_consistent(kv, path)?;
         let original_architectures = obj
             .get("original_architectures")
             .filter(|v| {
@@ -159,9 +92,7 @@ impl LatentAttention {
                     .is_some_and(Value::is_string)
             })
             .cloned()
-            .ok_or_else(|| {
-                invalid("original_architectures must be a list of class names".into())
-            })?;
+            .ok_or_else(|| invalid(path, "original_architectures must be a list of class names"))?;
         let original_model_type = obj
             .get("original_model_type")
             .cloned()
@@ -173,22 +104,123 @@ impl LatentAttention {
                 .unwrap_or("unknown")
                 .to_string(),
             kv,
-            kv_rank,
-            q_rank,
-            k_rank,
-            v_rank,
+            kv_rank: ranks.kv,
+            q_rank: ranks.q,
+            k_rank: ranks.k,
+            v_rank: ranks.v,
             original_architectures,
             original_model_type,
         })
     }
+}
 
-    /// The original class name (`original_architectures[0]`).
-    pub fn original_class_name(&self) -> &str {
-        self.original_architectures
-            .as_array()
-            .and_then(|a| a.first())
-            .and_then(Value::as_str)
-            .unwrap_or_default()
+/// A refusal of `path`'s `latent_attention`.
+fn invalid(path: &Path, message: impl std::fmt::Display) -> Error {
+    Error::invalid(path, format!("latent_attention: {message}"))
+}
+
+/// `format_version` must be the one this build reads.
+fn check_format_version(obj: &Map<String, Value>, path: &Path) -> Result<()> {
+    match obj.get("format_version").and_then(Value::as_u64) {
+        Some(FORMAT_VERSION) => Ok(()),
+        other => Err(invalid(
+            path,
+            format!(
+                "format_version {} is not supported (this build reads version {FORMAT_VERSION})",
+                other.map_or_else(|| "missing".to_string(), |v| v.to_string())
+            ),
+        )),
+    }
+}
+
+/// `kv`: `"shared"`, `"separate"`, or absent / `null` for dense K and V.
+fn kv_mode(obj: &Map<String, Value>, path: &Path) -> Result<Option<KvMode>> {
+    match obj.get("kv") {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) if s == "shared" => Ok(Some(KvMode::Shared)),
+        Some(Value::String(s)) if s == "separate" => Ok(Some(KvMode::Separate)),
+        Some(v) => Err(invalid(
+            path,
+            format!("kv must be \"shared\", \"separate\" or null, found {v}"),
+        )),
+    }
+}
+
+/// The per-layer latent widths, each list optional.
+struct Ranks {
+    kv: Option<Vec<usize>>,
+    q: Option<Vec<usize>>,
+    k: Option<Vec<usize>>,
+    v: Option<Vec<usize>>,
+}
+
+impl Ranks {
+    /// Reads `kv_rank`, `q_rank`, `k_rank` and `v_rank`, in that order.
+    fn from_json(obj: &Map<String, Value>, num_layers: usize, path: &Path) -> Result<Self> {
+        Ok(Ranks {
+            kv: rank_list(obj, "kv_rank", num_layers, path)?,
+            q: rank_list(obj, "q_rank", num_layers, path)?,
+            k: rank_list(obj, "k_rank", num_layers, path)?,
+            v: rank_list(obj, "v_rank", num_layers, path)?,
+        })
+    }
+
+    /// The lists given must be those `kv` calls for, and something must be factored.
+    fn check_consistent(&self, kv: Option<KvMode>, path: &Path) -> Result<()> {
+        match kv {
+            Some(KvMode::Shared) if self.kv.is_none() => {
+                return Err(invalid(path, "kv is \"shared\" but kv_rank is missing"))
+            }
+            Some(KvMode::Separate) if self.k.is_none() && self.v.is_none() => {
+                return Err(invalid(
+                    path,
+                    "kv is \"separate\" but neither k_rank nor v_rank is given",
+                ))
+            }
+            _ => {}
+        }
+        if kv != Some(KvMode::Shared) && self.kv.is_some() {
+            return Err(invalid(path, "kv_rank is only valid with kv \"shared\""));
+        }
+        if kv != Some(KvMode::Separate) && (self.k.is_some() || self.v.is_some()) {
+            return Err(invalid(
+                path,
+                "k_rank / v_rank are only valid with kv \"separate\"",
+            ));
+        }
+        if kv.is_none() && self.q.is_none() {
+            return Err(invalid(path, "no projection is factored"));
+        }
+        Ok(())
+    }
+}
+
+/// The list `key`: absent / `null`, or one positive integer per layer.
+fn rank_list(
+    obj: &Map<String, Value>,
+    key: &str,
+    num_layers: usize,
+    path: &Path,
+) -> Result<Option<Vec<usize>>> {
+    let items = match obj.get(key) {
+        None | Some(Value::Null) => return Ok(None),
+        Some(Value::Array(items)) => items,
+        Some(v) => return Err(invalid(path, format!("{key} must be a list, found {v}"))),
+    };
+    let parsed: Option<Vec<usize>> = items
+        .iter()
+        .map(|v| {
+            v.as_u64()
+                .and_then(|n| usize::try_from(n).ok())
+                .filter(|&n| n > 0)
+        })
+        .collect();
+    match parsed {
+        Some(list) if list.len() == num_layers => Ok(Some(list)),
+        _ => Err(invalid(
+            path,
+            format!("{key} must list {num_layers} positive integers (one per layer)"),
+        )),
     }
 }
 

@@ -9,13 +9,19 @@ pub const CONFIG_FILE: &str = "config.json";
 /// Files this tool writes into every output (never copied from an input).
 pub const GENERATED_FILES: &[&str] = &["surgery.json", "SHA256SUMS"];
 
-/// The name of shard `k` (0-based) of `n`: `model-00001-of-00002.safetensors`, as Hugging Face
-/// names them; a single shard is [`SINGLE_FILE`].
+/// The name of shard `k` (0-based) of `n` in the Hugging Face pattern,
+/// `model-00001-of-00002.safetensors`, whatever `n` is.
+pub fn indexed_shard_name(k: usize, n: usize) -> String {
+    format!("model-{:05}-of-{:05}.safetensors", k + 1, n)
+}
+
+/// The name of shard `k` (0-based) of `n` as written: [`indexed_shard_name`], or [`SINGLE_FILE`]
+/// for a single shard.
 pub fn shard_file_name(k: usize, n: usize) -> String {
     if n == 1 {
         SINGLE_FILE.to_string()
     } else {
-        format!("model-{:05}-of-{:05}.safetensors", k + 1, n)
+        indexed_shard_name(k, n)
     }
 }
 
@@ -28,5 +34,6 @@ mod tests {
         assert_eq!(shard_file_name(0, 1), "model.safetensors");
         assert_eq!(shard_file_name(0, 2), "model-00001-of-00002.safetensors");
         assert_eq!(shard_file_name(11, 12), "model-00012-of-00012.safetensors");
+        assert_eq!(indexed_shard_name(0, 1), "model-00001-of-00001.safetensors");
     }
 }

@@ -3,8 +3,8 @@
 //! factored form's description ([`latent`]) and the file names of the Hugging Face layout
 //! ([`layout`]). Imports nothing of the crate but `error`.
 
-pub mod arch;
-pub mod config;
+pub(crate) mod arch;
+pub(crate) mod config;
 pub mod dtype;
-pub mod latent;
-pub mod layout;
+pub(crate) mod latent;
+pub(crate) mod layout;

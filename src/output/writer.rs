@@ -7,6 +7,7 @@
 //! works while the converter computes, the final `fsync` only waits for the tail, and a 16 GB output
 //! does not crowd the page cache.
 
+use crate::digest::hex;
 use crate::error::{Error, Result};
 use crate::output::sink::TensorSink;
 use crate::plan::{ShardPlan, TensorPlan};
@@ -15,7 +16,6 @@ use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{BufWriter, Read, Write};
-use crate::digest::hex;
 use std::num::NonZeroU64;
 use std::path::{Path, PathBuf};
 
@@ -188,7 +188,7 @@ impl<'a> ShardWriter<'a> {
             .as_ref()
             .map(|(name, _)| self.dir.join(name))
             .unwrap_or_else(|| self.dir.clone());
-        Error::tensor(file, tensor, format!("internal error: {what}"))
+        Error::bug(format!("{}: tensor `{tensor}`: {what}", file.display()))
     }
 }
 

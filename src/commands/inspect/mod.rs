@@ -3,14 +3,14 @@
 //! separately and with one shared basis. Prints a table on stderr or JSON on stdout, and with
 //! `--svg` draws the cumulative curves, one panel per layer ([`plot`]).
 
-pub mod plot;
-pub mod spectra;
+pub(crate) mod plot;
+pub(crate) mod spectra;
 
-use crate::input::checkpoint::Checkpoint;
-use crate::options::InspectOptions;
 use crate::error::{Error, Result};
-use crate::report::{group_digits, Tool};
+use crate::input::checkpoint::Checkpoint;
 use crate::input::source::{self, InputIdentity};
+use crate::options::InspectOptions;
+use crate::report::{group_digits, Tool};
 use serde::Serialize;
 use spectra::{layer_counts, layer_spectra, totals, Counts, LayerCounts, TotalCounts, THRESHOLDS};
 use std::fmt::Write as _;
@@ -120,7 +120,7 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
 }
 
 /// Runs `inspect`: prints the counts and, with `--svg`, writes the curves.
-pub fn run(options: &InspectOptions) -> Result<InspectReport> {
+pub fn run(options: &InspectOptions) -> Result<()> {
     let input = source::resolve(&options.model, &options.revision)?;
     let checkpoint = Checkpoint::open(&input.dir)?;
     checkpoint.require_dense(&options.model)?;
@@ -151,5 +151,5 @@ pub fn run(options: &InspectOptions) -> Result<InspectReport> {
             eprintln!("wrote {}", path.display());
         }
     }
-    Ok(report)
+    Ok(())
 }

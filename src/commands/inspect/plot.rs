@@ -2,8 +2,8 @@
 //! and V fitted separately (dashed) and of K/V stacked with one shared basis (solid), the 90% level
 //! and where each curve reaches it. Drawn with `plotters`' SVG backend.
 
-use crate::fit::decompose::rank_for_threshold;
 use crate::commands::inspect::spectra::{cumulative, LayerSpectra};
+use crate::fit::decompose::rank_for_threshold;
 use plotters::coord::Shift;
 use plotters::element::DashedPathElement;
 use plotters::prelude::*;

@@ -3,12 +3,12 @@
 //! them), and the number of components each needs for a given share of its variance — the rank a
 //! conversion with that threshold keeps.
 
-use crate::input::checkpoint::Checkpoint;
-use crate::fit::decompose::{rank_for_threshold, Fit};
 use crate::error::{Error, Result};
 use crate::execute::{spectra, FitInputs};
-use crate::plan::{groups, GroupKind, Surgery};
+use crate::fit::decompose::{rank_for_threshold, Fit};
 use crate::fit::spec::Spec;
+use crate::input::checkpoint::Checkpoint;
+use crate::plan::{groups, GroupKind, Surgery};
 use serde::Serialize;
 use std::collections::BTreeMap;
 
@@ -51,12 +51,9 @@ pub fn layer_spectra(checkpoint: &Checkpoint) -> Result<Vec<LayerSpectra>> {
         })
         .collect();
     for (group, spectrum) in all.iter().zip(ratios) {
-        let l = out.get_mut(group.layer).ok_or_else(|| {
-            Error::invalid(
-                &checkpoint.dir,
-                format!("internal error: layer {} out of range", group.layer),
-            )
-        })?;
+        let l = out
+            .get_mut(group.layer)
+            .ok_or_else(|| Error::bug(format!("layer {} out of range", group.layer)))?;
         match group.kind {
             GroupKind::K => l.k = spectrum,
             GroupKind::V => l.v = spectrum,

@@ -4,14 +4,13 @@
 //! a dense conversion writes them, decoded to `f32`, and dropped with the layer, so memory stays one
 //! layer's worth.
 
-use crate::input::checkpoint::Checkpoint;
-use crate::model::dtype::FloatType;
 use crate::error::{Error, Result};
-use crate::llama::score::negative_log_likelihood_edited;
 use crate::execute::{fit_and_encode, FitInputs, GroupReport};
+use crate::input::checkpoint::Checkpoint;
 use crate::llama::linear::{KeyValue, Linear, Projection};
-use crate::llama::load::decode_f32;
+use crate::llama::score::negative_log_likelihood_edited;
 use crate::llama::{Layer, Llama};
+use crate::model::dtype::FloatType;
 use crate::plan::{Emit, GroupKind, GroupPlan};
 use rayon::prelude::*;
 
@@ -83,25 +82,21 @@ fn substitute(
     let mut linears = Vec::with_capacity(pieces.len());
     for (&member, bytes) in group.members.iter().zip(pieces) {
         let t = &checkpoint.tensors[member];
-        let ty = FloatType::from_dtype(t.dtype).ok_or_else(|| {
-            Error::tensor(
-                &checkpoint.shards[t.shard].path,
-                &t.name,
-                format!("dtype {:?} cannot be decomposed", t.dtype),
-            )
-        })?;
-        linears.push((decode_f32(ty, bytes), t.shape[0], t.shape[1]));
+        let ty = FloatType::of_tensor(
+            t.dtype,
+            &checkpoint.shards[t.shard].path,
+            &t.name,
+            "decomposed",
+        )?;
+        linears.push((ty.decode_f32(bytes), t.shape[0], t.shape[1]));
     }
     let dense = |i: usize, bias: Option<Vec<f32>>| -> Result<Projection> {
         let (values, out, input) = linears.get(i).ok_or_else(|| {
-            Error::invalid(
-                &checkpoint.dir,
-                format!(
-                    "internal error: layer {} group {} has no output {i}",
-                    group.layer,
-                    group.kind.name()
-                ),
-            )
+            Error::bug(format!(
+                "layer {} group {} has no output {i}",
+                group.layer,
+                group.kind.name()
+            ))
         })?;
         Ok(Projection::Dense(Linear::from_row_major(
             values, *out, *input, bias,

@@ -8,10 +8,10 @@
 //! directory (created atomically, like a conversion's) holds `sweep.json` ([`record`]), `sweep.md`
 //! ([`table`]) and `sweep.svg` ([`plot`]).
 
-pub mod evaluate;
+pub(crate) mod evaluate;
 pub mod plot;
-pub mod record;
-pub mod table;
+pub(crate) mod record;
+pub(crate) mod table;
 
 use crate::error::{Error, Result};
 use crate::execute::prepare::{fit_inputs, resolve_budgets};
@@ -114,7 +114,7 @@ impl Bench<'_> {
 }
 
 /// Runs the sweep, writes its directory and returns the report.
-pub fn run(options: &SweepOptions) -> Result<SweepReport> {
+pub fn run(options: &SweepOptions) -> Result<()> {
     let started = Instant::now();
     let configs = options.configs();
     let input = source::resolve(&options.input, &options.revision)?;
@@ -175,7 +175,7 @@ pub fn run(options: &SweepOptions) -> Result<SweepReport> {
         FILES.join(", "),
         started.elapsed().as_secs_f64()
     ));
-    Ok(report)
+    Ok(())
 }
 
 /// Writes the three files into a staging directory and moves it to `out`.

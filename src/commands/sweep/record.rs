@@ -2,12 +2,12 @@
 //! parameter figures of the factored form (as `surgery.json` computes them) and the perplexity.
 //! Everything but the `seconds` fields is deterministic.
 
-use crate::llama::calibrate::CalibrationRecord;
-use crate::execute::GroupReport;
-use crate::report::{kv_values_per_token, BeforeAfter, Tool};
-use crate::input::source::InputIdentity;
 use crate::commands::sweep::evaluate::Evaluation;
+use crate::execute::GroupReport;
+use crate::input::source::InputIdentity;
+use crate::llama::calibrate::CalibrationRecord;
 use crate::options::SweepConfig;
+use crate::report::{kv_values_per_token, BeforeAfter, Tool};
 use serde::Serialize;
 use std::collections::BTreeMap;
 

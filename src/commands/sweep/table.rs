@@ -1,8 +1,8 @@
 //! `sweep.md`: the sweep as a markdown table, base row first, then the configurations in sweep
 //! order. Holds no times, so identical sweeps give identical bytes.
 
-use crate::report::group_digits;
 use crate::commands::sweep::record::{ConfigRecord, SweepReport};
+use crate::report::group_digits;
 use std::fmt::Write as _;
 
 /// `a -> b (+x.y%)`.

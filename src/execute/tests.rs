@@ -1,0 +1,371 @@
+//! The executor on the tiny checkpoint (`crate::test_support`), into an in-memory sink: the dense
+//! form (fits pipelined ahead of the write pass), the factored form (fits spilled first), and
+//! `expand` of what the factored form wrote.
+
+use super::input_hash::InputHasher;
+use super::pipeline::{need_order, with_pipeline, Pipelined};
+use super::*;
+use crate::fit::decompose::Fit;
+use crate::fit::spec::Spec;
+use crate::model::arch::{Factor, Role};
+use crate::model::layout::CONFIG_FILE;
+use crate::plan::{self, FileSource, ShardPlan, Surgery, TensorPlan};
+use crate::test_support::{self as tiny, RawTensor, Widths};
+use safetensors::Dtype;
+use std::collections::BTreeMap;
+
+/// One tensor as written: its plan and its bytes.
+type Written = (TensorPlan, Vec<u8>);
+
+/// A sink that keeps every shard in memory, checking the calls come in a valid order and each
+/// tensor gets its planned length.
+#[derive(Default)]
+struct Memory {
+    /// Per shard: its file name and its tensors, in the order written.
+    shards: Vec<(String, Vec<Written>)>,
+    in_shard: bool,
+    in_tensor: bool,
+}
+
+impl Memory {
+    fn last_tensor(&mut self) -> &mut Written {
+        assert!(self.in_tensor, "bytes outside a tensor");
+        self.shards.last_mut().unwrap().1.last_mut().unwrap()
+    }
+
+    /// Every tensor written, by name.
+    fn by_name(&self) -> BTreeMap<&str, &[u8]> {
+        let tensors = self.shards.iter().flat_map(|(_, ts)| ts);
+        tensors
+            .map(|(t, b)| (t.name.as_str(), b.as_slice()))
+            .collect()
+    }
+
+    /// The order written: shard names and their tensors' names.
+    fn order(&self) -> Vec<(&str, Vec<&str>)> {
+        self.shards
+            .iter()
+            .map(|(f, ts)| {
+                (
+                    f.as_str(),
+                    ts.iter().map(|(t, _)| t.name.as_str()).collect(),
+                )
+            })
+            .collect()
+    }
+}
+
+impl TensorSink for Memory {
+    fn begin_shard(&mut self, shard: &ShardPlan) -> Result<()> {
+        assert!(!self.in_shard, "shard begun inside a shard");
+        self.in_shard = true;
+        self.shards.push((shard.file_name.clone(), Vec::new()));
+        Ok(())
+    }
+
+    fn begin_tensor(&mut self, tensor: &TensorPlan) -> Result<()> {
+        assert!(
+            self.in_shard && !self.in_tensor,
+            "tensor begun out of place"
+        );
+        self.in_tensor = true;
+        let shard = &mut self.shards.last_mut().unwrap().1;
+        shard.push((tensor.clone(), Vec::new()));
+        Ok(())
+    }
+
+    fn write_part(&mut self, bytes: &[u8]) -> Result<()> {
+        self.last_tensor().1.extend_from_slice(bytes);
+        Ok(())
+    }
+
+    fn end_tensor(&mut self) -> Result<()> {
+        let (t, bytes) = self.last_tensor();
+        assert_eq!(bytes.len(), t.byte_len, "{}: planned length", t.name);
+        self.in_tensor = false;
+        Ok(())
+    }
+
+    fn finish_shard(&mut self) -> Result<()> {
+        assert!(
+            self.in_shard && !self.in_tensor,
+            "shard finished out of place"
+        );
+        self.in_shard = false;
+        Ok(())
+    }
+}
+
+/// The plan's order, as [`Memory::order`] reports it.
+fn plan_order(plan: &Plan) -> Vec<(&str, Vec<&str>)> {
+    plan.shards
+        .iter()
+        .map(|s| {
+            (
+                s.file_name.as_str(),
+                s.tensors.iter().map(|t| t.name.as_str()).collect(),
+            )
+        })
+        .collect()
+}
+
+/// Executes `plan` with `pieces` into memory; checks the input files were hashed whole.
+fn run(ck: &Checkpoint, plan: &Plan, pieces: &mut dyn PieceSource) -> Result<Memory> {
+    let mut sink = Memory::default();
+    let mut hasher = InputHasher::new(ck);
+    execute(
+        ck,
+        plan,
+        pieces,
+        &mut sink,
+        &mut hasher,
+        &ProgressBar::hidden(),
+    )?;
+    check_hashes(ck, hasher);
+    Ok(sink)
+}
+
+fn check_hashes(ck: &Checkpoint, hasher: InputHasher) {
+    for (record, shard) in hasher.finish(ck).iter().zip(&ck.shards) {
+        assert_eq!(
+            record.sha256,
+            crate::digest::sha256_file(&shard.path).unwrap()
+        );
+    }
+}
+
+/// `--q rank:2 --shared-kv rank:3`, fit `pca`.
+fn surgery() -> Surgery {
+    Surgery {
+        q: Some(Spec::Rank(2)),
+        k: None,
+        v: None,
+        shared_kv: Some(Spec::Rank(3)),
+        fit: Fit::Pca,
+    }
+}
+
+/// The dense form through the pipeline, as `write_dense` runs it.
+fn run_dense(ck: &Checkpoint, plan: &Plan) -> (Memory, Vec<GroupReport>) {
+    let mut sink = Memory::default();
+    let mut hasher = InputHasher::new(ck);
+    let order = need_order(plan);
+    let inputs = FitInputs::default();
+    let reports = with_pipeline(ck, &plan.groups, &order, Emit::Dense, &inputs, |pipeline| {
+        let mut source = Pipelined::new(pipeline, plan.groups.len());
+        let bar = ProgressBar::hidden();
+        execute(ck, plan, &mut source, &mut sink, &mut hasher, &bar)?;
+        Ok(source.into_reports())
+    })
+    .unwrap();
+    check_hashes(ck, hasher);
+    (sink, reports)
+}
+
+fn decode(dtype: Dtype, bytes: &[u8]) -> Vec<f64> {
+    FloatType::from_dtype(dtype).unwrap().decode(bytes)
+}
+
+/// `||a - b|| / ||b||`.
+fn relative_error(a: &[f64], b: &[f64]) -> f64 {
+    let diff: f64 = a.iter().zip(b).map(|(x, y)| (x - y) * (x - y)).sum();
+    let norm: f64 = b.iter().map(|y| y * y).sum();
+    (diff / norm).sqrt()
+}
+
+/// Copies are the input's bytes: the tensor as the test support generated it.
+fn assert_copies_identical(plan: &Plan, sink: &Memory) {
+    let written = sink.by_name();
+    for t in plan.shards.iter().flat_map(|s| &s.tensors) {
+        if let Op::Copy { .. } = t.op {
+            let input = RawTensor::generated(&t.name, t.dtype, t.shape.clone());
+            assert!(written[t.name.as_str()] == input.bytes, "{} copied", t.name);
+        }
+    }
+}
+
+#[test]
+fn dense_execution_copies_and_reconstructs_in_plan_order() {
+    for (dtype, sharded) in [(Dtype::F32, false), (Dtype::BF16, true)] {
+        let (_dir, ck) = tiny::open_tiny(dtype, sharded);
+        let plan = plan::plan(&ck, plan::groups(&ck, &surgery()), &Layout::Dense, None).unwrap();
+        if !sharded {
+            // One file in name order: each layer's k_proj (shared K/V) comes before its q_proj.
+            assert_eq!(need_order(&plan), [1, 0, 3, 2]);
+        }
+        let (sink, reports) = run_dense(&ck, &plan);
+        assert_eq!(sink.order(), plan_order(&plan));
+        assert_copies_identical(&plan, &sink);
+        assert_eq!(reports.len(), plan.groups.len());
+        for (report, group) in reports.iter().zip(&plan.groups) {
+            assert_eq!(
+                (report.layer, report.kind),
+                (group.layer, group.kind.name())
+            );
+            let rank = if group.kind == plan::GroupKind::Q {
+                2
+            } else {
+                3
+            };
+            assert_eq!((report.rank, report.latent), (rank, rank + 1));
+            // The reported errors are those of the bytes written.
+            for (&member, &error) in group.members.iter().zip(&report.tensor_relative_errors) {
+                let t = &ck.tensors[member];
+                let original = RawTensor::generated(&t.name, dtype, t.shape.clone());
+                let written = decode(dtype, sink.by_name()[t.name.as_str()]);
+                let measured = relative_error(&written, &decode(dtype, &original.bytes));
+                assert!(measured > 0.01, "{}: a low-rank fit changes it", t.name);
+                assert!(
+                    (measured - error).abs() < 1e-6,
+                    "{}: {measured} {error}",
+                    t.name
+                );
+            }
+        }
+    }
+}
+
+/// The factored form as `write_factored` runs it: fits spilled, then the write pass.
+fn run_factored(ck: &Checkpoint) -> (Plan, Memory) {
+    let scratch = tempfile::tempdir().unwrap();
+    let spill_path = scratch.path().join("factors.spill");
+    let groups = plan::groups(ck, &surgery());
+    let inputs = FitInputs::default();
+    let bar = ProgressBar::hidden();
+    let (reports, mut spill) = factor_pass(ck, &groups, &inputs, &spill_path, &bar).unwrap();
+    let plan = plan::plan(ck, groups, &layout(Emit::Factored, &reports), None).unwrap();
+    let sink = run(ck, &plan, &mut spill).unwrap();
+    spill.remove().unwrap();
+    assert!(!spill_path.exists(), "the spill is removed");
+    (plan, sink)
+}
+
+/// `up @ down` of two row-major matrices.
+fn product(up: &[f64], down: &[f64], rows: usize, latent: usize) -> Vec<f64> {
+    let cols = down.len() / latent;
+    let mut out = vec![0.0; rows * cols];
+    for i in 0..rows {
+        for j in 0..cols {
+            out[i * cols + j] = (0..latent)
+                .map(|l| up[i * latent + l] * down[l * cols + j])
+                .sum();
+        }
+    }
+    out
+}
+
+#[test]
+fn factored_execution_writes_factors_whose_product_is_the_dense_fit() {
+    let (_dir, ck) = tiny::open_tiny(Dtype::F32, true);
+    let (plan, sink) = run_factored(&ck);
+    assert_eq!(sink.order(), plan_order(&plan));
+    assert_copies_identical(&plan, &sink);
+    let dense_plan = plan::plan(&ck, plan.groups.clone(), &Layout::Dense, None).unwrap();
+    let (dense, _) = run_dense(&ck, &dense_plan);
+    let (factored, dense) = (sink.by_name(), dense.by_name());
+    for layer in 0..tiny::LAYERS {
+        let name = |role| tiny::layer_name(layer, role);
+        let f = |factor| decode(Dtype::F32, factored[name(Role::Factor(factor)).as_str()]);
+        for (role, rows, latent, down, up) in [
+            (Role::Query, tiny::Q_DIM, 3, Factor::QDown, Factor::QUp),
+            (Role::Key, tiny::KV_DIM, 4, Factor::KvDown, Factor::KUp),
+            (Role::Value, tiny::KV_DIM, 4, Factor::KvDown, Factor::VUp),
+        ] {
+            let (down, up) = (f(down), f(up));
+            assert_eq!(
+                (down.len(), up.len()),
+                (latent * tiny::HIDDEN, rows * latent)
+            );
+            let reconstruction = decode(Dtype::F32, dense[name(role).as_str()]);
+            let error = relative_error(&product(&up, &down, rows, latent), &reconstruction);
+            assert!(error < 1e-5, "{}: {error}", name(role));
+        }
+    }
+}
+
+/// Writes what the factored form produced as a checkpoint in `dir`.
+fn write_output(dir: &std::path::Path, plan: &Plan, sink: &Memory) {
+    let config = plan
+        .files
+        .iter()
+        .find(|f| f.relative == std::path::Path::new(CONFIG_FILE));
+    let Some(FileSource::Generated { bytes: config, .. }) = config.map(|f| &f.source) else {
+        panic!("no generated config.json")
+    };
+    let shards: Vec<Vec<RawTensor>> = sink
+        .shards
+        .iter()
+        .map(|(_, tensors)| {
+            let raw = |(t, bytes): &Written| RawTensor {
+                name: t.name.clone(),
+                dtype: t.dtype,
+                shape: t.shape.clone(),
+                bytes: bytes.clone(),
+            };
+            tensors.iter().map(raw).collect()
+        })
+        .collect();
+    tiny::write_checkpoint(dir, config, &shards);
+}
+
+#[test]
+fn expand_of_the_factored_output_multiplies_the_factors_back() {
+    let (_dir, ck) = tiny::open_tiny(Dtype::F32, true);
+    let (factored_plan, factored) = run_factored(&ck);
+    let out = tempfile::tempdir().unwrap();
+    write_output(out.path(), &factored_plan, &factored);
+    let fck = Checkpoint::open(out.path()).unwrap();
+    let plan = plan::plan_expand(&fck, fck.config.latent.as_ref().unwrap()).unwrap();
+    let sink = run(&fck, &plan, &mut NoPieces).unwrap();
+    assert_eq!(sink.order(), plan_order(&plan));
+    assert_copies_identical(&plan, &sink);
+    let expanded = sink.by_name();
+    let mut names: Vec<&str> = expanded.keys().copied().collect();
+    let mut dense: Vec<String> = tiny::dense_shapes().into_iter().map(|(n, _)| n).collect();
+    names.sort();
+    dense.sort();
+    assert_eq!(names, dense);
+    let dense_plan = plan::plan(&ck, factored_plan.groups, &Layout::Dense, None).unwrap();
+    let (reconstructed, _) = run_dense(&ck, &dense_plan);
+    for (name, bytes) in reconstructed.by_name() {
+        let (a, b) = (
+            decode(Dtype::F32, expanded[name]),
+            decode(Dtype::F32, bytes),
+        );
+        assert!(relative_error(&a, &b) < 1e-5, "{name}");
+    }
+}
+
+#[test]
+fn expand_encodes_the_product_in_the_up_projections_dtype() {
+    let widths = Widths {
+        q: Some(vec![3, 2]),
+        ..Widths::default()
+    };
+    let (_dir, ck) = tiny::open_factored(&widths);
+    let plan = plan::plan_expand(&ck, ck.config.latent.as_ref().unwrap()).unwrap();
+    let sink = run(&ck, &plan, &mut NoPieces).unwrap();
+    let written = sink.by_name();
+    for (layer, &latent) in [3, 2].iter().enumerate() {
+        let raw = |factor| {
+            let t = &ck.tensors[tiny::index(&ck, layer, Role::Factor(factor))];
+            decode(t.dtype, ck.bytes(t))
+        };
+        let expected = product(&raw(Factor::QUp), &raw(Factor::QDown), tiny::Q_DIM, latent);
+        let q = decode(
+            Dtype::F32,
+            written[tiny::layer_name(layer, Role::Query).as_str()],
+        );
+        assert!(relative_error(&q, &expected) < 1e-6);
+    }
+}
+
+#[test]
+fn no_pieces_refuses_to_produce_a_group_output() {
+    let (_dir, ck) = tiny::open_tiny(Dtype::F32, false);
+    let plan = plan::plan(&ck, plan::groups(&ck, &surgery()), &Layout::Dense, None).unwrap();
+    let err = NoPieces.take(&ck, &plan, 0, 0).unwrap_err();
+    assert!(matches!(err, Error::Bug { .. }), "{err:?}");
+    let err = run(&ck, &plan, &mut NoPieces).err().unwrap();
+    assert!(matches!(err, Error::Bug { .. }), "{err:?}");
+}

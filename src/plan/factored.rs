@@ -1,0 +1,154 @@
+//! The factored layout (`docs/factored-format.md`): each group's down- and up-projections, and the
+//! files that describe and load them (`config.json` with `latent_attention`, the module).
+
+use super::layout::byte_len;
+use super::shards::{placed, Placed};
+use super::{FileSource, GroupKind, GroupPlan, Op, OutputFile, TensorPlan};
+use crate::error::{Error, Result};
+use crate::input::checkpoint::Checkpoint;
+use crate::model::arch::{Factor, Role};
+use crate::model::config::ModelConfig;
+use crate::model::latent::{self, KvMode, LatentAttention};
+use crate::model::layout::CONFIG_FILE;
+use std::path::Path;
+
+/// Appends every group's factors to `out` (group `g` of latent width `latents[g]`); returns the
+/// generated files: the rewritten `config.json` and the loading module.
+pub(super) fn factor_groups(
+    checkpoint: &Checkpoint,
+    groups: &[GroupPlan],
+    latents: &[usize],
+    out: &mut Vec<Placed>,
+) -> Result<Vec<OutputFile>> {
+    let c = &checkpoint.config;
+    let mut latent = description(c, groups);
+    for (g, group) in groups.iter().enumerate() {
+        let width = latents.get(g).copied().unwrap_or(0);
+        factor_tensors(checkpoint, g, group, width, out)?;
+        record_width(&mut latent, group, width, c.num_layers);
+    }
+    generated_files(c, &latent)
+}
+
+/// The `latent_attention` description before any group is recorded: the fit and the original
+/// architecture, nothing factored yet.
+fn description(c: &ModelConfig, groups: &[GroupPlan]) -> LatentAttention {
+    LatentAttention {
+        fit: groups.first().map_or("pca", |g| g.fit.name()).to_string(),
+        kv: None,
+        kv_rank: None,
+        q_rank: None,
+        k_rank: None,
+        v_rank: None,
+        original_architectures: c
+            .raw
+            .get("architectures")
+            .cloned()
+            .unwrap_or_else(|| serde_json::json!([c.class_name])),
+        original_model_type: c
+            .raw
+            .get("model_type")
+            .cloned()
+            .unwrap_or(serde_json::Value::Null),
+    }
+}
+
+/// Appends group `g`'s down-projection `[width, cols]` and one up-projection `[rows, width]` per
+/// member, each placed with the member it comes from. Refuses projections with a bias.
+fn factor_tensors(
+    checkpoint: &Checkpoint,
+    g: usize,
+    group: &GroupPlan,
+    width: usize,
+    out: &mut Vec<Placed>,
+) -> Result<()> {
+    let c = &checkpoint.config;
+    let first = &checkpoint.tensors[group.members[0]];
+    let bias_name = first.name.replace(".weight", ".bias");
+    if checkpoint.tensor(&bias_name).is_some() {
+        return Err(Error::tensor(
+            &checkpoint.shards[first.shard].path,
+            &bias_name,
+            "--emit factored: the factored form has no bias terms; use --emit dense for models with attention biases",
+        ));
+    }
+    let (down, ups) = group.kind.factors();
+    let name = |factor: Factor| {
+        c.arch
+            .layer_tensor_name(group.layer, Role::Factor(factor))
+            .ok_or_else(|| {
+                Error::invalid(
+                    &checkpoint.dir,
+                    format!("the {} name table has no factored names", c.arch.family),
+                )
+            })
+    };
+    let shape = vec![width, first.shape[1]];
+    out.push(placed(
+        checkpoint,
+        group.members[0],
+        TensorPlan {
+            name: name(down)?,
+            dtype: first.dtype,
+            byte_len: byte_len(first.dtype, &shape),
+            shape,
+            op: Op::Computed { group: g, piece: 0 },
+        },
+    ));
+    for (m, (&member, &up)) in group.members.iter().zip(ups).enumerate() {
+        let t = &checkpoint.tensors[member];
+        let shape = vec![t.shape[0], width];
+        out.push(placed(
+            checkpoint,
+            member,
+            TensorPlan {
+                name: name(up)?,
+                dtype: t.dtype,
+                byte_len: byte_len(t.dtype, &shape),
+                shape,
+                op: Op::Computed {
+                    group: g,
+                    piece: m + 1,
+                },
+            },
+        ));
+    }
+    Ok(())
+}
+
+/// Records `group`'s latent width (and the K/V mode it implies) in the description.
+fn record_width(latent: &mut LatentAttention, group: &GroupPlan, width: usize, num_layers: usize) {
+    let slot = match group.kind {
+        GroupKind::Q => &mut latent.q_rank,
+        GroupKind::K => &mut latent.k_rank,
+        GroupKind::V => &mut latent.v_rank,
+        GroupKind::SharedKv => &mut latent.kv_rank,
+    };
+    slot.get_or_insert_with(|| vec![0; num_layers])[group.layer] = width;
+    latent.kv = match group.kind {
+        GroupKind::SharedKv => Some(KvMode::Shared),
+        GroupKind::K | GroupKind::V => Some(KvMode::Separate),
+        GroupKind::Q => latent.kv,
+    };
+}
+
+/// The factored form's generated files: `config.json` rewritten, the transformers module.
+fn generated_files(c: &ModelConfig, latent: &LatentAttention) -> Result<Vec<OutputFile>> {
+    let config = latent::factored_config(&c.raw, latent);
+    Ok(vec![
+        OutputFile {
+            relative: CONFIG_FILE.into(),
+            source: FileSource::Generated {
+                bytes: latent::to_pretty_bytes(&config, Path::new(CONFIG_FILE))?,
+                what: "config.json rewritten for the factored form (latent_attention, auto_map)",
+            },
+        },
+        OutputFile {
+            relative: latent::MODULE_FILE.into(),
+            source: FileSource::Generated {
+                bytes: latent::MODULE_SOURCE.as_bytes().to_vec(),
+                what: "the transformers module that loads the factored form",
+            },
+        },
+    ])
+}

@@ -1,0 +1,131 @@
+//! The human summary of a conversion, printed on stderr: one row per layer, then the totals, the
+//! clamped ranks, and where the output went.
+
+use super::{group_digits, Report};
+use crate::plan::Emit;
+use std::fmt::Write as _;
+
+/// `100 * (b - a) / a`, or 0 for `a == 0`.
+fn percent_change(a: u64, b: u64) -> f64 {
+    if a == 0 {
+        0.0
+    } else {
+        100.0 * (b as f64 - a as f64) / a as f64
+    }
+}
+
+impl Report {
+    /// The human summary: one row per layer, then totals.
+    pub fn summary(&self, seconds: f64, out: Option<&str>) -> String {
+        let mut s = self.layer_table();
+        self.write_totals(&mut s);
+        for g in self
+            .layers
+            .iter()
+            .flat_map(|l| &l.groups)
+            .filter(|g| g.rank_clamped)
+        {
+            let _ = writeln!(
+                s,
+                "note: layer {} {}: {} exceeds the maximum rank {}; clamped",
+                g.layer, g.kind, g.spec, g.full_rank
+            );
+        }
+        match out {
+            Some(out) => {
+                let bytes: u64 = self.output.weight_files.iter().map(|f| f.bytes).sum();
+                let _ = writeln!(
+                    s,
+                    "wrote {out} ({} weight files, {} bytes) in {seconds:.2}s",
+                    self.output.weight_files.len(),
+                    group_digits(bytes)
+                );
+            }
+            None => {
+                let _ = writeln!(s, "dry run: nothing written ({seconds:.2}s)");
+            }
+        }
+        s
+    }
+
+    /// The header and one row per layer: each kind's rank and variance kept, the largest error,
+    /// the K/V values cached per token.
+    fn layer_table(&self) -> String {
+        let kinds: Vec<&str> = ["q", "k", "v", "shared_kv"]
+            .into_iter()
+            .filter(|k| {
+                self.layers
+                    .iter()
+                    .any(|l| l.groups.iter().any(|g| g.kind == *k))
+            })
+            .collect();
+        let mut s = String::new();
+        let _ = write!(s, "{:>5}", "layer");
+        for k in &kinds {
+            let _ = write!(s, "  {:>22}", format!("{k} rank (var kept)"));
+        }
+        let _ = writeln!(s, "  {:>9}  {:>14}", "max err", "kv/token");
+        for l in &self.layers {
+            let _ = write!(s, "{:>5}", l.layer);
+            let mut max_err = 0.0f64;
+            for k in &kinds {
+                match l.groups.iter().find(|g| g.kind == *k) {
+                    Some(g) => {
+                        max_err = max_err.max(g.relative_error);
+                        let _ = write!(
+                            s,
+                            "  {:>22}",
+                            format!("{}/{} ({:.3})", g.rank, g.full_rank, g.variance_kept)
+                        );
+                    }
+                    None => {
+                        let _ = write!(s, "  {:>22}", "-");
+                    }
+                }
+            }
+            let kv = l.kv_cache_values_per_token;
+            let _ = writeln!(
+                s,
+                "  {:>9.4}  {:>14}",
+                max_err,
+                format!("{} -> {}", kv.before, kv.after)
+            );
+        }
+        s
+    }
+
+    /// The totals: decompositions, KV cache and parameters (and for the factored form, the model).
+    fn write_totals(&self, s: &mut String) {
+        let t = &self.totals;
+        let kv = t.kv_cache_values_per_token;
+        let factored = self.output.emit == Emit::Factored.name();
+        let _ = writeln!(
+            s,
+            "{} decompositions (fit {}, emit {})",
+            t.decompositions, self.options.fit, self.output.emit
+        );
+        let _ = writeln!(
+            s,
+            "KV cache per token{}: {} -> {} values ({:+.1}%); decomposed params{}: {} -> {} ({:+.1}%)",
+            if factored { "" } else { " if factored" },
+            group_digits(kv.before),
+            group_digits(kv.after),
+            percent_change(kv.before, kv.after),
+            if factored { "" } else { " if factored" },
+            group_digits(t.params.before),
+            group_digits(t.params.after),
+            percent_change(t.params.before, t.params.after),
+        );
+        if factored {
+            let _ = writeln!(
+                s,
+                "model: {} -> {} parameters, {} -> {} bytes of weights ({:+.1}%)",
+                group_digits(t.model_params.before),
+                group_digits(t.model_params.after),
+                group_digits(t.model_bytes.before),
+                group_digits(t.model_bytes.after),
+                percent_change(t.model_bytes.before, t.model_bytes.after),
+            );
+        }
+    }
+}
