@@ -215,3 +215,27 @@ impl Error {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exit_codes_tell_the_kinds_apart() {
+        assert_eq!(Error::usage("--out", "x").exit_code(), 2);
+        assert_eq!(Error::bug("x").exit_code(), 70);
+        assert_eq!(Error::Interrupted { signal: 2 }.exit_code(), 130);
+        assert_eq!(Error::invalid("config.json", "x").exit_code(), 1);
+        let bug = Error::bug("group 3 piece 1: output taken twice").to_string();
+        assert!(bug.contains("this is a bug"), "{bug}");
+    }
+
+    #[test]
+    fn one_line_whatever_the_names() {
+        let e = Error::tensor("m.safetensors", "a\nb\u{1b}[31m", "missing");
+        assert_eq!(
+            e.to_line(),
+            "m.safetensors: tensor `a\\nb\\u{1b}[31m`: missing"
+        );
+    }
+}

@@ -9,11 +9,11 @@ use safetensors::SafeTensors;
 use serde_json::Value;
 use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
-use surgery_convert::llama::calibrate::calibrate;
-use surgery_convert::input::checkpoint::Checkpoint;
-use surgery_convert::options::Calibration;
 use surgery_convert::fit::act::ActWeighting;
+use surgery_convert::input::checkpoint::Checkpoint;
+use surgery_convert::llama::calibrate::calibrate;
 use surgery_convert::llama::tokenize::TextTokenizer;
+use surgery_convert::options::Calibration;
 
 const FIXTURES: &[&str] = &["tiny-f32-gqa", "tiny-bf16-sharded", "tiny-tied"];
 const TEXT: &str = "fixtures/eval/text.txt";

@@ -16,9 +16,9 @@ pub(crate) mod input_hash;
 pub(crate) mod pipeline;
 pub(crate) mod prepare;
 pub(crate) mod spill;
-pub(crate) mod write;
 #[cfg(test)]
 mod tests;
+pub(crate) mod write;
 
 pub use group::{fit_and_encode, reports_only, spectra};
 pub use spill::factor_pass;

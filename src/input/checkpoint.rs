@@ -300,11 +300,6 @@ impl Checkpoint {
             map.unchecked_advise_range(UncheckedAdvice::DontNeed, range.start, range.len())
         };
     }
-
-    /// Total bytes of all weight files.
-    pub fn weight_bytes(&self) -> u64 {
-        self.shards.iter().map(|s| s.map.len() as u64).sum()
-    }
 }
 
 /// Reads and validates `config.json` of `dir`, which must exist and stay inside `root`.

@@ -136,6 +136,13 @@ mod tests {
     #[test]
     fn selection_errors_name_the_option() {
         let msg = |r: Result<Selection>| r.unwrap_err().to_string();
+        let option = |r: Result<Selection>| match r {
+            Err(Error::Usage { option, .. }) => option,
+            other => panic!("not a usage error: {other:?}"),
+        };
+        assert_eq!(option(select(100, 0, 100, 0)), "--ctx");
+        assert_eq!(option(select(10_000, 0, 100, 512)), "--tokens");
+        assert_eq!(option(select(600, 200, 4096, 512)), "--offset");
         assert!(msg(select(100, 0, 100, 0)).starts_with("--ctx"));
         assert!(msg(select(10_000, 0, 100, 512)).starts_with("--tokens"));
         let m = msg(select(600, 200, 4096, 512));

@@ -76,6 +76,10 @@ mod tests {
     fn missing_file_is_named() {
         let err = TextTokenizer::load(Path::new("/nonexistent-dir")).unwrap_err();
         assert!(
+            matches!(&err, Error::Invalid { path, .. } if path.ends_with("tokenizer.json")),
+            "{err:?}"
+        );
+        assert!(
             err.to_string().contains("/nonexistent-dir/tokenizer.json"),
             "{err}"
         );

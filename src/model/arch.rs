@@ -48,6 +48,20 @@ pub enum Role {
     Factor(Factor),
 }
 
+impl Role {
+    /// The role of this projection's bias, for the attention projections.
+    pub fn bias(self) -> Option<Role> {
+        let projection = match self {
+            Role::Query => AttentionProjection::Query,
+            Role::Key => AttentionProjection::Key,
+            Role::Value => AttentionProjection::Value,
+            Role::Output => AttentionProjection::Output,
+            _ => return None,
+        };
+        Some(Role::AttentionBias(projection))
+    }
+}
+
 /// The four attention projections, for their biases.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum AttentionProjection {

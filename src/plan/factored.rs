@@ -5,7 +5,7 @@ use super::layout::byte_len;
 use super::shards::{placed, Placed};
 use super::{FileSource, GroupKind, GroupPlan, Op, OutputFile, TensorPlan};
 use crate::error::{Error, Result};
-use crate::input::checkpoint::Checkpoint;
+use crate::input::checkpoint::{Checkpoint, TensorEntry};
 use crate::model::arch::{Factor, Role};
 use crate::model::config::ModelConfig;
 use crate::model::latent::{self, KvMode, LatentAttention};
@@ -64,14 +64,7 @@ fn factor_tensors(
 ) -> Result<()> {
     let c = &checkpoint.config;
     let first = &checkpoint.tensors[group.members[0]];
-    let bias_name = first.name.replace(".weight", ".bias");
-    if checkpoint.tensor(&bias_name).is_some() {
-        return Err(Error::tensor(
-            &checkpoint.shards[first.shard].path,
-            &bias_name,
-            "--emit factored: the factored form has no bias terms; use --emit dense for models with attention biases",
-        ));
-    }
+    refuse_bias(checkpoint, first)?;
     let (down, ups) = group.kind.factors();
     let name = |factor: Factor| {
         c.arch
@@ -111,6 +104,28 @@ fn factor_tensors(
                     piece: m + 1,
                 },
             },
+        ));
+    }
+    Ok(())
+}
+
+/// The factored form has no bias terms: refuses a projection (`first`, a group's first member)
+/// that has one.
+fn refuse_bias(checkpoint: &Checkpoint, first: &TensorEntry) -> Result<()> {
+    let bias_name = first
+        .class
+        .role
+        .bias()
+        .zip(first.class.layer)
+        .and_then(|(bias, layer)| checkpoint.config.arch.layer_tensor_name(layer, bias));
+    let Some(bias_name) = bias_name else {
+        return Ok(());
+    };
+    if checkpoint.tensor(&bias_name).is_some() {
+        return Err(Error::tensor(
+            &checkpoint.shards[first.shard].path,
+            &bias_name,
+            "--emit factored: the factored form has no bias terms; use --emit dense for models with attention biases",
         ));
     }
     Ok(())
