@@ -8,7 +8,7 @@ mod subcommands;
 
 pub use convert::{ActWeightingArg, CalibrationArgs, ConvertArgs, EmitArg, FitArg};
 pub use parse::{parse_fit_item, parse_size, parse_spec_item};
-pub use subcommands::{EvalArgs, ExpandArgs, InspectArgs, SweepArgs};
+pub use subcommands::{EvalArgs, ExpandArgs, InspectArgs, SweepArgs, TextWindowArgs};
 
 use crate::error::Result;
 use crate::options::{ConvertOptions, EvalOptions, ExpandOptions, InspectOptions, SweepOptions};

@@ -12,14 +12,10 @@ use clap::Args;
 use std::num::NonZeroUsize;
 use std::path::PathBuf;
 
-/// Arguments of `eval`.
-#[derive(Debug, Args)]
-pub struct EvalArgs {
-    /// The checkpoint: a local directory, or a repo id resolved from the Hugging Face cache.
-    #[arg(value_name = "MODEL")]
-    pub model: String,
-
-    /// UTF-8 text file to score.
+/// The text `eval` and `sweep` score, and which of its tokens.
+#[derive(Debug, Clone, Args)]
+pub struct TextWindowArgs {
+    /// UTF-8 text file to score (tokenized whole, without special tokens).
     #[arg(long, value_name = "FILE")]
     pub text: PathBuf,
 
@@ -34,6 +30,30 @@ pub struct EvalArgs {
     /// Tokens of the text to skip before the first window.
     #[arg(long, value_name = "K", default_value_t = 0)]
     pub offset: usize,
+}
+
+impl TextWindowArgs {
+    /// The validated window.
+    fn resolve(self) -> TextWindow {
+        TextWindow {
+            text: self.text,
+            tokens: self.tokens,
+            ctx: self.ctx,
+            offset: self.offset,
+        }
+    }
+}
+
+/// Arguments of `eval`.
+#[derive(Debug, Args)]
+pub struct EvalArgs {
+    /// The checkpoint: a local directory, or a repo id resolved from the Hugging Face cache.
+    #[arg(value_name = "MODEL")]
+    pub model: String,
+
+    /// The text to score.
+    #[command(flatten)]
+    pub window: TextWindowArgs,
 
     /// Hub revision (branch, tag or commit) when MODEL is a repo id.
     #[arg(long, value_name = "REV", default_value = "main")]
@@ -107,21 +127,9 @@ pub struct SweepArgs {
     #[arg(long, value_name = "REV", default_value = "main")]
     pub revision: String,
 
-    /// UTF-8 text file to score (tokenized whole, without special tokens, as for eval).
-    #[arg(long, value_name = "FILE")]
-    pub text: PathBuf,
-
-    /// Tokens to evaluate, from --offset on (rounded down to whole --ctx windows).
-    #[arg(long, value_name = "N", default_value = "4096")]
-    pub tokens: NonZeroUsize,
-
-    /// Window length in tokens; windows do not overlap and do not see each other.
-    #[arg(long, value_name = "N", default_value = "512")]
-    pub ctx: NonZeroUsize,
-
-    /// Tokens of the text to skip before the first window.
-    #[arg(long, value_name = "K", default_value_t = 0)]
-    pub offset: usize,
+    /// The text to score.
+    #[command(flatten)]
+    pub window: TextWindowArgs,
 
     /// Comma-separated SPECs for the shared K/V fit, one configuration each (e.g. 0.9,0.5,budget:0.25).
     #[arg(long, value_name = "LIST", value_delimiter = ',', value_parser = parse_spec_item)]
@@ -164,12 +172,7 @@ impl EvalArgs {
         EvalOptions {
             model: self.model,
             revision: self.revision,
-            window: TextWindow {
-                text: self.text,
-                tokens: self.tokens,
-                ctx: self.ctx,
-                offset: self.offset,
-            },
+            window: self.window.resolve(),
         }
     }
 }
@@ -238,12 +241,7 @@ impl SweepArgs {
         Ok(SweepOptions {
             input: self.input,
             revision: self.revision,
-            window: TextWindow {
-                text: self.text,
-                tokens: self.tokens,
-                ctx: self.ctx,
-                offset: self.offset,
-            },
+            window: self.window.resolve(),
             shared_kv: self.shared_kv,
             q: self.q,
             fits,

@@ -7,10 +7,10 @@ use crate::execute::prepare::{fit_inputs, resolve_budgets};
 use crate::execute::write::{write_dense, write_factored, Written};
 use crate::execute::{self, FitInputs};
 use crate::input::checkpoint::Checkpoint;
-use crate::input::source::{self, ResolvedInput};
+use crate::input::source::ResolvedInput;
 use crate::options::{ConvertOptions, Output};
 use crate::output::files::{finish, output_sizes, write_index_and_files};
-use crate::output::staging::{check_out_path, Staging};
+use crate::output::staging::Staging;
 use crate::plan::{self, Emit, GroupPlan};
 use crate::report::Report;
 use indicatif::ProgressBar;
@@ -30,13 +30,8 @@ fn progress_bar(options: &ConvertOptions, template: &str) -> ProgressBar {
 /// Runs a conversion (or a dry run) and returns its report.
 pub fn run(options: &ConvertOptions) -> Result<()> {
     let started = Instant::now();
-    let input = source::resolve(&options.input, &options.revision)?;
-    let out = if options.dry_run {
-        None
-    } else {
-        Some(check_out_path(&input.dir, &options.out, options.force)?)
-    };
-    let checkpoint = Checkpoint::open(&input.dir)?;
+    let out = (!options.dry_run).then_some((options.out.as_path(), options.force));
+    let (input, out, checkpoint) = super::open_input(&options.input, &options.revision, out)?;
     checkpoint.require_dense(&options.input)?;
     let inputs = fit_inputs(options.calibration.as_ref(), &checkpoint)?;
     let mut groups = plan::groups(&checkpoint, &options.surgery);

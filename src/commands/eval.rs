@@ -3,8 +3,6 @@
 //! scored is [`crate::llama::score`]'s convention.
 
 use crate::error::{Error, Result};
-use crate::input::checkpoint::Checkpoint;
-use crate::input::source;
 use crate::llama::score::{negative_log_likelihood, read_text, select};
 use crate::llama::Llama;
 use crate::options::EvalOptions;
@@ -43,8 +41,7 @@ pub fn run(options: &EvalOptions) -> Result<()> {
     let started = Instant::now();
     let w = &options.window;
     let (ctx, tokens) = (w.ctx.get(), w.tokens.get());
-    let input = source::resolve(&options.model, &options.revision)?;
-    let checkpoint = Checkpoint::open(&input.dir)?;
+    let (input, _, checkpoint) = super::open_input(&options.model, &options.revision, None)?;
     let llama = Llama::new(&checkpoint)?;
     let text = read_text(&input.dir, &w.text)?;
     let selection = select(text.ids.len(), w.offset, tokens, ctx)?;

@@ -10,11 +10,11 @@ use crate::error::{Error, Result};
 use crate::execute::input_hash::InputHasher;
 use crate::execute::{self, NoPieces};
 use crate::input::checkpoint::Checkpoint;
-use crate::input::source::{self, InputIdentity, ResolvedInput};
+use crate::input::source::{InputIdentity, ResolvedInput};
 use crate::model::layout::CONFIG_FILE;
 use crate::options::ExpandOptions;
 use crate::output::files::{finish, output_sizes, write_index_and_files};
-use crate::output::staging::{check_out_path, Staging};
+use crate::output::staging::Staging;
 use crate::output::writer::ShardWriter;
 use crate::plan::{self, Op, Plan};
 use crate::report::{group_digits, FileRecord, ShardRecord, Tool};
@@ -68,13 +68,8 @@ pub struct ExpandedTensor {
 /// Runs `expand`.
 pub fn run(options: &ExpandOptions) -> Result<()> {
     let started = Instant::now();
-    let input = source::resolve(&options.input, &options.revision)?;
-    let out = if options.dry_run {
-        None
-    } else {
-        Some(check_out_path(&input.dir, &options.out, options.force)?)
-    };
-    let checkpoint = Checkpoint::open(&input.dir)?;
+    let out = (!options.dry_run).then_some((options.out.as_path(), options.force));
+    let (input, out, checkpoint) = super::open_input(&options.input, &options.revision, out)?;
     let latent = checkpoint.config.latent.clone().ok_or_else(|| {
         Error::invalid(
             checkpoint.dir.join(CONFIG_FILE),

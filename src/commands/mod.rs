@@ -10,9 +10,29 @@ pub mod sweep;
 pub mod verify;
 
 use crate::error::{Error, Result};
+use crate::input::checkpoint::Checkpoint;
+use crate::input::source::{self, ResolvedInput};
+use crate::output::staging::check_out_path;
 use indicatif::{ProgressBar, ProgressStyle};
 use std::io::IsTerminal;
 use std::num::NonZeroUsize;
+use std::path::{Path, PathBuf};
+
+/// `--in` resolved and opened; `--out` checked before the input is opened (when the command
+/// writes one: `out` is the path and `--force`).
+pub(crate) fn open_input(
+    input: &str,
+    revision: &str,
+    out: Option<(&Path, bool)>,
+) -> Result<(ResolvedInput, Option<PathBuf>, Checkpoint)> {
+    let resolved = source::resolve(input, revision)?;
+    let out = match out {
+        Some((out, force)) => Some(check_out_path(&resolved.dir, out, force)?),
+        None => None,
+    };
+    let checkpoint = Checkpoint::open(&resolved.dir)?;
+    Ok((resolved, out, checkpoint))
+}
 
 /// Sizes the global worker pool to `--threads`, when given (call once, before any work).
 pub fn set_threads(threads: Option<NonZeroUsize>) -> Result<()> {

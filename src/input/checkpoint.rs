@@ -201,16 +201,7 @@ impl Checkpoint {
                         ),
                     ));
                 }
-                if FloatType::from_dtype(t.dtype).is_none() {
-                    return Err(Error::tensor(
-                        path,
-                        &name,
-                        format!(
-                            "dtype {:?} cannot be decomposed (supported: F32, F16, BF16)",
-                            t.dtype
-                        ),
-                    ));
-                }
+                FloatType::of_tensor(t.dtype, path, &name, "decomposed")?;
             }
         }
         for t in &self.tensors {

@@ -48,13 +48,7 @@ impl Report {
                     .map(|p| p.display().to_string())
                     .collect(),
             },
-            model: ModelRecord {
-                num_layers: c.num_layers,
-                hidden_size: c.hidden_size,
-                num_heads: c.num_heads,
-                num_kv_heads: c.num_kv_heads,
-                head_dim: c.head_dim,
-            },
+            model: ModelRecord::of(c),
             output: output_record(plan, output_sizes),
             layers,
             totals,

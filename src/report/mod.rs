@@ -102,6 +102,19 @@ pub struct ModelRecord {
     pub head_dim: usize,
 }
 
+impl ModelRecord {
+    /// The shape of the model `config` describes.
+    pub fn of(config: &crate::model::config::ModelConfig) -> Self {
+        ModelRecord {
+            num_layers: config.num_layers,
+            hidden_size: config.hidden_size,
+            num_heads: config.num_heads,
+            num_kv_heads: config.num_kv_heads,
+            head_dim: config.head_dim,
+        }
+    }
+}
+
 /// Output files.
 #[derive(Debug, Clone, Serialize)]
 pub struct OutputRecord {

@@ -7,8 +7,7 @@ pub(crate) mod plot;
 pub(crate) mod spectra;
 
 use crate::error::{Error, Result};
-use crate::input::checkpoint::Checkpoint;
-use crate::input::source::{self, InputIdentity};
+use crate::input::source::InputIdentity;
 use crate::options::InspectOptions;
 use crate::report::{group_digits, Tool};
 use serde::Serialize;
@@ -121,8 +120,7 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
 
 /// Runs `inspect`: prints the counts and, with `--svg`, writes the curves.
 pub fn run(options: &InspectOptions) -> Result<()> {
-    let input = source::resolve(&options.model, &options.revision)?;
-    let checkpoint = Checkpoint::open(&input.dir)?;
+    let (input, _, checkpoint) = super::open_input(&options.model, &options.revision, None)?;
     checkpoint.require_dense(&options.model)?;
     let spectra = layer_spectra(&checkpoint)?;
     let layers: Vec<LayerCounts> = spectra.iter().map(layer_counts).collect();

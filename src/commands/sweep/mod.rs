@@ -17,14 +17,13 @@ use crate::error::{Error, Result};
 use crate::execute::prepare::{fit_inputs, resolve_budgets};
 use crate::execute::FitInputs;
 use crate::input::checkpoint::Checkpoint;
-use crate::input::source;
 use crate::llama::score::{negative_log_likelihood, read_text, select};
 use crate::llama::Llama;
 use crate::options::{SweepConfig, SweepOptions};
-use crate::output::staging::{check_out_path, Staging};
+use crate::output::staging::Staging;
 use crate::output::writer::write_file;
 use crate::plan;
-use crate::report::Tool;
+use crate::report::{ModelRecord, Tool};
 use indicatif::ProgressBar;
 use record::{BaseRecord, ConfigRecord, SweepModel, SweepReport, TextRecord};
 use std::path::Path;
@@ -117,9 +116,9 @@ impl Bench<'_> {
 pub fn run(options: &SweepOptions) -> Result<()> {
     let started = Instant::now();
     let configs = options.configs();
-    let input = source::resolve(&options.input, &options.revision)?;
-    let out = check_out_path(&input.dir, &options.out, options.force)?;
-    let checkpoint = Checkpoint::open(&input.dir)?;
+    let out = Some((options.out.as_path(), options.force));
+    let (input, out, checkpoint) = super::open_input(&options.input, &options.revision, out)?;
+    let out = out.ok_or_else(|| Error::bug("sweep: --out was not checked"))?;
     checkpoint.require_dense(&options.input)?;
     let llama = Llama::new(&checkpoint)?;
     let w = &options.window;
@@ -149,11 +148,7 @@ pub fn run(options: &SweepOptions) -> Result<()> {
         model: SweepModel {
             identity: input.identity.clone(),
             architecture: c.class_name.clone(),
-            num_layers: c.num_layers,
-            hidden_size: c.hidden_size,
-            num_heads: c.num_heads,
-            num_kv_heads: c.num_kv_heads,
-            head_dim: c.head_dim,
+            shape: ModelRecord::of(c),
         },
         text: TextRecord {
             file: w.text.display().to_string(),

@@ -7,7 +7,7 @@ use crate::execute::GroupReport;
 use crate::input::source::InputIdentity;
 use crate::llama::calibrate::CalibrationRecord;
 use crate::options::SweepConfig;
-use crate::report::{kv_values_per_token, BeforeAfter, Tool};
+use crate::report::{kv_values_per_token, BeforeAfter, ModelRecord, Tool};
 use serde::Serialize;
 use std::collections::BTreeMap;
 
@@ -41,16 +41,9 @@ pub struct SweepModel {
     pub identity: InputIdentity,
     /// `architectures[0]`.
     pub architecture: String,
-    /// Layers.
-    pub num_layers: usize,
-    /// Hidden size.
-    pub hidden_size: usize,
-    /// Query heads.
-    pub num_heads: usize,
-    /// Key/value heads.
-    pub num_kv_heads: usize,
-    /// Head dimension.
-    pub head_dim: usize,
+    /// Its shape.
+    #[serde(flatten)]
+    pub shape: ModelRecord,
 }
 
 /// The text scored, with `eval`'s convention.

@@ -45,7 +45,7 @@ pub fn markdown(report: &SweepReport) -> String {
         t.offset,
         t.windows,
         t.ctx,
-        report.model.num_layers,
+        report.model.shape.num_layers,
     );
     if let Some(c) = &report.calibration {
         let _ = writeln!(
