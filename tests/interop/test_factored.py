@@ -223,5 +223,8 @@ def test_expanded_output_is_a_plain_llama_with_the_dense_logits(factored_outputs
     vs_dense, vs_factored = max_diff(logits, f["dense32"]), max_diff(logits, f["fac32"])
     fig(name, f"max abs logit diff vs {dense_name}, float32, 2x128", vs_dense)
     fig(name, f"max abs logit diff vs {source}, float32, 2x128", vs_factored)
-    bound = F32_BOUND.get(source, f["noise32"])
+    # Two float32 runs of weights equal up to float32 rounding: each carries its own float32 error
+    # (about the dense one's, noise32), so their difference is bounded by twice it. (One noise32
+    # held on AVX-512 machines; on AVX2 the margin is gone: 0.00472 vs 0.00459, with the same bytes.)
+    bound = F32_BOUND.get(source, 2 * f["noise32"])
     assert vs_dense < bound, f"float32: max abs logit diff vs {dense_name} {vs_dense} (bound {bound})"
