@@ -188,6 +188,21 @@ fn snapshot_is_complete(snapshot: &Path) -> bool {
     snapshot.join(SINGLE_FILE).is_file()
 }
 
+/// A non-empty environment variable.
+fn env_value(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|v| !v.trim().is_empty())
+}
+
+/// What to do about a refusal of the hub (`error` as hf-hub prints it): a 401 or 403 is a gated
+/// or private repo, or a bad token.
+fn access_hint(error: &str) -> &'static str {
+    if error.ends_with("http status: 401") || error.ends_with("http status: 403") {
+        " (a gated or private repo needs access: log in with `hf auth login` or set HF_TOKEN)"
+    } else {
+        ""
+    }
+}
+
 /// Downloads config, weights and the small non-weight files of a repo into the cache.
 fn download(repo_id: &str, revision: &str, cache_dir: &Path) -> Result<PathBuf> {
     use hf_hub::api::sync::ApiBuilder;
@@ -196,8 +211,16 @@ fn download(repo_id: &str, revision: &str, cache_dir: &Path) -> Result<PathBuf> 
         input: repo_id.into(),
         message,
     };
-    let api = ApiBuilder::from_cache(Cache::new(cache_dir.to_path_buf()))
-        .with_progress(std::io::stderr().is_terminal())
+    let mut builder = ApiBuilder::from_cache(Cache::new(cache_dir.to_path_buf()))
+        .with_progress(std::io::stderr().is_terminal());
+    // As huggingface_hub does: HF_ENDPOINT replaces the hub's address, HF_TOKEN the token file.
+    if let Some(endpoint) = env_value("HF_ENDPOINT") {
+        builder = builder.with_endpoint(endpoint.trim_end_matches('/').to_string());
+    }
+    if let Some(token) = env_value("HF_TOKEN") {
+        builder = builder.with_token(Some(token));
+    }
+    let api = builder
         .build()
         .map_err(|e| fail(format!("cannot set up the Hugging Face client: {e}")))?;
     let repo = api.repo(Repo::with_revision(
@@ -207,12 +230,16 @@ fn download(repo_id: &str, revision: &str, cache_dir: &Path) -> Result<PathBuf> 
     ));
     let info = repo.info().map_err(|e| {
         fail(format!(
-            "cannot list revision `{revision}` on the Hugging Face hub: {e}"
+            "cannot list revision `{revision}` on the Hugging Face hub: {e}{}",
+            access_hint(&e.to_string())
         ))
     })?;
-    let config = repo
-        .get(CONFIG_FILE)
-        .map_err(|e| fail(format!("cannot download {CONFIG_FILE}: {e}")))?;
+    let config = repo.get(CONFIG_FILE).map_err(|e| {
+        fail(format!(
+            "cannot download {CONFIG_FILE}: {e}{}",
+            access_hint(&e.to_string())
+        ))
+    })?;
     let names: Vec<&str> = info.siblings.iter().map(|s| s.rfilename.as_str()).collect();
     let mut weights: Vec<String> = Vec::new();
     if names.contains(&INDEX_FILE) {
@@ -241,8 +268,12 @@ fn download(repo_id: &str, revision: &str, cache_dir: &Path) -> Result<PathBuf> 
         !name.starts_with('.') && !crate::input::checkpoint::is_foreign_weight_extension(ext)
     });
     for name in weights.iter().map(String::as_str).chain(others.copied()) {
-        repo.get(name)
-            .map_err(|e| fail(format!("cannot download {name}: {e}")))?;
+        repo.get(name).map_err(|e| {
+            fail(format!(
+                "cannot download {name}: {e}{}",
+                access_hint(&e.to_string())
+            ))
+        })?;
     }
     config
         .parent()

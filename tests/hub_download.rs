@@ -1,0 +1,467 @@
+//! Downloading `--in org/name` from a Hugging Face hub: a server on loopback, started by each test,
+//! answers the calls `hf-hub` makes as the hub does (revision info, `resolve` with `ETag`,
+//! `X-Repo-Commit` and `Content-Range`, ranged bodies; see `docs/hub-protocol.md`), and the real
+//! binary is pointed at it with `HF_ENDPOINT`. Every case checks the exit status, the one-line
+//! message and what the cache holds afterwards.
+
+mod common;
+
+use common::*;
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+const COMMIT: &str = "c0ffee0123456789abcdef0123456789abcdef01";
+const REPO: &str = "tiny-org/tiny-llama";
+
+/// One request the server saw.
+#[derive(Debug, Clone)]
+struct Seen {
+    path: String,
+    range: Option<String>,
+    authorization: Option<String>,
+}
+
+/// What the server serves and how it misbehaves.
+#[derive(Debug, Default)]
+struct Behaviour {
+    /// Only requests with `Authorization: Bearer <token>` are answered (others get 401).
+    token: Option<String>,
+    /// The first full-body request of this file is cut off halfway (the connection dropped).
+    drop_once: Option<String>,
+}
+
+struct Hub {
+    addr: String,
+    seen: Arc<Mutex<Vec<Seen>>>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Hub {
+    /// Serves the files of `fixture_name` as repo [`REPO`] at commit [`COMMIT`].
+    fn start(fixture_name: &str, behaviour: Behaviour) -> Hub {
+        let files: BTreeMap<String, Vec<u8>> = read_files(&fixture(fixture_name));
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let addr = format!("http://{}", listener.local_addr().unwrap());
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let state = Arc::new((files, Mutex::new(behaviour)));
+        let (seen2, stop2) = (seen.clone(), stop.clone());
+        std::thread::spawn(move || {
+            // Bounded: the test stops the server when it is done (or after two minutes).
+            for _ in 0..120_000 {
+                if stop2.load(Ordering::Relaxed) {
+                    return;
+                }
+                match listener.accept() {
+                    Ok((stream, _)) => {
+                        let (seen, state) = (seen2.clone(), state.clone());
+                        std::thread::spawn(move || serve(stream, &state.0, &state.1, &seen));
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(1)),
+                }
+            }
+        });
+        Hub { addr, seen, stop }
+    }
+
+    fn seen(&self) -> Vec<Seen> {
+        self.seen.lock().unwrap().clone()
+    }
+}
+
+impl Drop for Hub {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Answers the requests of one connection (one each: every answer closes it).
+fn serve(
+    stream: TcpStream,
+    files: &BTreeMap<String, Vec<u8>>,
+    behaviour: &Mutex<Behaviour>,
+    seen: &Mutex<Vec<Seen>>,
+) {
+    stream.set_nonblocking(false).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut reader = BufReader::new(stream.try_clone().unwrap());
+    let mut line = String::new();
+    if reader.read_line(&mut line).unwrap_or(0) == 0 {
+        return;
+    }
+    let path = line.split_whitespace().nth(1).unwrap_or("").to_string();
+    let mut headers = BTreeMap::new();
+    loop {
+        let mut h = String::new();
+        if reader.read_line(&mut h).unwrap_or(0) == 0 || h.trim().is_empty() {
+            break;
+        }
+        if let Some((k, v)) = h.split_once(':') {
+            headers.insert(k.trim().to_ascii_lowercase(), v.trim().to_string());
+        }
+    }
+    let request = Seen {
+        path: path.clone(),
+        range: headers.get("range").cloned(),
+        authorization: headers.get("authorization").cloned(),
+    };
+    seen.lock().unwrap().push(request.clone());
+    let mut out = stream;
+    let b = behaviour.lock().unwrap();
+    if let Some(token) = &b.token {
+        if request.authorization.as_deref() != Some(&format!("Bearer {token}")) {
+            return respond(&mut out, "401 Unauthorized", &[], b"gated");
+        }
+    }
+    let info = format!("/api/models/{REPO}/revision/");
+    let resolve = format!("/{REPO}/resolve/");
+    if let Some(rev) = path.strip_prefix(&info) {
+        if rev != "main" && rev != COMMIT {
+            return respond(&mut out, "404 Not Found", &[], b"no such revision");
+        }
+        let siblings: Vec<String> = files
+            .keys()
+            .map(|n| format!("{{\"rfilename\":\"{n}\"}}"))
+            .collect();
+        let body = format!(
+            "{{\"sha\":\"{COMMIT}\",\"siblings\":[{}]}}",
+            siblings.join(",")
+        );
+        return respond(&mut out, "200 OK", &[], body.as_bytes());
+    }
+    let Some((rev, name)) = path.strip_prefix(&resolve).and_then(|r| r.split_once('/')) else {
+        return respond(&mut out, "404 Not Found", &[], b"no such repo");
+    };
+    let (Some(bytes), true) = (files.get(name), rev == "main" || rev == COMMIT) else {
+        return respond(&mut out, "404 Not Found", &[], b"no such file");
+    };
+    let etag = format!("\"{}\"", sha256_hex(bytes));
+    let start: usize = request
+        .range
+        .as_deref()
+        .and_then(|r| r.strip_prefix("bytes="))
+        .and_then(|r| r.split('-').next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let end = if request.range.as_deref() == Some("bytes=0-0") {
+        1.min(bytes.len())
+    } else {
+        bytes.len()
+    };
+    let content_range = format!("bytes {start}-{}/{}", end.max(1) - 1, bytes.len());
+    let head = [
+        ("ETag", etag.as_str()),
+        ("X-Repo-Commit", COMMIT),
+        ("Content-Range", content_range.as_str()),
+    ];
+    let body = &bytes[start.min(end)..end];
+    drop(b);
+    let mut b = behaviour.lock().unwrap();
+    if end > 1 && b.drop_once.as_deref() == Some(name) {
+        b.drop_once = None;
+        // Promise the whole body, send half of it, hang up.
+        let _ = write!(
+            out,
+            "HTTP/1.1 206 Partial Content\r\nContent-Length: {}\r\nETag: {etag}\r\nX-Repo-Commit: {COMMIT}\r\nContent-Range: {content_range}\r\nConnection: close\r\n\r\n",
+            body.len()
+        );
+        let _ = out.write_all(&body[..body.len() / 2]);
+        let _ = out.flush();
+        return;
+    }
+    drop(b);
+    respond(&mut out, "206 Partial Content", &head, body);
+}
+
+fn respond(out: &mut TcpStream, status: &str, headers: &[(&str, &str)], body: &[u8]) {
+    let mut head = format!(
+        "HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n",
+        body.len()
+    );
+    for (k, v) in headers {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    head.push_str("\r\n");
+    let _ = out.write_all(head.as_bytes());
+    let _ = out.write_all(body);
+    let _ = out.flush();
+    let _ = out.shutdown(std::net::Shutdown::Write);
+    // Let the client read everything before the socket closes.
+    let _ = out.read(&mut [0u8; 1]);
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// Runs the binary against `hub` with `HF_HOME` at `home` (no proxy, no other hub settings).
+fn run_against(hub: &Hub, home: &Path, args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_surgery-convert"));
+    cmd.args(args).current_dir(env!("CARGO_MANIFEST_DIR"));
+    for var in [
+        "HF_HUB_OFFLINE",
+        "HF_HUB_CACHE",
+        "HF_TOKEN",
+        "ALL_PROXY",
+        "HTTPS_PROXY",
+        "HTTP_PROXY",
+        "all_proxy",
+        "https_proxy",
+        "http_proxy",
+    ] {
+        cmd.env_remove(var);
+    }
+    cmd.env("HF_HOME", home)
+        .env("HF_ENDPOINT", format!("{}/", hub.addr))
+        .env("NO_PROXY", "127.0.0.1");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.output().unwrap()
+}
+
+fn convert_args(out: &Path) -> Vec<String> {
+    [
+        "--in",
+        REPO,
+        "--out",
+        out.to_str().unwrap(),
+        "--shared-kv",
+        "0.5",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+fn args(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
+}
+
+/// The repo's folder in the cache under `home`.
+fn repo_dir(home: &Path) -> PathBuf {
+    home.join("hub").join("models--tiny-org--tiny-llama")
+}
+
+/// The one stderr line of a failed run.
+fn error_line(o: &Output) -> String {
+    let stderr = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert_eq!(stderr.lines().count(), 1, "one line: {stderr}");
+    assert!(stderr.starts_with("surgery-convert: error: "), "{stderr}");
+    stderr.trim_end().to_string()
+}
+
+#[test]
+fn downloads_a_repo_then_converts_it_and_a_rerun_asks_nothing() {
+    for fixture_name in ["tiny-f32-gqa", "tiny-bf16-sharded"] {
+        let tmp = tempfile::tempdir().unwrap();
+        let hub = Hub::start(fixture_name, Behaviour::default());
+        let home = tmp.path().join("hf-home");
+        let out = tmp.path().join("out");
+        let o = run_against(&hub, &home, &args(&convert_args(&out)), &[]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        // The same output as the local fixture's.
+        let local = tmp.path().join("local");
+        run_ok(&[
+            "--in",
+            &format!("fixtures/{fixture_name}"),
+            "--out",
+            local.to_str().unwrap(),
+            "--shared-kv",
+            "0.5",
+        ]);
+        assert_eq!(read_tensors(&out), read_tensors(&local), "{fixture_name}");
+        let r = report(&out);
+        assert_eq!(r["input"]["source"], "hub");
+        assert_eq!(r["input"]["commit"], COMMIT);
+        // The cache as huggingface_hub lays it out: every file in the snapshot, the ref.
+        let repo = repo_dir(&home);
+        assert_eq!(
+            std::fs::read_to_string(repo.join("refs/main")).unwrap(),
+            COMMIT
+        );
+        for (name, bytes) in read_files(&fixture(fixture_name)) {
+            let linked = repo.join("snapshots").join(COMMIT).join(&name);
+            assert_eq!(std::fs::read(&linked).unwrap(), bytes, "{name}");
+        }
+        // Every request carried the revision info first, then only resolve calls.
+        let seen = hub.seen();
+        assert_eq!(
+            seen[0].path,
+            format!("/api/models/{REPO}/revision/main"),
+            "{seen:?}"
+        );
+        assert!(seen[1..].iter().all(|s| s.path.contains("/resolve/main/")));
+        // A second run finds everything cached: not one request.
+        let again = tmp.path().join("again");
+        let before = hub.seen().len();
+        let o = run_against(&hub, &home, &args(&convert_args(&again)), &[]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        assert_eq!(hub.seen().len(), before, "the re-run downloaded nothing");
+        println!(
+            "{fixture_name}: downloaded with {before} requests, converted; re-run: 0 requests"
+        );
+    }
+}
+
+#[test]
+fn a_revision_by_commit_is_downloaded_under_that_commit() {
+    let tmp = tempfile::tempdir().unwrap();
+    let hub = Hub::start("tiny-f32-gqa", Behaviour::default());
+    let home = tmp.path().join("hf-home");
+    let out = tmp.path().join("out");
+    let mut a = convert_args(&out);
+    a.extend(["--revision".to_string(), COMMIT.to_string()]);
+    let o = run_against(&hub, &home, &args(&a), &[]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(hub
+        .seen()
+        .iter()
+        .all(|s| s.path.contains(COMMIT) || s.path.ends_with("/revision/main")));
+    assert!(repo_dir(&home)
+        .join("snapshots")
+        .join(COMMIT)
+        .join("config.json")
+        .is_file());
+    assert_eq!(report(&out)["input"]["revision"], COMMIT);
+}
+
+#[test]
+fn a_missing_revision_is_one_line_and_leaves_no_snapshot() {
+    let tmp = tempfile::tempdir().unwrap();
+    let hub = Hub::start("tiny-f32-gqa", Behaviour::default());
+    let home = tmp.path().join("hf-home");
+    let out = tmp.path().join("out");
+    let mut a = convert_args(&out);
+    a.extend(["--revision".to_string(), "no-such-branch".to_string()]);
+    let o = run_against(&hub, &home, &args(&a), &[]);
+    assert_eq!(o.status.code(), Some(1));
+    let line = error_line(&o);
+    assert!(
+        line.contains("--in tiny-org/tiny-llama")
+            && line.contains("revision `no-such-branch`")
+            && line.contains("404"),
+        "{line}"
+    );
+    assert!(!repo_dir(&home).join("snapshots").exists());
+    assert!(!out.exists());
+}
+
+#[test]
+fn a_gated_repo_asks_for_a_token_and_hf_token_is_sent() {
+    let tmp = tempfile::tempdir().unwrap();
+    let behaviour = Behaviour {
+        token: Some("hf_test_token".into()),
+        ..Behaviour::default()
+    };
+    let hub = Hub::start("tiny-f32-gqa", behaviour);
+    let home = tmp.path().join("hf-home");
+    let out = tmp.path().join("out");
+    let o = run_against(&hub, &home, &args(&convert_args(&out)), &[]);
+    assert_eq!(o.status.code(), Some(1));
+    let line = error_line(&o);
+    assert!(line.contains("401") && line.contains("HF_TOKEN"), "{line}");
+    assert!(!out.exists());
+    let o = run_against(
+        &hub,
+        &home,
+        &args(&convert_args(&out)),
+        &[("HF_TOKEN", "hf_test_token")],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let seen = hub.seen();
+    let last = seen.last().unwrap();
+    assert_eq!(last.authorization.as_deref(), Some("Bearer hf_test_token"));
+}
+
+#[test]
+fn a_dropped_download_is_never_taken_as_complete_and_the_next_run_finishes_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let behaviour = Behaviour {
+        drop_once: Some("model.safetensors".into()),
+        ..Behaviour::default()
+    };
+    let hub = Hub::start("tiny-f32-gqa", behaviour);
+    let home = tmp.path().join("hf-home");
+    let out = tmp.path().join("out");
+    let o = run_against(&hub, &home, &args(&convert_args(&out)), &[]);
+    assert_eq!(o.status.code(), Some(1));
+    let line = error_line(&o);
+    assert!(line.contains("cannot download model.safetensors"), "{line}");
+    let weights = repo_dir(&home)
+        .join("snapshots")
+        .join(COMMIT)
+        .join("model.safetensors");
+    assert!(!weights.exists(), "a partial file is never linked");
+    assert!(!out.exists());
+    // Offline, the incomplete snapshot is refused, not converted.
+    let o = run_against(
+        &hub,
+        &home,
+        &args(&convert_args(&out)),
+        &[("HF_HUB_OFFLINE", "1")],
+    );
+    assert_eq!(o.status.code(), Some(1));
+    assert!(error_line(&o).contains("HF_HUB_OFFLINE"));
+    // Online again: the download resumes and completes.
+    let o = run_against(&hub, &home, &args(&convert_args(&out)), &[]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(
+        std::fs::read(&weights).unwrap(),
+        std::fs::read(fixture("tiny-f32-gqa").join("model.safetensors")).unwrap()
+    );
+    let resumed = hub
+        .seen()
+        .iter()
+        .filter(|s| s.path.ends_with("model.safetensors"))
+        .any(|s| {
+            s.range
+                .as_deref()
+                .is_some_and(|r| r != "bytes=0-" && r != "bytes=0-0")
+        });
+    println!("dropped download: resumed with a Range request: {resumed}");
+}
+
+#[test]
+fn offline_with_the_files_cached_asks_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let hub = Hub::start("tiny-f32-gqa", Behaviour::default());
+    let home = tmp.path().join("hf-home");
+    let first = tmp.path().join("first");
+    let o = run_against(&hub, &home, &args(&convert_args(&first)), &[]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let before = hub.seen().len();
+    let out = tmp.path().join("out");
+    let o = run_against(
+        &hub,
+        &home,
+        &args(&convert_args(&out)),
+        &[("HF_HUB_OFFLINE", "1")],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(hub.seen().len(), before);
+    // Offline and nothing cached: one line naming the setting, nothing asked.
+    let empty = tmp.path().join("empty-home");
+    let o = run_against(
+        &hub,
+        &empty,
+        &args(&convert_args(&tmp.path().join("x"))),
+        &[("HF_HUB_OFFLINE", "1")],
+    );
+    assert_eq!(o.status.code(), Some(1));
+    assert!(error_line(&o).contains("HF_HUB_OFFLINE is set"));
+    assert_eq!(hub.seen().len(), before);
+}
