@@ -34,6 +34,11 @@ struct Behaviour {
     token: Option<String>,
     /// The first full-body request of this file is cut off halfway (the connection dropped).
     drop_once: Option<String>,
+    /// Weights are served as the hub serves large (LFS) files: `resolve` answers 302 to an
+    /// absolute URL on another path (`/cdn/...`) with `X-Linked-Etag`.
+    lfs_redirect: bool,
+    /// Every request is read and never answered.
+    stall: bool,
 }
 
 struct Hub {
@@ -117,6 +122,13 @@ fn serve(
     seen.lock().unwrap().push(request.clone());
     let mut out = stream;
     let b = behaviour.lock().unwrap();
+    if b.stall {
+        drop(b);
+        // Hold the connection open, silent, until the client gives up.
+        let _ = reader.read(&mut [0u8; 1]);
+        std::thread::sleep(Duration::from_secs(30));
+        return;
+    }
     if let Some(token) = &b.token {
         if request.authorization.as_deref() != Some(&format!("Bearer {token}")) {
             return respond(&mut out, "401 Unauthorized", &[], b"gated");
@@ -138,13 +150,28 @@ fn serve(
         );
         return respond(&mut out, "200 OK", &[], body.as_bytes());
     }
-    let Some((rev, name)) = path.strip_prefix(&resolve).and_then(|r| r.split_once('/')) else {
+    let cdn = path.strip_prefix("/cdn/");
+    let lfs = b.lfs_redirect;
+    let Some((rev, name)) = path
+        .strip_prefix(&resolve)
+        .and_then(|r| r.split_once('/'))
+        .or(cdn.map(|name| (COMMIT, name)))
+    else {
         return respond(&mut out, "404 Not Found", &[], b"no such repo");
     };
     let (Some(bytes), true) = (files.get(name), rev == "main" || rev == COMMIT) else {
         return respond(&mut out, "404 Not Found", &[], b"no such file");
     };
     let etag = format!("\"{}\"", sha256_hex(bytes));
+    if lfs && cdn.is_none() && name.ends_with(".safetensors") {
+        let location = format!("http://{}/cdn/{name}", hub_host(&headers));
+        let head = [
+            ("Location", location.as_str()),
+            ("X-Linked-Etag", etag.as_str()),
+            ("X-Repo-Commit", COMMIT),
+        ];
+        return respond(&mut out, "302 Found", &head, b"");
+    }
     let start: usize = request
         .range
         .as_deref()
@@ -180,6 +207,11 @@ fn serve(
     }
     drop(b);
     respond(&mut out, "206 Partial Content", &head, body);
+}
+
+/// The `host:port` the client addressed.
+fn hub_host(headers: &BTreeMap<String, String>) -> String {
+    headers.get("host").cloned().unwrap_or_default()
 }
 
 fn respond(out: &mut TcpStream, status: &str, headers: &[(&str, &str)], body: &[u8]) {
@@ -464,4 +496,84 @@ fn offline_with_the_files_cached_asks_nothing() {
     assert_eq!(o.status.code(), Some(1));
     assert!(error_line(&o).contains("HF_HUB_OFFLINE is set"));
     assert_eq!(hub.seen().len(), before);
+}
+
+#[test]
+fn large_files_through_a_cdn_redirect_download_like_the_others() {
+    let tmp = tempfile::tempdir().unwrap();
+    let behaviour = Behaviour {
+        lfs_redirect: true,
+        ..Behaviour::default()
+    };
+    let hub = Hub::start("tiny-bf16-sharded", behaviour);
+    let home = tmp.path().join("hf-home");
+    let out = tmp.path().join("out");
+    let o = run_against(&hub, &home, &args(&convert_args(&out)), &[]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    for (name, bytes) in read_files(&fixture("tiny-bf16-sharded")) {
+        let linked = repo_dir(&home).join("snapshots").join(COMMIT).join(&name);
+        assert_eq!(std::fs::read(&linked).unwrap(), bytes, "{name}");
+    }
+    let cdn = hub
+        .seen()
+        .iter()
+        .filter(|s| s.path.starts_with("/cdn/"))
+        .count();
+    assert!(
+        cdn >= 2,
+        "the weights came from the redirect target ({cdn} requests)"
+    );
+}
+
+#[test]
+fn a_stalled_hub_is_a_clear_error_in_bounded_time() {
+    let tmp = tempfile::tempdir().unwrap();
+    let behaviour = Behaviour {
+        stall: true,
+        ..Behaviour::default()
+    };
+    let hub = Hub::start("tiny-f32-gqa", behaviour);
+    let home = tmp.path().join("hf-home");
+    let out = tmp.path().join("out");
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_surgery-convert"));
+    cmd.args(args(&convert_args(&out)))
+        .env_remove("HF_HUB_OFFLINE")
+        .env_remove("HF_HUB_CACHE")
+        .env_remove("HF_TOKEN")
+        .env_remove("HTTPS_PROXY")
+        .env_remove("HTTP_PROXY")
+        .env_remove("ALL_PROXY")
+        .env("HF_HOME", &home)
+        .env("HF_ENDPOINT", &hub.addr)
+        .env("NO_PROXY", "127.0.0.1")
+        .env("HF_HUB_DOWNLOAD_TIMEOUT", "1")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
+    let mut child = cmd.spawn().unwrap();
+    // A safety net for CI, not a speed check: the timeout is 1 s; a hang is killed after 60.
+    let mut waited = 0;
+    while child.try_wait().unwrap().is_none() {
+        assert!(
+            waited < 600,
+            "still running after 60 s: the stall was not detected"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+        waited += 1;
+    }
+    let o = child.wait_with_output().unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    let line = error_line(&o);
+    assert!(
+        line.contains("sent nothing for 1 s") && line.contains("HF_HUB_DOWNLOAD_TIMEOUT"),
+        "{line}"
+    );
+    assert!(!out.exists());
+    let o = run_against(
+        &hub,
+        &home,
+        &args(&convert_args(&out)),
+        &[("HF_HUB_DOWNLOAD_TIMEOUT", "soon")],
+    );
+    assert_eq!(o.status.code(), Some(2));
+    assert!(error_line(&o).contains("HF_HUB_DOWNLOAD_TIMEOUT: `soon` is not a positive number"));
 }

@@ -31,7 +31,12 @@ fn progress_bar(options: &ConvertOptions, template: &str) -> ProgressBar {
 pub fn run(options: &ConvertOptions) -> Result<()> {
     let started = Instant::now();
     let out = (!options.dry_run).then_some((options.out.as_path(), options.force));
-    let (input, out, checkpoint) = super::open_input(&options.input, &options.revision, out)?;
+    let (input, out, checkpoint) = super::open_input(
+        &options.input,
+        &options.revision,
+        options.output == Output::Summary,
+        out,
+    )?;
     checkpoint.require_dense(&options.input)?;
     let inputs = fit_inputs(options.calibration.as_ref(), &checkpoint)?;
     let mut groups = plan::groups(&checkpoint, &options.surgery);

@@ -41,7 +41,7 @@ pub fn run(options: &EvalOptions) -> Result<()> {
     let started = Instant::now();
     let w = &options.window;
     let (ctx, tokens) = (w.ctx.get(), w.tokens.get());
-    let (input, _, checkpoint) = super::open_input(&options.model, &options.revision, None)?;
+    let (input, _, checkpoint) = super::open_input(&options.model, &options.revision, true, None)?;
     let llama = Llama::new(&checkpoint)?;
     let text = read_text(&input.dir, &w.text)?;
     let selection = select(text.ids.len(), w.offset, tokens, ctx)?;

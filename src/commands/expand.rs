@@ -69,7 +69,8 @@ pub struct ExpandedTensor {
 pub fn run(options: &ExpandOptions) -> Result<()> {
     let started = Instant::now();
     let out = (!options.dry_run).then_some((options.out.as_path(), options.force));
-    let (input, out, checkpoint) = super::open_input(&options.input, &options.revision, out)?;
+    let (input, out, checkpoint) =
+        super::open_input(&options.input, &options.revision, !options.quiet, out)?;
     let latent = checkpoint.config.latent.clone().ok_or_else(|| {
         Error::invalid(
             checkpoint.dir.join(CONFIG_FILE),

@@ -18,14 +18,15 @@ use std::io::IsTerminal;
 use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
 
-/// `--in` resolved and opened; `--out` checked before the input is opened (when the command
-/// writes one: `out` is the path and `--force`).
+/// `--in` resolved (a download shows progress when `progress`) and opened; `--out` checked before
+/// the input is opened (when the command writes one: `out` is the path and `--force`).
 pub(crate) fn open_input(
     input: &str,
     revision: &str,
+    progress: bool,
     out: Option<(&Path, bool)>,
 ) -> Result<(ResolvedInput, Option<PathBuf>, Checkpoint)> {
-    let resolved = source::resolve(input, revision)?;
+    let resolved = source::resolve(input, revision, progress)?;
     let out = match out {
         Some((out, force)) => Some(check_out_path(&resolved.dir, out, force)?),
         None => None,

@@ -16,7 +16,7 @@ use rayon::prelude::*;
 
 /// The floor of the conversion `options` describes: the seconds its fits take and their number.
 pub fn decompose_floor(options: &ConvertOptions) -> Result<(f64, usize)> {
-    let input = source::resolve(&options.input, &options.revision)?;
+    let input = source::resolve(&options.input, &options.revision, false)?;
     let checkpoint = Checkpoint::open(&input.dir)?;
     let inputs = fit_inputs(options.calibration.as_ref(), &checkpoint)?;
     let mut groups = plan::groups(&checkpoint, &options.surgery);

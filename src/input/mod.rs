@@ -1,4 +1,5 @@
-//! Input: resolving `--in` to a directory ([`source`]: a local path or the Hugging Face cache),
+//! Input: resolving `--in` to a directory ([`source`]: a local path or the Hugging Face cache, downloading
+//! what is missing with [`hub`]),
 //! keeping every file opened inside it ([`files`]), reading `config.json` ([`config_file`]),
 //! parsing safetensors headers with limits ([`header`]) and the shard index ([`index`]), and mapping
 //! and validating the whole checkpoint ([`checkpoint`]). Reads, never writes; imports only `model`
@@ -8,5 +9,6 @@ pub mod checkpoint;
 pub(crate) mod config_file;
 pub(crate) mod files;
 pub(crate) mod header;
+pub(crate) mod hub;
 pub(crate) mod index;
 pub(crate) mod source;

@@ -79,8 +79,8 @@ pub fn hub_cache_dir() -> PathBuf {
     Cache::default().path().clone()
 }
 
-/// Resolves `--in`.
-pub fn resolve(input: &str, revision: &str) -> Result<ResolvedInput> {
+/// Resolves `--in`; a download from the hub shows its progress on a terminal when `progress`.
+pub fn resolve(input: &str, revision: &str, progress: bool) -> Result<ResolvedInput> {
     let path = Path::new(input);
     if path.exists() {
         if !path.is_dir() {
@@ -107,6 +107,7 @@ pub fn resolve(input: &str, revision: &str) -> Result<ResolvedInput> {
         revision,
         &hub_cache_dir(),
         env_flag("HF_HUB_OFFLINE"),
+        progress,
     )
 }
 
@@ -116,6 +117,7 @@ pub fn resolve_hub(
     revision: &str,
     cache_dir: &Path,
     offline: bool,
+    progress: bool,
 ) -> Result<ResolvedInput> {
     if let Some(snapshot) = cached_snapshot(repo_id, revision, cache_dir) {
         if snapshot_is_complete(&snapshot) {
@@ -131,7 +133,7 @@ pub fn resolve_hub(
             ),
         });
     }
-    let snapshot = download(repo_id, revision, cache_dir)?;
+    let snapshot = super::hub::download(repo_id, revision, cache_dir, progress)?;
     Ok(hub_input(repo_id, revision, snapshot))
 }
 
@@ -186,99 +188,6 @@ fn snapshot_is_complete(snapshot: &Path) -> bool {
             .all(|f| snapshot.join(f).is_file());
     }
     snapshot.join(SINGLE_FILE).is_file()
-}
-
-/// A non-empty environment variable.
-fn env_value(name: &str) -> Option<String> {
-    std::env::var(name).ok().filter(|v| !v.trim().is_empty())
-}
-
-/// What to do about a refusal of the hub (`error` as hf-hub prints it): a 401 or 403 is a gated
-/// or private repo, or a bad token.
-fn access_hint(error: &str) -> &'static str {
-    if error.ends_with("http status: 401") || error.ends_with("http status: 403") {
-        " (a gated or private repo needs access: log in with `hf auth login` or set HF_TOKEN)"
-    } else {
-        ""
-    }
-}
-
-/// Downloads config, weights and the small non-weight files of a repo into the cache.
-fn download(repo_id: &str, revision: &str, cache_dir: &Path) -> Result<PathBuf> {
-    use hf_hub::api::sync::ApiBuilder;
-    use std::io::IsTerminal;
-    let fail = |message: String| Error::Source {
-        input: repo_id.into(),
-        message,
-    };
-    let mut builder = ApiBuilder::from_cache(Cache::new(cache_dir.to_path_buf()))
-        .with_progress(std::io::stderr().is_terminal());
-    // As huggingface_hub does: HF_ENDPOINT replaces the hub's address, HF_TOKEN the token file.
-    if let Some(endpoint) = env_value("HF_ENDPOINT") {
-        builder = builder.with_endpoint(endpoint.trim_end_matches('/').to_string());
-    }
-    if let Some(token) = env_value("HF_TOKEN") {
-        builder = builder.with_token(Some(token));
-    }
-    let api = builder
-        .build()
-        .map_err(|e| fail(format!("cannot set up the Hugging Face client: {e}")))?;
-    let repo = api.repo(Repo::with_revision(
-        repo_id.to_string(),
-        RepoType::Model,
-        revision.to_string(),
-    ));
-    let info = repo.info().map_err(|e| {
-        fail(format!(
-            "cannot list revision `{revision}` on the Hugging Face hub: {e}{}",
-            access_hint(&e.to_string())
-        ))
-    })?;
-    let config = repo.get(CONFIG_FILE).map_err(|e| {
-        fail(format!(
-            "cannot download {CONFIG_FILE}: {e}{}",
-            access_hint(&e.to_string())
-        ))
-    })?;
-    let names: Vec<&str> = info.siblings.iter().map(|s| s.rfilename.as_str()).collect();
-    let mut weights: Vec<String> = Vec::new();
-    if names.contains(&INDEX_FILE) {
-        let index = repo
-            .get(INDEX_FILE)
-            .map_err(|e| fail(format!("cannot download {INDEX_FILE}: {e}")))?;
-        let text = std::fs::read_to_string(&index).map_err(|e| Error::io(&index, e))?;
-        let value: serde_json::Value =
-            serde_json::from_str(&text).map_err(|source| Error::Json {
-                path: index.clone(),
-                source,
-            })?;
-        if let Some(map) = value.get("weight_map").and_then(|m| m.as_object()) {
-            weights.extend(map.values().filter_map(|v| v.as_str()).map(str::to_string));
-        }
-        weights.sort();
-        weights.dedup();
-    } else {
-        weights.push(SINGLE_FILE.to_string());
-    }
-    let others = names.iter().filter(|name| {
-        let ext = Path::new(name)
-            .extension()
-            .and_then(|e| e.to_str())
-            .unwrap_or("");
-        !name.starts_with('.') && !crate::input::checkpoint::is_foreign_weight_extension(ext)
-    });
-    for name in weights.iter().map(String::as_str).chain(others.copied()) {
-        repo.get(name).map_err(|e| {
-            fail(format!(
-                "cannot download {name}: {e}{}",
-                access_hint(&e.to_string())
-            ))
-        })?;
-    }
-    config
-        .parent()
-        .map(Path::to_path_buf)
-        .ok_or_else(|| fail("downloaded config.json has no parent directory".into()))
 }
 
 #[cfg(test)]

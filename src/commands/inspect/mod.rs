@@ -120,7 +120,7 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
 
 /// Runs `inspect`: prints the counts and, with `--svg`, writes the curves.
 pub fn run(options: &InspectOptions) -> Result<()> {
-    let (input, _, checkpoint) = super::open_input(&options.model, &options.revision, None)?;
+    let (input, _, checkpoint) = super::open_input(&options.model, &options.revision, true, None)?;
     checkpoint.require_dense(&options.model)?;
     let spectra = layer_spectra(&checkpoint)?;
     let layers: Vec<LayerCounts> = spectra.iter().map(layer_counts).collect();

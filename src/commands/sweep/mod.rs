@@ -117,7 +117,8 @@ pub fn run(options: &SweepOptions) -> Result<()> {
     let started = Instant::now();
     let configs = options.configs();
     let out = Some((options.out.as_path(), options.force));
-    let (input, out, checkpoint) = super::open_input(&options.input, &options.revision, out)?;
+    let (input, out, checkpoint) =
+        super::open_input(&options.input, &options.revision, !options.quiet, out)?;
     let out = out.ok_or_else(|| Error::bug("sweep: --out was not checked"))?;
     checkpoint.require_dense(&options.input)?;
     let llama = Llama::new(&checkpoint)?;
