@@ -118,7 +118,8 @@ impl CalibrationArgs {
 #[derive(Debug, Args)]
 pub struct ConvertArgs {
     /// Input checkpoint: a local directory, or a Hugging Face repo id (org/name) resolved from the
-    /// local Hugging Face cache (HF_HOME / HF_HUB_CACHE; HF_HUB_OFFLINE=1 never downloads).
+    /// local Hugging Face cache (HF_HOME / HF_HUB_CACHE), downloaded into it when missing
+    /// (HF_ENDPOINT, HF_TOKEN, HF_HUB_DOWNLOAD_TIMEOUT; HF_HUB_OFFLINE=1 never downloads).
     #[arg(long = "in", value_name = "MODEL", required = true)]
     pub input: Option<String>,
 
