@@ -10,8 +10,6 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 const BIN: &str = env!("CARGO_BIN_EXE_surgery-convert");
-/// The developer binary (`synth`), built for tests through the `dev` feature.
-const DEV_BIN: &str = env!("CARGO_BIN_EXE_surgery-dev");
 
 /// A synthetic SmolLM2-135M-shaped checkpoint (270 MB), made once and kept in cargo's test
 /// scratch directory: big enough that a conversion takes seconds, so signals land mid-run.
@@ -25,12 +23,9 @@ fn big_input() -> PathBuf {
     if !done.exists() {
         let _ = std::fs::remove_dir_all(&base);
         std::fs::create_dir_all(&base).unwrap();
-        let o = Command::new(DEV_BIN)
-            .args(["synth", "--shape", "smollm2-135m", "--out"])
-            .arg(&dir)
-            .output()
-            .unwrap();
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        // The developer tools' generator (the `dev` feature is on for tests).
+        let shape = surgery_convert::dev::synth::shape("smollm2-135m").unwrap();
+        surgery_convert::dev::synth::write(shape, 0, &dir, false).unwrap();
         std::fs::write(&done, "").unwrap();
     }
     dir

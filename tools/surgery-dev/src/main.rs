@@ -1,4 +1,4 @@
-//! `surgery-dev`: developer tools, not part of the product (built with `--features dev`).
+//! `surgery-dev`: developer tools, not part of the product (`cargo build --release -p surgery-dev`).
 //!
 //! - `surgery-dev synth --shape NAME --out DIR [--seed N] [--force]`: a synthetic checkpoint of a
 //!   named model shape (smollm2-135m, tinyllama-1.1b, llama3-8b), for benchmarks and tests;
