@@ -241,6 +241,11 @@ fn sha256_hex(bytes: &[u8]) -> String {
 
 /// Runs the binary against `hub` with `HF_HOME` at `home` (no proxy, no other hub settings).
 fn run_against(hub: &Hub, home: &Path, args: &[&str], env: &[(&str, &str)]) -> Output {
+    command_against(hub, home, args, env).output().unwrap()
+}
+
+/// The command [`run_against`] runs.
+fn command_against(hub: &Hub, home: &Path, args: &[&str], env: &[(&str, &str)]) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_surgery-convert"));
     cmd.args(args).current_dir(env!("CARGO_MANIFEST_DIR"));
     for var in [
@@ -262,7 +267,7 @@ fn run_against(hub: &Hub, home: &Path, args: &[&str], env: &[(&str, &str)]) -> O
     for (k, v) in env {
         cmd.env(k, v);
     }
-    cmd.output().unwrap()
+    cmd
 }
 
 fn convert_args(out: &Path) -> Vec<String> {
@@ -535,19 +540,13 @@ fn a_stalled_hub_is_a_clear_error_in_bounded_time() {
     let hub = Hub::start("tiny-f32-gqa", behaviour);
     let home = tmp.path().join("hf-home");
     let out = tmp.path().join("out");
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_surgery-convert"));
-    cmd.args(args(&convert_args(&out)))
-        .env_remove("HF_HUB_OFFLINE")
-        .env_remove("HF_HUB_CACHE")
-        .env_remove("HF_TOKEN")
-        .env_remove("HTTPS_PROXY")
-        .env_remove("HTTP_PROXY")
-        .env_remove("ALL_PROXY")
-        .env("HF_HOME", &home)
-        .env("HF_ENDPOINT", &hub.addr)
-        .env("NO_PROXY", "127.0.0.1")
-        .env("HF_HUB_DOWNLOAD_TIMEOUT", "1")
-        .stdout(std::process::Stdio::null())
+    let mut cmd = command_against(
+        &hub,
+        &home,
+        &args(&convert_args(&out)),
+        &[("HF_HUB_DOWNLOAD_TIMEOUT", "1")],
+    );
+    cmd.stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped());
     let mut child = cmd.spawn().unwrap();
     // A safety net for CI, not a speed check: the timeout is 1 s; a hang is killed after 60.
