@@ -11,6 +11,7 @@ use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
 use surgery_convert::fit::act::ActWeighting;
 use surgery_convert::input::checkpoint::Checkpoint;
+use surgery_convert::input::text::TextSource;
 use surgery_convert::llama::calibrate::calibrate;
 use surgery_convert::llama::tokenize::TextTokenizer;
 use surgery_convert::options::Calibration;
@@ -30,7 +31,7 @@ fn first_layer_covariance_equals_a_direct_computation() {
     let checkpoint = Checkpoint::open(&dir).unwrap();
     let (offset, tokens) = (7, 300);
     let calibration = Calibration {
-        text: text_path(),
+        text: TextSource::File(text_path()),
         tokens: NonZeroUsize::new(tokens).unwrap(),
         offset,
         ctx: NonZeroUsize::new(64).unwrap(),
@@ -139,18 +140,18 @@ fn act_fit_records_its_calibration_and_is_deterministic() {
 }
 
 #[test]
-fn act_needs_calibration_and_calibration_needs_act() {
+fn calibration_options_need_act_and_fit_in_the_text() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("o");
     let o = out.to_str().unwrap();
     for (args, needle) in [
         (
-            vec!["--shared-kv", "0.5", "--fit", "act"],
-            "--fit act: needs calibration text",
-        ),
-        (
             vec!["--shared-kv", "0.5", "--calibrate", TEXT],
             "--calibrate: only --fit act",
+        ),
+        (
+            vec!["--shared-kv", "0.5", "--calib-offset", "3"],
+            "--calib-offset: only --fit act",
         ),
         (
             vec![

@@ -17,6 +17,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 const COMMIT: &str = "c0ffee0123456789abcdef0123456789abcdef01";
+/// A second branch, at the same commit as `main`.
+const BRANCH: &str = "v2";
 const REPO: &str = "tiny-org/tiny-llama";
 
 /// One request the server saw.
@@ -137,7 +139,7 @@ fn serve(
     let info = format!("/api/models/{REPO}/revision/");
     let resolve = format!("/{REPO}/resolve/");
     if let Some(rev) = path.strip_prefix(&info) {
-        if rev != "main" && rev != COMMIT {
+        if !known_revision(rev) {
             return respond(&mut out, "404 Not Found", &[], b"no such revision");
         }
         let siblings: Vec<String> = files
@@ -159,7 +161,7 @@ fn serve(
     else {
         return respond(&mut out, "404 Not Found", &[], b"no such repo");
     };
-    let (Some(bytes), true) = (files.get(name), rev == "main" || rev == COMMIT) else {
+    let (Some(bytes), true) = (files.get(name), known_revision(rev)) else {
         return respond(&mut out, "404 Not Found", &[], b"no such file");
     };
     let etag = format!("\"{}\"", sha256_hex(bytes));
@@ -207,6 +209,11 @@ fn serve(
     }
     drop(b);
     respond(&mut out, "206 Partial Content", &head, body);
+}
+
+/// The revisions the hub knows: branches `main` and [`BRANCH`] (both at [`COMMIT`]), and the commit.
+fn known_revision(rev: &str) -> bool {
+    rev == "main" || rev == BRANCH || rev == COMMIT
 }
 
 /// The `host:port` the client addressed.
@@ -374,6 +381,54 @@ fn a_revision_by_commit_is_downloaded_under_that_commit() {
         .join("config.json")
         .is_file());
     assert_eq!(report(&out)["input"]["revision"], COMMIT);
+}
+
+#[test]
+fn a_revision_by_branch_is_downloaded_and_its_ref_recorded() {
+    let tmp = tempfile::tempdir().unwrap();
+    let hub = Hub::start("tiny-f32-gqa", Behaviour::default());
+    let home = tmp.path().join("hf-home");
+    let out = tmp.path().join("out");
+    let mut a = convert_args(&out);
+    a.extend(["--revision".to_string(), BRANCH.to_string()]);
+    let o = run_against(&hub, &home, &args(&a), &[]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let seen = hub.seen();
+    assert_eq!(
+        seen[0].path,
+        format!("/api/models/{REPO}/revision/{BRANCH}")
+    );
+    assert!(seen[1..]
+        .iter()
+        .all(|s| s.path.contains(&format!("/resolve/{BRANCH}/"))));
+    // As huggingface_hub: the branch's ref names the commit, the files sit under the commit.
+    let repo = repo_dir(&home);
+    assert_eq!(
+        std::fs::read_to_string(repo.join("refs").join(BRANCH)).unwrap(),
+        COMMIT
+    );
+    assert!(!repo.join("refs/main").exists());
+    assert!(repo
+        .join("snapshots")
+        .join(COMMIT)
+        .join("model.safetensors")
+        .is_file());
+    let r = report(&out);
+    assert_eq!(
+        (
+            r["input"]["revision"].as_str(),
+            r["input"]["commit"].as_str()
+        ),
+        (Some(BRANCH), Some(COMMIT))
+    );
+    // Offline, the branch now resolves from the cache alone.
+    let again = tmp.path().join("again");
+    let before = hub.seen().len();
+    let mut a = convert_args(&again);
+    a.extend(["--revision".to_string(), BRANCH.to_string()]);
+    let o = run_against(&hub, &home, &args(&a), &[("HF_HUB_OFFLINE", "1")]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(hub.seen().len(), before);
 }
 
 #[test]
@@ -575,4 +630,57 @@ fn a_stalled_hub_is_a_clear_error_in_bounded_time() {
     );
     assert_eq!(o.status.code(), Some(2));
     assert!(error_line(&o).contains("HF_HUB_DOWNLOAD_TIMEOUT: `soon` is not a positive number"));
+}
+
+/// `command` run under a pseudo-terminal (util-linux `script`), so that stderr is a terminal;
+/// returns what the terminal showed.
+fn on_a_terminal(command: Command) -> (bool, String) {
+    let quote = |s: &std::ffi::OsStr| format!("'{}'", s.to_string_lossy().replace('\'', r"'\''"));
+    let mut line = vec![quote(command.get_program())];
+    line.extend(command.get_args().map(quote));
+    let mut cmd = Command::new("script");
+    cmd.args(["-q", "-e", "-f", "-c", &line.join(" "), "/dev/null"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .env("TERM", "xterm")
+        .stdin(std::process::Stdio::null());
+    for (k, v) in command.get_envs() {
+        match v {
+            Some(v) => cmd.env(k, v),
+            None => cmd.env_remove(k),
+        };
+    }
+    let o = cmd
+        .output()
+        .expect("util-linux `script` runs the command under a terminal");
+    (
+        o.status.success(),
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+    )
+}
+
+#[test]
+fn download_progress_shows_on_a_terminal_and_not_under_quiet() {
+    for quiet in [false, true] {
+        let tmp = tempfile::tempdir().unwrap();
+        let hub = Hub::start("tiny-bf16-sharded", Behaviour::default());
+        let home = tmp.path().join("hf-home");
+        let out = tmp.path().join("out");
+        let mut a = convert_args(&out);
+        if quiet {
+            a.push("--quiet".into());
+        }
+        let (ok, shown) = on_a_terminal(command_against(&hub, &home, &args(&a), &[]));
+        assert!(ok, "{shown}");
+        // hf-hub shortens long names from the left: `..del-00001-of-00002.safetensors`.
+        let shard = "00001-of-00002.safetensors [";
+        if quiet {
+            assert_eq!(shown, "", "--quiet shows nothing");
+        } else {
+            // hf-hub's bar names each file as it downloads it; the summary follows.
+            assert!(shown.contains(shard), "no progress for {shard}: {shown:?}");
+            assert!(shown.contains("117.71 KiB/117.71 KiB"), "{shown:?}");
+            assert!(shown.contains("wrote "), "{shown:?}");
+        }
+        assert!(out.join("model-00002-of-00002.safetensors").exists());
+    }
 }

@@ -388,14 +388,14 @@ fn bad_input_fails_with_one_line() {
         ),
         (base(&["--fit", "pca"]), 2, "no surgery requested"),
         (
-            base(&["--shared-kv", "0.5", "--fit", "pca,act"]),
-            2,
-            "--fit act: needs calibration text",
-        ),
-        (
             base(&["--shared-kv", "0.5", "--calibrate", TEXT]),
             2,
             "--calibrate: only --fit act",
+        ),
+        (
+            base(&["--shared-kv", "0.5", "--fit", "act", "--calibrate", TEXT]),
+            2,
+            "--text: fixtures/eval/text.txt: the tokens scored overlap the calibration tokens",
         ),
         (base(&["--shared-kv", "0.5,0.5"]), 2, "listed twice"),
         (base(&["--shared-kv", "1.5"]), 2, "--shared-kv"),

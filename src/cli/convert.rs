@@ -6,7 +6,10 @@ use crate::error::{Error, Result};
 use crate::fit::act::ActWeighting;
 use crate::fit::decompose::Fit;
 use crate::fit::spec::Spec;
-use crate::options::{Calibration, ConvertOptions, Output};
+use crate::input::text::{Builtin, TextSource};
+use crate::options::{
+    check_by_default, Calibration, ConvertOptions, Output, TextWindow, CHECK_CTX, CHECK_TOKENS,
+};
 use crate::plan::{Emit, Surgery};
 use clap::{Args, ValueEnum};
 use std::num::NonZeroUsize;
@@ -32,7 +35,8 @@ pub enum FitArg {
     Seed,
     /// Uncentred truncated SVD (Frobenius-optimal).
     Svd,
-    /// Activation-aware: fit the projections' outputs on calibration text (needs --calibrate).
+    /// Activation-aware: fit the projections' outputs on calibration text (--calibrate, or the
+    /// built-in text).
     Act,
 }
 
@@ -61,56 +65,65 @@ pub enum ActWeightingArg {
 #[derive(Debug, Clone, Args)]
 pub struct CalibrationArgs {
     /// Calibration text (UTF-8) for --fit act: the original model runs over it and the covariance
-    /// of each layer's attention input is accumulated.
+    /// of each layer's attention input is accumulated. Default: the built-in calibration text
+    /// (English Wikipedia, about 24,000 tokens; data/builtin/README.md).
     #[arg(long, value_name = "FILE")]
     pub calibrate: Option<PathBuf>,
 
-    /// Calibration tokens (from --calib-offset on).
-    #[arg(long, value_name = "N", default_value_t = 8192, requires = "calibrate")]
-    pub calib_tokens: usize,
+    /// Calibration tokens (from --calib-offset on) [default: 8192].
+    #[arg(long, value_name = "N")]
+    pub calib_tokens: Option<usize>,
 
-    /// First calibration token (tokens of the whole file, no special tokens).
-    #[arg(long, value_name = "K", default_value_t = 0, requires = "calibrate")]
-    pub calib_offset: usize,
+    /// First calibration token (tokens of the whole text, no special tokens) [default: 0].
+    #[arg(long, value_name = "K")]
+    pub calib_offset: Option<usize>,
 
-    /// Window length for the calibration forward pass.
-    #[arg(long, value_name = "N", default_value_t = 512, requires = "calibrate")]
-    pub calib_ctx: usize,
+    /// Window length for the calibration forward pass [default: 512].
+    #[arg(long, value_name = "N")]
+    pub calib_ctx: Option<usize>,
 
     /// How --fit act weighs output errors: attention (key errors by the queries that read them,
-    /// value errors through o_proj) or energy (all outputs alike).
-    #[arg(long, value_enum, default_value_t = ActWeightingArg::Attention, requires = "calibrate")]
-    pub act_weighting: ActWeightingArg,
+    /// value errors through o_proj) or energy (all outputs alike) [default: attention].
+    #[arg(long, value_enum)]
+    pub act_weighting: Option<ActWeightingArg>,
 }
 
 impl CalibrationArgs {
-    /// The validated settings: present exactly when a fit `act` is requested (`wants_act`), which
-    /// needs `--calibrate`; `--calibrate` without one is refused.
+    /// The validated settings: present exactly when a fit `act` is requested (`wants_act`), on
+    /// `--calibrate` or the built-in text; a calibration option without one is refused.
     pub fn resolve(&self, wants_act: bool) -> Result<Option<Calibration>> {
-        match (wants_act, &self.calibrate) {
-            (true, Some(text)) => Ok(Some(Calibration {
-                text: text.clone(),
-                tokens: NonZeroUsize::new(self.calib_tokens).ok_or_else(|| {
-                    Error::usage("--calib-tokens", "must be at least 1 (e.g. 8192)")
-                })?,
-                offset: self.calib_offset,
-                ctx: NonZeroUsize::new(self.calib_ctx)
-                    .ok_or_else(|| Error::usage("--calib-ctx", "must be at least 1 (e.g. 512)"))?,
-                weighting: match self.act_weighting {
-                    ActWeightingArg::Attention => ActWeighting::Attention,
-                    ActWeightingArg::Energy => ActWeighting::Energy,
-                },
-            })),
-            (true, None) => Err(Error::usage(
-                "--fit act",
-                "needs calibration text: add --calibrate FILE (or drop act from --fit)",
-            )),
-            (false, Some(_)) => Err(Error::usage(
-                "--calibrate",
-                "only --fit act uses calibration text: add act to --fit or drop --calibrate",
-            )),
-            (false, None) => Ok(None),
+        if !wants_act {
+            let given = [
+                ("--calibrate", self.calibrate.is_some()),
+                ("--calib-tokens", self.calib_tokens.is_some()),
+                ("--calib-offset", self.calib_offset.is_some()),
+                ("--calib-ctx", self.calib_ctx.is_some()),
+                ("--act-weighting", self.act_weighting.is_some()),
+            ];
+            return match given.iter().find(|(_, g)| *g) {
+                Some((option, _)) => Err(Error::usage(
+                    *option,
+                    "only --fit act uses calibration: add act to --fit or drop the option",
+                )),
+                None => Ok(None),
+            };
         }
+        let text = match &self.calibrate {
+            Some(path) => TextSource::File(path.clone()),
+            None => TextSource::Builtin(Builtin::Calibration),
+        };
+        Ok(Some(Calibration {
+            text,
+            tokens: NonZeroUsize::new(self.calib_tokens.unwrap_or(8192))
+                .ok_or_else(|| Error::usage("--calib-tokens", "must be at least 1 (e.g. 8192)"))?,
+            offset: self.calib_offset.unwrap_or(0),
+            ctx: NonZeroUsize::new(self.calib_ctx.unwrap_or(512))
+                .ok_or_else(|| Error::usage("--calib-ctx", "must be at least 1 (e.g. 512)"))?,
+            weighting: match self.act_weighting.unwrap_or(ActWeightingArg::Attention) {
+                ActWeightingArg::Attention => ActWeighting::Attention,
+                ActWeightingArg::Energy => ActWeighting::Energy,
+            },
+        }))
     }
 }
 
@@ -152,7 +165,7 @@ pub struct ConvertArgs {
     pub separate: Option<Spec>,
 
     /// Reconstruction: pca (mean restored), seed (the original script: mean dropped), svd (uncentred),
-    /// act (fit the outputs on calibration text; needs --calibrate).
+    /// act (fit the outputs on calibration text: --calibrate FILE, or the built-in text).
     #[arg(long, value_enum, default_value_t = FitArg::Pca)]
     pub fit: FitArg,
 
@@ -163,6 +176,22 @@ pub struct ConvertArgs {
     /// Output form: dense (standard checkpoint) or factored (latent + up-projections).
     #[arg(long, value_enum, default_value_t = EmitArg::Dense)]
     pub emit: EmitArg,
+
+    /// After writing, score the input and the output on a held-out sample (1,024 tokens of the
+    /// built-in sample, or of --check-text) and print both perplexities; also recorded in
+    /// surgery.json. Default: on with --fit act, off for the weight-only fits, where it would take
+    /// several times as long as the conversion (docs/usage.md, "The quality check").
+    #[arg(long, overrides_with = "no_check", conflicts_with = "dry_run")]
+    pub check: bool,
+
+    /// Skip the quality check.
+    #[arg(long, overrides_with = "check")]
+    pub no_check: bool,
+
+    /// Held-out UTF-8 text for the quality check instead of the built-in sample (its first 1,024
+    /// tokens are scored); implies --check.
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["no_check", "dry_run"])]
+    pub check_text: Option<PathBuf>,
 
     /// Re-shard the output into files of at most SIZE (e.g. 2GB, 500MB, 1GiB, or bytes).
     #[arg(long, value_name = "SIZE", value_parser = parse_size)]
@@ -190,8 +219,29 @@ pub struct ConvertArgs {
 }
 
 impl ConvertArgs {
+    /// The quality check asked for, or the default for `fit` (never in a dry run).
+    fn resolve_check(&self, fit: Fit) -> Option<TextWindow> {
+        let on = if self.check || self.check_text.is_some() {
+            true
+        } else if self.no_check {
+            false
+        } else {
+            check_by_default(fit)
+        };
+        (on && !self.dry_run).then(|| TextWindow {
+            text: match &self.check_text {
+                Some(path) => TextSource::File(path.clone()),
+                None => TextSource::Builtin(Builtin::Check),
+            },
+            tokens: CHECK_TOKENS,
+            ctx: CHECK_CTX,
+            offset: 0,
+        })
+    }
+
     /// Validates the arguments.
     pub fn resolve(self) -> Result<ConvertOptions> {
+        let check = self.resolve_check(self.fit.fit());
         let input = self.input.ok_or_else(|| {
             Error::usage("--in", "missing: give a checkpoint directory or org/name")
         })?;
@@ -210,6 +260,17 @@ impl ConvertArgs {
         }
         let fit = self.fit.fit();
         let calibration = self.calibration.resolve(fit == Fit::Act)?;
+        if let (Some(calibration), Some(window)) = (&calibration, &check) {
+            if calibration.overlaps(window) {
+                return Err(Error::usage(
+                    "--check-text",
+                    format!(
+                        "{} is the calibration text and its first {} tokens were calibrated on: give held-out text",
+                        window.text, window.tokens
+                    ),
+                ));
+            }
+        }
         let output = if self.json {
             Output::Json
         } else if self.quiet {
@@ -233,6 +294,7 @@ impl ConvertArgs {
                 EmitArg::Dense => Emit::Dense,
                 EmitArg::Factored => Emit::Factored,
             },
+            check,
             max_shard_size: self.max_shard_size,
             dry_run: self.dry_run,
             force: self.force,

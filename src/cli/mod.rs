@@ -50,8 +50,9 @@ pub enum Command {
     /// Multiply a factored checkpoint (--emit factored) back into a standard dense one: original
     /// tensor names, dtypes, shards and config, loadable by any Llama runtime.
     Expand(ExpandArgs),
-    /// Perplexity of a checkpoint (standard or factored) on a text file, computed by this tool's
-    /// own Llama forward pass; prints a JSON report on stdout.
+    /// Perplexity of a checkpoint (standard or factored) on a text file (default: the built-in
+    /// held-out sample a conversion's quality check scores), computed by this tool's own Llama
+    /// forward pass; prints a JSON report on stdout.
     ///
     /// The whole file is tokenized with the model's tokenizer.json (no special tokens); --tokens
     /// tokens from --offset on are split into windows of --ctx tokens (the remainder dropped), each

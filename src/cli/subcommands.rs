@@ -7,21 +7,29 @@ use super::FitArg;
 use crate::error::{Error, Result};
 use crate::fit::decompose::Fit;
 use crate::fit::spec::Spec;
-use crate::options::{EvalOptions, ExpandOptions, InspectOptions, SweepOptions, TextWindow};
+use crate::input::text::{Builtin, TextSource};
+use crate::options::{
+    EvalOptions, ExpandOptions, InspectOptions, SweepOptions, TextWindow, CHECK_TOKENS,
+};
 use clap::Args;
 use std::num::NonZeroUsize;
 use std::path::PathBuf;
 
+/// `--tokens` on a file.
+const DEFAULT_TOKENS: NonZeroUsize = NonZeroUsize::MIN.saturating_add(4095);
+
 /// The text `eval` and `sweep` score, and which of its tokens.
 #[derive(Debug, Clone, Args)]
 pub struct TextWindowArgs {
-    /// UTF-8 text file to score (tokenized whole, without special tokens).
+    /// UTF-8 text file to score (tokenized whole, without special tokens). Default: the built-in
+    /// held-out sample (English Wikipedia, about 8 KB), what a conversion's quality check scores.
     #[arg(long, value_name = "FILE")]
-    pub text: PathBuf,
+    pub text: Option<PathBuf>,
 
-    /// Tokens to evaluate, from --offset on (rounded down to whole --ctx windows).
-    #[arg(long, value_name = "N", default_value = "4096")]
-    pub tokens: NonZeroUsize,
+    /// Tokens to evaluate, from --offset on (rounded down to whole --ctx windows) [default: 4096,
+    /// or 1024 on the built-in sample].
+    #[arg(long, value_name = "N")]
+    pub tokens: Option<NonZeroUsize>,
 
     /// Window length in tokens; windows do not overlap and do not see each other.
     #[arg(long, value_name = "N", default_value = "512")]
@@ -35,9 +43,13 @@ pub struct TextWindowArgs {
 impl TextWindowArgs {
     /// The validated window.
     fn resolve(self) -> TextWindow {
+        let (text, default_tokens) = match self.text {
+            Some(path) => (TextSource::File(path), DEFAULT_TOKENS),
+            None => (TextSource::Builtin(Builtin::Check), CHECK_TOKENS),
+        };
         TextWindow {
-            text: self.text,
-            tokens: self.tokens,
+            text,
+            tokens: self.tokens.unwrap_or(default_tokens),
             ctx: self.ctx,
             offset: self.offset,
         }
@@ -139,8 +151,8 @@ pub struct SweepArgs {
     #[arg(long, value_name = "LIST", value_delimiter = ',', value_parser = parse_spec_item)]
     pub q: Vec<Spec>,
 
-    /// Comma-separated fits, each combined with every SPEC: pca, seed, svd, act (act needs
-    /// --calibrate).
+    /// Comma-separated fits, each combined with every SPEC: pca, seed, svd, act (act
+    /// calibrates on --calibrate, or the built-in text).
     #[arg(long, value_name = "LIST", value_delimiter = ',', value_parser = parse_fit_item, default_value = "pca")]
     pub fit: Vec<FitArg>,
 
@@ -238,10 +250,20 @@ impl SweepArgs {
         let fits: Vec<Fit> = self.fit.iter().map(|f| f.fit()).collect();
         refuse_duplicates("--fit", &fits.iter().map(|f| f.name()).collect::<Vec<_>>())?;
         let calibration = self.calibration.resolve(self.fit.contains(&FitArg::Act))?;
+        let window = self.window.resolve();
+        if calibration.as_ref().is_some_and(|c| c.overlaps(&window)) {
+            return Err(Error::usage(
+                "--text",
+                format!(
+                    "{}: the tokens scored overlap the calibration tokens; never evaluate on calibration text (move --offset or --calib-offset)",
+                    window.text
+                ),
+            ));
+        }
         Ok(SweepOptions {
             input: self.input,
             revision: self.revision,
-            window: self.window.resolve(),
+            window,
             shared_kv: self.shared_kv,
             q: self.q,
             fits,
@@ -350,15 +372,21 @@ mod tests {
     }
 
     #[test]
-    fn act_needs_calibration_and_calibration_needs_act() {
+    fn act_calibrates_on_the_builtin_text_and_calibration_needs_act() {
         let a = args(&["--shared-kv", "0.5", "--fit", "pca,act"]).unwrap();
-        let m = calibration(&a).unwrap_err().to_string();
-        assert!(m.starts_with("--fit act: needs calibration text"), "{m}");
-        let a = args(&["--shared-kv", "0.5", "--calibrate", "c.txt"]).unwrap();
-        assert!(calibration(&a)
-            .unwrap_err()
-            .to_string()
-            .starts_with("--calibrate: only --fit act"));
+        let c = calibration(&a).unwrap().unwrap();
+        assert_eq!(c.text, TextSource::Builtin(Builtin::Calibration));
+        assert_eq!((c.tokens.get(), c.offset, c.ctx.get()), (8192, 0, 512));
+        assert!(command(&a, Some(&c))
+            .ends_with("--fit pca,act --calib-tokens 8192 --calib-offset 0 --calib-ctx 512"));
+        for (option, value) in [("--calibrate", "c.txt"), ("--calib-tokens", "64")] {
+            let a = args(&["--shared-kv", "0.5", option, value]).unwrap();
+            let e = calibration(&a).unwrap_err().to_string();
+            assert!(
+                e.starts_with(&format!("{option}: only --fit act uses calibration")),
+                "{e}"
+            );
+        }
         let a = args(&[
             "--shared-kv",
             "0.5",

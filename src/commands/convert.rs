@@ -2,6 +2,7 @@
 //! report (`--dry-run`) or execute into a staging directory, write the index, copies, report and
 //! checksums, and move the result into place.
 
+use super::check::PreparedCheck;
 use crate::error::{Error, Result};
 use crate::execute::prepare::{fit_inputs, resolve_budgets};
 use crate::execute::write::{write_dense, write_factored, Written};
@@ -20,6 +21,8 @@ use std::time::Instant;
 
 /// The bar of the fits alone (dry runs, the factored form's first pass).
 const FIT_BAR: &str = "{spinner} decomposing {pos}/{len} matrices";
+/// The bar of the quality check (both models, layer by layer).
+const CHECK_BAR: &str = "checking: layer {pos}/{len} {wide_bar} {elapsed}";
 /// The bar of the write pass.
 const WRITE_BAR: &str = "{bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}";
 
@@ -38,12 +41,23 @@ pub fn run(options: &ConvertOptions) -> Result<()> {
         out,
     )?;
     checkpoint.require_dense(&options.input)?;
+    let check = match &options.check {
+        Some(window) => Some(super::check::prepare(window, &input.dir)?),
+        None => None,
+    };
     let inputs = fit_inputs(options.calibration.as_ref(), &checkpoint)?;
     let mut groups = plan::groups(&checkpoint, &options.surgery);
     resolve_budgets(&checkpoint, &mut groups, &inputs)?;
     let report = match out {
         None => dry_run(options, &input, &checkpoint, groups, &inputs)?,
-        Some(out) => convert(options, &input, &checkpoint, groups, &inputs, &out)?,
+        Some(out) => convert(
+            options,
+            &input,
+            &checkpoint,
+            (groups, &inputs),
+            check.as_ref(),
+            &out,
+        )?,
     };
     let out = (!options.dry_run).then(|| options.out.display().to_string());
     print(options, &report, started, out.as_deref())?;
@@ -81,13 +95,14 @@ fn dry_run(
     ))
 }
 
-/// Writes the conversion into a staging directory and commits it as `out`.
+/// Writes the conversion into a staging directory, runs the quality check on it (when `check`),
+/// and commits it as `out`.
 fn convert(
     options: &ConvertOptions,
     input: &ResolvedInput,
     checkpoint: &Checkpoint,
-    groups: Vec<GroupPlan>,
-    inputs: &FitInputs,
+    (groups, inputs): (Vec<GroupPlan>, &FitInputs),
+    check: Option<&PreparedCheck>,
     out: &Path,
 ) -> Result<Report> {
     let staging = Staging::create(out)?;
@@ -122,7 +137,7 @@ fn convert(
     } = written;
     write_index_and_files(checkpoint, &plan, staging.path(), &mut digests)?;
     let sizes = output_sizes(&plan, staging.path())?;
-    let report = Report::build(
+    let mut report = Report::build(
         options,
         &input.identity,
         checkpoint,
@@ -132,6 +147,12 @@ fn convert(
         weight_files,
         Some(&sizes),
     );
+    if let Some(check) = check {
+        let bar = progress_bar(options, CHECK_BAR);
+        let (record, seconds) = super::check::run(check, checkpoint, staging.path(), &bar)?;
+        report.check = Some(record);
+        report.check_seconds = Some(seconds);
+    }
     finish(staging, &report, digests)?;
     Ok(report)
 }

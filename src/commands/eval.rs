@@ -43,7 +43,7 @@ pub fn run(options: &EvalOptions) -> Result<()> {
     let (ctx, tokens) = (w.ctx.get(), w.tokens.get());
     let (input, _, checkpoint) = super::open_input(&options.model, &options.revision, true, None)?;
     let llama = Llama::new(&checkpoint)?;
-    let text = read_text(&input.dir, &w.text)?;
+    let text = read_text(&input.dir, &w.text, "--text")?;
     let selection = select(text.ids.len(), w.offset, tokens, ctx)?;
     let ids = &text.ids[selection.range.clone()];
 
@@ -57,7 +57,7 @@ pub fn run(options: &EvalOptions) -> Result<()> {
     let nll_mean = nll / count.max(1) as f64;
     let report = EvalReport {
         model: options.model.clone(),
-        text: w.text.display().to_string(),
+        text: w.text.to_string(),
         text_sha256: text.sha256.clone(),
         offset: w.offset,
         tokens: count,
@@ -69,7 +69,7 @@ pub fn run(options: &EvalOptions) -> Result<()> {
         threads: rayon::current_num_threads(),
     };
     let json = serde_json::to_string_pretty(&report).map_err(|source| Error::Json {
-        path: w.text.clone(),
+        path: w.text.to_string().into(),
         source,
     })?;
     println!("{json}");

@@ -1,7 +1,9 @@
 //! One module per subcommand, each running the stages below it from its validated options:
-//! [`convert`] (the default command), [`expand`], [`eval`], [`verify`], [`inspect`], [`sweep`].
+//! [`convert`] (the default command, with its quality check in [`check`]), [`expand`], [`eval`],
+//! [`verify`], [`inspect`], [`sweep`].
 //! Also what several commands share: the worker pool and progress bars.
 
+mod check;
 pub mod convert;
 pub mod eval;
 pub mod expand;

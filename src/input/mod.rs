@@ -2,7 +2,8 @@
 //! what is missing with [`hub`]),
 //! keeping every file opened inside it ([`files`]), reading `config.json` ([`config_file`]),
 //! parsing safetensors headers with limits ([`header`]) and the shard index ([`index`]), and mapping
-//! and validating the whole checkpoint ([`checkpoint`]). Reads, never writes; imports only `model`
+//! and validating the whole checkpoint ([`checkpoint`]); texts to calibrate on or score, files
+//! or the samples built into the binary ([`text`]). Reads, never writes; imports only `model`
 //! and the support modules.
 
 pub mod checkpoint;
@@ -12,3 +13,4 @@ pub(crate) mod header;
 pub(crate) mod hub;
 pub(crate) mod index;
 pub(crate) mod source;
+pub mod text;

@@ -7,7 +7,6 @@
 //! streamed from the memory map, so memory is bounded by the activations, not the model. The
 //! statistics are `f64`, `hidden^2` values per layer.
 
-use crate::digest::sha256_file;
 use crate::error::{Error, Result};
 use crate::input::checkpoint::Checkpoint;
 use crate::llama::tokenize::TextTokenizer;
@@ -29,7 +28,7 @@ pub struct CalibrationStats {
 /// The calibration's provenance.
 #[derive(Debug, Clone, Serialize)]
 pub struct CalibrationRecord {
-    /// The text file as given.
+    /// The text file as given, or `built-in:calibration`.
     pub file: String,
     /// Its SHA-256.
     pub sha256: String,
@@ -57,14 +56,9 @@ pub fn accumulate(acc: &mut Mat<f64>, x: MatRef<'_, f32>) {
 
 /// Runs the calibration pass of `calibration` over `checkpoint`.
 pub fn calibrate(checkpoint: &Checkpoint, calibration: &Calibration) -> Result<CalibrationStats> {
-    let text_path = &calibration.text;
-    let text = std::fs::read_to_string(text_path).map_err(|e| {
-        Error::usage(
-            "--calibrate",
-            format!("{}: cannot read the text: {e}", text_path.display()),
-        )
-    })?;
-    let ids = TextTokenizer::load(&checkpoint.dir)?.encode(&text)?;
+    let source = &calibration.text;
+    let text = source.load("--calibrate")?;
+    let ids = TextTokenizer::load(&checkpoint.dir)?.encode(&text.text)?;
     let (offset, wanted) = (calibration.offset, calibration.tokens.get());
     let end = offset
         .checked_add(wanted)
@@ -73,10 +67,9 @@ pub fn calibrate(checkpoint: &Checkpoint, calibration: &Calibration) -> Result<C
             Error::usage(
                 "--calib-tokens",
                 format!(
-                "{} has {} tokens; --calib-offset {offset} + --calib-tokens {wanted} exceeds it",
-                text_path.display(),
-                ids.len()
-            ),
+                    "{source} has {} tokens; --calib-offset {offset} + --calib-tokens {wanted} exceeds it",
+                    ids.len()
+                ),
             )
         })?;
     let ids = &ids[offset..end];
@@ -106,8 +99,8 @@ pub fn calibrate(checkpoint: &Checkpoint, calibration: &Calibration) -> Result<C
     Ok(CalibrationStats {
         covariances,
         record: CalibrationRecord {
-            file: text_path.display().to_string(),
-            sha256: sha256_file(text_path)?,
+            file: source.to_string(),
+            sha256: text.sha256,
             offset,
             tokens: ids.len(),
             ctx,

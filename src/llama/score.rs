@@ -8,8 +8,8 @@
 //! evaluated on its own from position 0 without BOS; every next-token prediction inside a window is
 //! scored (`ctx - 1` per window); perplexity is `exp(total NLL / count)`.
 
-use crate::digest::sha256_hex;
 use crate::error::{Error, Result};
+use crate::input::text::TextSource;
 use crate::llama::tokenize::TextTokenizer;
 use crate::llama::{Layer, Llama};
 use std::ops::Range;
@@ -84,26 +84,23 @@ pub fn negative_log_likelihood_edited(
     llama.log_likelihood(h.as_ref(), ids, ctx)
 }
 
-/// A text file read and tokenized for scoring.
+/// A text read and tokenized for scoring.
 #[derive(Debug, Clone)]
 pub struct ScoredText {
-    /// Every token of the file, without special tokens.
+    /// Every token of the text, without special tokens.
     pub ids: Vec<u32>,
-    /// SHA-256 of the file's bytes.
+    /// SHA-256 of the text's bytes.
     pub sha256: String,
 }
 
-/// Reads `path` (given as `--text`) and tokenizes the whole file with the `tokenizer.json` in
+/// Reads `source` (given as `option`) and tokenizes the whole text with the `tokenizer.json` in
 /// `model_dir`, without special tokens.
-pub fn read_text(model_dir: &Path, path: &Path) -> Result<ScoredText> {
+pub fn read_text(model_dir: &Path, source: &TextSource, option: &str) -> Result<ScoredText> {
     let tokenizer = TextTokenizer::load(model_dir)?;
-    let bytes = std::fs::read(path)
-        .map_err(|e| Error::usage("--text", format!("cannot read {}: {e}", path.display())))?;
-    let text = std::str::from_utf8(&bytes)
-        .map_err(|e| Error::usage("--text", format!("{} is not UTF-8: {e}", path.display())))?;
+    let text = source.load(option)?;
     Ok(ScoredText {
-        ids: tokenizer.encode(text)?,
-        sha256: sha256_hex(&bytes),
+        ids: tokenizer.encode(&text.text)?,
+        sha256: text.sha256,
     })
 }
 

@@ -22,6 +22,12 @@ impl CommandLine {
         self
     }
 
+    /// Appends a switch (`--check`).
+    pub fn switch(&mut self, flag: &str) -> &mut Self {
+        self.words.push(flag.to_string());
+        self
+    }
+
     /// Appends `flag value` when there is a value.
     pub fn optional(&mut self, flag: &str, value: Option<impl ToString>) -> &mut Self {
         if let Some(v) = value {
@@ -65,10 +71,11 @@ mod tests {
             .list("--fit", &["pca", "svd"])
             .list::<String>("--q", &[])
             .revision("v1")
-            .flag("--ctx", 512);
+            .flag("--ctx", 512)
+            .switch("--check");
         assert_eq!(
             c.finish(),
-            "surgery-convert expand m --fit pca,svd --revision v1 --ctx 512"
+            "surgery-convert expand m --fit pca,svd --revision v1 --ctx 512 --check"
         );
     }
 }

@@ -1,10 +1,26 @@
 //! The options of a conversion, validated.
 
-use super::CommandLine;
+use super::{CommandLine, TextWindow};
 use crate::fit::act::ActWeighting;
+use crate::fit::decompose::Fit;
+use crate::input::text::TextSource;
 use crate::plan::{Emit, Surgery};
 use std::num::NonZeroUsize;
 use std::path::PathBuf;
+
+/// Tokens the quality check scores: two windows of [`CHECK_CTX`].
+pub const CHECK_TOKENS: NonZeroUsize = NonZeroUsize::MIN.saturating_add(1023);
+/// The quality check's window length.
+pub const CHECK_CTX: NonZeroUsize = NonZeroUsize::MIN.saturating_add(511);
+
+/// Whether the quality check runs when neither `--check` nor `--no-check` is given: with the
+/// calibrated fit, whose conversion already runs the forward pass over 8,192 calibration tokens,
+/// so scoring 1,024 tokens with each of two models adds a fraction of it at every model size; not
+/// for the weight-only fits, whose conversion is a streaming copy several times faster than the
+/// check (measured: docs/usage.md, "The quality check").
+pub fn check_by_default(fit: Fit) -> bool {
+    fit == Fit::Act
+}
 
 /// How much to print.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -20,8 +36,8 @@ pub enum Output {
 /// Calibration settings.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Calibration {
-    /// The text file.
-    pub text: PathBuf,
+    /// The text: `--calibrate`, or the built-in calibration text.
+    pub text: TextSource,
     /// Tokens used.
     pub tokens: NonZeroUsize,
     /// First token.
@@ -36,13 +52,21 @@ impl Calibration {
     /// Appends the options that reproduce these settings.
     pub fn add_to(&self, command: &mut CommandLine) {
         command
-            .flag("--calibrate", self.text.display())
+            .optional("--calibrate", self.text.file().map(|p| p.display()))
             .flag("--calib-tokens", self.tokens)
             .flag("--calib-offset", self.offset)
             .flag("--calib-ctx", self.ctx);
         if self.weighting == ActWeighting::Energy {
             command.flag("--act-weighting", "energy");
         }
+    }
+
+    /// Whether scoring `window` would score tokens calibrated on (same text, overlapping tokens).
+    pub fn overlaps(&self, window: &TextWindow) -> bool {
+        let end = |start: usize, n: usize| start.saturating_add(n);
+        self.text == window.text
+            && self.offset < end(window.offset, window.tokens.get())
+            && window.offset < end(self.offset, self.tokens.get())
     }
 }
 
@@ -61,6 +85,9 @@ pub struct ConvertOptions {
     pub emit: Emit,
     /// `--calibrate` and its settings (always present with fit `act`, absent otherwise).
     pub calibration: Option<Calibration>,
+    /// The quality check after writing: which text and tokens both models are scored on (`None`:
+    /// no check; see `docs/usage.md` for when it runs by default).
+    pub check: Option<TextWindow>,
     /// `--max-shard-size` in bytes.
     pub max_shard_size: Option<u64>,
     /// `--dry-run`.
@@ -89,6 +116,21 @@ impl ConvertOptions {
             c.flag("--emit", "factored");
         }
         c.optional("--max-shard-size", self.max_shard_size);
+        match (&self.check, check_by_default(s.fit)) {
+            (Some(w), default) => match w.text.file() {
+                Some(path) => {
+                    c.flag("--check-text", path.display());
+                }
+                None if !default => {
+                    c.switch("--check");
+                }
+                None => {}
+            },
+            (None, true) if !self.dry_run => {
+                c.switch("--no-check");
+            }
+            (None, _) => {}
+        }
         c.finish()
     }
 }

@@ -3,6 +3,7 @@
 use super::{Calibration, CommandLine};
 use crate::fit::decompose::Fit;
 use crate::fit::spec::Spec;
+use crate::input::text::TextSource;
 use crate::plan::Surgery;
 use std::num::NonZeroUsize;
 use std::path::PathBuf;
@@ -10,8 +11,8 @@ use std::path::PathBuf;
 /// Which tokens of a text are scored: `tokens` from `offset` on, in windows of `ctx`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TextWindow {
-    /// The UTF-8 text file.
-    pub text: PathBuf,
+    /// The text: a file, or the built-in held-out sample.
+    pub text: TextSource,
     /// Tokens to evaluate (rounded down to whole windows).
     pub tokens: NonZeroUsize,
     /// Window length.
@@ -159,7 +160,7 @@ impl SweepOptions {
         let w = &self.window;
         let mut c = CommandLine::new(["sweep", "--in", self.input.as_str()]);
         c.revision(&self.revision)
-            .flag("--text", w.text.display())
+            .optional("--text", w.text.file().map(|p| p.display()))
             .flag("--tokens", w.tokens)
             .flag("--offset", w.offset)
             .flag("--ctx", w.ctx)

@@ -52,6 +52,8 @@ impl Report {
             output: output_record(plan, output_sizes),
             layers,
             totals,
+            check: None,
+            check_seconds: None,
         }
     }
 }

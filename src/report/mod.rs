@@ -1,14 +1,16 @@
 //! The conversion report: `surgery.json` (deterministic: no times, no output path) and the summary
 //! table printed on stderr: the record types here, their assembly in [`build`], the table in
-//! [`summary`].
+//! [`summary`], the quality check's record and line in [`check`].
 
 mod build;
+mod check;
 mod summary;
 
 pub use crate::digest::FileRecord;
 use crate::execute::GroupReport;
 use crate::input::source::InputIdentity;
 use crate::llama::calibrate::CalibrationRecord;
+pub use check::CheckRecord;
 use serde::Serialize;
 
 /// `surgery.json`.
@@ -30,6 +32,12 @@ pub struct Report {
     pub layers: Vec<LayerRecord>,
     /// Whole-model totals.
     pub totals: Totals,
+    /// The quality check, when it ran.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub check: Option<CheckRecord>,
+    /// Seconds the check took (printed, never in `surgery.json`, which holds no times).
+    #[serde(skip)]
+    pub check_seconds: Option<f64>,
 }
 
 /// Tool identity.

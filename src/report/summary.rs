@@ -31,6 +31,15 @@ impl Report {
                 g.layer, g.kind, g.spec, g.full_rank
             );
         }
+        if let Some(check) = &self.check {
+            let calibrated = self.options.calibration.is_some();
+            let _ = writeln!(s, "{}", check.summary_line(calibrated, self.check_seconds));
+        } else if out.is_some() && self.options.calibration.is_none() {
+            let _ = writeln!(
+                s,
+                "perplexity not checked (off for weight-only fits): add --check to score the input and the output on the built-in sample"
+            );
+        }
         match out {
             Some(out) => {
                 let bytes: u64 = self.output.weight_files.iter().map(|f| f.bytes).sum();

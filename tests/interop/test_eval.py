@@ -69,3 +69,35 @@ def test_eval_of_factored_output_matches_its_dense_twin(surgery_bin, factored_ou
     common.record(runtime="surgery-convert eval", model="kv03-factored", perplexity=factored["perplexity"],
                   tokens=common.EVAL_TOKENS, seconds=factored["seconds"], threads=factored["threads"])
     assert abs(rel) < FACTORED_RTOL, f"factored {factored['perplexity']} vs dense {dense['perplexity']}"
+
+
+def builtin_eval(surgery_bin: Path, model: Path) -> dict:
+    """`eval MODEL` without --text: the built-in held-out sample, 1,024 tokens."""
+    out = subprocess.run([str(surgery_bin), "eval", str(model)],
+                         check=True, capture_output=True, text=True)
+    return json.loads(out.stdout)
+
+
+def test_quality_check_figures_equal_eval(surgery_bin, original, tmp_path):
+    """The check a conversion prints scores the input and the output on the tokens `eval` scores
+    without --text: the same forward pass, so the same figures to the last bit."""
+    out = tmp_path / "kv03-checked"
+    run = subprocess.run(
+        [str(surgery_bin), "--in", str(original), "--out", str(out), "--shared-kv", "0.3", "--check"],
+        check=True, capture_output=True, text=True,
+    )
+    check = json.loads((out / "surgery.json").read_text())["check"]
+    before, after = builtin_eval(surgery_bin, original), builtin_eval(surgery_bin, out)
+    assert check["text"] == before["text"] == "built-in:check"
+    assert check["tokens"] == before["tokens"] == 2 * 511
+    assert check["input_perplexity"] == before["perplexity"]
+    assert check["output_perplexity"] == after["perplexity"]
+    line = next(l for l in run.stderr.splitlines() if l.startswith("perplexity on the built-in sample"))
+    assert "the model is broken; try --fit act" in line, line
+    seconds = float(line.rsplit("(checked in ", 1)[1].rstrip("s)"))
+    for figure, value in [
+        ("check: input perplexity (built-in sample)", check["input_perplexity"]),
+        ("check: output perplexity", check["output_perplexity"]),
+        ("check: seconds", seconds),
+    ]:
+        common.record(runtime="surgery-convert --check", model="kv03", figure=figure, value=value)

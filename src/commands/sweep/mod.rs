@@ -124,7 +124,7 @@ pub fn run(options: &SweepOptions) -> Result<()> {
     let llama = Llama::new(&checkpoint)?;
     let w = &options.window;
     let ctx = w.ctx.get();
-    let text = read_text(&input.dir, &w.text)?;
+    let text = read_text(&input.dir, &w.text, "--text")?;
     let selection = select(text.ids.len(), w.offset, w.tokens.get(), ctx)?;
     let inputs = fit_inputs(options.calibration.as_ref(), &checkpoint)?;
     let bench = Bench {
@@ -152,7 +152,7 @@ pub fn run(options: &SweepOptions) -> Result<()> {
             shape: ModelRecord::of(c),
         },
         text: TextRecord {
-            file: w.text.display().to_string(),
+            file: w.text.to_string(),
             sha256: text.sha256.clone(),
             offset: w.offset,
             tokens: count,

@@ -29,7 +29,7 @@ enum DevCommand {
     Synth(SynthArgs),
     /// Time the fits of a conversion alone, every matrix decoded into memory first (the
     /// benchmark's decomposition floor); takes the conversion's options; writes nothing.
-    BenchDecompose(ConvertArgs),
+    BenchDecompose(Box<ConvertArgs>),
 }
 
 /// Arguments of `synth`.
@@ -67,7 +67,7 @@ fn run(dev: Dev) -> Result<()> {
         }
         DevCommand::BenchDecompose(args) => {
             set_threads(args.threads)?;
-            let (seconds, matrices) = bench::decompose_floor(&args.resolve()?)?;
+            let (seconds, matrices) = bench::decompose_floor(&(*args).resolve()?)?;
             println!("{{\"decompose_seconds\": {seconds}, \"matrices\": {matrices}}}");
         }
     }

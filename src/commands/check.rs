@@ -1,0 +1,96 @@
+//! The quality check after a conversion: the input and the written output (still in its staging
+//! directory) scored on the same held-out tokens by `eval`'s convention, so `surgery-convert eval`
+//! on either model with the same text gives the same figure. The text is read and tokenized
+//! before the conversion starts ([`prepare`]), so a bad `--check-text` fails before any work.
+
+use crate::error::{Error, Result};
+use crate::input::checkpoint::Checkpoint;
+use crate::llama::score::{negative_log_likelihood, read_text, select};
+use crate::llama::Llama;
+use crate::options::TextWindow;
+use crate::report::CheckRecord;
+use indicatif::ProgressBar;
+use std::path::Path;
+use std::time::Instant;
+
+/// The check's tokens, chosen and tokenized.
+#[derive(Debug, Clone)]
+pub struct PreparedCheck {
+    window: TextWindow,
+    ids: Vec<u32>,
+    sha256: String,
+    windows: usize,
+}
+
+/// Reads and tokenizes the check's text with the tokenizer in `model_dir` and picks its tokens.
+pub fn prepare(window: &TextWindow, model_dir: &Path) -> Result<PreparedCheck> {
+    let text = read_text(model_dir, &window.text, "--check-text")?;
+    let ctx = window.ctx.get();
+    if text.ids.len() < window.offset.saturating_add(ctx) {
+        return Err(Error::usage(
+            "--check-text",
+            format!(
+                "{} has {} tokens, fewer than one window of {ctx}: give a longer held-out text",
+                window.text,
+                text.ids.len()
+            ),
+        ));
+    }
+    let selection = select(
+        text.ids.len(),
+        window.offset,
+        window.tokens.get(),
+        window.ctx.get(),
+    )
+    .map_err(|e| match e {
+        crate::error::Error::Usage { message, .. } => {
+            crate::error::Error::usage("--check-text", format!("{}: {message}", window.text))
+        }
+        other => other,
+    })?;
+    Ok(PreparedCheck {
+        window: window.clone(),
+        ids: text.ids[selection.range].to_vec(),
+        sha256: text.sha256,
+        windows: selection.windows,
+    })
+}
+
+/// Perplexity and predictions scored of `checkpoint` on the check's tokens.
+fn perplexity(
+    check: &PreparedCheck,
+    checkpoint: &Checkpoint,
+    bar: &ProgressBar,
+) -> Result<(f64, usize)> {
+    let llama = Llama::new(checkpoint)?;
+    let (nll, count) =
+        negative_log_likelihood(&llama, &check.ids, check.window.ctx.get(), |_| bar.inc(1))?;
+    Ok(((nll / count.max(1) as f64).exp(), count))
+}
+
+/// Scores `input` and the checkpoint written in `output_dir`; returns the record and its seconds.
+pub fn run(
+    check: &PreparedCheck,
+    input: &Checkpoint,
+    output_dir: &Path,
+    bar: &ProgressBar,
+) -> Result<(CheckRecord, f64)> {
+    let started = Instant::now();
+    bar.set_length(2 * input.config.num_layers as u64);
+    let (input_perplexity, tokens) = perplexity(check, input, bar)?;
+    let output = Checkpoint::open(output_dir)?;
+    let (output_perplexity, _) = perplexity(check, &output, bar)?;
+    bar.finish_and_clear();
+    let record = CheckRecord {
+        text: check.window.text.to_string(),
+        text_sha256: check.sha256.clone(),
+        offset: check.window.offset,
+        tokens,
+        ctx: check.window.ctx.get(),
+        windows: check.windows,
+        input_perplexity,
+        output_perplexity,
+        ratio: output_perplexity / input_perplexity,
+    };
+    Ok((record, started.elapsed().as_secs_f64()))
+}
