@@ -359,6 +359,65 @@ fn inspect_counts_equal_conversion_ranks() {
 }
 
 #[test]
+fn inspect_counts_one_basis_per_group_of_layers() {
+    for fixture_name in ["tiny-f32-gqa", "tiny-bf16-sharded", "tiny-tied"] {
+        let model = format!("fixtures/{fixture_name}");
+        let out = run(&["inspect", &model, "--json", "--share-layers", "1,2,9"]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+        let layers = r["layers"].as_array().unwrap();
+        let n = layers.len();
+        let sizes = r["shared_across_layers"].as_array().unwrap();
+        assert_eq!(sizes.len(), 3);
+        // G = 1: exactly the per-layer shared K/V counts, by another path.
+        let one = &sizes[0];
+        assert_eq!(one["size"], 1);
+        for (g, l) in one["groups"].as_array().unwrap().iter().zip(layers) {
+            assert_eq!(g["layers"], serde_json::json!([l["layer"]]));
+            assert_eq!(g["shared_kv"], l["shared_kv"], "{fixture_name}");
+            assert_eq!(g["full_rank"], l["full_rank"]["shared_kv"]);
+        }
+        assert_eq!(one["shared_kv"], r["totals"]["shared_kv"]);
+        // G = 2: adjacent pairs, the last one shorter when the count is odd.
+        let two = one_size(&sizes[1], 2, n.div_ceil(2));
+        let hidden = r["layers"][0]["full_rank"]["shared_kv"].as_u64().unwrap() / 2;
+        assert_eq!(two[0]["layers"], serde_json::json!([0, 1]));
+        // G larger than the model: one group of every layer, its rank capped by the hidden size.
+        let all = one_size(&sizes[2], 9, 1);
+        assert_eq!(all[0]["layers"].as_array().unwrap().len(), n);
+        assert!(all[0]["full_rank"].as_u64().unwrap() >= hidden);
+        // Every group's own per-layer sum adds up to the model's total, for every size.
+        for size in sizes {
+            assert_eq!(size["per_layer_sum"], r["totals"]["shared_kv"]);
+        }
+    }
+    // The table says the same in one line per size; a size given twice is refused.
+    let out = run(&["inspect", MODEL, "--share-layers", "2"]);
+    let table = String::from_utf8(out.stderr).unwrap();
+    assert!(
+        table.contains("groups of 2 layers (1 group), one K/V basis each: "),
+        "{table}"
+    );
+    let out = run(&["inspect", MODEL, "--share-layers", "2,2"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--share-layers"));
+    let out = run(&["inspect", MODEL, "--share-layers", "0"]);
+    assert_eq!(out.status.code(), Some(2));
+}
+
+/// The groups of one `--share-layers` size, checked for their size and count.
+fn one_size(size: &Value, g: u64, groups: usize) -> Vec<Value> {
+    assert_eq!(size["size"], g);
+    let all = size["groups"].as_array().unwrap().clone();
+    assert_eq!(all.len(), groups);
+    all
+}
+
+#[test]
 fn bad_input_fails_with_one_line() {
     let tmp = tempfile::tempdir().unwrap();
     let existing = tmp.path().join("existing");

@@ -119,7 +119,7 @@ impl Cli {
             }
             Some(Command::Inspect(args)) => {
                 let threads = args.threads;
-                (Task::Inspect(args.resolve()), threads)
+                (Task::Inspect(args.resolve()?), threads)
             }
             None => {
                 let threads = self.convert.threads;

@@ -123,6 +123,12 @@ pub struct InspectArgs {
     #[arg(long)]
     pub json: bool,
 
+    /// Also count, for groups of G adjacent layers (comma-separated sizes, e.g. 2,4; the last
+    /// group may be shorter), the components ONE basis for the group's stacked K/V rows needs,
+    /// against the sum of the per-layer counts: how far the layers' K/V spaces overlap.
+    #[arg(long, value_name = "LIST", value_delimiter = ',')]
+    pub share_layers: Vec<NonZeroUsize>,
+
     /// Worker threads (default: all cores).
     #[arg(long, value_name = "N")]
     pub threads: Option<NonZeroUsize>,
@@ -205,13 +211,15 @@ impl ExpandArgs {
 
 impl InspectArgs {
     /// The validated options.
-    pub fn resolve(self) -> InspectOptions {
-        InspectOptions {
+    pub fn resolve(self) -> Result<InspectOptions> {
+        refuse_duplicates("--share-layers", &self.share_layers)?;
+        Ok(InspectOptions {
             model: self.model,
             revision: self.revision,
             svg: self.svg,
             json: self.json,
-        }
+            share_layers: self.share_layers,
+        })
     }
 }
 

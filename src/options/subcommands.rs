@@ -69,6 +69,8 @@ pub struct InspectOptions {
     pub svg: Option<PathBuf>,
     /// JSON on stdout instead of the table.
     pub json: bool,
+    /// Group sizes to count one basis shared by adjacent layers for (no duplicates).
+    pub share_layers: Vec<NonZeroUsize>,
 }
 
 /// One conversion of a sweep.

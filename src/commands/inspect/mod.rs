@@ -1,8 +1,10 @@
 //! The `inspect` subcommand: how many components K, V and the stacked K/V of each layer need for
 //! 50%, 90% and 99% of their explained variance (weight-only `pca` fit, [`spectra`]), fitted
 //! separately and with one shared basis. Prints a table on stderr or JSON on stdout, and with
-//! `--svg` draws the cumulative curves, one panel per layer ([`plot`]).
+//! `--svg` draws the cumulative curves, one panel per layer ([`plot`]). With `--share-layers`, the
+//! same counts for one basis shared by groups of adjacent layers ([`groups`]).
 
+pub(crate) mod groups;
 pub(crate) mod plot;
 pub(crate) mod spectra;
 
@@ -10,6 +12,7 @@ use crate::error::{Error, Result};
 use crate::input::source::InputIdentity;
 use crate::options::InspectOptions;
 use crate::report::{group_digits, Tool};
+use groups::{group_counts, GroupSize};
 use serde::Serialize;
 use spectra::{layer_counts, layer_spectra, totals, Counts, LayerCounts, TotalCounts, THRESHOLDS};
 use std::fmt::Write as _;
@@ -30,6 +33,9 @@ pub struct InspectReport {
     pub layers: Vec<LayerCounts>,
     /// Over all layers.
     pub totals: TotalCounts,
+    /// Per `--share-layers` size: one shared K/V basis per group of adjacent layers.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub shared_across_layers: Vec<GroupSize>,
 }
 
 /// `a/b/c` of a count per threshold.
@@ -39,6 +45,11 @@ fn triple(c: &Counts) -> String {
         .map(|t| c.get(&t.to_string()).copied().unwrap_or(0).to_string())
         .collect::<Vec<_>>()
         .join("/")
+}
+
+/// `1 layer`, `2 layers`.
+fn plural(n: usize, noun: &str) -> String {
+    format!("{n} {noun}{}", if n == 1 { "" } else { "s" })
 }
 
 /// The table printed on stderr.
@@ -94,6 +105,16 @@ pub fn table(report: &InspectReport) -> String {
             group_digits(shared)
         );
     }
+    for g in &report.shared_across_layers {
+        let _ = writeln!(
+            s,
+            "groups of {} ({}), one K/V basis each: {} components for {shares}, against {} for one basis per layer",
+            plural(g.size, "layer"),
+            plural(g.groups.len(), "group"),
+            triple(&g.shared_kv),
+            triple(&g.per_layer_sum)
+        );
+    }
     s
 }
 
@@ -124,6 +145,7 @@ pub fn run(options: &InspectOptions) -> Result<()> {
     checkpoint.require_dense(&options.model)?;
     let spectra = layer_spectra(&checkpoint)?;
     let layers: Vec<LayerCounts> = spectra.iter().map(layer_counts).collect();
+    let shared_across_layers = group_counts(&checkpoint, &options.share_layers, &layers)?;
     let report = InspectReport {
         tool: Tool::current(),
         model: input.identity.clone(),
@@ -131,6 +153,7 @@ pub fn run(options: &InspectOptions) -> Result<()> {
         thresholds: THRESHOLDS.to_vec(),
         totals: totals(&layers),
         layers,
+        shared_across_layers,
     };
     if let Some(path) = &options.svg {
         let svg = plot::svg(&options.model, &spectra)
