@@ -5,7 +5,7 @@
 
 use crate::error::{Error, Result};
 use crate::input::checkpoint::Checkpoint;
-use crate::llama::score::{negative_log_likelihood, read_text, select};
+use crate::llama::score::{mean_nll, read_text, select, ScoredTokens};
 use crate::llama::Llama;
 use crate::options::TextWindow;
 use crate::report::CheckRecord;
@@ -63,9 +63,8 @@ fn perplexity(
     bar: &ProgressBar,
 ) -> Result<(f64, usize)> {
     let llama = Llama::new(checkpoint)?;
-    let (nll, count) =
-        negative_log_likelihood(&llama, &check.ids, check.window.ctx.get(), |_| bar.inc(1))?;
-    Ok(((nll / count.max(1) as f64).exp(), count))
+    let (nll_mean, count) = mean_nll(&llama, &check.ids, check.window.ctx.get(), |_| bar.inc(1))?;
+    Ok((nll_mean.exp(), count))
 }
 
 /// Scores `input` and the checkpoint written in `output_dir`; returns the record and its seconds.
@@ -82,12 +81,14 @@ pub fn run(
     let (output_perplexity, _) = perplexity(check, &output, bar)?;
     bar.finish_and_clear();
     let record = CheckRecord {
-        text: check.window.text.to_string(),
-        text_sha256: check.sha256.clone(),
-        offset: check.window.offset,
-        tokens,
-        ctx: check.window.ctx.get(),
-        windows: check.windows,
+        scored: ScoredTokens {
+            text: check.window.text.to_string(),
+            text_sha256: check.sha256.clone(),
+            offset: check.window.offset,
+            tokens,
+            ctx: check.window.ctx.get(),
+            windows: check.windows,
+        },
         input_perplexity,
         output_perplexity,
         ratio: output_perplexity / input_perplexity,

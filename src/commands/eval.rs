@@ -3,7 +3,7 @@
 //! scored is [`crate::llama::score`]'s convention.
 
 use crate::error::{Error, Result};
-use crate::llama::score::{negative_log_likelihood, read_text, select};
+use crate::llama::score::{mean_nll, read_text, select, ScoredTokens};
 use crate::llama::Llama;
 use crate::options::EvalOptions;
 use serde::Serialize;
@@ -14,18 +14,9 @@ use std::time::Instant;
 pub struct EvalReport {
     /// MODEL as given.
     pub model: String,
-    /// `--text` as given.
-    pub text: String,
-    /// SHA-256 of the text file's bytes.
-    pub text_sha256: String,
-    /// `--offset`, in tokens.
-    pub offset: usize,
-    /// Next-token predictions scored: `windows * (ctx - 1)`.
-    pub tokens: usize,
-    /// `--ctx`.
-    pub ctx: usize,
-    /// Windows evaluated.
-    pub windows: usize,
+    /// The text and the tokens scored.
+    #[serde(flatten)]
+    pub scored: ScoredTokens,
     /// `exp(nll_mean)`.
     pub perplexity: f64,
     /// Mean negative log-likelihood per scored token (nats).
@@ -52,17 +43,18 @@ pub fn run(options: &EvalOptions) -> Result<()> {
         llama.params().num_layers as u64,
         "eval: layer {pos}/{len} {wide_bar} {elapsed}",
     );
-    let (nll, count) = negative_log_likelihood(&llama, ids, ctx, |_| bar.inc(1))?;
+    let (nll_mean, count) = mean_nll(&llama, ids, ctx, |_| bar.inc(1))?;
     bar.finish_and_clear();
-    let nll_mean = nll / count.max(1) as f64;
     let report = EvalReport {
         model: options.model.clone(),
-        text: w.text.to_string(),
-        text_sha256: text.sha256.clone(),
-        offset: w.offset,
-        tokens: count,
-        ctx,
-        windows: selection.windows,
+        scored: ScoredTokens {
+            text: w.text.to_string(),
+            text_sha256: text.sha256.clone(),
+            offset: w.offset,
+            tokens: count,
+            ctx,
+            windows: selection.windows,
+        },
         perplexity: nll_mean.exp(),
         nll_mean,
         seconds: started.elapsed().as_secs_f64(),

@@ -12,6 +12,7 @@ use crate::error::{Error, Result};
 use crate::input::text::TextSource;
 use crate::llama::tokenize::TextTokenizer;
 use crate::llama::{Layer, Llama};
+use serde::Serialize;
 use std::ops::Range;
 use std::path::Path;
 
@@ -82,6 +83,35 @@ pub fn negative_log_likelihood_edited(
         progress(index);
     }
     llama.log_likelihood(h.as_ref(), ids, ctx)
+}
+
+/// Which tokens were scored, as `eval` and the quality check report them.
+#[derive(Debug, Clone, Serialize)]
+pub struct ScoredTokens {
+    /// The text: a file as given, or `built-in:check`.
+    pub text: String,
+    /// SHA-256 of the text's bytes.
+    pub text_sha256: String,
+    /// First token scored (of the whole text's tokens).
+    pub offset: usize,
+    /// Next-token predictions scored: `windows * (ctx - 1)`.
+    pub tokens: usize,
+    /// Window length.
+    pub ctx: usize,
+    /// Windows scored.
+    pub windows: usize,
+}
+
+/// The mean negative log-likelihood per scored token of `llama` on `ids` in windows of `ctx`,
+/// and the number of predictions scored ([`negative_log_likelihood`]).
+pub fn mean_nll(
+    llama: &Llama<'_>,
+    ids: &[u32],
+    ctx: usize,
+    progress: impl FnMut(usize),
+) -> Result<(f64, usize)> {
+    let (nll, count) = negative_log_likelihood(llama, ids, ctx, progress)?;
+    Ok((nll / count.max(1) as f64, count))
 }
 
 /// A text read and tokenized for scoring.

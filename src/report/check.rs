@@ -2,23 +2,15 @@
 //! output scored on the same held-out tokens, by `eval`'s convention.
 
 use super::group_digits;
+use crate::llama::score::ScoredTokens;
 use serde::Serialize;
 
 /// Both models' perplexity on the same tokens.
 #[derive(Debug, Clone, Serialize)]
 pub struct CheckRecord {
-    /// The text: `--check-text` as given, or `built-in:check`.
-    pub text: String,
-    /// SHA-256 of the text's bytes.
-    pub text_sha256: String,
-    /// First token scored (of the whole text's tokens).
-    pub offset: usize,
-    /// Next-token predictions scored: `windows * (ctx - 1)`.
-    pub tokens: usize,
-    /// Window length.
-    pub ctx: usize,
-    /// Windows scored.
-    pub windows: usize,
+    /// The text (`--check-text` as given, or `built-in:check`) and the tokens scored.
+    #[serde(flatten)]
+    pub scored: ScoredTokens,
     /// Perplexity of the input model.
     pub input_perplexity: f64,
     /// Perplexity of the output model.
@@ -69,15 +61,15 @@ impl CheckRecord {
     /// `perplexity on the built-in sample (1,022 tokens): 21.8 -> 22,513 (x1031): the model is
     /// broken; try --fit act`, then the time it took.
     pub fn summary_line(&self, calibrated: bool, seconds: Option<f64>) -> String {
-        let text = if self.text == "built-in:check" {
+        let text = if self.scored.text == "built-in:check" {
             "the built-in sample".to_string()
         } else {
-            self.text.clone()
+            self.scored.text.clone()
         };
         let took = seconds.map_or(String::new(), |s| format!(" (checked in {s:.1}s)"));
         format!(
             "perplexity on {text} ({} tokens): {} -> {} ({}): {}{took}",
-            group_digits(self.tokens as u64),
+            group_digits(self.scored.tokens as u64),
             perplexity(self.input_perplexity),
             perplexity(self.output_perplexity),
             times(self.ratio),
@@ -92,12 +84,14 @@ mod tests {
 
     fn record(input: f64, output: f64) -> CheckRecord {
         CheckRecord {
-            text: "built-in:check".into(),
-            text_sha256: String::new(),
-            offset: 0,
-            tokens: 1022,
-            ctx: 512,
-            windows: 2,
+            scored: ScoredTokens {
+                text: "built-in:check".into(),
+                text_sha256: String::new(),
+                offset: 0,
+                tokens: 1022,
+                ctx: 512,
+                windows: 2,
+            },
             input_perplexity: input,
             output_perplexity: output,
             ratio: output / input,
