@@ -18,7 +18,7 @@ Format (``latent_attention.format_version`` 1)
                  "AutoModelForCausalLM": "modeling_surgery_llama.SurgeryLlamaForCausalLM"},
     "latent_attention": {
         "format_version": 1,
-        "fit": "pca" | "svd" | "seed",          # informational
+        "fit": "pca" | "svd" | "seed" | "act",  # informational
         "kv": "shared" | "separate" | null,
         "kv_rank": [L per layer] | null,        # kv == "shared"
         "q_rank": [Lq per layer] | null,
@@ -70,6 +70,33 @@ Only plain ``DynamicLayer`` cache layers are accepted (``DynamicCache``, also wi
 rather than misbehave (a static layer returns the whole pre-allocated buffer, so ``T`` would be
 wrong). ``from_pretrained`` refuses a checkpoint that lacks any attention tensor (transformers
 would only warn and initialise it randomly); wrong shapes already raise in transformers.
+
+Format version 2: cross-layer sharing
+-------------------------------------
+Version 2 shares the K/V down-projection across groups of consecutive layers. ``latent_attention``
+is as in version 1 with ``"format_version": 2``, ``kv == "shared"`` required, and::
+
+    "kv_share": "latent" | "basis",
+    "kv_groups": [[0, 1, 2, 3], [4, 5, 6, 7], ...],
+
+``kv_groups`` partitions ``0 .. num_hidden_layers - 1`` into runs of consecutive layers, in order (the
+last may be shorter); the first layer of a group is its source ``l0``. ``kv_rank`` lists the group's
+width ``L_g`` for every layer of the group. Only ``l0`` holds ``kv_a_proj [L_g, hidden]`` (``A_g``);
+every layer of the group, ``l0`` included, holds its own ``k_b_proj`` / ``v_b_proj [kv_dim, L_g]``.
+``q`` is factored or dense as in version 1.
+
+* ``basis``: version 1 with a tied down-projection: layer ``l`` caches ``c_l = A_g x_l`` from its own
+  attention input in its own slot (``L_g`` values per token and layer).
+* ``latent``: one latent per token and group: ``l0`` caches ``c_g = A_g x_l0`` (``keys``, with width-0
+  ``values``, as in version 1) and every layer ``l`` of the group attends with ``K = k_b^(l)(c_g)``,
+  ``V = v_b^(l)(c_g)`` over all cached tokens (RoPE on K after the up-projection, as above). The other
+  layers' slots get width-0 ``keys`` and ``values`` of the same sequence length, so the cache holds
+  ``L_g`` values per token and group and every slot has the same length.
+
+Non-source layers keep a plain reference to ``l0``'s attention (not a registered child), so ``A_g``
+is one parameter, loaded from ``model.layers.{l0}.self_attn.kv_a_proj.weight`` only. With ``latent``
+the source keeps its whole latent for the rest of the forward and the group's last layer drops it;
+recomputing a layer in isolation (gradient checkpointing) is therefore not supported.
 """
 
 import torch
@@ -91,7 +118,8 @@ from transformers.models.llama.modeling_llama import (
     rotate_half,
 )
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+KV_SHARE = ("latent", "basis")
 
 
 class SurgeryLlamaConfig(LlamaConfig):
@@ -110,10 +138,11 @@ class SurgeryLlamaConfig(LlamaConfig):
         la = self.latent_attention or {}
         if not la:
             return
-        if la.get("format_version") != FORMAT_VERSION:
+        version = la.get("format_version")
+        if version not in (1, FORMAT_VERSION):
             raise ValueError(
-                f"latent_attention.format_version {la.get('format_version')!r} is not supported "
-                f"(this modeling_surgery_llama.py reads version {FORMAT_VERSION})"
+                f"latent_attention.format_version {version!r} is not supported "
+                f"(this modeling_surgery_llama.py reads versions 1 and {FORMAT_VERSION})"
             )
         kv = la.get("kv")
         need = {"shared": ["kv_rank"], "separate": [], None: []}
@@ -134,11 +163,43 @@ class SurgeryLlamaConfig(LlamaConfig):
             raise ValueError("latent_attention.kv_rank is only valid with kv == 'shared'")
         if kv != "separate" and (la.get("k_rank") is not None or la.get("v_rank") is not None):
             raise ValueError("latent_attention.k_rank / v_rank are only valid with kv == 'separate'")
+        if version == 1:
+            for key in ("kv_share", "kv_groups"):
+                if la.get(key) is not None:
+                    raise ValueError(f"latent_attention.{key} needs format_version 2 (this config says 1)")
+        else:
+            self._check_kv_groups(la)
+
+    def _check_kv_groups(self, la):
+        if la.get("kv") != "shared":
+            raise ValueError(f"latent_attention format_version 2 needs kv == 'shared', not {la.get('kv')!r}")
+        if la.get("kv_share") not in KV_SHARE:
+            raise ValueError(f"latent_attention.kv_share must be 'latent' or 'basis', not {la.get('kv_share')!r}")
+        groups = la.get("kv_groups")
+        n = self.num_hidden_layers
+        ok = isinstance(groups, list) and all(isinstance(g, list) and g for g in groups)
+        if not ok or [layer for g in groups for layer in g] != list(range(n)):
+            raise ValueError(
+                "latent_attention.kv_groups must split layers 0.."
+                f"{n - 1} into non-empty runs of consecutive layers, in order; got {groups!r}"
+            )
+        for g in groups:
+            widths = {int(la["kv_rank"][layer]) for layer in g}
+            if len(widths) != 1:
+                raise ValueError(f"latent_attention.kv_rank must be equal within kv group {g}, got {sorted(widths)}")
 
 
 def _rank(config, key, layer_idx):
     ranks = (config.latent_attention or {}).get(key)
     return None if ranks is None else int(ranks[layer_idx])
+
+
+def _kv_group(config, layer_idx):
+    """The kv group (list of layer indices) of a layer, or None without cross-layer sharing."""
+    for group in (config.latent_attention or {}).get("kv_groups") or ():
+        if layer_idx in group:
+            return list(group)
+    return None
 
 
 def _rope(x, cos, sin):
@@ -172,10 +233,15 @@ class SurgeryLlamaAttention(LlamaAttention):
             self.q_a_proj = nn.Linear(hidden, lq, bias=False)
             self.q_b_proj = nn.Linear(lq, q_dim, bias=False)
 
+        # Cross-layer sharing (format version 2): the group's source layer holds kv_a_proj.
+        self.kv_share = (config.latent_attention or {}).get("kv_share")
+        self.kv_group = _kv_group(config, layer_idx) or [layer_idx]
+        self.is_kv_source = self.kv_group[0] == layer_idx
         self.k_factored = self.v_factored = False
         if self.kv_mode == "shared":
             lkv = _rank(config, "kv_rank", layer_idx)
-            self.kv_a_proj = nn.Linear(hidden, lkv, bias=False)
+            if self.is_kv_source:
+                self.kv_a_proj = nn.Linear(hidden, lkv, bias=False)
             self.k_b_proj = nn.Linear(lkv, kv_dim, bias=False)
             self.v_b_proj = nn.Linear(lkv, kv_dim, bias=False)
         else:
@@ -189,8 +255,12 @@ class SurgeryLlamaAttention(LlamaAttention):
                     setattr(self, f"{name}_factored", True)
 
         self.o_proj = nn.Linear(q_dim, hidden, bias=bias)
-        # Set by SurgeryLlamaModel: its rotary embedding, kept out of this module's children.
+        # Set by SurgeryLlamaModel: its rotary embedding and (non-source layers of a kv group) the
+        # group's source attention, plain references kept out of this module's children.
         self._model_rotary_emb = None
+        self._kv_source = None
+        # kv_share "latent", on a source with readers: the group latent of the current forward.
+        self._group_latent = None
 
     def _query(self, x):
         return self.q_proj(x) if hasattr(self, "q_proj") else self.q_b_proj(self.q_a_proj(x))
@@ -198,7 +268,7 @@ class SurgeryLlamaAttention(LlamaAttention):
     def _latents(self, x):
         """What the cache stores for new tokens x [b, q, hidden]: two [b, 1, q, width] tensors."""
         if self.kv_mode == "shared":
-            c = self.kv_a_proj(x)
+            c = (self.kv_a_proj if self.is_kv_source else self._kv_source.kv_a_proj)(x)
             return c.unsqueeze(1), c.new_empty(*c.shape[:-1], 0).unsqueeze(1)
         ck = self.k_a_proj(x) if self.k_factored else self.k_proj(x)
         cv = self.v_a_proj(x) if self.v_factored else self.v_proj(x)
@@ -226,6 +296,38 @@ class SurgeryLlamaAttention(LlamaAttention):
             key_pos = torch.cat([position_ids[:, :1] + past, position_ids], dim=-1)
         return self._model_rotary_emb(x, position_ids=key_pos)
 
+    def _cache_update(self, cache, ck, cv, kwargs):
+        ck, cv = cache.update(ck, cv, self.layer_idx, kwargs=kwargs)
+        if type(cache.layers[self.layer_idx]) is not DynamicLayer:
+            raise ValueError(
+                "latent attention caches its latent in a plain DynamicCache (DynamicLayer); got "
+                f"{type(cache.layers[self.layer_idx]).__name__} (static / quantized caches are not supported)"
+            )
+        return ck, cv
+
+    def _read_group_latent(self, x, cache, kwargs):
+        """kv_share "latent", non-source layer: the group latent [b, 1, T, L_g] its source cached in
+        this forward; this layer's own slot only gets width-0 keys and values (same length)."""
+        source = self._kv_source
+        c = source._group_latent
+        if c is None:
+            raise ValueError(
+                f"layer {self.layer_idx} found no latent from its kv source layer {source.layer_idx}: layers of a "
+                "shared group must run in order within one forward (gradient checkpointing is not supported)"
+            )
+        if self.layer_idx == self.kv_group[-1]:
+            source._group_latent = None  # the group's last reader: don't keep it past this forward
+        if cache is not None:
+            empty = x.new_empty(x.shape[0], 1, x.shape[1], 0)
+            layer = cache.layers[self.layer_idx] if self.layer_idx < len(cache.layers) else None
+            if type(layer) is DynamicLayer and layer.is_initialized and layer.keys.shape[0] != x.shape[0]:
+                # Batch ops (repeat_interleave / select_indices) skip a slot with no elements: only its
+                # length matters, so rebuild it at the new batch size.
+                layer.keys = layer.values = x.new_empty(x.shape[0], 1, layer.keys.shape[-2], 0)
+            self._cache_update(cache, empty, empty, kwargs)
+        c = c.to(x.device)
+        return c, c[..., :0]
+
     def forward(
         self,
         hidden_states: torch.Tensor,
@@ -246,14 +348,14 @@ class SurgeryLlamaAttention(LlamaAttention):
             if cache is not None:
                 key_states, value_states = cache.update(key_states, value_states, self.layer_idx, kwargs=kwargs)
         else:
-            ck, cv = self._latents(hidden_states)
-            if cache is not None:
-                ck, cv = cache.update(ck, cv, self.layer_idx, kwargs=kwargs)
-                if type(cache.layers[self.layer_idx]) is not DynamicLayer:
-                    raise ValueError(
-                        "latent attention caches its latent in a plain DynamicCache (DynamicLayer); got "
-                        f"{type(cache.layers[self.layer_idx]).__name__} (static / quantized caches are not supported)"
-                    )
+            if self.kv_share == "latent" and not self.is_kv_source:
+                ck, cv = self._read_group_latent(hidden_states, cache, kwargs)
+            else:
+                ck, cv = self._latents(hidden_states)
+                if cache is not None:
+                    ck, cv = self._cache_update(cache, ck, cv, kwargs)
+                if self.kv_share == "latent" and len(self.kv_group) > 1:
+                    self._group_latent = ck
             key_states, value_states = self._up(ck, cv)
             k_cos, k_sin = self._key_rope(
                 value_states, kwargs.get("position_ids"), position_embeddings, ck.shape[-2], input_shape[-1]
@@ -312,6 +414,8 @@ class SurgeryLlamaModel(SurgeryLlamaPreTrainedModel, LlamaModel):
             # A plain reference (object.__setattr__ skips nn.Module registration), so the rotary
             # embedding stays one child of the model, not a child of every attention.
             object.__setattr__(layer.self_attn, "_model_rotary_emb", self.rotary_emb)
+            if not layer.self_attn.is_kv_source:  # likewise the kv group's source attention
+                object.__setattr__(layer.self_attn, "_kv_source", self.layers[layer.self_attn.kv_group[0]].self_attn)
         self.post_init()
 
 

@@ -227,6 +227,7 @@ pub fn latent_attention(widths: &Widths) -> LatentAttention {
         q_rank: widths.q.clone(),
         k_rank: widths.k.clone(),
         v_rank: widths.v.clone(),
+        kv_sharing: None,
         original_architectures: json!(["LlamaForCausalLM"]),
         original_model_type: json!("llama"),
     }

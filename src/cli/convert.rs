@@ -10,7 +10,7 @@ use crate::input::text::{Builtin, TextSource};
 use crate::options::{
     check_by_default, Calibration, ConvertOptions, Output, TextWindow, CHECK_CTX, CHECK_TOKENS,
 };
-use crate::plan::{Emit, Surgery};
+use crate::plan::{Emit, LayerSharing, Share, Surgery};
 use clap::{Args, ValueEnum};
 use std::num::NonZeroUsize;
 use std::path::PathBuf;
@@ -48,6 +48,26 @@ impl FitArg {
             FitArg::Seed => Fit::Seed,
             FitArg::Svd => Fit::Svd,
             FitArg::Act => Fit::Act,
+        }
+    }
+}
+
+/// `--share`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ShareArg {
+    /// One cached latent per token for each group, computed from its first layer's input (saves
+    /// cache; needs --fit act and --emit factored).
+    Latent,
+    /// One down-projection for each group; every layer keeps its own latent (saves parameters).
+    Basis,
+}
+
+impl ShareArg {
+    /// The share this names.
+    pub fn share(self) -> Share {
+        match self {
+            ShareArg::Latent => Share::Latent,
+            ShareArg::Basis => Share::Basis,
         }
     }
 }
@@ -164,6 +184,16 @@ pub struct ConvertArgs {
     #[arg(long, value_name = "SPEC")]
     pub separate: Option<Spec>,
 
+    /// Share the --shared-kv fit across groups of G adjacent layers (the last group may be
+    /// shorter); 1 fits every layer on its own.
+    #[arg(long, value_name = "G")]
+    pub share_layers: Option<NonZeroUsize>,
+
+    /// What a group of --share-layers shares: latent (one cached latent per group, computed from
+    /// its first layer's input) or basis (one down-projection, a latent per layer) [default: latent].
+    #[arg(long, value_enum)]
+    pub share: Option<ShareArg>,
+
     /// Reconstruction: pca (mean restored), seed (the original script: mean dropped), svd (uncentred),
     /// act (fit the outputs on calibration text: --calibrate FILE, or the built-in text).
     #[arg(long, value_enum, default_value_t = FitArg::Pca)]
@@ -259,6 +289,17 @@ impl ConvertArgs {
             ));
         }
         let fit = self.fit.fit();
+        let emit = match self.emit {
+            EmitArg::Dense => Emit::Dense,
+            EmitArg::Factored => Emit::Factored,
+        };
+        let sharing = resolve_sharing(
+            self.share_layers,
+            self.share,
+            self.shared_kv.is_some(),
+            fit,
+            emit,
+        )?;
         let calibration = self.calibration.resolve(fit == Fit::Act)?;
         if let (Some(calibration), Some(window)) = (&calibration, &check) {
             if calibration.overlaps(window) {
@@ -288,12 +329,10 @@ impl ConvertArgs {
                 v,
                 shared_kv: self.shared_kv,
                 fit,
+                sharing,
             },
             calibration,
-            emit: match self.emit {
-                EmitArg::Dense => Emit::Dense,
-                EmitArg::Factored => Emit::Factored,
-            },
+            emit,
             check,
             max_shard_size: self.max_shard_size,
             dry_run: self.dry_run,
@@ -301,4 +340,47 @@ impl ConvertArgs {
             output,
         })
     }
+}
+
+/// `--share-layers` and `--share`, validated against the rest of the surgery: `None` for groups of
+/// one layer (today's per-layer fits).
+pub fn resolve_sharing(
+    layers: Option<NonZeroUsize>,
+    share: Option<ShareArg>,
+    shared_kv: bool,
+    fit: Fit,
+    emit: Emit,
+) -> Result<Option<LayerSharing>> {
+    let Some(layers) = layers else {
+        return match share {
+            Some(_) => Err(Error::usage(
+                "--share",
+                "only with --share-layers G: give the number of adjacent layers per group (e.g. --share-layers 2)",
+            )),
+            None => Ok(None),
+        };
+    };
+    if layers.get() == 1 {
+        return Ok(None);
+    }
+    if !shared_kv {
+        return Err(Error::usage(
+            "--share-layers",
+            "layers share the --shared-kv fit: add --shared-kv SPEC (e.g. --shared-kv budget:0.25)",
+        ));
+    }
+    let share = share.map_or(Share::Latent, ShareArg::share);
+    if share == Share::Latent && fit != Fit::Act {
+        return Err(Error::usage(
+            "--share",
+            "latent computes a group's keys and values from its first layer's input, which only a calibrated fit can learn: add --fit act, or use --share basis",
+        ));
+    }
+    if share == Share::Latent && emit == Emit::Dense {
+        return Err(Error::usage(
+            "--share",
+            "latent cannot be written as a standard checkpoint (its layers read another layer's latent): add --emit factored, or use --share basis",
+        ));
+    }
+    Ok(Some(LayerSharing { layers, share }))
 }

@@ -68,7 +68,7 @@ pub enum Command {
     ///
     /// Example: surgery-convert sweep --in MODEL --text wiki.txt --shared-kv 0.9,0.5,budget:0.25
     /// --fit pca,svd --out sweep-dir
-    Sweep(SweepArgs),
+    Sweep(Box<SweepArgs>),
     /// Components K, V and the stacked K/V of each layer need for 50%, 90% and 99% of their
     /// variance (weight-only pca fit), separately and with one shared basis.
     ///

@@ -2,6 +2,7 @@
 //! the [`crate::options`] types.
 
 use super::convert::CalibrationArgs;
+use super::convert::ShareArg;
 use super::parse::{parse_fit_item, parse_spec_item};
 use super::FitArg;
 use crate::error::{Error, Result};
@@ -11,6 +12,7 @@ use crate::input::text::{Builtin, TextSource};
 use crate::options::{
     EvalOptions, ExpandOptions, InspectOptions, SweepOptions, TextWindow, CHECK_TOKENS,
 };
+use crate::plan::Share;
 use clap::Args;
 use std::num::NonZeroUsize;
 use std::path::PathBuf;
@@ -162,6 +164,16 @@ pub struct SweepArgs {
     #[arg(long, value_name = "LIST", value_delimiter = ',', value_parser = parse_fit_item, default_value = "pca")]
     pub fit: Vec<FitArg>,
 
+    /// Comma-separated group sizes for cross-layer sharing of the --shared-kv fit, combined with
+    /// every other entry (e.g. 1,2,4; 1 fits every layer on its own) [default: 1].
+    #[arg(long, value_name = "LIST", value_delimiter = ',')]
+    pub share_layers: Vec<NonZeroUsize>,
+
+    /// Comma-separated shares for --share-layers above 1: latent (combined with the act fits
+    /// only), basis [default: latent].
+    #[arg(long, value_name = "LIST", value_delimiter = ',', value_enum)]
+    pub share: Vec<ShareArg>,
+
     /// Calibration for the act fits (the pass runs once per sweep).
     #[command(flatten)]
     pub calibration: CalibrationArgs,
@@ -257,6 +269,7 @@ impl SweepArgs {
         refuse_duplicates("--q", &self.q)?;
         let fits: Vec<Fit> = self.fit.iter().map(|f| f.fit()).collect();
         refuse_duplicates("--fit", &fits.iter().map(|f| f.name()).collect::<Vec<_>>())?;
+        let (share_layers, shares) = self.sharing()?;
         let calibration = self.calibration.resolve(self.fit.contains(&FitArg::Act))?;
         let window = self.window.resolve();
         if calibration.as_ref().is_some_and(|c| c.overlaps(&window)) {
@@ -275,11 +288,45 @@ impl SweepArgs {
             shared_kv: self.shared_kv,
             q: self.q,
             fits,
+            share_layers,
+            shares,
             calibration,
             out: self.out,
             force: self.force,
             quiet: self.quiet,
         })
+    }
+
+    /// `--share-layers` and `--share`: no duplicates, sharing only of a `--shared-kv` fit, a
+    /// latent only with an act fit to learn it.
+    fn sharing(&self) -> Result<(Vec<NonZeroUsize>, Vec<Share>)> {
+        refuse_duplicates("--share-layers", &self.share_layers)?;
+        let shares: Vec<Share> = self.share.iter().map(|s| s.share()).collect();
+        refuse_duplicates(
+            "--share",
+            &shares.iter().map(|s| s.name()).collect::<Vec<_>>(),
+        )?;
+        let across = self.share_layers.iter().any(|g| g.get() > 1);
+        if !across && !shares.is_empty() {
+            return Err(Error::usage(
+                "--share",
+                "only with --share-layers sizes above 1 (e.g. --share-layers 1,2,4)",
+            ));
+        }
+        if across && self.shared_kv.is_empty() {
+            return Err(Error::usage(
+                "--share-layers",
+                "layers share the --shared-kv fit: add --shared-kv LIST",
+            ));
+        }
+        let latent = across && (shares.is_empty() || shares.contains(&Share::Latent));
+        if latent && !self.fit.contains(&FitArg::Act) {
+            return Err(Error::usage(
+                "--share",
+                "latent is learnt from calibration: add act to --fit, or give --share basis",
+            ));
+        }
+        Ok((self.share_layers.clone(), shares))
     }
 }
 
@@ -318,7 +365,7 @@ mod tests {
         ];
         all.extend_from_slice(extra);
         match Cli::try_parse_from(all)?.command {
-            Some(Command::Sweep(a)) => Ok(a),
+            Some(Command::Sweep(a)) => Ok(*a),
             other => panic!("not a sweep: {other:?}"),
         }
     }
@@ -411,5 +458,50 @@ mod tests {
         assert!(command(&a, Some(&c)).ends_with(
             "--fit act --calibrate c.txt --calib-tokens 64 --calib-offset 0 --calib-ctx 512"
         ));
+    }
+
+    #[test]
+    fn sharing_is_the_innermost_dimension() {
+        let a = args(&[
+            "--shared-kv",
+            "0.5",
+            "--fit",
+            "pca,act",
+            "--share-layers",
+            "1,3",
+            "--share",
+            "latent,basis",
+        ])
+        .unwrap();
+        let labels: Vec<String> = configs(&a).unwrap().iter().map(|c| c.label()).collect();
+        assert_eq!(
+            labels,
+            [
+                "--shared-kv 0.5 --fit pca",
+                "--shared-kv 0.5 --fit pca --share-layers 3 --share basis",
+                "--shared-kv 0.5 --fit act",
+                "--shared-kv 0.5 --fit act --share-layers 3 --share latent",
+                "--shared-kv 0.5 --fit act --share-layers 3 --share basis",
+            ]
+        );
+        assert!(command(&a, calibration(&a).unwrap().as_ref())
+            .contains("--fit pca,act --share-layers 1,3 --share latent,basis"));
+        let msg = |extra: &[&str]| configs(&args(extra).unwrap()).unwrap_err().to_string();
+        assert!(msg(&["--shared-kv", "0.5", "--share-layers", "2"])
+            .starts_with("--share: latent is learnt"));
+        assert!(
+            msg(&["--q", "0.5", "--share-layers", "2", "--share", "basis"])
+                .starts_with("--share-layers: layers share")
+        );
+        assert!(msg(&["--shared-kv", "0.5", "--share", "basis"]).starts_with("--share: only with"));
+        assert!(msg(&[
+            "--shared-kv",
+            "0.5",
+            "--share-layers",
+            "2,2",
+            "--share",
+            "basis"
+        ])
+        .contains("listed twice"));
     }
 }

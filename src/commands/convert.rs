@@ -45,8 +45,8 @@ pub fn run(options: &ConvertOptions) -> Result<()> {
         Some(window) => Some(super::check::prepare(window, &input.dir)?),
         None => None,
     };
-    let inputs = fit_inputs(options.calibration.as_ref(), &checkpoint)?;
     let mut groups = plan::groups(&checkpoint, &options.surgery);
+    let inputs = fit_inputs(options.calibration.as_ref(), &checkpoint, &groups)?;
     resolve_budgets(&checkpoint, &mut groups, &inputs)?;
     let report = match out {
         None => dry_run(options, &input, &checkpoint, groups, &inputs)?,

@@ -18,8 +18,8 @@ use rayon::prelude::*;
 pub fn decompose_floor(options: &ConvertOptions) -> Result<(f64, usize)> {
     let input = source::resolve(&options.input, &options.revision, false)?;
     let checkpoint = Checkpoint::open(&input.dir)?;
-    let inputs = fit_inputs(options.calibration.as_ref(), &checkpoint)?;
     let mut groups = plan::groups(&checkpoint, &options.surgery);
+    let inputs = fit_inputs(options.calibration.as_ref(), &checkpoint, &groups)?;
     resolve_budgets(&checkpoint, &mut groups, &inputs)?;
     let seconds = fits_alone(&checkpoint, &groups, &inputs)?;
     Ok((seconds, groups.len()))
@@ -47,4 +47,16 @@ fn fits_alone(checkpoint: &Checkpoint, groups: &[GroupPlan], inputs: &FitInputs)
         fit?;
     }
     Ok(seconds)
+}
+
+/// The calibration pass of the conversion `options` describes, alone (`surgery-dev
+/// bench-calibrate`): its seconds and the number of cross moments it accumulates (`--share
+/// latent`); writes nothing. Run it under `/usr/bin/time -v` for its peak memory.
+pub fn calibration_cost(options: &ConvertOptions) -> Result<(f64, usize)> {
+    let input = source::resolve(&options.input, &options.revision, false)?;
+    let checkpoint = Checkpoint::open(&input.dir)?;
+    let groups = plan::groups(&checkpoint, &options.surgery);
+    let started = std::time::Instant::now();
+    let inputs = fit_inputs(options.calibration.as_ref(), &checkpoint, &groups)?;
+    Ok((started.elapsed().as_secs_f64(), inputs.cross.len()))
 }

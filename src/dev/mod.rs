@@ -3,4 +3,5 @@
 //! and the decomposition floor of a conversion ([`bench`]). Not part of the product.
 
 pub mod bench;
+pub mod logits;
 pub mod synth;

@@ -12,7 +12,7 @@ use crate::fit::decompose::{
     Decomposition, Fit,
 };
 use crate::fit::spec::Spec;
-use crate::input::checkpoint::Checkpoint;
+use crate::input::checkpoint::{Checkpoint, TensorEntry};
 use crate::model::arch::Role;
 use crate::model::dtype::FloatType;
 use crate::plan::{Emit, GroupPlan};
@@ -81,6 +81,18 @@ pub(crate) fn fit_group(
     w: Mat<f64>,
     spec: Spec,
 ) -> Result<Decomposition> {
+    Ok(fit_group_kept(checkpoint, group, inputs, w, spec)?.0)
+}
+
+/// [`fit_group`], with the share of each layer's weighted output energy kept on the calibration
+/// inputs for a calibrated group spanning several layers (empty otherwise).
+pub(crate) fn fit_group_kept(
+    checkpoint: &Checkpoint,
+    group: &GroupPlan,
+    inputs: &FitInputs,
+    w: Mat<f64>,
+    spec: Spec,
+) -> Result<(Decomposition, Vec<f64>)> {
     let first = &checkpoint.tensors[group.members[0]];
     let names: Vec<&str> = group
         .members
@@ -94,30 +106,62 @@ pub(crate) fn fit_group(
             format!("layer {}: cannot decompose: {e}", group.layer),
         )
     };
-    match group.fit {
-        Fit::Act => {
+    match (group.fit, group.share) {
+        (Fit::Act, Some(share)) => {
+            let d = super::shared::fit_shared(checkpoint, group, share, inputs, w.as_ref(), spec)?;
+            Ok((d.decomposition, d.layer_energy_kept))
+        }
+        (Fit::Act, None) => {
             let c = inputs
                 .covariances
                 .as_ref()
                 .and_then(|c| c.get(group.layer))
                 .ok_or_else(|| fail(DecomposeError::NeedsCalibration))?;
-            let rows: Vec<usize> = group
-                .members
-                .iter()
-                .map(|&i| checkpoint.tensors[i].shape[0])
-                .collect();
             let w = w.as_ref();
-            let left = match inputs.weighting {
-                ActWeighting::Energy => LeftWeight::Diagonal(balance_scales(w, c.as_ref(), &rows)),
-                ActWeighting::Attention => {
-                    let blocks = attention_blocks(checkpoint, group, c.as_ref())?;
-                    blockwise_weight(w, c.as_ref(), &blocks).map_err(fail)?
-                }
-            };
-            decompose_weighted(w, c.as_ref(), &left, spec).map_err(fail)
+            let left = layer_weight(
+                checkpoint,
+                group.layer,
+                &group.members,
+                inputs.weighting,
+                w,
+                c.as_ref(),
+            )?;
+            Ok((
+                decompose_weighted(w, c.as_ref(), &left, spec).map_err(fail)?,
+                Vec::new(),
+            ))
         }
-        fit => decompose_owned(w, fit, spec).map_err(fail),
+        (fit, _) => Ok((decompose_owned(w, fit, spec).map_err(fail)?, Vec::new())),
     }
+}
+
+/// Fit `act`'s left weighting of one layer's stacked `members` (`w`, inputs of moment `c`).
+pub(crate) fn layer_weight(
+    checkpoint: &Checkpoint,
+    layer: usize,
+    members: &[usize],
+    weighting: ActWeighting,
+    w: MatRef<'_, f64>,
+    c: MatRef<'_, f64>,
+) -> Result<LeftWeight> {
+    let rows: Vec<usize> = members
+        .iter()
+        .map(|&i| checkpoint.tensors[i].shape[0])
+        .collect();
+    Ok(match weighting {
+        ActWeighting::Energy => LeftWeight::Diagonal(balance_scales(w, c, &rows)),
+        ActWeighting::Attention => {
+            let blocks = attention_blocks(checkpoint, layer, members, c)?;
+            blockwise_weight(w, c, &blocks).map_err(|e| {
+                let t = &checkpoint.tensors[members[0]];
+                Error::tensor(
+                    &checkpoint.shards[t.shard].path,
+                    &t.name,
+                    format!("layer {layer}: cannot weight the fit: {e}"),
+                )
+            })?
+        }
+    })
 }
 
 /// Decodes a layer's projection (by role) to `f64`.
@@ -148,7 +192,8 @@ fn decode_role(checkpoint: &Checkpoint, layer: usize, role: Role) -> Result<Mat<
 /// them, values through `o_proj`; queries unweighted.
 fn attention_blocks(
     checkpoint: &Checkpoint,
-    group: &GroupPlan,
+    layer: usize,
+    members: &[usize],
     c: MatRef<'_, f64>,
 ) -> Result<Vec<(usize, Option<Mat<f64>>)>> {
     let cfg = &checkpoint.config;
@@ -157,18 +202,17 @@ fn attention_blocks(
         num_kv_heads: cfg.num_kv_heads,
         head_dim: cfg.head_dim,
     };
-    group
-        .members
+    members
         .iter()
         .map(|&i| {
             let t = &checkpoint.tensors[i];
             let g = match t.class.role {
                 Role::Key => {
-                    let wq = decode_role(checkpoint, group.layer, Role::Query)?;
+                    let wq = decode_role(checkpoint, layer, Role::Query)?;
                     Some(key_weight(wq.as_ref(), c, heads))
                 }
                 Role::Value => {
-                    let wo = decode_role(checkpoint, group.layer, Role::Output)?;
+                    let wo = decode_role(checkpoint, layer, Role::Output)?;
                     Some(value_weight(wo.as_ref(), heads))
                 }
                 _ => None,
@@ -250,7 +294,8 @@ pub(crate) fn run_group(
     let member_rows: Vec<usize> = members.iter().map(|t| t.shape[0]).collect();
     let (types, w) = stack_group(checkpoint, group)?;
     let (rows, cols) = (w.nrows(), w.ncols());
-    let d = fit_group(checkpoint, group, inputs, w, group.effective_spec())?;
+    let (d, layer_energy_kept) =
+        fit_group_kept(checkpoint, group, inputs, w, group.effective_spec())?;
 
     // The errors compare W, decoded again from the input's pages (so the fit could consume its
     // copy), with W' as the output represents it, rounded.
@@ -306,14 +351,11 @@ pub(crate) fn run_group(
     let rank = d.choice.rank;
     let latent = d.factors.down.nrows();
     let bytes_original = members.iter().map(|t| t.range.len() as u64).sum();
-    let bytes_factored = (latent * cols * types[0].size()
-        + members
-            .iter()
-            .zip(&types)
-            .map(|(t, ft)| t.shape[0] * latent * ft.size())
-            .sum::<usize>()) as u64;
+    let bytes_factored = factored_bytes(&members, &types, latent, cols);
     let report = GroupReport {
         layer: group.layer,
+        layers: group.spanned_layers(),
+        share: group.share.map(crate::plan::Share::name),
         kind: group.kind.name(),
         tensors: names,
         shape: [rows, cols],
@@ -330,8 +372,25 @@ pub(crate) fn run_group(
         params_factored: (latent * (rows + cols)) as u64,
         bytes_original,
         bytes_factored,
+        layer_energy_kept,
     };
     Ok(GroupOutput { report, pieces })
+}
+
+/// Bytes of a group's factored form: the down-projection `[latent, cols]` in the first member's
+/// dtype, each member's up-projection `[rows, latent]` in its own.
+fn factored_bytes(
+    members: &[&TensorEntry],
+    types: &[FloatType],
+    latent: usize,
+    cols: usize,
+) -> u64 {
+    let ups: usize = members
+        .iter()
+        .zip(types)
+        .map(|(t, ft)| t.shape[0] * latent * ft.size())
+        .sum();
+    (latent * cols * types[0].size() + ups) as u64
 }
 
 /// Fits one group and encodes its outputs in the `emit` form (for dense: each member's

@@ -15,6 +15,7 @@ pub(crate) mod group;
 pub(crate) mod input_hash;
 pub(crate) mod pipeline;
 pub(crate) mod prepare;
+pub(crate) mod shared;
 pub(crate) mod spill;
 #[cfg(test)]
 mod tests;
@@ -38,8 +39,14 @@ use serde::Serialize;
 /// What one decomposition kept and cost, as recorded in `surgery.json`.
 #[derive(Debug, Clone, Serialize)]
 pub struct GroupReport {
-    /// Layer index.
+    /// Layer index (the first layer of a group spanning several).
     pub layer: usize,
+    /// Every layer of a group spanning several (`--share-layers`; absent for one layer).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub layers: Vec<usize>,
+    /// What the layers share: `basis` or `latent` (absent for one layer).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub share: Option<&'static str>,
     /// `q`, `k`, `v` or `shared_kv`.
     pub kind: &'static str,
     /// The tensors fitted together, in stacking order.
@@ -73,6 +80,18 @@ pub struct GroupReport {
     pub bytes_original: u64,
     /// Bytes of the factored form in the same dtypes.
     pub bytes_factored: u64,
+    /// For a calibrated group spanning several layers, per layer: the share of its weighted K/V
+    /// output energy the fit keeps on the calibration text (for `latent`, predicted from the
+    /// first layer's input).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub layer_energy_kept: Vec<f64>,
+}
+
+impl GroupReport {
+    /// Whether the group fits projections of `layer`.
+    pub fn covers(&self, layer: usize) -> bool {
+        self.layer == layer || self.layers.contains(&layer)
+    }
 }
 
 /// What the fits need besides the weights.
@@ -80,6 +99,8 @@ pub struct GroupReport {
 pub struct FitInputs {
     /// Per layer, the covariance of the attention input (`--calibrate`), for fit `act`.
     pub covariances: Option<Vec<Mat<f64>>>,
+    /// `E[x_l x_s^T]` of layer `l` with a shared latent group's source layer `s`, by `(l, s)`.
+    pub cross: std::collections::BTreeMap<(usize, usize), Mat<f64>>,
     /// How fit `act` weighs output errors.
     pub weighting: ActWeighting,
     /// Where the covariances came from.

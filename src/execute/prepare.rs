@@ -7,16 +7,25 @@ use crate::fit::budget;
 use crate::fit::spec::Spec;
 use crate::input::checkpoint::Checkpoint;
 use crate::options::Calibration;
-use crate::plan::{GroupKind, GroupPlan};
+use crate::plan::{GroupKind, GroupPlan, Share};
 
-/// Calibration statistics for fit `act` (none for the weight-only fits).
-pub fn fit_inputs(calibration: Option<&Calibration>, checkpoint: &Checkpoint) -> Result<FitInputs> {
+/// Calibration statistics for fit `act` (none for the weight-only fits), with the cross moments
+/// that the shared latent groups among `groups` need.
+pub fn fit_inputs(
+    calibration: Option<&Calibration>,
+    checkpoint: &Checkpoint,
+    groups: &[GroupPlan],
+) -> Result<FitInputs> {
     let Some(calibration) = calibration else {
         return Ok(FitInputs::default());
     };
-    let stats = crate::llama::calibrate::calibrate(checkpoint, calibration)?;
+    let mut pairs: Vec<(usize, usize)> = groups.iter().flat_map(GroupPlan::cross_pairs).collect();
+    pairs.sort_unstable();
+    pairs.dedup();
+    let stats = crate::llama::calibrate::calibrate(checkpoint, calibration, &pairs)?;
     Ok(FitInputs {
         covariances: Some(stats.covariances),
+        cross: stats.cross,
         weighting: calibration.weighting,
         calibration: Some(stats.record),
     })
@@ -57,9 +66,29 @@ pub fn resolve_budgets(
                     .sum()
             })
             .collect();
-        let total = budget::total_components(&widths, fraction, subset[members[0]].fit.mean_dims());
-        let kind_spectra: Vec<Vec<f64>> = members.iter().map(|&i| spectra[i].clone()).collect();
-        for (&i, rank) in members.iter().zip(budget::allocate(&kind_spectra, total)) {
+        // What a component costs in cached values, and what it is worth: a latent shared by G
+        // layers is cached once and predicts G layers' outputs (its ratios are shares of all G
+        // layers' energy); a shared basis is cached by each of its G layers.
+        let costs: Vec<usize> = members
+            .iter()
+            .map(|&i| match subset[i].share {
+                Some(Share::Basis) => subset[i].layers,
+                _ => 1,
+            })
+            .collect();
+        let kind_spectra: Vec<Vec<f64>> = members
+            .iter()
+            .map(|&i| {
+                let worth = subset[i].layers as f64;
+                spectra[i].iter().map(|r| r * worth).collect()
+            })
+            .collect();
+        let mean_dims = subset[members[0]].fit.mean_dims() * costs.iter().sum::<usize>();
+        let total = budget::total_components(&widths, fraction, 0).saturating_sub(mean_dims);
+        for (&i, rank) in members
+            .iter()
+            .zip(budget::allocate_costed(&kind_spectra, &costs, total))
+        {
             groups[budgeted[i]].budget_rank = Some(rank);
         }
     }

@@ -142,6 +142,7 @@ fn surgery() -> Surgery {
         v: None,
         shared_kv: Some(Spec::Rank(3)),
         fit: Fit::Pca,
+        sharing: None,
     }
 }
 

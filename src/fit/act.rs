@@ -77,14 +77,16 @@ pub enum LeftWeight {
 }
 
 impl LeftWeight {
-    fn apply(&self, w: MatRef<'_, f64>) -> Mat<f64> {
+    /// `L w`.
+    pub fn apply(&self, w: MatRef<'_, f64>) -> Mat<f64> {
         match self {
             LeftWeight::Diagonal(s) => Mat::from_fn(w.nrows(), w.ncols(), |i, j| s[i] * w[(i, j)]),
             LeftWeight::Full { l, .. } => product(l.as_ref(), w),
         }
     }
 
-    fn apply_inverse(&self, u: MatRef<'_, f64>) -> Mat<f64> {
+    /// `L^{-1} u`.
+    pub fn apply_inverse(&self, u: MatRef<'_, f64>) -> Mat<f64> {
         match self {
             LeftWeight::Diagonal(s) => Mat::from_fn(u.nrows(), u.ncols(), |i, j| u[(i, j)] / s[i]),
             LeftWeight::Full { inverse, .. } => product(inverse.as_ref(), u),

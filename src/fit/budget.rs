@@ -12,13 +12,28 @@
 /// its full rank); the rest go to the largest normalised components across all groups (ties to the
 /// lower group index, then the lower component index). `spectra[g]` is group `g`'s descending
 /// explained-variance ratios.
+#[cfg(test)]
 pub fn allocate(spectra: &[Vec<f64>], total: usize) -> Vec<usize> {
+    allocate_costed(spectra, &vec![1; spectra.len()], total)
+}
+
+/// [`allocate`] where a component of group `g` costs `costs[g]` cached values (a basis shared by
+/// `G` layers is cached by each of them): components are taken by `spectra[g][i] / costs[g]`
+/// while they fit in `total`.
+pub fn allocate_costed(spectra: &[Vec<f64>], costs: &[usize], total: usize) -> Vec<usize> {
+    let cost = |g: usize| costs.get(g).copied().unwrap_or(1).max(1);
     let mut ranks: Vec<usize> = spectra.iter().map(|s| usize::from(!s.is_empty())).collect();
-    let mut kept: usize = ranks.iter().sum();
+    let mut kept: usize = ranks.iter().enumerate().map(|(g, &r)| r * cost(g)).sum();
     let mut candidates: Vec<(f64, usize, usize)> = spectra
         .iter()
         .enumerate()
-        .flat_map(|(g, s)| s.iter().enumerate().skip(1).map(move |(i, &r)| (r, g, i)))
+        .flat_map(|(g, s)| {
+            let c = cost(g) as f64;
+            s.iter()
+                .enumerate()
+                .skip(1)
+                .map(move |(i, &r)| (r / c, g, i))
+        })
         .collect();
     candidates.sort_by(|a, b| {
         b.0.total_cmp(&a.0)
@@ -31,9 +46,9 @@ pub fn allocate(spectra: &[Vec<f64>], total: usize) -> Vec<usize> {
         }
         // Spectra are descending, so component i of group g comes after 0..i of the same group
         // (equal values keep index order); taking it extends that group's prefix by one.
-        if ranks[g] == i {
+        if ranks[g] == i && kept + cost(g) <= total {
             ranks[g] += 1;
-            kept += 1;
+            kept += cost(g);
         }
     }
     ranks
@@ -86,6 +101,16 @@ mod tests {
             assert_eq!(ranks.iter().sum::<usize>(), total);
             assert!(ranks.iter().all(|&r| (1..=20).contains(&r)));
         }
+    }
+
+    #[test]
+    fn costed_allocation_pays_per_cached_value() {
+        let spectra = vec![vec![0.5, 0.3, 0.2], vec![0.5, 0.3, 0.2]];
+        // Group 1 is a basis shared by 2 layers: its components cost 2 and rank at half value.
+        assert_eq!(allocate_costed(&spectra, &[1, 2], 3), vec![1, 1]);
+        assert_eq!(allocate_costed(&spectra, &[1, 2], 4), vec![2, 1]);
+        assert_eq!(allocate_costed(&spectra, &[1, 2], 7), vec![3, 2]);
+        assert_eq!(allocate_costed(&spectra, &[1, 1], 4), allocate(&spectra, 4));
     }
 
     #[test]

@@ -6,4 +6,5 @@
 pub mod act;
 pub(crate) mod budget;
 pub mod decompose;
+pub mod shared;
 pub mod spec;

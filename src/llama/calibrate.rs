@@ -6,6 +6,11 @@
 //! tokens (`[N, hidden]`, `f32`) and one layer's decoded weights are in memory at a time, weights
 //! streamed from the memory map, so memory is bounded by the activations, not the model. The
 //! statistics are `f64`, `hidden^2` values per layer.
+//!
+//! For a shared latent across layers (`--share latent`), each later layer `l` of a group also
+//! accumulates the cross second moment `E[x_l x_s^T]` with the group's source layer `s`: the
+//! source's attention input is kept while the pass crosses its group (one more `[N, hidden]`
+//! activation), and one more `hidden^2` matrix per such layer.
 
 use crate::error::{Error, Result};
 use crate::input::checkpoint::Checkpoint;
@@ -15,12 +20,15 @@ use crate::options::Calibration;
 use faer::linalg::matmul::matmul;
 use faer::{Accum, Mat, MatRef, Par};
 use serde::Serialize;
+use std::collections::BTreeMap;
 
 /// What a calibration pass measured, and on what.
 #[derive(Debug)]
 pub struct CalibrationStats {
     /// Per layer, `X^T X / N` of the attention input, `[hidden, hidden]`.
     pub covariances: Vec<Mat<f64>>,
+    /// `X_l^T X_s / N` of layer `l` with source layer `s`, by `(l, s)`, `[hidden, hidden]`.
+    pub cross: BTreeMap<(usize, usize), Mat<f64>>,
     /// Provenance, recorded in `surgery.json`.
     pub record: CalibrationRecord,
 }
@@ -54,8 +62,60 @@ pub fn accumulate(acc: &mut Mat<f64>, x: MatRef<'_, f32>) {
     );
 }
 
-/// Runs the calibration pass of `calibration` over `checkpoint`.
-pub fn calibrate(checkpoint: &Checkpoint, calibration: &Calibration) -> Result<CalibrationStats> {
+/// Columns of a cross moment computed by one task of [`accumulate_cross`].
+const CROSS_COLUMNS: usize = 32;
+
+/// `acc += a^T b` in `f64` (`a`, `b` `[rows, hidden]`), in parallel over fixed blocks of
+/// columns, each summed single-threaded in row order: the sums do not depend on the thread count.
+pub fn accumulate_cross(acc: &mut Mat<f64>, a: MatRef<'_, f32>, b: MatRef<'_, f32>) {
+    use rayon::prelude::*;
+    let a64 = Mat::<f64>::from_fn(a.nrows(), a.ncols(), |i, j| f64::from(a[(i, j)]));
+    let cols = acc.ncols();
+    let blocks: Vec<(usize, Mat<f64>)> = (0..cols)
+        .step_by(CROSS_COLUMNS)
+        .collect::<Vec<_>>()
+        .into_par_iter()
+        .map(|start| {
+            let n = CROSS_COLUMNS.min(cols - start);
+            let b64 = Mat::<f64>::from_fn(b.nrows(), n, |i, j| f64::from(b[(i, start + j)]));
+            let mut out = Mat::<f64>::zeros(a.ncols(), n);
+            matmul(
+                out.as_mut(),
+                Accum::Replace,
+                a64.transpose(),
+                b64.as_ref(),
+                1.0,
+                Par::Seq,
+            );
+            (start, out)
+        })
+        .collect();
+    for (start, block) in blocks {
+        for j in 0..block.ncols() {
+            for i in 0..block.nrows() {
+                acc[(i, start + j)] += block[(i, j)];
+            }
+        }
+    }
+}
+
+/// Divides every entry of `m` by `n`.
+fn scale(m: &mut Mat<f64>, n: f64) {
+    for j in 0..m.ncols() {
+        for i in 0..m.nrows() {
+            m[(i, j)] /= n;
+        }
+    }
+}
+
+/// Runs the calibration pass of `calibration` over `checkpoint`. `pairs` lists the `(layer,
+/// source)` cross moments to accumulate (`source < layer`: a shared latent group's source layer
+/// and one of its later layers).
+pub fn calibrate(
+    checkpoint: &Checkpoint,
+    calibration: &Calibration,
+    pairs: &[(usize, usize)],
+) -> Result<CalibrationStats> {
     let source = &calibration.text;
     let text = source.load("--calibrate")?;
     let ids = TextTokenizer::load(&checkpoint.dir)?.encode(&text.text)?;
@@ -79,25 +139,40 @@ pub fn calibrate(checkpoint: &Checkpoint, calibration: &Calibration) -> Result<C
     let layers = checkpoint.config.num_layers;
     let hidden = checkpoint.config.hidden_size;
     let mut covariances = Vec::with_capacity(layers);
+    let mut cross = BTreeMap::new();
+    // The attention inputs of source layers still needed by a later layer.
+    let mut kept: BTreeMap<usize, Mat<f32>> = BTreeMap::new();
+    let n = ids.len() as f64;
+    let mut state = crate::llama::PassState::default();
     for index in 0..layers {
         let layer = llama.layer(index)?;
         let x = layer.attention_input(h.as_ref());
         let mut c = Mat::<f64>::zeros(hidden, hidden);
         accumulate(&mut c, x.as_ref());
-        drop(x);
-        let n = ids.len() as f64;
-        for j in 0..hidden {
-            for i in 0..hidden {
-                c[(i, j)] /= n;
-            }
-        }
+        scale(&mut c, n);
         covariances.push(c);
+        for &(l, s) in pairs.iter().filter(|(l, _)| *l == index) {
+            let xs = kept.get(&s).ok_or_else(|| {
+                Error::bug(format!(
+                    "calibration: layer {l}'s source layer {s} does not come before it"
+                ))
+            })?;
+            let mut m = Mat::<f64>::zeros(hidden, hidden);
+            accumulate_cross(&mut m, x.as_ref(), xs.as_ref());
+            scale(&mut m, n);
+            cross.insert((l, s), m);
+        }
+        kept.retain(|&s, _| pairs.iter().any(|&(l, p)| p == s && l > index));
+        if pairs.iter().any(|&(l, s)| s == index && l > index) {
+            kept.insert(index, x);
+        }
         if index + 1 < layers {
-            layer.forward(&mut h, ctx);
+            layer.forward(&mut h, ctx, &mut state)?;
         }
     }
     Ok(CalibrationStats {
         covariances,
+        cross,
         record: CalibrationRecord {
             file: source.to_string(),
             sha256: text.sha256,
@@ -125,6 +200,22 @@ mod tests {
                     .map(|i| f64::from(x[(i, a)]) * f64::from(x[(i, b)]))
                     .sum();
                 assert!((acc[(a, b)] - direct).abs() < 1e-9, "({a}, {b})");
+            }
+        }
+    }
+
+    #[test]
+    fn cross_accumulation_equals_the_direct_sum() {
+        let a = Mat::<f32>::from_fn(9, 40, |i, j| ((i * 7 + j * 3) % 11) as f32 - 5.0);
+        let b = Mat::<f32>::from_fn(9, 40, |i, j| ((i * 5 + j * 2) % 13) as f32 * 0.25);
+        let mut acc = Mat::<f64>::zeros(40, 40);
+        accumulate_cross(&mut acc, a.as_ref(), b.as_ref());
+        for p in 0..40 {
+            for q in 0..40 {
+                let direct: f64 = (0..9)
+                    .map(|i| f64::from(a[(i, p)]) * f64::from(b[(i, q)]))
+                    .sum();
+                assert!((acc[(p, q)] - direct).abs() < 1e-9, "({p}, {q})");
             }
         }
     }

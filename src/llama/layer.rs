@@ -2,8 +2,9 @@
 //! `h += o_proj(attention(rope(q), rope(k), v))` on `input_layernorm(h)`, then
 //! `h += down(silu(gate(x)) * up(x))` on `x = post_attention_layernorm(h)`.
 
+use crate::error::Result;
 use crate::llama::attention::{attend, windows, AttentionShape};
-use crate::llama::linear::{KeyValue, Linear, Projection};
+use crate::llama::linear::{KeyValue, Linear, PassState, Projection};
 use crate::llama::ops::{add_in_place, rms_norm, swiglu_in_place};
 use crate::llama::rope::{Rope, RopeTable};
 use faer::{Mat, MatRef};
@@ -46,11 +47,12 @@ impl Layer {
     /// Applies the layer in place to `h` (`[T, hidden]`), whose rows are split into independent
     /// windows of `ctx` rows (the last may be shorter; `ctx == 0` means one window of all rows),
     /// positions `0..len` within each window. `h` must have `hidden_size` columns (as
-    /// [`crate::llama::Llama::embed`] returns).
-    pub fn forward(&self, h: &mut Mat<f32>, ctx: usize) {
+    /// [`crate::llama::Llama::embed`] returns). `state` carries a shared latent group's latent
+    /// from its source layer to the later ones (one `state` per pass, layers in order).
+    pub fn forward(&self, h: &mut Mat<f32>, ctx: usize, state: &mut PassState) -> Result<()> {
         let x = self.attention_input(h.as_ref());
         let mut q = self.q.apply(x.as_ref());
-        let (mut k, v) = self.kv.apply(x.as_ref());
+        let (mut k, v) = self.kv.apply(x.as_ref(), state)?;
         drop(x);
         self.rotate_windows(&mut q, &mut k, ctx);
         let attn = attend(q.as_ref(), k.as_ref(), v.as_ref(), &self.shape, ctx);
@@ -63,6 +65,7 @@ impl Layer {
         swiglu_in_place(&mut gate, self.up.apply(x.as_ref()).as_ref());
         drop(x);
         add_in_place(h, self.down.apply(gate.as_ref()).as_ref());
+        Ok(())
     }
 
     /// RoPE on queries and keys, positions restarting at 0 in every window.

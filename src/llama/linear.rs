@@ -88,7 +88,8 @@ pub enum KeyValue {
         /// Values.
         v: Projection,
     },
-    /// One latent `kv_a_proj(x)` shared by `k_b_proj` and `v_b_proj` (`kv == "shared"`).
+    /// One latent `kv_a_proj(x)` shared by `k_b_proj` and `v_b_proj` (`kv == "shared"`; with
+    /// `kv_share: "basis"` the down-projection is the group's, applied to this layer's input).
     Shared {
         /// `kv_a_proj` `[L, in]`.
         down: Linear,
@@ -97,18 +98,65 @@ pub enum KeyValue {
         /// `v_b_proj` `[kv_dim, L]`.
         v_up: Linear,
     },
+    /// The source layer of a shared latent group (`kv_share: "latent"`): its latent is computed
+    /// from its input and kept for the group's later layers.
+    Source {
+        /// `kv_a_proj` `[L, in]`.
+        down: Linear,
+        /// `k_b_proj` `[kv_dim, L]`.
+        k_up: Linear,
+        /// `v_b_proj` `[kv_dim, L]`.
+        v_up: Linear,
+    },
+    /// A later layer of a shared latent group: keys and values from the source's latent.
+    FromSource {
+        /// `k_b_proj` `[kv_dim, L]`.
+        k_up: Linear,
+        /// `v_b_proj` `[kv_dim, L]`.
+        v_up: Linear,
+    },
+}
+
+/// What the layer-wise pass carries between layers besides the hidden states: the latent of the
+/// current shared latent group, `[tokens, L]`, set by the group's source layer.
+#[derive(Debug, Default)]
+pub struct PassState {
+    latent: Option<Mat<f32>>,
 }
 
 impl KeyValue {
-    /// Keys and values of `x` `[tokens, in]` (before RoPE).
-    pub fn apply(&self, x: MatRef<'_, f32>) -> (Mat<f32>, Mat<f32>) {
-        match self {
+    /// Keys and values of `x` `[tokens, in]` (before RoPE); a shared latent group's source keeps
+    /// its latent in `state`, where the group's later layers read it.
+    pub fn apply(
+        &self,
+        x: MatRef<'_, f32>,
+        state: &mut PassState,
+    ) -> crate::error::Result<(Mat<f32>, Mat<f32>)> {
+        Ok(match self {
             KeyValue::Separate { k, v } => (k.apply(x), v.apply(x)),
             KeyValue::Shared { down, k_up, v_up } => {
                 let latent = down.apply(x);
                 (k_up.apply(latent.as_ref()), v_up.apply(latent.as_ref()))
             }
-        }
+            KeyValue::Source { down, k_up, v_up } => {
+                let latent = down.apply(x);
+                let kv = (k_up.apply(latent.as_ref()), v_up.apply(latent.as_ref()));
+                state.latent = Some(latent);
+                kv
+            }
+            KeyValue::FromSource { k_up, v_up } => {
+                let latent = state
+                    .latent
+                    .as_ref()
+                    .filter(|l| l.nrows() == x.nrows() && l.ncols() == k_up.weight_t.nrows());
+                let latent = latent.ok_or_else(|| {
+                    crate::error::Error::bug(
+                        "a layer reads its group's shared latent before the group's source layer ran",
+                    )
+                })?;
+                (k_up.apply(latent.as_ref()), v_up.apply(latent.as_ref()))
+            }
+        })
     }
 }
 
@@ -152,7 +200,25 @@ mod tests {
             k_up: Linear::from_row_major(&[1.0, 2.0], 2, 1, None),
             v_up: Linear::from_row_major(&[-1.0], 1, 1, None),
         };
-        let (k, v) = kv.apply(x.as_ref());
+        let mut state = PassState::default();
+        let (k, v) = kv.apply(x.as_ref(), &mut state).unwrap();
         assert_eq!((k[(1, 1)], v[(1, 0)]), (6.0, -3.0));
+        // A later layer of a shared latent group reads the source's latent, not its own input.
+        let source = KeyValue::Source {
+            down: Linear::from_row_major(&[1.0, 1.0, 1.0], 1, 3, None),
+            k_up: Linear::from_row_major(&[1.0], 1, 1, None),
+            v_up: Linear::from_row_major(&[2.0], 1, 1, None),
+        };
+        let later = KeyValue::FromSource {
+            k_up: Linear::from_row_major(&[3.0], 1, 1, None),
+            v_up: Linear::from_row_major(&[4.0], 1, 1, None),
+        };
+        let mut state = PassState::default();
+        assert!(later.apply(x.as_ref(), &mut state).is_err());
+        source.apply(x.as_ref(), &mut state).unwrap();
+        let (k, v) = later
+            .apply(Mat::<f32>::zeros(2, 3).as_ref(), &mut state)
+            .unwrap();
+        assert_eq!((k[(1, 0)], v[(1, 0)]), (9.0, 12.0));
     }
 }

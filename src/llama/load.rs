@@ -8,6 +8,7 @@ use crate::llama::linear::{KeyValue, Linear, Projection};
 use crate::llama::params::LlamaParams;
 use crate::model::arch::{AttentionProjection, Factor, Mlp, Role};
 use crate::model::dtype::FloatType;
+use crate::model::latent::Share;
 
 /// Tensor access for the forward pass.
 #[derive(Debug, Clone, Copy)]
@@ -235,7 +236,26 @@ impl<'a> Loader<'a> {
         let k_bias = self.attention_bias(layer, AttentionProjection::Key, kv_dim)?;
         let v_bias = self.attention_bias(layer, AttentionProjection::Value, kv_dim)?;
         let q = self.projection(layer, Role::Query, Factor::QDown, Factor::QUp, q_bias)?;
-        let kv = if self.has(layer, Role::Factor(Factor::KvDown)) {
+        let sharing = c.latent.as_ref().and_then(|l| l.kv_sharing.as_ref());
+        let kv = if let Some(sharing) = sharing {
+            let source = sharing.source_of(layer);
+            let k_up = self.role_linear(layer, Role::Factor(Factor::KUp), k_bias)?;
+            let v_up = self.role_linear(layer, Role::Factor(Factor::VUp), v_bias)?;
+            let down = || self.role_linear(source, Role::Factor(Factor::KvDown), None);
+            match (sharing.share, source == layer) {
+                (Share::Basis, _) => KeyValue::Shared {
+                    down: down()?,
+                    k_up,
+                    v_up,
+                },
+                (Share::Latent, true) => KeyValue::Source {
+                    down: down()?,
+                    k_up,
+                    v_up,
+                },
+                (Share::Latent, false) => KeyValue::FromSource { k_up, v_up },
+            }
+        } else if self.has(layer, Role::Factor(Factor::KvDown)) {
             KeyValue::Shared {
                 down: self.role_linear(layer, Role::Factor(Factor::KvDown), None)?,
                 k_up: self.role_linear(layer, Role::Factor(Factor::KUp), k_bias)?,

@@ -14,8 +14,9 @@
 //! let llama = Llama::new(&checkpoint)?;
 //! let ids = [1u32, 2, 3, 4];
 //! let mut h = llama.embed(&ids)?;
+//! let mut state = surgery_convert::llama::PassState::default();
 //! for i in 0..llama.params().num_layers {
-//!     llama.layer(i)?.forward(&mut h, 2);
+//!     llama.layer(i)?.forward(&mut h, 2, &mut state)?;
 //! }
 //! let (nll, count) = llama.log_likelihood(h.as_ref(), &ids, 2)?;
 //! # Ok(()) }
@@ -35,6 +36,7 @@ pub mod score;
 pub mod tokenize;
 
 pub use layer::Layer;
+pub use linear::PassState;
 pub use params::LlamaParams;
 
 use crate::error::{Error, Result};
@@ -185,6 +187,32 @@ impl<'a> Llama<'a> {
             rope: p.rope,
             eps: p.rms_norm_eps,
         })
+    }
+
+    /// The logits of every row of `h` (`[T, hidden]`, after the last layer): the final norm and
+    /// the head, `[T, vocab]` (for developer tools; scoring goes through [`Self::log_likelihood`]).
+    pub fn logits(&self, h: MatRef<'_, f32>) -> Result<Mat<f32>> {
+        let p = &self.params;
+        let (vocab, hidden) = (p.vocab_size, p.hidden_size);
+        let l = self.loader();
+        let norm = l.values(self.names.final_norm, &[hidden])?;
+        let head_name = if p.tie_word_embeddings {
+            self.names.embed
+        } else {
+            self.names.lm_head
+        };
+        let head = l.linear(head_name, vocab, hidden, None)?;
+        let x = ops::rms_norm(h, &norm, p.rms_norm_eps);
+        let mut out = Mat::<f32>::zeros(h.nrows(), vocab);
+        matmul(
+            out.as_mut(),
+            Accum::Replace,
+            x.as_ref(),
+            head.weight_t.as_ref(),
+            1.0,
+            Par::rayon(0),
+        );
+        Ok(out)
     }
 
     /// The final norm and the head applied to `h` (`[T, hidden]`, after the last layer), scored

@@ -75,10 +75,11 @@ pub fn negative_log_likelihood_edited(
     mut progress: impl FnMut(usize),
 ) -> Result<(f64, usize)> {
     let mut h = llama.embed(ids)?;
+    let mut state = crate::llama::PassState::default();
     for index in 0..llama.params().num_layers {
         let mut layer = llama.layer(index)?;
         edit(&mut layer)?;
-        layer.forward(&mut h, ctx);
+        layer.forward(&mut h, ctx, &mut state)?;
         drop(layer);
         progress(index);
     }

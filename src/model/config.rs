@@ -69,11 +69,17 @@ impl ModelConfig {
             None => out.push((Role::Query, [q, h])),
         }
         match (l.kv, width(&l.kv_rank)) {
-            (Some(KvMode::Shared), Some(r)) => out.extend([
-                (Role::Factor(Factor::KvDown), [r, h]),
-                (Role::Factor(Factor::KUp), [kv, r]),
-                (Role::Factor(Factor::VUp), [kv, r]),
-            ]),
+            (Some(KvMode::Shared), Some(r)) => {
+                // With cross-layer sharing only a group's source layer holds the down-projection.
+                let source = l.kv_sharing.as_ref().map_or(layer, |s| s.source_of(layer));
+                if source == layer {
+                    out.push((Role::Factor(Factor::KvDown), [r, h]));
+                }
+                out.extend([
+                    (Role::Factor(Factor::KUp), [kv, r]),
+                    (Role::Factor(Factor::VUp), [kv, r]),
+                ]);
+            }
             _ => {
                 for (ranks, dense, down, up) in [
                     (&l.k_rank, Role::Key, Factor::KDown, Factor::KUp),
@@ -479,7 +485,7 @@ mod tests {
             parse(v.clone()).unwrap_err().to_string(),
             format!("config.json: `architectures` is {} but latent_attention.original_architectures is missing", latent::CLASS_NAME)
         );
-        v["latent_attention"] = json!({"format_version": latent::FORMAT_VERSION, "kv": null,
+        v["latent_attention"] = json!({"format_version": latent::FORMAT_VERSION_PER_LAYER, "kv": null,
             "q_rank": vec![4; 30], "original_architectures": ["LlamaForCausalLM"]});
         let c = parse(v.clone()).unwrap();
         assert_eq!(c.class_name, "LlamaForCausalLM");

@@ -7,8 +7,11 @@ use crate::error::{Error, Result};
 use serde_json::{json, Map, Value};
 use std::path::Path;
 
-/// `latent_attention.format_version` this build writes and reads.
-pub const FORMAT_VERSION: u64 = 1;
+/// The newest `latent_attention.format_version` this build writes and reads: version 2 adds
+/// cross-layer sharing (`kv_share`, `kv_groups`); a checkpoint without it is written as version 1.
+pub const FORMAT_VERSION: u64 = 2;
+/// The version of a checkpoint whose layers share nothing.
+pub const FORMAT_VERSION_PER_LAYER: u64 = 1;
 /// The transformers module written next to a factored checkpoint.
 pub const MODULE_FILE: &str = "modeling_surgery_llama.py";
 /// Its source (lives in the repository under `python/`).
@@ -17,6 +20,27 @@ pub const MODULE_SOURCE: &str = include_str!("../../python/modeling_surgery_llam
 pub const CLASS_NAME: &str = "SurgeryLlamaForCausalLM";
 /// `model_type` of a factored checkpoint.
 pub const MODEL_TYPE: &str = "surgery_llama";
+
+/// What a group of adjacent layers shares (`--share`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Share {
+    /// One down-projection for the group; every layer computes and caches its own latent from its
+    /// own input (saves parameters, not cache).
+    Basis,
+    /// One latent per token for the group, computed from its first layer's input; every layer of
+    /// the group reads its K and V from it (saves cache; needs `--fit act`).
+    Latent,
+}
+
+impl Share {
+    /// The name used on the command line, in `config.json` and in reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            Share::Basis => "basis",
+            Share::Latent => "latent",
+        }
+    }
+}
 
 /// How K and V are factored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -52,26 +76,69 @@ pub struct LatentAttention {
     pub k_rank: Option<Vec<usize>>,
     /// V latent width per layer (`kv == Separate`).
     pub v_rank: Option<Vec<usize>>,
+    /// Cross-layer sharing of the shared K/V latent (format version 2).
+    pub kv_sharing: Option<KvSharing>,
     /// The input's `architectures`, restored by `expand`.
     pub original_architectures: Value,
     /// The input's `model_type` (`Null` when it had none), restored by `expand`.
     pub original_model_type: Value,
 }
 
+/// Groups of adjacent layers sharing one K/V down-projection (`kv_groups`), and what they share
+/// (`kv_share`). The first layer of each group is its source: it holds `kv_a_proj`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KvSharing {
+    /// What the layers of a group share.
+    pub share: Share,
+    /// The groups, in layer order: runs of consecutive layers covering every layer.
+    pub groups: Vec<Vec<usize>>,
+}
+
+impl KvSharing {
+    /// The group holding `layer`.
+    pub fn group_of(&self, layer: usize) -> Option<&[usize]> {
+        self.groups
+            .iter()
+            .find(|g| g.contains(&layer))
+            .map(Vec::as_slice)
+    }
+
+    /// The source layer of `layer`'s group (the layer itself when it is not in a group).
+    pub fn source_of(&self, layer: usize) -> usize {
+        self.group_of(layer)
+            .and_then(|g| g.first().copied())
+            .unwrap_or(layer)
+    }
+}
+
 impl LatentAttention {
     /// The JSON object written into `config.json`.
     pub fn to_json(&self) -> Value {
-        json!({
-            "format_version": FORMAT_VERSION,
-            "fit": self.fit,
-            "kv": self.kv.map(KvMode::name),
-            "kv_rank": self.kv_rank,
-            "q_rank": self.q_rank,
-            "k_rank": self.k_rank,
-            "v_rank": self.v_rank,
-            "original_architectures": self.original_architectures,
-            "original_model_type": self.original_model_type,
-        })
+        let mut obj = Map::new();
+        let version = match self.kv_sharing {
+            Some(_) => FORMAT_VERSION,
+            None => FORMAT_VERSION_PER_LAYER,
+        };
+        obj.insert("format_version".into(), json!(version));
+        obj.insert("fit".into(), json!(self.fit));
+        obj.insert("kv".into(), json!(self.kv.map(KvMode::name)));
+        obj.insert("kv_rank".into(), json!(self.kv_rank));
+        if let Some(sharing) = &self.kv_sharing {
+            obj.insert("kv_share".into(), json!(sharing.share.name()));
+            obj.insert("kv_groups".into(), json!(sharing.groups));
+        }
+        obj.insert("q_rank".into(), json!(self.q_rank));
+        obj.insert("k_rank".into(), json!(self.k_rank));
+        obj.insert("v_rank".into(), json!(self.v_rank));
+        obj.insert(
+            "original_architectures".into(),
+            self.original_architectures.clone(),
+        );
+        obj.insert(
+            "original_model_type".into(),
+            self.original_model_type.clone(),
+        );
+        Value::Object(obj)
     }
 
     /// Parses and validates `value` (the `latent_attention` object of `path`) for a model of
@@ -80,10 +147,20 @@ impl LatentAttention {
         let obj = value
             .as_object()
             .ok_or_else(|| invalid(path, "expected an object"))?;
-        check_format_version(obj, path)?;
+        let version = check_format_version(obj, path)?;
         let kv = kv_mode(obj, path)?;
         let ranks = Ranks::from_json(obj, num_layers, path)?;
         ranks.check_consistent(kv, path)?;
+        let kv_sharing = kv_sharing(obj, version, num_layers, path)?;
+        if let (Some(sharing), Some(widths)) = (&kv_sharing, &ranks.kv) {
+            check_group_widths(sharing, widths, path)?;
+        }
+        if kv_sharing.is_some() && kv != Some(KvMode::Shared) {
+            return Err(invalid(
+                path,
+                "kv_groups need kv \"shared\" (one K/V latent to share)",
+            ));
+        }
         let original_architectures = obj
             .get("original_architectures")
             .filter(|v| {
@@ -108,6 +185,7 @@ impl LatentAttention {
             q_rank: ranks.q,
             k_rank: ranks.k,
             v_rank: ranks.v,
+            kv_sharing,
             original_architectures,
             original_model_type,
         })
@@ -119,18 +197,83 @@ fn invalid(path: &Path, message: impl std::fmt::Display) -> Error {
     Error::invalid(path, format!("latent_attention: {message}"))
 }
 
-/// `format_version` must be the one this build reads.
-fn check_format_version(obj: &Map<String, Value>, path: &Path) -> Result<()> {
+/// `format_version` must be one this build reads; returns it.
+fn check_format_version(obj: &Map<String, Value>, path: &Path) -> Result<u64> {
     match obj.get("format_version").and_then(Value::as_u64) {
-        Some(FORMAT_VERSION) => Ok(()),
+        Some(v @ (FORMAT_VERSION_PER_LAYER | FORMAT_VERSION)) => Ok(v),
         other => Err(invalid(
             path,
             format!(
-                "format_version {} is not supported (this build reads version {FORMAT_VERSION})",
+                "format_version {} is not supported (this build reads versions {FORMAT_VERSION_PER_LAYER} and {FORMAT_VERSION})",
                 other.map_or_else(|| "missing".to_string(), |v| v.to_string())
             ),
         )),
     }
+}
+
+/// `kv_share` and `kv_groups`: both present in version 2, both absent in version 1; the groups
+/// must be runs of consecutive layers covering `0..num_layers` in order.
+fn kv_sharing(
+    obj: &Map<String, Value>,
+    version: u64,
+    num_layers: usize,
+    path: &Path,
+) -> Result<Option<KvSharing>> {
+    let (share, groups) = (obj.get("kv_share"), obj.get("kv_groups"));
+    if version == FORMAT_VERSION_PER_LAYER {
+        return match share.or(groups) {
+            Some(_) => Err(invalid(path, "kv_share / kv_groups need format_version 2")),
+            None => Ok(None),
+        };
+    }
+    let share = match share.and_then(Value::as_str) {
+        Some("latent") => Share::Latent,
+        Some("basis") => Share::Basis,
+        _ => {
+            return Err(invalid(
+                path,
+                "format_version 2 needs kv_share \"latent\" or \"basis\"",
+            ))
+        }
+    };
+    let parsed: Option<Vec<Vec<usize>>> = groups.and_then(Value::as_array).and_then(|gs| {
+        gs.iter()
+            .map(|g| {
+                g.as_array()?
+                    .iter()
+                    .map(|v| v.as_u64().and_then(|n| usize::try_from(n).ok()))
+                    .collect()
+            })
+            .collect()
+    });
+    let flat: Option<Vec<usize>> = parsed
+        .as_ref()
+        .map(|gs| gs.iter().flatten().copied().collect());
+    match (parsed, flat) {
+        (Some(groups), Some(flat))
+            if flat == (0..num_layers).collect::<Vec<_>>() && groups.iter().all(|g| !g.is_empty()) =>
+        {
+            Ok(Some(KvSharing { share, groups }))
+        }
+        _ => Err(invalid(
+            path,
+            format!("kv_groups must list runs of consecutive layers covering 0..{num_layers} in order (e.g. [[0, 1], [2, 3]])"),
+        )),
+    }
+}
+
+/// The layers of a group read one latent, so they list the same width.
+fn check_group_widths(sharing: &KvSharing, widths: &[usize], path: &Path) -> Result<()> {
+    for group in &sharing.groups {
+        let first = widths.get(group[0]);
+        if group.iter().any(|&l| widths.get(l) != first) {
+            return Err(invalid(
+                path,
+                format!("kv_rank must be equal within each of kv_groups (layers {group:?})"),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// `kv`: `"shared"`, `"separate"`, or absent / `null` for dense K and V.
@@ -282,6 +425,7 @@ mod tests {
             q_rank: None,
             k_rank: None,
             v_rank: None,
+            kv_sharing: None,
             original_architectures: json!(["LlamaForCausalLM"]),
             original_model_type: json!("llama"),
         }
@@ -323,17 +467,50 @@ mod tests {
             .to_string()
             .contains("kv_rank must list 2"));
         let mut v = sample().to_json();
-        v["format_version"] = json!(2);
+        v["format_version"] = json!(3);
         assert!(LatentAttention::from_json(&v, 2, path)
             .unwrap_err()
             .to_string()
-            .contains("format_version 2"));
+            .contains("format_version 3"));
         let mut v = sample().to_json();
         v["kv"] = json!("separate");
         assert!(LatentAttention::from_json(&v, 2, path).is_err());
         let mut v = sample().to_json();
         v["kv_rank"] = json!([4, 0]);
         assert!(LatentAttention::from_json(&v, 2, path).is_err());
+    }
+
+    #[test]
+    fn version_2_round_trips_and_checks_its_groups() {
+        let path = Path::new("config.json");
+        let shared = LatentAttention {
+            kv_rank: Some(vec![4, 4, 6]),
+            kv_sharing: Some(KvSharing {
+                share: Share::Latent,
+                groups: vec![vec![0, 1], vec![2]],
+            }),
+            ..sample()
+        };
+        let v = shared.to_json();
+        assert_eq!(v["format_version"], json!(2));
+        assert_eq!(v["kv_groups"], json!([[0, 1], [2]]));
+        assert_eq!(LatentAttention::from_json(&v, 3, path).unwrap(), shared);
+        let sharing = shared.kv_sharing.as_ref().unwrap();
+        assert_eq!((sharing.source_of(1), sharing.source_of(2)), (0, 2));
+        // A version-1 description has neither key.
+        assert!(sample().to_json().get("kv_groups").is_none());
+        let refused = |edit: &dyn Fn(&mut Value)| {
+            let mut v = shared.to_json();
+            edit(&mut v);
+            LatentAttention::from_json(&v, 3, path)
+                .unwrap_err()
+                .to_string()
+        };
+        assert!(refused(&|v| v["kv_groups"] = json!([[0, 2], [1]])).contains("consecutive"));
+        assert!(refused(&|v| v["kv_groups"] = json!([[0, 1]])).contains("covering 0..3"));
+        assert!(refused(&|v| v["kv_rank"] = json!([4, 5, 6])).contains("equal within"));
+        assert!(refused(&|v| v["kv_share"] = json!("both")).contains("kv_share"));
+        assert!(refused(&|v| v["format_version"] = json!(1)).contains("need format_version 2"));
     }
 
     #[test]

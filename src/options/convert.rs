@@ -109,6 +109,10 @@ impl ConvertOptions {
             .optional("--k", s.k)
             .optional("--v", s.v)
             .flag("--fit", s.fit.name());
+        if let Some(sharing) = s.sharing {
+            c.flag("--share-layers", sharing.layers)
+                .flag("--share", sharing.share.name());
+        }
         if let Some(calibration) = &self.calibration {
             calibration.add_to(&mut c);
         }

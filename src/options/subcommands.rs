@@ -4,7 +4,7 @@ use super::{Calibration, CommandLine};
 use crate::fit::decompose::Fit;
 use crate::fit::spec::Spec;
 use crate::input::text::TextSource;
-use crate::plan::Surgery;
+use crate::plan::{LayerSharing, Share, Surgery};
 use std::num::NonZeroUsize;
 use std::path::PathBuf;
 
@@ -82,6 +82,8 @@ pub struct SweepConfig {
     pub q: Option<Spec>,
     /// The fit.
     pub fit: Fit,
+    /// Cross-layer sharing of the shared K/V fit (`--share-layers` above 1).
+    pub sharing: Option<LayerSharing>,
 }
 
 impl SweepConfig {
@@ -93,6 +95,7 @@ impl SweepConfig {
             v: None,
             shared_kv: self.shared_kv,
             fit: self.fit,
+            sharing: self.sharing,
         }
     }
 
@@ -106,6 +109,13 @@ impl SweepConfig {
             parts.push(format!("--q {s}"));
         }
         parts.push(format!("--fit {}", self.fit.name()));
+        if let Some(sharing) = self.sharing {
+            parts.push(format!(
+                "--share-layers {} --share {}",
+                sharing.layers,
+                sharing.share.name()
+            ));
+        }
         parts.join(" ")
     }
 }
@@ -125,6 +135,10 @@ pub struct SweepOptions {
     pub q: Vec<Spec>,
     /// The `--fit` list (not empty, no duplicates).
     pub fits: Vec<Fit>,
+    /// The `--share-layers` list (no duplicates; empty: 1 only).
+    pub share_layers: Vec<NonZeroUsize>,
+    /// The `--share` list (no duplicates; empty: latent only).
+    pub shares: Vec<Share>,
     /// Present exactly when `fits` holds `act`.
     pub calibration: Option<Calibration>,
     /// Output directory.
@@ -136,8 +150,34 @@ pub struct SweepOptions {
 }
 
 impl SweepOptions {
+    /// The sharings to combine with a `--shared-kv` SPEC and `fit`, in order: every group size,
+    /// within it every share (one configuration for size 1; `latent` only with fit `act`).
+    fn sharings(&self, fit: Fit) -> Vec<Option<LayerSharing>> {
+        let sizes = match self.share_layers.as_slice() {
+            [] => vec![NonZeroUsize::MIN],
+            list => list.to_vec(),
+        };
+        let shares = match self.shares.as_slice() {
+            [] => vec![Share::Latent],
+            list => list.to_vec(),
+        };
+        let mut out = Vec::new();
+        for layers in sizes {
+            if layers.get() == 1 {
+                out.push(None);
+                continue;
+            }
+            for &share in &shares {
+                if share == Share::Basis || fit == Fit::Act {
+                    out.push(Some(LayerSharing { layers, share }));
+                }
+            }
+        }
+        out
+    }
+
     /// The configurations, in order: every `--shared-kv` SPEC, within it every `--q` SPEC, within
-    /// that every fit.
+    /// that every fit, within that every sharing (`--share-layers`, `--share`).
     pub fn configs(&self) -> Vec<SweepConfig> {
         let or_none = |list: &[Spec]| -> Vec<Option<Spec>> {
             if list.is_empty() {
@@ -150,7 +190,18 @@ impl SweepOptions {
         for &shared_kv in &or_none(&self.shared_kv) {
             for &q in &or_none(&self.q) {
                 for &fit in &self.fits {
-                    out.push(SweepConfig { shared_kv, q, fit });
+                    let sharings = match shared_kv {
+                        Some(_) => self.sharings(fit),
+                        None => vec![None],
+                    };
+                    for sharing in sharings {
+                        out.push(SweepConfig {
+                            shared_kv,
+                            q,
+                            fit,
+                            sharing,
+                        });
+                    }
                 }
             }
         }
@@ -170,6 +221,9 @@ impl SweepOptions {
             .list("--q", &self.q);
         let fits: Vec<&str> = self.fits.iter().map(|f| f.name()).collect();
         c.list("--fit", &fits);
+        c.list("--share-layers", &self.share_layers);
+        let shares: Vec<&str> = self.shares.iter().map(|s| s.name()).collect();
+        c.list("--share", &shares);
         if let Some(calibration) = &self.calibration {
             calibration.add_to(&mut c);
         }

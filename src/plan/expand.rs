@@ -6,7 +6,7 @@ use super::{Emit, FileSource, Op, OutputFile, Plan, TensorPlan};
 use crate::error::{Error, Result};
 use crate::input::checkpoint::Checkpoint;
 use crate::model::arch::{Factor, Role};
-use crate::model::latent::{self, KvMode, LatentAttention};
+use crate::model::latent::{self, KvMode, LatentAttention, Share};
 use crate::model::layout::CONFIG_FILE;
 use std::path::Path;
 
@@ -14,6 +14,14 @@ use std::path::Path;
 /// projection it replaced (original name, the up-projection's dtype and shard), every other tensor
 /// copied, `config.json` restored, the loading module dropped.
 pub fn plan_expand(checkpoint: &Checkpoint, latent: &LatentAttention) -> Result<Plan> {
+    if let Some(sharing) = &latent.kv_sharing {
+        if sharing.share == Share::Latent {
+            return Err(Error::invalid(
+                checkpoint.dir.join(CONFIG_FILE),
+                "latent_attention: kv_share \"latent\" cannot be expanded: the later layers of a group compute their keys and values from the first layer's latent, which a standard Llama cannot express (convert with --share basis for a dense form)",
+            ));
+        }
+    }
     let mut out = Vec::new();
     for (index, t) in checkpoint.tensors.iter().enumerate() {
         let tensor = match (t.class.role, t.class.layer) {
@@ -66,12 +74,17 @@ fn expanded(
         Factor::VUp => (Role::Value, Factor::VDown),
         Factor::QDown | Factor::KvDown | Factor::KDown | Factor::VDown => return Ok(None),
     };
-    let lookup = |role: Role| {
+    let lookup = |layer: usize, role: Role| {
         c.arch
             .layer_tensor_name(layer, role)
             .ok_or_else(|| Error::tensor(&checkpoint.dir, &t.name, "no name for its pair"))
     };
-    let down_name = lookup(Role::Factor(down))?;
+    // A shared basis lives in its group's first layer.
+    let down_layer = match (&latent.kv_sharing, down) {
+        (Some(sharing), Factor::KvDown) => sharing.source_of(layer),
+        _ => layer,
+    };
+    let down_name = lookup(down_layer, Role::Factor(down))?;
     let down_index = checkpoint.tensor_index(&down_name).ok_or_else(|| {
         Error::tensor(
             &checkpoint.shards[t.shard].path,
@@ -81,7 +94,7 @@ fn expanded(
     })?;
     let shape = vec![t.shape[0], checkpoint.tensors[down_index].shape[1]];
     Ok(Some(TensorPlan {
-        name: lookup(dense)?,
+        name: lookup(layer, dense)?,
         dtype: t.dtype,
         byte_len: byte_len(t.dtype, &shape),
         shape,

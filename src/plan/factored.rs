@@ -8,7 +8,7 @@ use crate::error::{Error, Result};
 use crate::input::checkpoint::{Checkpoint, TensorEntry};
 use crate::model::arch::{Factor, Role};
 use crate::model::config::ModelConfig;
-use crate::model::latent::{self, KvMode, LatentAttention};
+use crate::model::latent::{self, KvMode, KvSharing, LatentAttention};
 use crate::model::layout::CONFIG_FILE;
 use std::path::Path;
 
@@ -40,6 +40,7 @@ fn description(c: &ModelConfig, groups: &[GroupPlan]) -> LatentAttention {
         q_rank: None,
         k_rank: None,
         v_rank: None,
+        kv_sharing: sharing(c, groups),
         original_architectures: c
             .raw
             .get("architectures")
@@ -53,8 +54,29 @@ fn description(c: &ModelConfig, groups: &[GroupPlan]) -> LatentAttention {
     }
 }
 
-/// Appends group `g`'s down-projection `[width, cols]` and one up-projection `[rows, width]` per
-/// member, each placed with the member it comes from. Refuses projections with a bias.
+/// The `kv_groups` of groups that span several layers (`None` when every group is one layer's):
+/// every layer's group, one-layer groups included, so the list covers all layers.
+fn sharing(c: &ModelConfig, groups: &[GroupPlan]) -> Option<KvSharing> {
+    let share = groups.iter().find_map(|g| g.share)?;
+    let mut runs: Vec<Vec<usize>> = Vec::new();
+    let mut layer = 0;
+    while layer < c.num_layers {
+        let run: Vec<usize> = groups
+            .iter()
+            .find(|g| g.kind == GroupKind::SharedKv && g.layer == layer)
+            .map_or_else(|| vec![layer], |g| g.layer_range().collect());
+        layer += run.len().max(1);
+        runs.push(run);
+    }
+    Some(KvSharing {
+        share,
+        groups: runs,
+    })
+}
+
+/// Appends group `g`'s down-projection `[width, cols]` (under the group's first layer) and one
+/// up-projection `[rows, width]` per member (under the member's layer), each placed with the
+/// member it comes from. Refuses projections with a bias.
 fn factor_tensors(
     checkpoint: &Checkpoint,
     g: usize,
@@ -66,9 +88,9 @@ fn factor_tensors(
     let first = &checkpoint.tensors[group.members[0]];
     refuse_bias(checkpoint, first)?;
     let (down, ups) = group.kind.factors();
-    let name = |factor: Factor| {
+    let name = |layer: usize, factor: Factor| {
         c.arch
-            .layer_tensor_name(group.layer, Role::Factor(factor))
+            .layer_tensor_name(layer, Role::Factor(factor))
             .ok_or_else(|| {
                 Error::invalid(
                     &checkpoint.dir,
@@ -81,21 +103,23 @@ fn factor_tensors(
         checkpoint,
         group.members[0],
         TensorPlan {
-            name: name(down)?,
+            name: name(group.layer, down)?,
             dtype: first.dtype,
             byte_len: byte_len(first.dtype, &shape),
             shape,
             op: Op::Computed { group: g, piece: 0 },
         },
     ));
-    for (m, (&member, &up)) in group.members.iter().zip(ups).enumerate() {
+    // A group of several layers lists each layer's members in turn.
+    for (m, (&member, &up)) in group.members.iter().zip(ups.iter().cycle()).enumerate() {
         let t = &checkpoint.tensors[member];
+        let layer = t.class.layer.unwrap_or(group.layer);
         let shape = vec![t.shape[0], width];
         out.push(placed(
             checkpoint,
             member,
             TensorPlan {
-                name: name(up)?,
+                name: name(layer, up)?,
                 dtype: t.dtype,
                 byte_len: byte_len(t.dtype, &shape),
                 shape,
@@ -139,7 +163,12 @@ fn record_width(latent: &mut LatentAttention, group: &GroupPlan, width: usize, n
         GroupKind::V => &mut latent.v_rank,
         GroupKind::SharedKv => &mut latent.kv_rank,
     };
-    slot.get_or_insert_with(|| vec![0; num_layers])[group.layer] = width;
+    let widths = slot.get_or_insert_with(|| vec![0; num_layers]);
+    for layer in group.layer_range() {
+        if let Some(w) = widths.get_mut(layer) {
+            *w = width;
+        }
+    }
     latent.kv = match group.kind {
         GroupKind::SharedKv => Some(KvMode::Shared),
         GroupKind::K | GroupKind::V => Some(KvMode::Separate),

@@ -17,9 +17,12 @@ mod layout;
 mod shards;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_shared;
 
+pub use crate::model::latent::Share;
 pub use expand::plan_expand;
-pub use groups::groups;
+pub use groups::{groups, layer_groups};
 pub use layout::plan;
 
 use crate::fit::decompose::Fit;
@@ -44,6 +47,18 @@ pub struct Surgery {
     pub shared_kv: Option<Spec>,
     /// The reconstruction used for every fit.
     pub fit: Fit,
+    /// `--share-layers G` with `G > 1` and `--share`: the shared K/V fit spans groups of adjacent
+    /// layers; `None` fits every layer on its own.
+    pub sharing: Option<LayerSharing>,
+}
+
+/// Cross-layer sharing of the shared K/V fit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LayerSharing {
+    /// Layers per group (at least 2; the last group may be shorter).
+    pub layers: std::num::NonZeroUsize,
+    /// What the layers of a group share.
+    pub share: Share,
 }
 
 /// The output form.
@@ -92,6 +107,30 @@ pub enum GroupKind {
 }
 
 impl GroupPlan {
+    /// The layers the group spans, in order.
+    pub fn layer_range(&self) -> std::ops::Range<usize> {
+        self.layer..self.layer + self.layers
+    }
+
+    /// The layers of a group spanning several (empty for a one-layer group), as reports list them.
+    pub fn spanned_layers(&self) -> Vec<usize> {
+        match self.layers {
+            1 => Vec::new(),
+            _ => self.layer_range().collect(),
+        }
+    }
+
+    /// The `(layer, source)` cross moments a shared latent group's fit needs: every later layer
+    /// with the group's first layer (none for other groups).
+    pub fn cross_pairs(&self) -> Vec<(usize, usize)> {
+        match self.share {
+            Some(Share::Latent) => (self.layer + 1..self.layer + self.layers)
+                .map(|l| (l, self.layer))
+                .collect(),
+            _ => Vec::new(),
+        }
+    }
+
     /// The SPEC the fit uses: the given one, or the rank a budget was resolved to.
     pub fn effective_spec(&self) -> Spec {
         match (self.spec, self.budget_rank) {
@@ -126,8 +165,12 @@ impl GroupKind {
 /// One decomposition: the tensors stacked (in row order) and fitted together.
 #[derive(Debug, Clone)]
 pub struct GroupPlan {
-    /// The layer.
+    /// The layer (the first layer of a group that spans several).
     pub layer: usize,
+    /// Layers the group spans (`layer .. layer + layers`; 1 unless shared across layers).
+    pub layers: usize,
+    /// What the layers of a multi-layer group share (`None` for a one-layer group).
+    pub share: Option<Share>,
     /// What is fitted.
     pub kind: GroupKind,
     /// How many components to keep, as given.

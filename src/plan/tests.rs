@@ -16,6 +16,7 @@ fn surgery(q: Option<Spec>, shared_kv: Option<Spec>, k: Option<Spec>, v: Option<
         v,
         shared_kv,
         fit: Fit::Pca,
+        sharing: None,
     }
 }
 
@@ -490,6 +491,8 @@ fn effective_spec_resolves_budgets() {
         (Spec::Rank(4), None, Spec::Rank(4)),
     ] {
         let group = GroupPlan {
+            layers: 1,
+            share: None,
             layer: 0,
             kind: GroupKind::Q,
             spec,

@@ -126,7 +126,7 @@ fn layer_records(c: &ModelConfig, groups: &[GroupReport]) -> Vec<LayerRecord> {
         l.groups.push(g.clone());
     }
     for l in &mut layers {
-        l.kv_cache_values_per_token.after = kv_values_per_token(&l.groups, kv_dim);
+        l.kv_cache_values_per_token.after = kv_values_per_token(groups, l.layer, kv_dim);
     }
     layers
 }

@@ -191,19 +191,19 @@ pub struct Totals {
     pub mean_variance_kept: std::collections::BTreeMap<String, f64>,
 }
 
-/// K and V values one layer caches per token in the factored form, given that layer's groups:
-/// the shared latent width (`r + m`), else each of K and V's latent width, or `kv_dim` for a
-/// projection left untouched.
-pub fn kv_values_per_token(layer_groups: &[GroupReport], kv_dim: u64) -> u64 {
-    let latent_of = |kind: &str| {
-        layer_groups
-            .iter()
-            .find(|g| g.kind == kind)
-            .map(|g| g.latent as u64)
-    };
-    match latent_of("shared_kv") {
-        Some(r) => r,
-        None => latent_of("k").unwrap_or(kv_dim) + latent_of("v").unwrap_or(kv_dim),
+/// K and V values layer `layer` caches per token in the factored form, given every group: the
+/// shared latent width of the group covering it (`r + m`; 0 for a later layer of a shared latent
+/// group, whose latent the group's first layer caches), else each of K and V's latent width, or
+/// `kv_dim` for a projection left untouched.
+pub fn kv_values_per_token(groups: &[GroupReport], layer: usize, kv_dim: u64) -> u64 {
+    let covering = |kind: &str| groups.iter().find(|g| g.kind == kind && g.covers(layer));
+    match covering("shared_kv") {
+        Some(g) if g.share == Some("latent") && g.layer != layer => 0,
+        Some(g) => g.latent as u64,
+        None => {
+            let latent_of = |kind| covering(kind).map_or(kv_dim, |g| g.latent as u64);
+            latent_of("k") + latent_of("v")
+        }
     }
 }
 

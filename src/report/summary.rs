@@ -88,7 +88,16 @@ impl Report {
                         );
                     }
                     None => {
-                        let _ = write!(s, "  {:>22}", "-");
+                        // A later layer of a group spanning several layers points at its first.
+                        let shared = self
+                            .layers
+                            .iter()
+                            .flat_map(|o| &o.groups)
+                            .find(|g| g.kind == *k && g.covers(l.layer));
+                        let cell = shared.map_or("-".to_string(), |g| {
+                            format!("{} of layer {}", g.share.unwrap_or("shared"), g.layer)
+                        });
+                        let _ = write!(s, "  {:>22}", cell);
                     }
                 }
             }

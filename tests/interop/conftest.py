@@ -2,6 +2,7 @@
 and llama.cpp. Driven by scripts/interop, which provides through the environment:
 
   SURGERY_BIN        the release surgery-convert binary
+  SURGERY_DEV_BIN    the release surgery-dev binary (developer tools: the forward pass's logits)
   SMOLLM2_DIR        the checkpoint from scripts/fetch-smollm2
   WIKI_TEXT          the text from scripts/fetch-wikitext
   LLAMA_CPP_BIN      llama.cpp's bin/ directory (llama-perplexity, llama-simple / llama-cli)

@@ -11,7 +11,7 @@ use crate::execute::{spectra, FitInputs};
 use crate::fit::decompose::Fit;
 use crate::fit::spec::Spec;
 use crate::input::checkpoint::Checkpoint;
-use crate::plan::{groups, GroupKind, GroupPlan, Surgery};
+use crate::plan::{groups, layer_groups, GroupKind, GroupPlan, Share, Surgery};
 use serde::Serialize;
 use std::num::NonZeroUsize;
 
@@ -52,15 +52,6 @@ fn sum<'a>(all: impl Iterator<Item = &'a Counts>) -> Counts {
     out
 }
 
-/// The groups of `size` adjacent layers among `layers` layers.
-pub fn layer_groups(layers: usize, size: NonZeroUsize) -> Vec<Vec<usize>> {
-    (0..layers)
-        .collect::<Vec<_>>()
-        .chunks(size.get())
-        .map(<[usize]>::to_vec)
-        .collect()
-}
-
 /// The counts for every size in `sizes` (`per_layer`: the layers' own counts, by layer).
 pub fn group_counts(
     checkpoint: &Checkpoint,
@@ -73,6 +64,7 @@ pub fn group_counts(
         v: None,
         shared_kv: Some(Spec::Rank(1)),
         fit: Fit::Pca,
+        sharing: None,
     };
     let layer_plans = groups(checkpoint, &probe);
     let mut out = Vec::with_capacity(sizes.len());
@@ -82,6 +74,8 @@ pub fn group_counts(
             .iter()
             .map(|layers| GroupPlan {
                 layer: layers[0],
+                layers: layers.len(),
+                share: (layers.len() > 1).then_some(Share::Basis),
                 kind: GroupKind::SharedKv,
                 spec: Spec::Rank(1),
                 budget_rank: None,
@@ -120,15 +114,6 @@ pub fn group_counts(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn groups_are_adjacent_and_the_last_may_be_shorter() {
-        let g = |n| layer_groups(5, NonZeroUsize::new(n).unwrap());
-        assert_eq!(g(1), vec![vec![0], vec![1], vec![2], vec![3], vec![4]]);
-        assert_eq!(g(2), vec![vec![0, 1], vec![2, 3], vec![4]]);
-        assert_eq!(g(4), vec![vec![0, 1, 2, 3], vec![4]]);
-        assert_eq!(g(9), vec![vec![0, 1, 2, 3, 4]]);
-    }
 
     #[test]
     fn counts_sum_per_threshold() {

@@ -37,6 +37,7 @@ pub fn layer_spectra(checkpoint: &Checkpoint) -> Result<Vec<LayerSpectra>> {
         v,
         shared_kv,
         fit: Fit::Pca,
+        sharing: None,
     };
     let mut all = groups(checkpoint, &surgery(probe, probe, None));
     all.extend(groups(checkpoint, &surgery(None, None, probe)));

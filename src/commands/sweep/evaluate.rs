@@ -11,8 +11,9 @@ use crate::llama::linear::{KeyValue, Linear, Projection};
 use crate::llama::score::negative_log_likelihood_edited;
 use crate::llama::{Layer, Llama};
 use crate::model::dtype::FloatType;
-use crate::plan::{Emit, GroupKind, GroupPlan};
+use crate::plan::{Emit, GroupKind, GroupPlan, Share};
 use rayon::prelude::*;
+use std::collections::BTreeMap;
 
 /// What evaluating one configuration gave.
 #[derive(Debug, Clone)]
@@ -37,6 +38,9 @@ pub fn evaluate(
 ) -> Result<Evaluation> {
     let checkpoint = llama.checkpoint();
     let mut reports = Vec::with_capacity(groups.len());
+    // The key/value maps of a group spanning several layers, fitted at its first layer, waiting
+    // for the later ones.
+    let mut pending: BTreeMap<usize, KeyValue> = BTreeMap::new();
     let (nll, count) = negative_log_likelihood_edited(
         llama,
         ids,
@@ -45,12 +49,24 @@ pub fn evaluate(
             let due: Vec<&GroupPlan> = groups.iter().filter(|g| g.layer == layer.index).collect();
             let fitted: Vec<Result<(GroupReport, Vec<Vec<u8>>)>> = due
                 .par_iter()
-                .map(|g| fit_and_encode(checkpoint, g, Emit::Dense, inputs))
+                .map(|g| {
+                    let emit = match g.share {
+                        Some(_) => Emit::Factored,
+                        None => Emit::Dense,
+                    };
+                    fit_and_encode(checkpoint, g, emit, inputs)
+                })
                 .collect();
             for (group, result) in due.into_iter().zip(fitted) {
                 let (report, pieces) = result?;
-                substitute(checkpoint, layer, group, &pieces)?;
+                match group.share {
+                    Some(share) => pending.extend(shared_maps(checkpoint, group, share, &pieces)?),
+                    None => substitute(checkpoint, layer, group, &pieces)?,
+                }
                 reports.push(report);
+            }
+            if let Some(kv) = pending.remove(&layer.index) {
+                layer.kv = kv;
             }
             Ok(())
         },
@@ -61,6 +77,70 @@ pub fn evaluate(
         count,
         reports,
     })
+}
+
+/// The key/value maps of every layer of a group spanning several layers, from its factored
+/// `pieces` (the group's down-projection, then each member's up-projection in member order),
+/// decoded as a factored conversion writes them; by layer.
+fn shared_maps(
+    checkpoint: &Checkpoint,
+    group: &GroupPlan,
+    share: Share,
+    pieces: &[Vec<u8>],
+) -> Result<Vec<(usize, KeyValue)>> {
+    let decoded = |member: usize, bytes: &[u8], rows: usize, cols: usize| -> Result<Linear> {
+        let t = &checkpoint.tensors[member];
+        let ty = FloatType::of_tensor(
+            t.dtype,
+            &checkpoint.shards[t.shard].path,
+            &t.name,
+            "decomposed",
+        )?;
+        Ok(Linear::from_row_major(
+            &ty.decode_f32(bytes),
+            rows,
+            cols,
+            None,
+        ))
+    };
+    let (down_bytes, ups) = pieces.split_first().ok_or_else(|| {
+        Error::bug(format!(
+            "layer {}: a shared group without outputs",
+            group.layer
+        ))
+    })?;
+    let first = &checkpoint.tensors[group.members[0]];
+    let latent = down_bytes.len() / (first.shape[1] * first.dtype.bitsize() / 8).max(1);
+    let down = decoded(group.members[0], down_bytes, latent, first.shape[1])?;
+    let mut out = Vec::with_capacity(group.layers);
+    for (i, layer) in group.layer_range().enumerate() {
+        let up = |m: usize| -> Result<Linear> {
+            let member = group.members.get(2 * i + m).copied();
+            let bytes = ups.get(2 * i + m);
+            let (Some(member), Some(bytes)) = (member, bytes) else {
+                return Err(Error::bug(format!(
+                    "layer {layer}: a shared group lacks an up-projection"
+                )));
+            };
+            decoded(member, bytes, checkpoint.tensors[member].shape[0], latent)
+        };
+        let (k_up, v_up) = (up(0)?, up(1)?);
+        let kv = match (share, i) {
+            (Share::Latent, 0) => KeyValue::Source {
+                down: down.clone(),
+                k_up,
+                v_up,
+            },
+            (Share::Latent, _) => KeyValue::FromSource { k_up, v_up },
+            (Share::Basis, _) => KeyValue::Shared {
+                down: down.clone(),
+                k_up,
+                v_up,
+            },
+        };
+        out.push((layer, kv));
+    }
+    Ok(out)
 }
 
 /// The bias a projection carries (the up-projection's, for a factored one).
@@ -104,7 +184,7 @@ fn substitute(
     };
     let (k, v) = match &layer.kv {
         KeyValue::Separate { k, v } => (k, v),
-        KeyValue::Shared { .. } => return Err(Error::invalid(
+        KeyValue::Shared { .. } | KeyValue::Source { .. } | KeyValue::FromSource { .. } => return Err(Error::invalid(
             &checkpoint.dir,
             "a factored checkpoint (written by --emit factored); expand it to a standard one first",
         )),

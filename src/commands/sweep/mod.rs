@@ -126,7 +126,12 @@ pub fn run(options: &SweepOptions) -> Result<()> {
     let ctx = w.ctx.get();
     let text = read_text(&input.dir, &w.text, "--text")?;
     let selection = select(text.ids.len(), w.offset, w.tokens.get(), ctx)?;
-    let inputs = fit_inputs(options.calibration.as_ref(), &checkpoint)?;
+    let all_groups: Vec<_> = configs
+        .iter()
+        .flat_map(|c| plan::groups(&checkpoint, &c.surgery()))
+        .collect();
+    let inputs = fit_inputs(options.calibration.as_ref(), &checkpoint, &all_groups)?;
+    drop(all_groups);
     let bench = Bench {
         checkpoint: &checkpoint,
         llama: &llama,

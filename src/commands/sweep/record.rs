@@ -127,14 +127,7 @@ pub fn perplexity(nll: f64, count: usize) -> (f64, f64) {
 /// K+V values per token over `num_layers` layers in the factored form of `reports`.
 pub fn kv_cache(reports: &[GroupReport], num_layers: usize, kv_dim: u64) -> BeforeAfter {
     let after = (0..num_layers)
-        .map(|layer| {
-            let groups: Vec<GroupReport> = reports
-                .iter()
-                .filter(|g| g.layer == layer)
-                .cloned()
-                .collect();
-            kv_values_per_token(&groups, kv_dim)
-        })
+        .map(|layer| kv_values_per_token(reports, layer, kv_dim))
         .sum();
     BeforeAfter {
         before: 2 * kv_dim * num_layers as u64,
@@ -201,6 +194,8 @@ mod tests {
     fn group(layer: usize, kind: &'static str, rank: usize, latent: usize) -> GroupReport {
         GroupReport {
             layer,
+            layers: Vec::new(),
+            share: None,
             kind,
             tensors: Vec::new(),
             shape: [64, 64],
@@ -217,6 +212,7 @@ mod tests {
             params_factored: 10 * latent as u64,
             bytes_original: 400,
             bytes_factored: 40,
+            layer_energy_kept: Vec::new(),
         }
     }
 
@@ -230,6 +226,13 @@ mod tests {
         ];
         let kv = kv_cache(&reports, 2, 32);
         assert_eq!((kv.before, kv.after), (128, 5 + 64));
+        // One latent of width 6 for layers 0-2 is cached once; a basis of width 6 once per layer.
+        let mut shared = group(0, "shared_kv", 5, 6);
+        shared.layers = vec![0, 1, 2];
+        shared.share = Some("latent");
+        assert_eq!(kv_cache(&[shared.clone()], 3, 32).after, 6);
+        shared.share = Some("basis");
+        assert_eq!(kv_cache(&[shared], 3, 32).after, 18);
         let r = ranks(&reports);
         assert_eq!(r.keys().copied().collect::<Vec<_>>(), ["q", "shared_kv"]);
         assert_eq!(r["q"].per_layer, [7, 3]);

@@ -3,14 +3,18 @@
 //! - `surgery-dev synth --shape NAME --out DIR [--seed N] [--force]`: a synthetic checkpoint of a
 //!   named model shape (smollm2-135m, tinyllama-1.1b, llama3-8b), for benchmarks and tests;
 //! - `surgery-dev bench-decompose CONVERSION-OPTIONS`: the decomposition floor of a conversion,
-//!   printed as `{"decompose_seconds": S, "matrices": N}`; writes nothing.
+//!   printed as `{"decompose_seconds": S, "matrices": N}`; writes nothing;
+//! - `surgery-dev bench-calibrate CONVERSION-OPTIONS`: the calibration pass alone, printed as
+//!   `{"calibration_seconds": S, "cross_moments": N}`; writes nothing;
+//! - `surgery-dev logits MODEL --ids 1,2,3 --out FILE`: the forward pass's logits for the ids (one
+//!   window), as a safetensors file holding `logits` `[T, vocab]` F32 (for the interop tests).
 
 use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use surgery_convert::cli::ConvertArgs;
 use surgery_convert::commands::set_threads;
-use surgery_convert::dev::{bench, synth};
+use surgery_convert::dev::{bench, logits, synth};
 use surgery_convert::error::Result;
 
 /// Developer tools of surgery-convert.
@@ -30,6 +34,27 @@ enum DevCommand {
     /// Time the fits of a conversion alone, every matrix decoded into memory first (the
     /// benchmark's decomposition floor); takes the conversion's options; writes nothing.
     BenchDecompose(Box<ConvertArgs>),
+    /// Time the calibration pass of a conversion alone (with the cross moments a --share latent
+    /// needs); takes the conversion's options; writes nothing.
+    BenchCalibrate(Box<ConvertArgs>),
+    /// Write the forward pass's logits for token ids (one window from position 0) to a
+    /// safetensors file holding `logits` [T, vocab] F32.
+    Logits(LogitsArgs),
+}
+
+/// Arguments of `logits`.
+#[derive(Debug, Args)]
+struct LogitsArgs {
+    /// The checkpoint directory (dense or factored).
+    model: PathBuf,
+
+    /// Comma-separated token ids.
+    #[arg(long, value_name = "LIST", value_delimiter = ',', required = true)]
+    ids: Vec<u32>,
+
+    /// The file to write.
+    #[arg(long, value_name = "FILE")]
+    out: PathBuf,
 }
 
 /// Arguments of `synth`.
@@ -70,6 +95,12 @@ fn run(dev: Dev) -> Result<()> {
             let (seconds, matrices) = bench::decompose_floor(&(*args).resolve()?)?;
             println!("{{\"decompose_seconds\": {seconds}, \"matrices\": {matrices}}}");
         }
+        DevCommand::BenchCalibrate(args) => {
+            set_threads(args.threads)?;
+            let (seconds, cross) = bench::calibration_cost(&(*args).resolve()?)?;
+            println!("{{\"calibration_seconds\": {seconds}, \"cross_moments\": {cross}}}");
+        }
+        DevCommand::Logits(args) => logits::write_logits(&args.model, &args.ids, &args.out)?,
     }
     Ok(())
 }
