@@ -19,6 +19,58 @@ const SCORED: &[&str] = &[
     "--text", TEXT, "--offset", "1000", "--tokens", "256", "--ctx", "64",
 ];
 
+/// Writes `tensors` (F32) as `dir/model.safetensors` and applies `edit` to `dir/config.json`.
+fn rewrite(
+    dir: &Path,
+    tensors: &BTreeMap<String, (Vec<usize>, Vec<u8>)>,
+    edit: impl Fn(&mut Value),
+) {
+    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = tensors
+        .iter()
+        .map(|(n, (shape, data))| {
+            let view =
+                safetensors::tensor::TensorView::new(Dtype::F32, shape.clone(), data).unwrap();
+            (n.clone(), view)
+        })
+        .collect();
+    let out = safetensors::serialize(views, None).unwrap();
+    std::fs::write(dir.join("model.safetensors"), out).unwrap();
+    let mut config: Value =
+        serde_json::from_slice(&std::fs::read(dir.join("config.json")).unwrap()).unwrap();
+    edit(&mut config);
+    std::fs::write(
+        dir.join("config.json"),
+        serde_json::to_vec_pretty(&config).unwrap(),
+    )
+    .unwrap();
+}
+
+/// `tiny-f32-gqa` with zero attention biases (`attention_bias: true`).
+fn with_attention_biases(tmp: &Path) -> PathBuf {
+    let dir = tmp.join("tiny-biased");
+    copy_dir(&fixture("tiny-f32-gqa"), &dir);
+    let bytes = std::fs::read(dir.join("model.safetensors")).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let mut tensors: BTreeMap<String, (Vec<usize>, Vec<u8>)> = st
+        .tensors()
+        .into_iter()
+        .map(|(n, v)| (n, (v.shape().to_vec(), v.data().to_vec())))
+        .collect();
+    for l in 0..2 {
+        for (p, n) in [
+            ("q_proj", 64),
+            ("k_proj", 32),
+            ("v_proj", 32),
+            ("o_proj", 64),
+        ] {
+            let name = format!("model.layers.{l}.self_attn.{p}.bias");
+            tensors.insert(name, (vec![n], vec![0u8; 4 * n]));
+        }
+    }
+    rewrite(&dir, &tensors, |c| c["attention_bias"] = json!(true));
+    dir
+}
+
 /// `tiny-f32-gqa` with a third layer: layer 1's tensors, its projections scaled by 0.7.
 fn three_layers(tmp: &Path) -> PathBuf {
     let dir = tmp.join("tiny-3-layers");
@@ -46,24 +98,7 @@ fn three_layers(tmp: &Path) -> PathBuf {
             );
         }
     }
-    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = tensors
-        .iter()
-        .map(|(n, (shape, data))| {
-            let view =
-                safetensors::tensor::TensorView::new(Dtype::F32, shape.clone(), data).unwrap();
-            (n.clone(), view)
-        })
-        .collect();
-    let out = safetensors::serialize(views, None).unwrap();
-    std::fs::write(dir.join("model.safetensors"), out).unwrap();
-    let mut config: Value =
-        serde_json::from_slice(&std::fs::read(dir.join("config.json")).unwrap()).unwrap();
-    config["num_hidden_layers"] = json!(3);
-    std::fs::write(
-        dir.join("config.json"),
-        serde_json::to_vec_pretty(&config).unwrap(),
-    )
-    .unwrap();
+    rewrite(&dir, &tensors, |c| c["num_hidden_layers"] = json!(3));
     dir
 }
 
@@ -367,6 +402,41 @@ fn refusals_name_the_option() {
         "{stderr}"
     );
     assert!(!expanded.exists());
+    // Attention biases: the shared factored form has none, so a factored conversion and a sweep
+    // (which scores a shared group in its factored form) refuse them.
+    let biased = with_attention_biases(tmp.path());
+    let b = biased.to_str().unwrap();
+    let sweep_out = tmp.path().join("sweep");
+    let sweep_dir = sweep_out.to_str().unwrap();
+    let shared = [
+        "--shared-kv",
+        "rank:4",
+        "--share-layers",
+        "2",
+        "--share",
+        "basis",
+    ];
+    for (args, needle) in [
+        (
+            [&["--in", b, "--out", o, "--emit", "factored"][..], &shared].concat(),
+            "the factored form has no bias terms",
+        ),
+        (
+            [
+                &["sweep", "--in", b, "--out", sweep_dir, "--text", TEXT][..],
+                &shared,
+            ]
+            .concat(),
+            "--share-layers: the factored form of a group shared across layers has no bias terms",
+        ),
+    ] {
+        let r = run(&args);
+        let stderr = String::from_utf8_lossy(&r.stderr);
+        assert_ne!(r.status.code(), Some(0), "{args:?}");
+        assert_eq!(stderr.lines().count(), 1, "{stderr}");
+        assert!(stderr.contains(needle), "`{needle}` missing: {stderr}");
+        assert!(!out.exists() && !sweep_out.exists());
+    }
 }
 
 #[test]

@@ -26,6 +26,19 @@ pub struct Evaluation {
     pub reports: Vec<GroupReport>,
 }
 
+/// Refuses sharing across layers on a model with attention biases, as a factored conversion
+/// does (plan/factored.rs): a group shared across layers is scored in its factored form, which
+/// has no bias terms. Checked once for the whole grid, before anything is scored.
+pub(crate) fn refuse_shared_biases(llama: &Llama, groups: &[GroupPlan]) -> Result<()> {
+    if llama.params().attention_bias && groups.iter().any(|g| g.share.is_some()) {
+        return Err(Error::invalid(
+            llama.checkpoint().dir.join(crate::model::layout::CONFIG_FILE),
+            "--share-layers: the factored form of a group shared across layers has no bias terms, and this model's attention has biases (attention_bias)",
+        ));
+    }
+    Ok(())
+}
+
 /// Runs the forward pass over `ids` (windows of `ctx`) with `groups` fitted and substituted layer by
 /// layer. `progress` is told each finished layer.
 pub fn evaluate(

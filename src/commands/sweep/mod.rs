@@ -130,6 +130,7 @@ pub fn run(options: &SweepOptions) -> Result<()> {
         .iter()
         .flat_map(|c| plan::groups(&checkpoint, &c.surgery()))
         .collect();
+    evaluate::refuse_shared_biases(&llama, &all_groups)?;
     let inputs = fit_inputs(options.calibration.as_ref(), &checkpoint, &all_groups)?;
     drop(all_groups);
     let bench = Bench {
