@@ -2,8 +2,13 @@
 """Prototype (research, not part of the tool): sequential, error-compensating calibration for the
 activation-aware shared K/V fit on SmolLM2, against the one-shot fit with the same ranks.
 
-    python scripts/act_sequential.py MODEL_DIR TEXT FRACTION CAL_TOKENS   (interop venv)
+    python scripts/act_sequential.py MODEL_DIR TEXT FRACTION CAL_TOKENS [--o-proj]   (interop venv)
     e.g. ... 0.25 8192
+
+--o-proj adds o_proj compensation to the sequential pass: after layer l's K/V are replaced, its
+o_proj is refitted by the same regularised least squares so the attention block's output on the
+compressed stream matches the original stream's, O' = O + O (S_zo - S_zz)(S_zz + lam I)^-1 with z
+the input of o_proj (S_zz of the compressed stream, S_zo its cross moment with the original's).
 
 One-shot: per layer, the top eigenvectors of W C W^T (energy-balanced K/V, as `--act-weighting
 energy`), C from the original model's activations; ranks by the global budget allocation.
@@ -16,12 +21,14 @@ import sys, math, torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 torch.set_num_threads(2)
 M=sys.argv[1]; TEXT=open(sys.argv[2]).read(); FRAC=float(sys.argv[3]); NCAL=int(sys.argv[4])
+OPROJ="--o-proj" in sys.argv[5:]
 tok=AutoTokenizer.from_pretrained(M); ids=tok(TEXT,add_special_tokens=False)["input_ids"]
 CAL=ids[0:NCAL]; EV=ids[40000:44096]
 model=AutoModelForCausalLM.from_pretrained(M,dtype=torch.float32).eval()
 cfg=model.config; L=cfg.num_hidden_layers; kvd=cfg.num_key_value_heads*(cfg.hidden_size//cfg.num_attention_heads)
 layers=model.model.layers
 orig={i:(layers[i].self_attn.k_proj.weight.detach().clone(),layers[i].self_attn.v_proj.weight.detach().clone()) for i in range(L)}
+orig_o={i:layers[i].self_attn.o_proj.weight.detach().clone() for i in range(L)}
 def setkv(i,k,v): layers[i].self_attn.k_proj.weight.data=k.float().contiguous(); layers[i].self_attn.v_proj.weight.data=v.float().contiguous()
 def ppl():
     x=torch.tensor(EV).view(-1,512); nll=0;c=0
@@ -73,6 +80,16 @@ for i in range(L):
     lam=1e-6*torch.trace(Scc)/Scc.shape[0]
     What=W[i]@Soc@torch.linalg.inv(Scc+lam*torch.eye(Scc.shape[0],dtype=torch.float64))
     Wr=fit(What,Scc,ranks[i])[1]
-    Ho=run_layer(i,Ho)
-    setkv(i,Wr[:kvd],Wr[kvd:]); Hc=run_layer(i,Hc)
-print("sequential compensating",FRAC,round(ppl(),3),flush=True)
+    if not OPROJ:
+        Ho=run_layer(i,Ho)
+        setkv(i,Wr[:kvd],Wr[kvd:]); Hc=run_layer(i,Hc)
+        continue
+    o=layers[i].self_attn.o_proj; seen=[]
+    hook=o.register_forward_pre_hook(lambda m,a: seen.append(a[0].reshape(-1,a[0].shape[-1]).double()))
+    Ho=run_layer(i,Ho); zo=torch.cat(seen); seen.clear()
+    setkv(i,Wr[:kvd],Wr[kvd:]); run_layer(i,Hc); zc=torch.cat(seen); seen.clear(); hook.remove()
+    Szz=zc.T@zc/n; Szo=zo.T@zc/n; lz=1e-4*torch.trace(Szz)/Szz.shape[0]
+    O=orig_o[i].double()
+    Op=O+O@(Szo-Szz)@torch.linalg.inv(Szz+lz*torch.eye(Szz.shape[0],dtype=torch.float64))
+    o.weight.data=Op.float().contiguous(); Hc=run_layer(i,Hc)
+print("sequential compensating"+(" + o_proj" if OPROJ else ""),FRAC,round(ppl(),3),flush=True)

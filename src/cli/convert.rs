@@ -8,7 +8,8 @@ use crate::fit::decompose::Fit;
 use crate::fit::spec::Spec;
 use crate::input::text::{Builtin, TextSource};
 use crate::options::{
-    check_by_default, Calibration, ConvertOptions, Output, TextWindow, CHECK_CTX, CHECK_TOKENS,
+    check_by_default, CalibrateMode, Calibration, ConvertOptions, Output, TextWindow, CHECK_CTX,
+    CHECK_TOKENS,
 };
 use crate::plan::{Emit, LayerSharing, Share, Surgery};
 use clap::{Args, ValueEnum};
@@ -81,6 +82,15 @@ pub enum ActWeightingArg {
     Energy,
 }
 
+/// `--calibrate-mode`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum CalibrateModeArg {
+    /// Every layer fitted on the original model's inputs.
+    OneShot,
+    /// Layer by layer, each fitted on the inputs the compressed layers below it produce.
+    Sequential,
+}
+
 /// The calibration options of `--fit act`, shared by conversions and `sweep`.
 #[derive(Debug, Clone, Args)]
 pub struct CalibrationArgs {
@@ -106,12 +116,42 @@ pub struct CalibrationArgs {
     /// value errors through o_proj) or energy (all outputs alike) [default: attention].
     #[arg(long, value_enum)]
     pub act_weighting: Option<ActWeightingArg>,
+
+    /// Which inputs --fit act fits each layer on: one-shot (the original model's) or sequential
+    /// (layer by layer, the inputs the already-compressed layers below produce, with the original
+    /// model's outputs as the target: it compensates what the layers below lost; one more forward
+    /// pass of the calibration text) [default: one-shot]. `sweep` takes a comma-separated list.
+    #[arg(long, value_enum, value_name = "MODE", value_delimiter = ',')]
+    pub calibrate_mode: Vec<CalibrateModeArg>,
 }
 
 impl CalibrationArgs {
+    /// The `--calibrate-mode` values, in order (empty: not given); duplicates refused.
+    pub fn modes(&self) -> Result<Vec<CalibrateMode>> {
+        let modes: Vec<CalibrateMode> = self
+            .calibrate_mode
+            .iter()
+            .map(|m| match m {
+                CalibrateModeArg::OneShot => CalibrateMode::OneShot,
+                CalibrateModeArg::Sequential => CalibrateMode::Sequential,
+            })
+            .collect();
+        for (i, m) in modes.iter().enumerate() {
+            if modes[..i].contains(m) {
+                return Err(Error::usage(
+                    "--calibrate-mode",
+                    format!("{} is listed twice", m.name()),
+                ));
+            }
+        }
+        Ok(modes)
+    }
+
     /// The validated settings: present exactly when a fit `act` is requested (`wants_act`), on
     /// `--calibrate` or the built-in text; a calibration option without one is refused.
-    pub fn resolve(&self, wants_act: bool) -> Result<Option<Calibration>> {
+    /// `many`: several `--calibrate-mode` values are allowed (`sweep`, which reads them with
+    /// [`CalibrationArgs::modes`]).
+    pub fn resolve(&self, wants_act: bool, many: bool) -> Result<Option<Calibration>> {
         if !wants_act {
             let given = [
                 ("--calibrate", self.calibrate.is_some()),
@@ -119,6 +159,7 @@ impl CalibrationArgs {
                 ("--calib-offset", self.calib_offset.is_some()),
                 ("--calib-ctx", self.calib_ctx.is_some()),
                 ("--act-weighting", self.act_weighting.is_some()),
+                ("--calibrate-mode", !self.calibrate_mode.is_empty()),
             ];
             return match given.iter().find(|(_, g)| *g) {
                 Some((option, _)) => Err(Error::usage(
@@ -143,7 +184,32 @@ impl CalibrationArgs {
                 ActWeightingArg::Attention => ActWeighting::Attention,
                 ActWeightingArg::Energy => ActWeighting::Energy,
             },
+            mode: match self.modes()?.as_slice() {
+                [] => CalibrateMode::OneShot,
+                [mode] => *mode,
+                [..] if many => CalibrateMode::OneShot,
+                [..] => return Err(Error::usage(
+                    "--calibrate-mode",
+                    "a conversion takes one mode (sweep takes a list): give one-shot or sequential",
+                )),
+            },
         }))
+    }
+}
+
+/// Sequential calibration fits a layer on the inputs the compressed layers below it produce; a
+/// shared basis compresses several layers with one down-projection fitted at once, before those
+/// inputs exist.
+pub fn refuse_sequential_basis(
+    calibration: Option<&Calibration>,
+    share: Option<Share>,
+) -> Result<()> {
+    match (calibration.map(|c| c.mode), share) {
+        (Some(CalibrateMode::Sequential), Some(Share::Basis)) => Err(Error::usage(
+            "--calibrate-mode",
+            "sequential calibration does not fit --share basis (its down-projection is fitted for all the group's layers before their compressed inputs exist): use --share latent or --calibrate-mode one-shot",
+        )),
+        _ => Ok(()),
     }
 }
 
@@ -300,7 +366,8 @@ impl ConvertArgs {
             fit,
             emit,
         )?;
-        let calibration = self.calibration.resolve(fit == Fit::Act)?;
+        let calibration = self.calibration.resolve(fit == Fit::Act, false)?;
+        refuse_sequential_basis(calibration.as_ref(), sharing.map(|s| s.share))?;
         if let (Some(calibration), Some(window)) = (&calibration, &check) {
             if calibration.overlaps(window) {
                 return Err(Error::usage(

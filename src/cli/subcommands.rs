@@ -10,7 +10,8 @@ use crate::fit::decompose::Fit;
 use crate::fit::spec::Spec;
 use crate::input::text::{Builtin, TextSource};
 use crate::options::{
-    EvalOptions, ExpandOptions, InspectOptions, SweepOptions, TextWindow, CHECK_TOKENS,
+    CalibrateMode, Calibration, EvalOptions, ExpandOptions, InspectOptions, SweepOptions,
+    TextWindow, CHECK_TOKENS,
 };
 use crate::plan::Share;
 use clap::Args;
@@ -174,7 +175,9 @@ pub struct SweepArgs {
     #[arg(long, value_name = "LIST", value_delimiter = ',', value_enum)]
     pub share: Vec<ShareArg>,
 
-    /// Calibration for the act fits (the pass runs once per sweep).
+    /// Calibration for the act fits (the one-shot pass runs once per sweep; each configuration
+    /// calibrated sequentially runs its own). --calibrate-mode takes a list here: one-shot,sequential
+    /// combines both with every act configuration (sequential not with --share basis).
     #[command(flatten)]
     pub calibration: CalibrationArgs,
 
@@ -270,7 +273,18 @@ impl SweepArgs {
         let fits: Vec<Fit> = self.fit.iter().map(|f| f.fit()).collect();
         refuse_duplicates("--fit", &fits.iter().map(|f| f.name()).collect::<Vec<_>>())?;
         let (share_layers, shares) = self.sharing()?;
-        let calibration = self.calibration.resolve(self.fit.contains(&FitArg::Act))?;
+        // The modes are a grid dimension (`modes`): the calibration itself is one-shot.
+        let calibration = self
+            .calibration
+            .resolve(self.fit.contains(&FitArg::Act), true)?
+            .map(|c| Calibration {
+                mode: CalibrateMode::OneShot,
+                ..c
+            });
+        let modes = match self.calibration.modes()? {
+            list if list.is_empty() => vec![CalibrateMode::OneShot],
+            list => list,
+        };
         let window = self.window.resolve();
         if calibration.as_ref().is_some_and(|c| c.overlaps(&window)) {
             return Err(Error::usage(
@@ -290,6 +304,7 @@ impl SweepArgs {
             fits,
             share_layers,
             shares,
+            modes,
             calibration,
             out: self.out,
             force: self.force,

@@ -4,7 +4,7 @@
 
 use super::check::PreparedCheck;
 use crate::error::{Error, Result};
-use crate::execute::prepare::{fit_inputs, resolve_budgets};
+use crate::execute::prepare::prepare_inputs;
 use crate::execute::write::{write_dense, write_factored, Written};
 use crate::execute::{self, FitInputs};
 use crate::input::checkpoint::Checkpoint;
@@ -46,8 +46,7 @@ pub fn run(options: &ConvertOptions) -> Result<()> {
         None => None,
     };
     let mut groups = plan::groups(&checkpoint, &options.surgery);
-    let inputs = fit_inputs(options.calibration.as_ref(), &checkpoint, &groups)?;
-    resolve_budgets(&checkpoint, &mut groups, &inputs)?;
+    let inputs = prepare_inputs(options.calibration.as_ref(), &checkpoint, &mut groups)?;
     let report = match out {
         None => dry_run(options, &input, &checkpoint, groups, &inputs)?,
         Some(out) => convert(

@@ -4,7 +4,7 @@
 
 use crate::error::Result;
 use crate::execute::group::{fit_group, release_members, stack_group};
-use crate::execute::prepare::{fit_inputs, resolve_budgets};
+use crate::execute::prepare::prepare_inputs;
 use crate::execute::FitInputs;
 use crate::fit::decompose::Decomposition;
 use crate::input::checkpoint::Checkpoint;
@@ -19,8 +19,7 @@ pub fn decompose_floor(options: &ConvertOptions) -> Result<(f64, usize)> {
     let input = source::resolve(&options.input, &options.revision, false)?;
     let checkpoint = Checkpoint::open(&input.dir)?;
     let mut groups = plan::groups(&checkpoint, &options.surgery);
-    let inputs = fit_inputs(options.calibration.as_ref(), &checkpoint, &groups)?;
-    resolve_budgets(&checkpoint, &mut groups, &inputs)?;
+    let inputs = prepare_inputs(options.calibration.as_ref(), &checkpoint, &mut groups)?;
     let seconds = fits_alone(&checkpoint, &groups, &inputs)?;
     Ok((seconds, groups.len()))
 }
@@ -50,13 +49,14 @@ fn fits_alone(checkpoint: &Checkpoint, groups: &[GroupPlan], inputs: &FitInputs)
 }
 
 /// The calibration pass of the conversion `options` describes, alone (`surgery-dev
-/// bench-calibrate`): its seconds and the number of cross moments it accumulates (`--share
+/// bench-calibrate`; sequential calibration: with its one-shot pass for the budgets, and the fits
+/// it runs as it goes): its seconds and the number of cross moments it accumulates (`--share
 /// latent`); writes nothing. Run it under `/usr/bin/time -v` for its peak memory.
 pub fn calibration_cost(options: &ConvertOptions) -> Result<(f64, usize)> {
     let input = source::resolve(&options.input, &options.revision, false)?;
     let checkpoint = Checkpoint::open(&input.dir)?;
-    let groups = plan::groups(&checkpoint, &options.surgery);
+    let mut groups = plan::groups(&checkpoint, &options.surgery);
     let started = std::time::Instant::now();
-    let inputs = fit_inputs(options.calibration.as_ref(), &checkpoint, &groups)?;
+    let inputs = prepare_inputs(options.calibration.as_ref(), &checkpoint, &mut groups)?;
     Ok((started.elapsed().as_secs_f64(), inputs.cross.len()))
 }

@@ -7,6 +7,7 @@ use crate::fit::act::{
     balance_scales, blockwise_weight, decompose_weighted, key_weight, value_weight, ActWeighting,
     Heads, LeftWeight,
 };
+use crate::fit::compensate::compensate;
 use crate::fit::decompose::{
     count_non_finite, decompose_owned, error_ratio, matrix_from_rows, product, DecomposeError,
     Decomposition, Fit,
@@ -117,6 +118,15 @@ pub(crate) fn fit_group_kept(
                 .as_ref()
                 .and_then(|c| c.get(group.layer))
                 .ok_or_else(|| fail(DecomposeError::NeedsCalibration))?;
+            // Sequential calibration fits the refit weight on the compressed model's inputs.
+            let (w, c) = match inputs.sequential_at(group.layer) {
+                Some(m) => (
+                    compensate(w.as_ref(), m.target.as_ref(), m.compressed.as_ref())
+                        .map_err(fail)?,
+                    &m.compressed,
+                ),
+                None => (w, c),
+            };
             let w = w.as_ref();
             let left = layer_weight(
                 checkpoint,

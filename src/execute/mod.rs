@@ -15,8 +15,10 @@ pub(crate) mod group;
 pub(crate) mod input_hash;
 pub(crate) mod pipeline;
 pub(crate) mod prepare;
+pub(crate) mod sequential;
 pub(crate) mod shared;
 pub(crate) mod spill;
+pub(crate) mod substitute;
 #[cfg(test)]
 mod tests;
 pub(crate) mod write;
@@ -99,12 +101,34 @@ impl GroupReport {
 pub struct FitInputs {
     /// Per layer, the covariance of the attention input (`--calibrate`), for fit `act`.
     pub covariances: Option<Vec<Mat<f64>>>,
-    /// `E[x_l x_s^T]` of layer `l` with a shared latent group's source layer `s`, by `(l, s)`.
+    /// `E[x_l x_s^T]` of layer `l` with a shared latent group's source layer `s`, by `(l, s)`
+    /// (sequential calibration: `x_l` the original model's input, `x_s` the compressed model's).
     pub cross: std::collections::BTreeMap<(usize, usize), Mat<f64>>,
+    /// Sequential calibration (`--calibrate-mode sequential`): per layer, from layer 0 on, the
+    /// moments of the compressed model's attention input (none for the later layers of a shared
+    /// latent group: they read their source's latent); empty for one-shot calibration.
+    pub sequential: Vec<Option<SequentialMoments>>,
     /// How fit `act` weighs output errors.
     pub weighting: ActWeighting,
     /// Where the covariances came from.
     pub calibration: Option<crate::llama::calibrate::CalibrationRecord>,
+}
+
+/// One layer's moments in sequential calibration: `x_c` is the attention input of the model with
+/// the layers below compressed, `x_o` the original model's.
+#[derive(Debug, Clone)]
+pub struct SequentialMoments {
+    /// `E[x_c x_c^T]`, `[hidden, hidden]`.
+    pub compressed: Mat<f64>,
+    /// `E[x_o x_c^T]`, `[hidden, hidden]`.
+    pub target: Mat<f64>,
+}
+
+impl FitInputs {
+    /// Layer `layer`'s sequential moments, if calibration is sequential.
+    pub fn sequential_at(&self, layer: usize) -> Option<&SequentialMoments> {
+        self.sequential.get(layer).and_then(Option::as_ref)
+    }
 }
 
 /// The output layout for `emit`, given the groups' reports (their latent widths).

@@ -1,13 +1,38 @@
 //! What the fits need before they run: the calibration statistics of fit `act` (the forward pass
-//! over calibration text) and every `budget:F` SPEC resolved to per-group ranks.
+//! over calibration text) and every `budget:F` SPEC resolved to per-group ranks. Sequential
+//! calibration resolves the budgets on one-shot statistics first (the ranks must be known before
+//! the compressed stream can run), then runs its own pass ([`super::sequential`]).
 
 use crate::error::Result;
 use crate::execute::{spectra, FitInputs};
 use crate::fit::budget;
 use crate::fit::spec::Spec;
 use crate::input::checkpoint::Checkpoint;
-use crate::options::Calibration;
+use crate::options::{CalibrateMode, Calibration};
 use crate::plan::{GroupKind, GroupPlan, Share};
+
+/// The statistics every fit of `groups` reads, with their `budget:F` SPECs resolved: one-shot
+/// calibration (or none, for the weight-only fits), or sequential calibration after the budgets.
+pub fn prepare_inputs(
+    calibration: Option<&Calibration>,
+    checkpoint: &Checkpoint,
+    groups: &mut [GroupPlan],
+) -> Result<FitInputs> {
+    let sequential = calibration.filter(|c| c.mode == CalibrateMode::Sequential);
+    let budgeted = groups.iter().any(|g| matches!(g.spec, Spec::Budget(_)));
+    let one_shot = match (sequential, budgeted) {
+        (Some(_), false) => FitInputs::default(),
+        _ => fit_inputs(calibration, checkpoint, groups)?,
+    };
+    resolve_budgets(checkpoint, groups, &one_shot)?;
+    match sequential {
+        Some(calibration) => {
+            drop(one_shot);
+            super::sequential::sequential_inputs(checkpoint, calibration, groups)
+        }
+        None => Ok(one_shot),
+    }
+}
 
 /// Calibration statistics for fit `act` (none for the weight-only fits), with the cross moments
 /// that the shared latent groups among `groups` need.
@@ -26,6 +51,7 @@ pub fn fit_inputs(
     Ok(FitInputs {
         covariances: Some(stats.covariances),
         cross: stats.cross,
+        sequential: Vec::new(),
         weighting: calibration.weighting,
         calibration: Some(stats.record),
     })

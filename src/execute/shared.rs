@@ -5,11 +5,69 @@
 use super::group::layer_weight;
 use super::FitInputs;
 use crate::error::{Error, Result};
-use crate::fit::shared::{shared_basis, shared_latent, LayerTerm, SharedDecomposition};
+use crate::fit::compensate::compensate;
+use crate::fit::shared::{shared_basis, shared_latent_from, LayerTerm, SharedDecomposition};
 use crate::fit::spec::Spec;
 use crate::input::checkpoint::Checkpoint;
 use crate::plan::{GroupPlan, Share};
-use faer::MatRef;
+use faer::{Mat, MatRef};
+
+/// One layer of a group as its fit reads it.
+struct LayerInputs<'a> {
+    /// The layer's stacked members.
+    members: Vec<usize>,
+    /// Its rows of the stacked weight.
+    w: MatRef<'a, f64>,
+    /// Sequential calibration, shared basis: `w` refitted to the compressed model's inputs.
+    refit: Option<Mat<f64>>,
+    /// The moment its output energy is measured under.
+    c: &'a Mat<f64>,
+    /// Its cross moment with the group's latent input.
+    cross: &'a Mat<f64>,
+}
+
+/// Layer `layer`'s weight and moments (`c` its one-shot covariance): one-shot, the layer's own
+/// (its cross moment with the source for a later layer of a latent); sequential, the source's
+/// cross moment with the compressed source input, a basis layer refitted to its compressed input.
+fn layer_inputs<'a>(
+    group: &GroupPlan,
+    share: Share,
+    inputs: &'a FitInputs,
+    layer: usize,
+    w: MatRef<'a, f64>,
+    c: &'a Mat<f64>,
+    fail: &dyn Fn(String) -> Error,
+) -> Result<LayerInputs<'a>> {
+    let plain = |c: &'a Mat<f64>, cross: &'a Mat<f64>| LayerInputs {
+        members: Vec::new(),
+        w,
+        refit: None,
+        c,
+        cross,
+    };
+    Ok(
+        match (share, layer == group.layer, inputs.sequential_at(layer)) {
+            (Share::Latent, false, _) => {
+                let cross = inputs.cross.get(&(layer, group.layer)).ok_or_else(|| {
+                    Error::bug(format!(
+                        "no cross moment of layers {layer} and {}",
+                        group.layer
+                    ))
+                })?;
+                plain(c, cross)
+            }
+            (Share::Latent, true, Some(m)) => plain(c, &m.target),
+            (Share::Basis, _, Some(m)) => LayerInputs {
+                refit: Some(
+                    compensate(w, m.target.as_ref(), m.compressed.as_ref())
+                        .map_err(|e| fail(format!("layer {layer}: {e}")))?,
+                ),
+                ..plain(&m.compressed, &m.compressed)
+            },
+            (_, _, None) => plain(c, c),
+        },
+    )
+}
 
 /// Fits `group` (stacked as `w`, every layer's members in turn) with the shared basis or latent.
 pub(crate) fn fit_shared(
@@ -36,7 +94,7 @@ pub(crate) fn fit_shared(
         .covariances
         .as_ref()
         .ok_or_else(|| fail("fit act needs calibration statistics".into()))?;
-    let mut terms = Vec::with_capacity(group.layers);
+    let mut layers: Vec<LayerInputs<'_>> = Vec::with_capacity(group.layers);
     let mut row0 = 0;
     for layer in group.layer_range() {
         let members: Vec<usize> = group
@@ -52,35 +110,41 @@ pub(crate) fn fit_shared(
         let c = covariances
             .get(layer)
             .ok_or_else(|| fail(format!("no calibration statistics for layer {layer}")))?;
-        let cross = match (share, layer == group.layer) {
-            (Share::Latent, false) => inputs.cross.get(&(layer, group.layer)).ok_or_else(|| {
-                Error::bug(format!(
-                    "no cross moment of layers {layer} and {}",
-                    group.layer
-                ))
-            })?,
-            _ => c,
-        };
-        let w_l = w.subrows(row0, rows);
+        let mut l = layer_inputs(group, share, inputs, layer, w.subrows(row0, rows), c, &fail)?;
+        l.members = members;
+        layers.push(l);
+        row0 += rows;
+    }
+    let mut terms = Vec::with_capacity(group.layers);
+    for (layer, l) in group.layer_range().zip(&layers) {
+        let w_l = l.refit.as_ref().map_or(l.w, Mat::as_ref);
         let left = layer_weight(
             checkpoint,
             layer,
-            &members,
+            &l.members,
             inputs.weighting,
             w_l,
-            c.as_ref(),
+            l.c.as_ref(),
         )?;
         terms.push(LayerTerm {
             w: w_l,
-            c: c.as_ref(),
-            cross: cross.as_ref(),
+            c: l.c.as_ref(),
+            cross: l.cross.as_ref(),
             left,
         });
-        row0 += rows;
     }
+    // The latent is computed from the source layer's input: the compressed model's, when
+    // calibration is sequential.
+    let predictor = match inputs.sequential_at(group.layer) {
+        Some(m) => m.compressed.as_ref(),
+        None => covariances
+            .get(group.layer)
+            .ok_or_else(|| fail("no calibration statistics for the source layer".into()))?
+            .as_ref(),
+    };
     let fitted = match share {
         Share::Basis => shared_basis(&terms, spec),
-        Share::Latent => shared_latent(&terms, spec),
+        Share::Latent => shared_latent_from(&terms, predictor, spec),
     };
     fitted.map_err(|e| fail(e.to_string()))
 }

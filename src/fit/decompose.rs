@@ -70,6 +70,16 @@ pub enum DecomposeError {
     /// The matrix has no rows or no columns.
     #[error("the matrix is empty")]
     Empty,
+    /// A second moment's shape does not match the matrix it weighs.
+    #[error("a {rows}x{cols} moment for a matrix of {n} columns")]
+    MomentShape {
+        /// The moment's rows.
+        rows: usize,
+        /// The moment's columns.
+        cols: usize,
+        /// The matrix's columns.
+        n: usize,
+    },
     /// The fit needs calibration statistics that were not given.
     #[error("fit `act` needs an input covariance (--calibrate)")]
     NeedsCalibration,

@@ -64,7 +64,7 @@ pub struct SharedDecomposition {
 }
 
 /// `c + RIDGE * tr(c)/n * I`, symmetrised.
-fn regularised(c: MatRef<'_, f64>) -> Mat<f64> {
+pub(crate) fn regularised(c: MatRef<'_, f64>) -> Mat<f64> {
     let n = c.nrows();
     let trace: f64 = (0..n).map(|i| c[(i, i)]).sum();
     let ridge = RIDGE * (trace / n.max(1) as f64).max(f64::MIN_POSITIVE);
@@ -189,8 +189,32 @@ pub fn shared_latent(
     terms: &[LayerTerm<'_>],
     spec: Spec,
 ) -> Result<SharedDecomposition, DecomposeError> {
+    let source = terms.first().ok_or(DecomposeError::Empty)?.c;
+    shared_latent_from(terms, source, spec)
+}
+
+/// [`shared_latent`] with the latent computed from inputs of second moment `predictor` rather than
+/// the source layer's own `c` (sequential calibration: the compressed model's source input; each
+/// term's `cross` is then `E[x_l x_pred^T]`, the source's included).
+pub fn shared_latent_from(
+    terms: &[LayerTerm<'_>],
+    predictor: MatRef<'_, f64>,
+    spec: Spec,
+) -> Result<SharedDecomposition, DecomposeError> {
     check_terms(terms)?;
-    let (_, inverse_root) = sqrt_and_inverse(regularised(terms[0].c).as_ref())?;
+    let n = terms[0].w.ncols();
+    if predictor.nrows() != n || predictor.ncols() != n {
+        return Err(DecomposeError::MomentShape {
+            rows: predictor.nrows(),
+            cols: predictor.ncols(),
+            n,
+        });
+    }
+    let bad = count_non_finite(predictor);
+    if bad > 0 {
+        return Err(DecomposeError::NonFinite { count: bad });
+    }
+    let (_, inverse_root) = sqrt_and_inverse(regularised(predictor).as_ref())?;
     let whitened: Vec<Mat<f64>> = terms
         .iter()
         .map(|t| {

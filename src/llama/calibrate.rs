@@ -46,6 +46,9 @@ pub struct CalibrationRecord {
     pub tokens: usize,
     /// Window length of the forward pass.
     pub ctx: usize,
+    /// `sequential` for sequential calibration (absent: one-shot, the original model's inputs).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mode: Option<&'static str>,
 }
 
 /// `acc += x^T x` in `f64` (`x` `[rows, hidden]`), single-threaded so the sums do not depend on
@@ -100,7 +103,7 @@ pub fn accumulate_cross(acc: &mut Mat<f64>, a: MatRef<'_, f32>, b: MatRef<'_, f3
 }
 
 /// Divides every entry of `m` by `n`.
-fn scale(m: &mut Mat<f64>, n: f64) {
+pub(crate) fn scale(m: &mut Mat<f64>, n: f64) {
     for j in 0..m.ncols() {
         for i in 0..m.nrows() {
             m[(i, j)] /= n;
@@ -108,14 +111,12 @@ fn scale(m: &mut Mat<f64>, n: f64) {
     }
 }
 
-/// Runs the calibration pass of `calibration` over `checkpoint`. `pairs` lists the `(layer,
-/// source)` cross moments to accumulate (`source < layer`: a shared latent group's source layer
-/// and one of its later layers).
-pub fn calibrate(
+/// The calibration tokens of `calibration` (its text tokenized by the model's tokenizer, the
+/// window `--calib-offset .. + --calib-tokens` of them) and their provenance.
+pub fn calibration_tokens(
     checkpoint: &Checkpoint,
     calibration: &Calibration,
-    pairs: &[(usize, usize)],
-) -> Result<CalibrationStats> {
+) -> Result<(Vec<u32>, CalibrationRecord)> {
     let source = &calibration.text;
     let text = source.load("--calibrate")?;
     let ids = TextTokenizer::load(&checkpoint.dir)?.encode(&text.text)?;
@@ -132,8 +133,29 @@ pub fn calibrate(
                 ),
             )
         })?;
-    let ids = &ids[offset..end];
-    let ctx = calibration.ctx.get();
+    let ids = ids[offset..end].to_vec();
+    let record = CalibrationRecord {
+        file: source.to_string(),
+        sha256: text.sha256,
+        offset,
+        tokens: ids.len(),
+        ctx: calibration.ctx.get(),
+        mode: None,
+    };
+    Ok((ids, record))
+}
+
+/// Runs the calibration pass of `calibration` over `checkpoint`. `pairs` lists the `(layer,
+/// source)` cross moments to accumulate (`source < layer`: a shared latent group's source layer
+/// and one of its later layers).
+pub fn calibrate(
+    checkpoint: &Checkpoint,
+    calibration: &Calibration,
+    pairs: &[(usize, usize)],
+) -> Result<CalibrationStats> {
+    let (ids, record) = calibration_tokens(checkpoint, calibration)?;
+    let ids = &ids[..];
+    let ctx = record.ctx;
     let llama = Llama::new(checkpoint)?;
     let mut h = llama.embed(ids)?;
     let layers = checkpoint.config.num_layers;
@@ -173,13 +195,7 @@ pub fn calibrate(
     Ok(CalibrationStats {
         covariances,
         cross,
-        record: CalibrationRecord {
-            file: source.to_string(),
-            sha256: text.sha256,
-            offset,
-            tokens: ids.len(),
-            ctx,
-        },
+        record,
     })
 }
 

@@ -46,6 +46,28 @@ pub struct Calibration {
     pub ctx: NonZeroUsize,
     /// How output errors are weighted.
     pub weighting: ActWeighting,
+    /// Which inputs each layer is fitted on.
+    pub mode: CalibrateMode,
+}
+
+/// Which inputs fit `act` fits each layer on (`--calibrate-mode`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum CalibrateMode {
+    /// The original model's.
+    #[default]
+    OneShot,
+    /// The compressed model's so far, the original model's outputs as the target.
+    Sequential,
+}
+
+impl CalibrateMode {
+    /// The option's value.
+    pub fn name(self) -> &'static str {
+        match self {
+            CalibrateMode::OneShot => "one-shot",
+            CalibrateMode::Sequential => "sequential",
+        }
+    }
 }
 
 impl Calibration {
@@ -58,6 +80,9 @@ impl Calibration {
             .flag("--calib-ctx", self.ctx);
         if self.weighting == ActWeighting::Energy {
             command.flag("--act-weighting", "energy");
+        }
+        if self.mode == CalibrateMode::Sequential {
+            command.flag("--calibrate-mode", self.mode.name());
         }
     }
 

@@ -12,7 +12,9 @@ mod convert;
 mod subcommands;
 
 pub use command_line::CommandLine;
-pub use convert::{check_by_default, Calibration, ConvertOptions, Output, CHECK_CTX, CHECK_TOKENS};
+pub use convert::{
+    check_by_default, CalibrateMode, Calibration, ConvertOptions, Output, CHECK_CTX, CHECK_TOKENS,
+};
 pub use subcommands::{
     EvalOptions, ExpandOptions, InspectOptions, SweepConfig, SweepOptions, TextWindow,
 };

@@ -1,6 +1,6 @@
 //! The options of `eval`, `expand`, `inspect` and `sweep`, validated.
 
-use super::{Calibration, CommandLine};
+use super::{CalibrateMode, Calibration, CommandLine};
 use crate::fit::decompose::Fit;
 use crate::fit::spec::Spec;
 use crate::input::text::TextSource;
@@ -84,6 +84,8 @@ pub struct SweepConfig {
     pub fit: Fit,
     /// Cross-layer sharing of the shared K/V fit (`--share-layers` above 1).
     pub sharing: Option<LayerSharing>,
+    /// How fit `act` is calibrated (one-shot for the other fits).
+    pub mode: CalibrateMode,
 }
 
 impl SweepConfig {
@@ -116,6 +118,9 @@ impl SweepConfig {
                 sharing.share.name()
             ));
         }
+        if self.mode == CalibrateMode::Sequential {
+            parts.push(format!("--calibrate-mode {}", self.mode.name()));
+        }
         parts.join(" ")
     }
 }
@@ -139,7 +144,9 @@ pub struct SweepOptions {
     pub share_layers: Vec<NonZeroUsize>,
     /// The `--share` list (no duplicates; empty: latent only).
     pub shares: Vec<Share>,
-    /// Present exactly when `fits` holds `act`.
+    /// The `--calibrate-mode` list (not empty, no duplicates), combined with the act fits.
+    pub modes: Vec<CalibrateMode>,
+    /// Present exactly when `fits` holds `act` (its `mode` is not read: see `modes`).
     pub calibration: Option<Calibration>,
     /// Output directory.
     pub out: PathBuf,
@@ -176,8 +183,22 @@ impl SweepOptions {
         out
     }
 
+    /// The calibration modes to combine with `fit` and `sharing`: every mode for fit `act`
+    /// (sequential not with a shared basis), one-shot otherwise.
+    fn modes_for(&self, fit: Fit, sharing: Option<LayerSharing>) -> Vec<CalibrateMode> {
+        if fit != Fit::Act {
+            return vec![CalibrateMode::OneShot];
+        }
+        let basis = sharing.is_some_and(|s| s.share == Share::Basis);
+        self.modes
+            .iter()
+            .copied()
+            .filter(|&m| !(basis && m == CalibrateMode::Sequential))
+            .collect()
+    }
+
     /// The configurations, in order: every `--shared-kv` SPEC, within it every `--q` SPEC, within
-    /// that every fit, within that every sharing (`--share-layers`, `--share`).
+    /// that every fit, within that every sharing (`--share-layers`, `--share`), within that every calibration mode.
     pub fn configs(&self) -> Vec<SweepConfig> {
         let or_none = |list: &[Spec]| -> Vec<Option<Spec>> {
             if list.is_empty() {
@@ -195,12 +216,15 @@ impl SweepOptions {
                         None => vec![None],
                     };
                     for sharing in sharings {
-                        out.push(SweepConfig {
-                            shared_kv,
-                            q,
-                            fit,
-                            sharing,
-                        });
+                        for mode in self.modes_for(fit, sharing) {
+                            out.push(SweepConfig {
+                                shared_kv,
+                                q,
+                                fit,
+                                sharing,
+                                mode,
+                            });
+                        }
                     }
                 }
             }
@@ -226,6 +250,10 @@ impl SweepOptions {
         c.list("--share", &shares);
         if let Some(calibration) = &self.calibration {
             calibration.add_to(&mut c);
+            if self.modes != [CalibrateMode::OneShot] {
+                let modes: Vec<&str> = self.modes.iter().map(|m| m.name()).collect();
+                c.list("--calibrate-mode", &modes);
+            }
         }
         c.finish()
     }

@@ -15,11 +15,12 @@ pub(crate) mod table;
 
 use crate::error::{Error, Result};
 use crate::execute::prepare::{fit_inputs, resolve_budgets};
+use crate::execute::sequential::sequential_inputs;
 use crate::execute::FitInputs;
 use crate::input::checkpoint::Checkpoint;
 use crate::llama::score::{negative_log_likelihood, read_text, select};
 use crate::llama::Llama;
-use crate::options::{SweepConfig, SweepOptions};
+use crate::options::{CalibrateMode, Calibration, SweepConfig, SweepOptions};
 use crate::output::staging::Staging;
 use crate::output::writer::write_file;
 use crate::plan;
@@ -44,6 +45,8 @@ struct Bench<'a> {
     ids: &'a [u32],
     ctx: usize,
     inputs: &'a FitInputs,
+    /// The calibration, for the configurations calibrated sequentially (a pass each).
+    calibration: Option<&'a Calibration>,
     quiet: bool,
     /// Configurations plus the base.
     total: usize,
@@ -86,9 +89,18 @@ impl Bench<'_> {
         let mut groups = plan::groups(self.checkpoint, &config.surgery());
         resolve_budgets(self.checkpoint, &mut groups, self.inputs)?;
         let what = format!("[{}/{}] {label}", i + 2, self.total);
+        // Sequential calibration depends on the configuration: its own pass, before scoring.
+        let sequential = match self.calibration {
+            Some(calibration) if config.mode == CalibrateMode::Sequential => {
+                self.say(format!("{what}: sequential calibration"));
+                Some(sequential_inputs(self.checkpoint, calibration, &groups)?)
+            }
+            _ => None,
+        };
+        let inputs = sequential.as_ref().unwrap_or(self.inputs);
         let bar = progress_bar(self.quiet, c.num_layers, &what);
         let evaluation =
-            evaluate::evaluate(self.llama, &groups, self.inputs, self.ids, self.ctx, |_| {
+            evaluate::evaluate(self.llama, &groups, inputs, self.ids, self.ctx, |_| {
                 bar.inc(1)
             })?;
         bar.finish_and_clear();
@@ -133,12 +145,14 @@ pub fn run(options: &SweepOptions) -> Result<()> {
     evaluate::refuse_shared_biases(&llama, &all_groups)?;
     let inputs = fit_inputs(options.calibration.as_ref(), &checkpoint, &all_groups)?;
     drop(all_groups);
+
     let bench = Bench {
         checkpoint: &checkpoint,
         llama: &llama,
         ids: &text.ids[selection.range.clone()],
         ctx,
         inputs: &inputs,
+        calibration: options.calibration.as_ref(),
         quiet: options.quiet,
         total: configs.len() + 1,
     };
