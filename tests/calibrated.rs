@@ -236,3 +236,31 @@ fn budget_hits_the_requested_total_within_one_rank_per_layer() {
         }
     }
 }
+
+#[test]
+fn without_calibrate_the_builtin_text_is_used_and_recorded() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    convert(&[
+        "--in",
+        "fixtures/tiny-f32-gqa",
+        "--out",
+        out.to_str().unwrap(),
+        "--shared-kv",
+        "rank:4",
+        "--fit",
+        "act",
+        "--calib-tokens",
+        "400",
+        "--no-check",
+    ]);
+    let r = report(&out);
+    let cal = &r["options"]["calibration"];
+    assert_eq!(cal["file"], "built-in:calibration");
+    let text = std::fs::read("data/builtin/calibration.txt").unwrap();
+    let want = surgery_convert::digest::sha256_hex(&text);
+    assert_eq!(cal["sha256"], want.as_str());
+    assert_eq!(cal["tokens"], 400);
+    let command = r["command"].as_str().unwrap();
+    assert!(!command.contains("--calibrate "), "{command}");
+}

@@ -96,7 +96,8 @@ pub enum CalibrateModeArg {
 pub struct CalibrationArgs {
     /// Calibration text (UTF-8) for --fit act: the original model runs over it and the covariance
     /// of each layer's attention input is accumulated. Default: the built-in calibration text
-    /// (English Wikipedia, about 24,000 tokens; data/builtin/README.md).
+    /// (English prose, technical documentation, code and dialogue, about 39,000 SmolLM2 tokens;
+    /// data/builtin/README.md).
     #[arg(long, value_name = "FILE")]
     pub calibrate: Option<PathBuf>,
 

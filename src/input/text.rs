@@ -110,6 +110,19 @@ mod tests {
     }
 
     #[test]
+    fn every_prefix_of_the_builtin_calibration_mixes_its_four_domains() {
+        // The first ~8,000 tokens (about 32,000 characters) hold prose, technical documentation,
+        // code and dialogue, and so does the first tenth of them.
+        let cal = Builtin::Calibration.text();
+        for end in [6_500, 32_000] {
+            let prefix = &cal[..cal.floor_char_boundary(end)];
+            for marker in ["Congress", ".. code-block::", "def ", "ACT I."] {
+                assert!(prefix.contains(marker), "{marker} not in the first {end} characters");
+            }
+        }
+    }
+
+    #[test]
     fn unreadable_and_non_utf8_files_name_the_option() {
         let dir = tempfile::tempdir().unwrap();
         let missing = TextSource::File(dir.path().join("missing.txt"));
