@@ -117,7 +117,10 @@ mod tests {
         for end in [6_500, 32_000] {
             let prefix = &cal[..cal.floor_char_boundary(end)];
             for marker in ["Congress", ".. code-block::", "def ", "ACT I."] {
-                assert!(prefix.contains(marker), "{marker} not in the first {end} characters");
+                assert!(
+                    prefix.contains(marker),
+                    "{marker} not in the first {end} characters"
+                );
             }
         }
     }
