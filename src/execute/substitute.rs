@@ -74,6 +74,18 @@ impl<'a> Substitution<'a> {
     }
 }
 
+/// A group output encoded in its member's dtype (as the conversion writes it), decoded to `f32`.
+fn decode_piece(checkpoint: &Checkpoint, member: usize, bytes: &[u8]) -> Result<Vec<f32>> {
+    let t = &checkpoint.tensors[member];
+    let ty = FloatType::of_tensor(
+        t.dtype,
+        &checkpoint.shards[t.shard].path,
+        &t.name,
+        "decomposed",
+    )?;
+    Ok(ty.decode_f32(bytes))
+}
+
 /// The key/value maps of every layer of a group spanning several layers, from its factored
 /// `pieces` (the group's down-projection, then each member's up-projection in member order),
 /// decoded as a factored conversion writes them; by layer.
@@ -84,19 +96,8 @@ fn shared_maps(
     pieces: &[Vec<u8>],
 ) -> Result<Vec<(usize, KeyValue)>> {
     let decoded = |member: usize, bytes: &[u8], rows: usize, cols: usize| -> Result<Linear> {
-        let t = &checkpoint.tensors[member];
-        let ty = FloatType::of_tensor(
-            t.dtype,
-            &checkpoint.shards[t.shard].path,
-            &t.name,
-            "decomposed",
-        )?;
-        Ok(Linear::from_row_major(
-            &ty.decode_f32(bytes),
-            rows,
-            cols,
-            None,
-        ))
+        let values = decode_piece(checkpoint, member, bytes)?;
+        Ok(Linear::from_row_major(&values, rows, cols, None))
     };
     let (down_bytes, ups) = pieces.split_first().ok_or_else(|| {
         Error::bug(format!(
@@ -157,13 +158,11 @@ fn substitute(
     let mut linears = Vec::with_capacity(pieces.len());
     for (&member, bytes) in group.members.iter().zip(pieces) {
         let t = &checkpoint.tensors[member];
-        let ty = FloatType::of_tensor(
-            t.dtype,
-            &checkpoint.shards[t.shard].path,
-            &t.name,
-            "decomposed",
-        )?;
-        linears.push((ty.decode_f32(bytes), t.shape[0], t.shape[1]));
+        linears.push((
+            decode_piece(checkpoint, member, bytes)?,
+            t.shape[0],
+            t.shape[1],
+        ));
     }
     let dense = |i: usize, bias: Option<Vec<f32>>| -> Result<Projection> {
         let (values, out, input) = linears.get(i).ok_or_else(|| {

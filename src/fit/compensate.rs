@@ -60,13 +60,7 @@ pub fn compensate(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::fit::decompose::test_matrices::{max_abs_diff, noise};
-
-    fn moment(x: &Mat<f64>, y: &Mat<f64>) -> Mat<f64> {
-        let n = x.ncols() as f64;
-        let m = x * y.transpose();
-        Mat::from_fn(m.nrows(), m.ncols(), |i, j| m[(i, j)] / n)
-    }
+    use crate::fit::decompose::test_matrices::{max_abs_diff, moment, noise};
 
     #[test]
     fn coinciding_inputs_leave_the_weight_unchanged() {

@@ -393,6 +393,13 @@ fn factors_with_mean(up: &Mat<f64>, down: &Mat<f64>, mean: &[f64], fit: Fit) -> 
 pub(crate) mod test_matrices {
     use faer::{Mat, MatRef};
 
+    /// `x y^T / n` for `n` samples as columns: the (cross) second moment of two sample sets.
+    pub(crate) fn moment(x: &Mat<f64>, y: &Mat<f64>) -> Mat<f64> {
+        let n = x.ncols() as f64;
+        let m = x * y.transpose();
+        Mat::from_fn(m.nrows(), m.ncols(), |i, j| m[(i, j)] / n)
+    }
+
     /// A deterministic pseudo-random matrix (xorshift), values in [-1, 1).
     pub(crate) fn noise(m: usize, n: usize, seed: u64) -> Mat<f64> {
         let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;

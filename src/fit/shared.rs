@@ -279,13 +279,7 @@ fn finish(
 mod tests {
     use super::*;
     use crate::fit::act::decompose_weighted;
-    use crate::fit::decompose::test_matrices::{max_abs_diff, noise};
-
-    fn moment(x: &Mat<f64>, y: &Mat<f64>) -> Mat<f64> {
-        let n = x.ncols() as f64;
-        let m = x * y.transpose();
-        Mat::from_fn(m.nrows(), m.ncols(), |i, j| m[(i, j)] / n)
-    }
+    use crate::fit::decompose::test_matrices::{max_abs_diff, moment, noise};
 
     /// Two layers' inputs (`[n, samples]` each): the second a noisy linear map of the first.
     fn inputs(n: usize, samples: usize) -> (Mat<f64>, Mat<f64>) {
