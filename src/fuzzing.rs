@@ -76,6 +76,7 @@ pub fn open_and_plan(data: &[u8], dir: &Path) -> Result<usize> {
         shared_kv: Some(Spec::Threshold(0.3)),
         fit: Fit::Pca,
         sharing: None,
+        compensate: None,
     };
     let groups = plan::groups(&checkpoint, &surgery);
     let plan = plan::plan(&checkpoint, groups, &Layout::Dense, Some(1 << 20))?;

@@ -37,6 +37,7 @@ fn first_layer_covariance_equals_a_direct_computation() {
         ctx: NonZeroUsize::new(64).unwrap(),
         weighting: ActWeighting::default(),
         mode: Default::default(),
+        allocation: Default::default(),
     };
     let stats = calibrate(&checkpoint, &calibration, &[]).unwrap();
     assert_eq!(stats.covariances.len(), 2);

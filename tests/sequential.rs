@@ -51,7 +51,12 @@ fn layer_tensors(dir: &Path, layer: usize) -> Vec<(String, Vec<u8>)> {
 #[test]
 fn nothing_compressed_below_a_layer_fits_it_as_one_shot_does() {
     let tmp = tempfile::tempdir().unwrap();
-    let spec = ["--shared-kv", "rank:6"];
+    // With o_proj compensation (the default) layer 0, o_proj included, is the same too.
+    let (one, seq) = (tmp.path().join("one-o"), tmp.path().join("seq-o"));
+    convert(&one, &["--shared-kv", "rank:6"], "one-shot");
+    convert(&seq, &["--shared-kv", "rank:6"], "sequential");
+    assert!(layer_tensors(&one, 0) == layer_tensors(&seq, 0));
+    let spec = ["--shared-kv", "rank:6", "--compensate", "none"];
     let (one, seq) = (tmp.path().join("one"), tmp.path().join("seq"));
     convert(&one, &spec, "one-shot");
     convert(&seq, &spec, "sequential");

@@ -535,13 +535,14 @@ fn eval_of_a_written_checkpoint_scores_what_sweep_computed() {
             String::from_utf8_lossy(&eval.stderr)
         );
         let e: Value = serde_json::from_slice(&eval.stdout).unwrap();
-        // As for per-layer fits (tests/sweep.rs): equal to the f32 products' blocking.
+        // As for per-layer fits (tests/sweep.rs): equal to the f32 products' blocking (the
+        // refitted o_proj, read from the file, is multiplied in another memory layout).
         let (got, want) = (
             e["perplexity"].as_f64().unwrap(),
             config["perplexity"].as_f64().unwrap(),
         );
         assert!(
-            ((got - want) / want).abs() < 1e-9,
+            ((got - want) / want).abs() < 1e-8,
             "{share}: eval {got} vs sweep {want}"
         );
         assert_eq!(

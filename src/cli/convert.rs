@@ -8,10 +8,10 @@ use crate::fit::decompose::Fit;
 use crate::fit::spec::Spec;
 use crate::input::text::{Builtin, TextSource};
 use crate::options::{
-    check_by_default, CalibrateMode, Calibration, ConvertOptions, Output, TextWindow, CHECK_CTX,
-    CHECK_TOKENS,
+    check_by_default, Allocation, CalibrateMode, Calibration, ConvertOptions, Output, TextWindow,
+    CHECK_CTX, CHECK_TOKENS, DEFAULT_COMPENSATE,
 };
-use crate::plan::{Emit, LayerSharing, Share, Surgery};
+use crate::plan::{Compensate, Emit, LayerSharing, Share, Surgery};
 use clap::{Args, ValueEnum};
 use std::num::NonZeroUsize;
 use std::path::PathBuf;
@@ -91,6 +91,25 @@ pub enum CalibrateModeArg {
     Sequential,
 }
 
+/// `--compensate`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum CompensateArg {
+    /// Nothing refitted besides the fitted projections.
+    None,
+    /// Each layer's o_proj refitted on its compressed attention heads.
+    #[value(name = "o_proj")]
+    OProj,
+}
+
+/// `--budget-allocation`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum AllocationArg {
+    /// By the groups' normalised spectra alone.
+    Spectra,
+    /// By the spectra scaled by each group's measured cost in the forward pass.
+    Sensitivity,
+}
+
 /// The calibration options of `--fit act`, shared by conversions and `sweep`.
 #[derive(Debug, Clone, Args)]
 pub struct CalibrationArgs {
@@ -124,6 +143,21 @@ pub struct CalibrationArgs {
     /// pass of the calibration text) [default: one-shot]. `sweep` takes a comma-separated list.
     #[arg(long, value_enum, value_name = "MODE", value_delimiter = ',')]
     pub calibrate_mode: Vec<CalibrateModeArg>,
+
+    /// What --fit act refits besides the fitted projections: o_proj (after a layer's K/V are
+    /// replaced, its o_proj is refitted by regularised least squares so the attention block's
+    /// output on the calibration tokens matches the original model's; the output carries the
+    /// rewritten o_proj) or none (the K/V fits alone) [default: o_proj]. `sweep` takes a
+    /// comma-separated list.
+    #[arg(long, value_enum, value_name = "WHAT", value_delimiter = ',')]
+    pub compensate: Vec<CompensateArg>,
+
+    /// How budget:F spends its budget across layers: spectra (by each group's normalised spectrum)
+    /// or sensitivity (the spectra scaled by what each group's compression costs the calibration
+    /// loss, measured by replacing it alone over the first 1,024 calibration tokens; one probe
+    /// per group) [default: spectra]. `sweep` takes a comma-separated list.
+    #[arg(long, value_enum, value_name = "HOW", value_delimiter = ',')]
+    pub budget_allocation: Vec<AllocationArg>,
 }
 
 impl CalibrationArgs {
@@ -148,6 +182,68 @@ impl CalibrationArgs {
         Ok(modes)
     }
 
+    /// The `--compensate` values, in order (`[DEFAULT_COMPENSATE]` when not given); duplicates
+    /// refused.
+    pub fn compensations(&self) -> Result<Vec<Option<Compensate>>> {
+        let list: Vec<Option<Compensate>> = self
+            .compensate
+            .iter()
+            .map(|c| match c {
+                CompensateArg::None => None,
+                CompensateArg::OProj => Some(Compensate::OProj),
+            })
+            .collect();
+        for (i, c) in list.iter().enumerate() {
+            if list[..i].contains(c) {
+                return Err(Error::usage(
+                    "--compensate",
+                    format!("{} is listed twice", c.map_or("none", Compensate::name)),
+                ));
+            }
+        }
+        Ok(if list.is_empty() {
+            vec![DEFAULT_COMPENSATE]
+        } else {
+            list
+        })
+    }
+
+    /// The one `--compensate` value of a conversion.
+    pub fn compensation(&self) -> Result<Option<Compensate>> {
+        match self.compensations()?.as_slice() {
+            [one] => Ok(*one),
+            _ => Err(Error::usage(
+                "--compensate",
+                "a conversion takes one value (sweep takes a list): give o_proj or none",
+            )),
+        }
+    }
+
+    /// The `--budget-allocation` values, in order (`[Spectra]` when not given); duplicates refused.
+    pub fn allocations(&self) -> Result<Vec<Allocation>> {
+        let list: Vec<Allocation> = self
+            .budget_allocation
+            .iter()
+            .map(|a| match a {
+                AllocationArg::Spectra => Allocation::Spectra,
+                AllocationArg::Sensitivity => Allocation::Sensitivity,
+            })
+            .collect();
+        for (i, a) in list.iter().enumerate() {
+            if list[..i].contains(a) {
+                return Err(Error::usage(
+                    "--budget-allocation",
+                    format!("{} is listed twice", a.name()),
+                ));
+            }
+        }
+        Ok(if list.is_empty() {
+            vec![Allocation::Spectra]
+        } else {
+            list
+        })
+    }
+
     /// The validated settings: present exactly when a fit `act` is requested (`wants_act`), on
     /// `--calibrate` or the built-in text; a calibration option without one is refused.
     /// `many`: several `--calibrate-mode` values are allowed (`sweep`, which reads them with
@@ -161,6 +257,8 @@ impl CalibrationArgs {
                 ("--calib-ctx", self.calib_ctx.is_some()),
                 ("--act-weighting", self.act_weighting.is_some()),
                 ("--calibrate-mode", !self.calibrate_mode.is_empty()),
+                ("--compensate", !self.compensate.is_empty()),
+                ("--budget-allocation", !self.budget_allocation.is_empty()),
             ];
             return match given.iter().find(|(_, g)| *g) {
                 Some((option, _)) => Err(Error::usage(
@@ -192,6 +290,14 @@ impl CalibrationArgs {
                 [..] => return Err(Error::usage(
                     "--calibrate-mode",
                     "a conversion takes one mode (sweep takes a list): give one-shot or sequential",
+                )),
+            },
+            allocation: match self.allocations()?.as_slice() {
+                [one] => *one,
+                [..] if many => Allocation::Spectra,
+                [..] => return Err(Error::usage(
+                    "--budget-allocation",
+                    "a conversion takes one value (sweep takes a list): give spectra or sensitivity",
                 )),
             },
         }))
@@ -369,6 +475,23 @@ impl ConvertArgs {
         )?;
         let calibration = self.calibration.resolve(fit == Fit::Act, false)?;
         refuse_sequential_basis(calibration.as_ref(), sharing.map(|s| s.share))?;
+        let compensate = match fit {
+            Fit::Act => self.calibration.compensation()?,
+            _ => None,
+        };
+        let budgeted = [self.shared_kv, q, k, v]
+            .iter()
+            .any(|s| matches!(s, Some(Spec::Budget(_))));
+        if calibration
+            .as_ref()
+            .is_some_and(|c| c.allocation == Allocation::Sensitivity)
+            && !budgeted
+        {
+            return Err(Error::usage(
+                "--budget-allocation",
+                "only budget:F SPECs are allocated: give e.g. --shared-kv budget:0.25, or drop the option",
+            ));
+        }
         if let (Some(calibration), Some(window)) = (&calibration, &check) {
             if calibration.overlaps(window) {
                 return Err(Error::usage(
@@ -398,6 +521,7 @@ impl ConvertArgs {
                 shared_kv: self.shared_kv,
                 fit,
                 sharing,
+                compensate,
             },
             calibration,
             emit,

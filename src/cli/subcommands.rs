@@ -285,6 +285,8 @@ impl SweepArgs {
             list if list.is_empty() => vec![CalibrateMode::OneShot],
             list => list,
         };
+        let compensations = self.calibration.compensations()?;
+        let allocations = self.calibration.allocations()?;
         let window = self.window.resolve();
         if calibration.as_ref().is_some_and(|c| c.overlaps(&window)) {
             return Err(Error::usage(
@@ -305,6 +307,8 @@ impl SweepArgs {
             share_layers,
             shares,
             modes,
+            compensations,
+            allocations,
             calibration,
             out: self.out,
             force: self.force,

@@ -88,7 +88,7 @@ fn dry_run(
         checkpoint,
         &plan,
         reports,
-        inputs.calibration.as_ref(),
+        inputs,
         Vec::new(),
         None,
     ))
@@ -142,7 +142,7 @@ fn convert(
         checkpoint,
         &plan,
         reports,
-        inputs.calibration.as_ref(),
+        inputs,
         weight_files,
         Some(&sizes),
     );

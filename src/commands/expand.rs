@@ -166,6 +166,7 @@ fn write(
             checkpoint,
             plan,
             &mut NoPieces,
+            &execute::FitInputs::default(),
             &mut writer,
             &mut hasher,
             &ProgressBar::hidden(),

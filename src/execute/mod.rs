@@ -11,10 +11,12 @@
 //! [`prepare`] computes what the fits need first (calibration, budgets); [`write`] runs a
 //! conversion's write pass; [`input_hash`] hashes the input on the way.
 
+pub(crate) mod compensation;
 pub(crate) mod group;
 pub(crate) mod input_hash;
 pub(crate) mod pipeline;
 pub(crate) mod prepare;
+pub(crate) mod sensitivity;
 pub(crate) mod sequential;
 pub(crate) mod shared;
 pub(crate) mod spill;
@@ -97,7 +99,7 @@ impl GroupReport {
 }
 
 /// What the fits need besides the weights.
-#[derive(Debug, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct FitInputs {
     /// Per layer, the covariance of the attention input (`--calibrate`), for fit `act`.
     pub covariances: Option<Vec<Mat<f64>>>,
@@ -108,6 +110,8 @@ pub struct FitInputs {
     /// moments of the compressed model's attention input (none for the later layers of a shared
     /// latent group: they read their source's latent); empty for one-shot calibration.
     pub sequential: Vec<Option<SequentialMoments>>,
+    /// Per layer, its `o_proj` as calibration refitted it (`--compensate o_proj`).
+    pub compensated: std::collections::BTreeMap<usize, compensation::CompensatedProjection>,
     /// How fit `act` weighs output errors.
     pub weighting: ActWeighting,
     /// Where the covariances came from.
@@ -206,12 +210,13 @@ fn expand_tensor(checkpoint: &Checkpoint, down: usize, up: usize) -> Result<Vec<
 const COPY_CHUNK: usize = 16 << 20;
 
 /// Produces every output tensor in plan order and hands it to `sink`; group outputs come from
-/// `pieces`. Copied tensors go through in chunks, each released from the input map once written;
-/// the input files are hashed on the way (`hasher`).
+/// `pieces`, compensated tensors from `inputs`. Copied tensors go through in chunks, each released
+/// from the input map once written; the input files are hashed on the way (`hasher`).
 pub fn execute(
     checkpoint: &Checkpoint,
     plan: &Plan,
     pieces: &mut dyn PieceSource,
+    inputs: &FitInputs,
     sink: &mut dyn TensorSink,
     hasher: &mut InputHasher,
     progress: &ProgressBar,
@@ -243,6 +248,24 @@ pub fn execute(
                     if let Some(t) = checkpoint.tensor(&tensor.name) {
                         hasher.visit(checkpoint, t);
                     }
+                }
+                Op::Compensated {
+                    layer,
+                    tensor: index,
+                } => {
+                    let bytes = inputs
+                        .compensated
+                        .get(&layer)
+                        .filter(|c| c.tensor == index)
+                        .map(|c| c.bytes.as_slice())
+                        .ok_or_else(|| {
+                            Error::bug(format!(
+                                "{}: layer {layer}'s o_proj was planned compensated but never refitted",
+                                tensor.name
+                            ))
+                        })?;
+                    sink.write_tensor(tensor, bytes)?;
+                    hasher.visit(checkpoint, &checkpoint.tensors[index]);
                 }
                 Op::Expand { down, up } => {
                     let bytes = expand_tensor(checkpoint, down, up)?;

@@ -1,14 +1,15 @@
 //! What the fits need before they run: the calibration statistics of fit `act` (the forward pass
 //! over calibration text) and every `budget:F` SPEC resolved to per-group ranks. Sequential
 //! calibration resolves the budgets on one-shot statistics first (the ranks must be known before
-//! the compressed stream can run), then runs its own pass ([`super::sequential`]).
+//! the compressed stream can run), then runs its own pass ([`super::sequential`]), which also
+//! refits `o_proj` where `--compensate o_proj` asks (after the one-shot pass in one-shot mode).
 
 use crate::error::Result;
 use crate::execute::{spectra, FitInputs};
 use crate::fit::budget;
 use crate::fit::spec::Spec;
 use crate::input::checkpoint::Checkpoint;
-use crate::options::{CalibrateMode, Calibration};
+use crate::options::{Allocation, CalibrateMode, Calibration};
 use crate::plan::{GroupKind, GroupPlan, Share};
 
 /// The statistics every fit of `groups` reads, with their `budget:F` SPECs resolved: one-shot
@@ -18,19 +19,25 @@ pub fn prepare_inputs(
     checkpoint: &Checkpoint,
     groups: &mut [GroupPlan],
 ) -> Result<FitInputs> {
-    let sequential = calibration.filter(|c| c.mode == CalibrateMode::Sequential);
+    let sequential = calibration.is_some_and(|c| c.mode == CalibrateMode::Sequential);
+    let compensating = groups.iter().any(|g| g.compensate.is_some());
     let budgeted = groups.iter().any(|g| matches!(g.spec, Spec::Budget(_)));
     let one_shot = match (sequential, budgeted) {
-        (Some(_), false) => FitInputs::default(),
+        (true, false) => FitInputs::default(),
         _ => fit_inputs(calibration, checkpoint, groups)?,
     };
-    resolve_budgets(checkpoint, groups, &one_shot)?;
-    match sequential {
-        Some(calibration) => {
-            drop(one_shot);
-            super::sequential::sequential_inputs(checkpoint, calibration, groups)
+    let sensitivity = calibration.filter(|c| c.allocation == Allocation::Sensitivity);
+    resolve_budgets(checkpoint, groups, &one_shot, sensitivity)?;
+    match calibration {
+        Some(calibration) if sequential || compensating => {
+            let one_shot = if sequential {
+                FitInputs::default()
+            } else {
+                one_shot
+            };
+            super::sequential::sequential_inputs(checkpoint, calibration, groups, one_shot)
         }
-        None => Ok(one_shot),
+        _ => Ok(one_shot),
     }
 }
 
@@ -52,17 +59,21 @@ pub fn fit_inputs(
         covariances: Some(stats.covariances),
         cross: stats.cross,
         sequential: Vec::new(),
+        compensated: Default::default(),
         weighting: calibration.weighting,
         calibration: Some(stats.record),
     })
 }
 
 /// Resolves every `budget:F` SPEC to per-group ranks: per group kind, the spectra of all its groups
-/// are ranked together and the kind's budget is spent from the top (`budget::allocate`).
+/// are ranked together and the kind's budget is spent from the top (`budget::allocate`). With
+/// `sensitivity` (`--budget-allocation sensitivity`, its calibration), the spectra are then scaled
+/// by each group's measured sensitivity ([`super::sensitivity`]) and the budget spent again.
 pub fn resolve_budgets(
     checkpoint: &Checkpoint,
     groups: &mut [GroupPlan],
     inputs: &FitInputs,
+    sensitivity: Option<&Calibration>,
 ) -> Result<()> {
     let budgeted: Vec<usize> = (0..groups.len())
         .filter(|&g| matches!(groups[g].spec, Spec::Budget(_)))
@@ -70,8 +81,27 @@ pub fn resolve_budgets(
     if budgeted.is_empty() {
         return Ok(());
     }
-    let subset: Vec<GroupPlan> = budgeted.iter().map(|&g| groups[g].clone()).collect();
+    let mut subset: Vec<GroupPlan> = budgeted.iter().map(|&g| groups[g].clone()).collect();
     let spectra = spectra(checkpoint, &subset, inputs)?;
+    allocate(checkpoint, &mut subset, &spectra);
+    if let Some(calibration) = sensitivity {
+        let scales =
+            super::sensitivity::sensitivities(checkpoint, calibration, &subset, &spectra, inputs)?;
+        let scaled: Vec<Vec<f64>> = spectra
+            .iter()
+            .zip(&scales)
+            .map(|(s, k)| s.iter().map(|r| r * k).collect())
+            .collect();
+        allocate(checkpoint, &mut subset, &scaled);
+    }
+    for (&g, group) in budgeted.iter().zip(subset) {
+        groups[g].budget_rank = group.budget_rank;
+    }
+    Ok(())
+}
+
+/// Sets every group's `budget_rank` from `spectra` (`spectra[i]` group `i`'s), per group kind.
+fn allocate(checkpoint: &Checkpoint, subset: &mut [GroupPlan], spectra: &[Vec<f64>]) {
     let mut kinds: Vec<GroupKind> = subset.iter().map(|g| g.kind).collect();
     kinds.sort();
     kinds.dedup();
@@ -115,8 +145,7 @@ pub fn resolve_budgets(
             .iter()
             .zip(budget::allocate_costed(&kind_spectra, &costs, total))
         {
-            groups[budgeted[i]].budget_rank = Some(rank);
+            subset[i].budget_rank = Some(rank);
         }
     }
-    Ok(())
 }

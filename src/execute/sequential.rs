@@ -12,18 +12,26 @@
 //! original stream crosses a group, one layer's weights per stream, and the moments
 //! (`hidden^2` values each: three per layer, one per later layer of a group).
 //!
+//! `o_proj` compensation (`--compensate o_proj`, [`super::compensation`]) rides on the same pass:
+//! the original stream keeps the heads' outputs of the layers to refit, the compressed stream
+//! refits each such layer's `o_proj` on its own heads' outputs once the layer's groups are
+//! substituted, and moves on with it. In one-shot mode the compressed stream restarts from the
+//! original one at every segment, so each refit corrects its own layer's error only.
+//!
 //! The result is [`FitInputs`] the conversion's fits read exactly as the pass did, so the written
 //! output is what the pass computed with (the fits run again there, deterministically).
 
+use super::compensation::compensate_output;
 use super::substitute::Substitution;
 use super::{FitInputs, SequentialMoments};
 use crate::error::{Error, Result};
 use crate::input::checkpoint::Checkpoint;
-use crate::llama::calibrate::{accumulate, accumulate_cross, calibration_tokens, scale};
+use crate::llama::calibrate::{accumulate, accumulate_cross, calibration_tokens, identical, scale};
 use crate::llama::{Llama, PassState};
-use crate::options::Calibration;
-use crate::plan::{GroupPlan, Share};
+use crate::options::{CalibrateMode, Calibration};
+use crate::plan::{compensated_tensors, GroupPlan, Share};
 use faer::{Mat, MatRef};
+use std::collections::{BTreeMap, BTreeSet};
 
 /// `E[a^T b]` over the `n` rows: `E[x x^T]` when `a` and `b` are the same activations.
 fn moment(a: MatRef<'_, f32>, b: MatRef<'_, f32>, n: f64) -> Mat<f64> {
@@ -42,14 +50,6 @@ fn second_moment(x: MatRef<'_, f32>, n: f64) -> Mat<f64> {
     m
 }
 
-/// Whether two activations are the same, bit for bit.
-fn identical(a: MatRef<'_, f32>, b: MatRef<'_, f32>) -> bool {
-    a.nrows() == b.nrows()
-        && a.ncols() == b.ncols()
-        && (0..a.ncols())
-            .all(|j| (0..a.nrows()).all(|i| a[(i, j)].to_bits() == b[(i, j)].to_bits()))
-}
-
 /// The layers `[start, end)` the original stream crosses before the compressed stream follows:
 /// a shared latent group's, else one layer.
 fn segment(groups: &[GroupPlan], start: usize, layers: usize) -> usize {
@@ -62,76 +62,121 @@ fn segment(groups: &[GroupPlan], start: usize, layers: usize) -> usize {
     (start + span.max(1)).min(layers)
 }
 
-/// Runs sequential calibration of `calibration` over `checkpoint` for `groups` (their budgets
-/// resolved) and returns the statistics their fits read.
+/// Runs the two-stream calibration pass of `calibration` over `checkpoint` for `groups` (their
+/// budgets resolved) and returns the statistics their fits read, with the `o_proj` refits of the
+/// groups that ask for them (`--compensate o_proj`). In sequential mode every statistic comes from
+/// the pass; in one-shot mode the fits read `one_shot` (the original model's statistics) and the
+/// compressed stream restarts from the original one at every layer, so the pass only refits
+/// `o_proj` on the compressed heads of the original inputs.
 pub fn sequential_inputs(
     checkpoint: &Checkpoint,
     calibration: &Calibration,
     groups: &[GroupPlan],
+    one_shot: FitInputs,
 ) -> Result<FitInputs> {
+    let sequential = calibration.mode == CalibrateMode::Sequential;
     let (ids, mut record) = calibration_tokens(checkpoint, calibration)?;
-    record.mode = Some(calibration.mode.name());
     let ctx = record.ctx;
     let n = ids.len() as f64;
     let llama = Llama::new(checkpoint)?;
     let mut original = llama.embed(&ids)?;
     let mut compressed = original.clone();
     let layers = checkpoint.config.num_layers;
-    let mut inputs = FitInputs {
-        covariances: Some(Vec::with_capacity(layers)),
-        weighting: calibration.weighting,
-        calibration: Some(record),
-        ..FitInputs::default()
+    let mut inputs = match sequential {
+        true => {
+            record.mode = Some(calibration.mode.name());
+            FitInputs {
+                covariances: Some(Vec::with_capacity(layers)),
+                weighting: calibration.weighting,
+                calibration: Some(record),
+                ..FitInputs::default()
+            }
+        }
+        false => one_shot,
     };
+    let refitted: BTreeSet<usize> = compensated_tensors(checkpoint, groups)
+        .into_values()
+        .collect();
     let mut substitution = Substitution::new(checkpoint, groups);
     let (mut original_state, mut compressed_state) = (PassState::default(), PassState::default());
     let mut start = 0;
     while start < layers {
         let end = segment(groups, start, layers);
+        if !sequential {
+            compressed.copy_from(original.as_ref());
+        }
         let source = llama.layer(start)?.attention_input(compressed.as_ref());
+        let mut heads: BTreeMap<usize, Mat<f32>> = BTreeMap::new();
         for index in start..end {
             let layer = llama.layer(index)?;
-            let x = layer.attention_input(original.as_ref());
-            let covariance = second_moment(x.as_ref(), n);
-            if index == start {
-                // Nothing compressed below (or nothing that changed the inputs): the moments are
-                // the one-shot ones, bit for bit, and the fit is today's.
-                let (compressed_moment, target) = if identical(x.as_ref(), source.as_ref()) {
-                    (covariance.clone(), covariance.clone())
-                } else {
-                    (
-                        second_moment(source.as_ref(), n),
-                        moment(x.as_ref(), source.as_ref(), n),
-                    )
-                };
-                inputs.sequential.push(Some(SequentialMoments {
-                    compressed: compressed_moment,
-                    target,
-                }));
-            } else {
-                inputs
-                    .cross
-                    .insert((index, start), moment(x.as_ref(), source.as_ref(), n));
-                inputs.sequential.push(None);
+            if sequential {
+                let x = layer.attention_input(original.as_ref());
+                record_moments(&mut inputs, (index, start), x.as_ref(), source.as_ref(), n)?;
             }
-            inputs
-                .covariances
-                .as_mut()
-                .ok_or_else(|| Error::bug("sequential calibration lost its covariances"))?
-                .push(covariance);
+            if index + 1 == layers && !refitted.contains(&index) {
+                continue;
+            }
+            let z = layer.attention_heads(original.as_ref(), ctx, &mut original_state)?;
             if index + 1 < layers {
-                layer.forward(&mut original, ctx, &mut original_state)?;
+                layer.finish(&mut original, z.as_ref());
+            }
+            if refitted.contains(&index) {
+                heads.insert(index, z);
             }
         }
         drop(source);
         for index in start..end {
             let mut layer = llama.layer(index)?;
             substitution.apply(&mut layer, &inputs)?;
+            if index + 1 == layers && !refitted.contains(&index) {
+                continue;
+            }
+            let z = layer.attention_heads(compressed.as_ref(), ctx, &mut compressed_state)?;
+            if let Some(target) = heads.remove(&index) {
+                let (projection, o) =
+                    compensate_output(checkpoint, &layer, target.as_ref(), z.as_ref())?;
+                layer.o = o;
+                inputs.compensated.insert(index, projection);
+            }
             if index + 1 < layers {
-                layer.forward(&mut compressed, ctx, &mut compressed_state)?;
+                layer.finish(&mut compressed, z.as_ref());
             }
         }
         start = end;
     }
     Ok(inputs)
+}
+
+/// Sequential mode: layer `index`'s moments, `x` its original input, `source` the compressed
+/// input of its segment's first layer `start` (the input of a shared latent group's source).
+fn record_moments(
+    inputs: &mut FitInputs,
+    (index, start): (usize, usize),
+    x: MatRef<'_, f32>,
+    source: MatRef<'_, f32>,
+    n: f64,
+) -> Result<()> {
+    let covariance = second_moment(x, n);
+    if index == start {
+        // Nothing compressed below (or nothing that changed the inputs): the moments are the
+        // one-shot ones, bit for bit, and the fit is today's.
+        let (compressed_moment, target) = if identical(x, source) {
+            (covariance.clone(), covariance.clone())
+        } else {
+            (second_moment(source, n), moment(x, source, n))
+        };
+        inputs.sequential.push(Some(SequentialMoments {
+            compressed: compressed_moment,
+            target,
+        }));
+    } else {
+        inputs.cross.insert((index, start), moment(x, source, n));
+        inputs.sequential.push(None);
+    }
+    inputs
+        .covariances
+        .as_mut()
+        .ok_or_else(|| Error::bug("sequential calibration lost its covariances"))?
+        .push(covariance);
+    Ok(())
 }

@@ -185,6 +185,7 @@ mod tests {
                 layers: NonZeroUsize::new(2).unwrap(),
                 share,
             }),
+            compensate: None,
         }
     }
 

@@ -34,7 +34,7 @@ impl<'a> Substitution<'a> {
 
     /// Fits the groups that start at `layer` (in parallel, with `inputs`) and replaces the layer's
     /// projections by what they write (dense maps; a group shared across layers in its factored
-    /// form); returns their reports.
+    /// form), and its `o_proj` by the refit calibration made of it, if any; returns their reports.
     pub(crate) fn apply(
         &mut self,
         layer: &mut Layer,
@@ -69,6 +69,9 @@ impl<'a> Substitution<'a> {
         }
         if let Some(kv) = self.pending.remove(&layer.index) {
             layer.kv = kv;
+        }
+        if let Some(o) = inputs.compensated.get(&layer.index) {
+            layer.o = super::compensation::decoded(checkpoint, o, layer.o.bias.clone())?;
         }
         Ok(reports)
     }

@@ -117,6 +117,7 @@ fn run(ck: &Checkpoint, plan: &Plan, pieces: &mut dyn PieceSource) -> Result<Mem
         ck,
         plan,
         pieces,
+        &FitInputs::default(),
         &mut sink,
         &mut hasher,
         &ProgressBar::hidden(),
@@ -143,6 +144,7 @@ fn surgery() -> Surgery {
         shared_kv: Some(Spec::Rank(3)),
         fit: Fit::Pca,
         sharing: None,
+        compensate: None,
     }
 }
 
@@ -155,7 +157,7 @@ fn run_dense(ck: &Checkpoint, plan: &Plan) -> (Memory, Vec<GroupReport>) {
     let reports = with_pipeline(ck, &plan.groups, &order, Emit::Dense, &inputs, |pipeline| {
         let mut source = Pipelined::new(pipeline, plan.groups.len());
         let bar = ProgressBar::hidden();
-        execute(ck, plan, &mut source, &mut sink, &mut hasher, &bar)?;
+        execute(ck, plan, &mut source, &inputs, &mut sink, &mut hasher, &bar)?;
         Ok(source.into_reports())
     })
     .unwrap();

@@ -13,13 +13,14 @@
 //! into `E||W x_o - W' x_c||^2 + E||(W' - W'_r) x_c||^2` (fit `act` applied to `W'`, `S_cc`).
 
 use crate::fit::decompose::{count_non_finite, eigh_descending, product, DecomposeError};
-use crate::fit::shared::regularised;
+use crate::fit::shared::{regularised_by, RIDGE};
 use faer::{Mat, MatRef};
 
-/// `(c + ridge)^{-1}` of a positive semi-definite `c`, by its eigen-decomposition.
-fn regularised_inverse(c: MatRef<'_, f64>) -> Result<Mat<f64>, DecomposeError> {
+/// `(c + ridge)^{-1}` of a positive semi-definite `c`, by its eigen-decomposition (`ridge`
+/// relative to `c`'s mean eigenvalue).
+fn regularised_inverse(c: MatRef<'_, f64>, ridge: f64) -> Result<Mat<f64>, DecomposeError> {
     let n = c.nrows();
-    let (values, vectors) = eigh_descending(regularised(c).as_ref())?;
+    let (values, vectors) = eigh_descending(regularised_by(c, ridge).as_ref())?;
     let floor = values.first().copied().unwrap_or(0.0).max(0.0) * 1e-12;
     let floor = if floor > 0.0 { floor } else { 1.0 };
     let scaled = Mat::from_fn(n, n, |i, k| vectors[(i, k)] / values[k].max(floor));
@@ -33,6 +34,17 @@ pub fn compensate(
     w: MatRef<'_, f64>,
     target: MatRef<'_, f64>,
     c: MatRef<'_, f64>,
+) -> Result<Mat<f64>, DecomposeError> {
+    compensate_by(w, target, c, RIDGE)
+}
+
+/// [`compensate`] with the ridge `λ = ridge * tr(c)/n` (`ridge` relative to `c`'s mean
+/// eigenvalue).
+pub fn compensate_by(
+    w: MatRef<'_, f64>,
+    target: MatRef<'_, f64>,
+    c: MatRef<'_, f64>,
+    ridge: f64,
 ) -> Result<Mat<f64>, DecomposeError> {
     let n = w.ncols();
     for m in [target, c] {
@@ -52,7 +64,7 @@ pub fn compensate(
     if (0..n).all(|j| (0..n).all(|i| d[(i, j)] == 0.0)) {
         return Ok(w.to_owned());
     }
-    let x = product(d.as_ref(), regularised_inverse(c)?.as_ref());
+    let x = product(d.as_ref(), regularised_inverse(c, ridge)?.as_ref());
     let wx = product(w, x.as_ref());
     Ok(Mat::from_fn(w.nrows(), n, |i, j| w[(i, j)] + wx[(i, j)]))
 }

@@ -65,9 +65,14 @@ pub struct SharedDecomposition {
 
 /// `c + RIDGE * tr(c)/n * I`, symmetrised.
 pub(crate) fn regularised(c: MatRef<'_, f64>) -> Mat<f64> {
+    regularised_by(c, RIDGE)
+}
+
+/// `c + relative * tr(c)/n * I`, symmetrised.
+pub(crate) fn regularised_by(c: MatRef<'_, f64>, relative: f64) -> Mat<f64> {
     let n = c.nrows();
     let trace: f64 = (0..n).map(|i| c[(i, i)]).sum();
-    let ridge = RIDGE * (trace / n.max(1) as f64).max(f64::MIN_POSITIVE);
+    let ridge = relative * (trace / n.max(1) as f64).max(f64::MIN_POSITIVE);
     Mat::from_fn(n, n, |i, j| {
         0.5 * (c[(i, j)] + c[(j, i)]) + if i == j { ridge } else { 0.0 }
     })

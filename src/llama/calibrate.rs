@@ -16,7 +16,7 @@ use crate::error::{Error, Result};
 use crate::input::checkpoint::Checkpoint;
 use crate::llama::tokenize::TextTokenizer;
 use crate::llama::Llama;
-use crate::options::Calibration;
+use crate::options::{Allocation, Calibration};
 use faer::linalg::matmul::matmul;
 use faer::{Accum, Mat, MatRef, Par};
 use serde::Serialize;
@@ -49,6 +49,9 @@ pub struct CalibrationRecord {
     /// `sequential` for sequential calibration (absent: one-shot, the original model's inputs).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub mode: Option<&'static str>,
+    /// `sensitivity` when `budget:F` was allocated by measured sensitivity (absent: by spectra).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub allocation: Option<&'static str>,
 }
 
 /// `acc += x^T x` in `f64` (`x` `[rows, hidden]`), single-threaded so the sums do not depend on
@@ -63,6 +66,14 @@ pub fn accumulate(acc: &mut Mat<f64>, x: MatRef<'_, f32>) {
         1.0,
         Par::Seq,
     );
+}
+
+/// Whether two activations are the same, bit for bit.
+pub fn identical(a: MatRef<'_, f32>, b: MatRef<'_, f32>) -> bool {
+    a.nrows() == b.nrows()
+        && a.ncols() == b.ncols()
+        && (0..a.ncols())
+            .all(|j| (0..a.nrows()).all(|i| a[(i, j)].to_bits() == b[(i, j)].to_bits()))
 }
 
 /// Columns of a cross moment computed by one task of [`accumulate_cross`].
@@ -141,6 +152,8 @@ pub fn calibration_tokens(
         tokens: ids.len(),
         ctx: calibration.ctx.get(),
         mode: None,
+        allocation: (calibration.allocation == Allocation::Sensitivity)
+            .then(|| calibration.allocation.name()),
     };
     Ok((ids, record))
 }

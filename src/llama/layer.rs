@@ -50,22 +50,36 @@ impl Layer {
     /// [`crate::llama::Llama::embed`] returns). `state` carries a shared latent group's latent
     /// from its source layer to the later ones (one `state` per pass, layers in order).
     pub fn forward(&self, h: &mut Mat<f32>, ctx: usize, state: &mut PassState) -> Result<()> {
-        let x = self.attention_input(h.as_ref());
+        let z = self.attention_heads(h.as_ref(), ctx, state)?;
+        self.finish(h, z.as_ref());
+        Ok(())
+    }
+
+    /// The attention block up to `o_proj`: every head's output side by side, `[T, heads *
+    /// head_dim]` (what `o_proj` reads), for hidden states `h` windowed as in [`Layer::forward`].
+    pub fn attention_heads(
+        &self,
+        h: MatRef<'_, f32>,
+        ctx: usize,
+        state: &mut PassState,
+    ) -> Result<Mat<f32>> {
+        let x = self.attention_input(h);
         let mut q = self.q.apply(x.as_ref());
         let (mut k, v) = self.kv.apply(x.as_ref(), state)?;
         drop(x);
         self.rotate_windows(&mut q, &mut k, ctx);
-        let attn = attend(q.as_ref(), k.as_ref(), v.as_ref(), &self.shape, ctx);
-        drop((q, k, v));
-        add_in_place(h, self.o.apply(attn.as_ref()).as_ref());
-        drop(attn);
+        Ok(attend(q.as_ref(), k.as_ref(), v.as_ref(), &self.shape, ctx))
+    }
 
+    /// The rest of the layer, in place: `h += o_proj(z)` for the heads' output `z`
+    /// ([`Layer::attention_heads`]), then the MLP block.
+    pub fn finish(&self, h: &mut Mat<f32>, z: MatRef<'_, f32>) {
+        add_in_place(h, self.o.apply(z).as_ref());
         let x = rms_norm(h.as_ref(), &self.post_attention_layernorm, self.eps);
         let mut gate = self.gate.apply(x.as_ref());
         swiglu_in_place(&mut gate, self.up.apply(x.as_ref()).as_ref());
         drop(x);
         add_in_place(h, self.down.apply(gate.as_ref()).as_ref());
-        Ok(())
     }
 
     /// RoPE on queries and keys, positions restarting at 0 in every window.

@@ -4,7 +4,7 @@ use super::{CommandLine, TextWindow};
 use crate::fit::act::ActWeighting;
 use crate::fit::decompose::Fit;
 use crate::input::text::TextSource;
-use crate::plan::{Emit, Surgery};
+use crate::plan::{Compensate, Emit, Surgery};
 use std::num::NonZeroUsize;
 use std::path::PathBuf;
 
@@ -21,6 +21,10 @@ pub const CHECK_CTX: NonZeroUsize = NonZeroUsize::MIN.saturating_add(511);
 pub fn check_by_default(fit: Fit) -> bool {
     fit == Fit::Act
 }
+
+/// What `--fit act` refits besides the fitted projections when `--compensate` is not given: the
+/// best measured combination (docs/quality.md, "Compensation, calibration mode and allocation").
+pub const DEFAULT_COMPENSATE: Option<Compensate> = Some(Compensate::OProj);
 
 /// How much to print.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -48,6 +52,28 @@ pub struct Calibration {
     pub weighting: ActWeighting,
     /// Which inputs each layer is fitted on.
     pub mode: CalibrateMode,
+    /// How `budget:F` spends its budget.
+    pub allocation: Allocation,
+}
+
+/// How `budget:F` spends its budget across groups (`--budget-allocation`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Allocation {
+    /// By the groups' normalised spectra alone.
+    #[default]
+    Spectra,
+    /// By the spectra scaled by each group's measured cost in the forward pass.
+    Sensitivity,
+}
+
+impl Allocation {
+    /// The option's value.
+    pub fn name(self) -> &'static str {
+        match self {
+            Allocation::Spectra => "spectra",
+            Allocation::Sensitivity => "sensitivity",
+        }
+    }
 }
 
 /// Which inputs fit `act` fits each layer on (`--calibrate-mode`).
@@ -83,6 +109,9 @@ impl Calibration {
         }
         if self.mode == CalibrateMode::Sequential {
             command.flag("--calibrate-mode", self.mode.name());
+        }
+        if self.allocation == Allocation::Sensitivity {
+            command.flag("--budget-allocation", self.allocation.name());
         }
     }
 
@@ -140,6 +169,12 @@ impl ConvertOptions {
         }
         if let Some(calibration) = &self.calibration {
             calibration.add_to(&mut c);
+        }
+        if s.fit == Fit::Act && s.compensate != DEFAULT_COMPENSATE {
+            c.flag(
+                "--compensate",
+                s.compensate.map_or("none", Compensate::name),
+            );
         }
         if self.emit == Emit::Factored {
             c.flag("--emit", "factored");

@@ -13,7 +13,8 @@ mod subcommands;
 
 pub use command_line::CommandLine;
 pub use convert::{
-    check_by_default, CalibrateMode, Calibration, ConvertOptions, Output, CHECK_CTX, CHECK_TOKENS,
+    check_by_default, Allocation, CalibrateMode, Calibration, ConvertOptions, Output, CHECK_CTX,
+    CHECK_TOKENS, DEFAULT_COMPENSATE,
 };
 pub use subcommands::{
     EvalOptions, ExpandOptions, InspectOptions, SweepConfig, SweepOptions, TextWindow,

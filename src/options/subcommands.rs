@@ -1,10 +1,10 @@
 //! The options of `eval`, `expand`, `inspect` and `sweep`, validated.
 
-use super::{CalibrateMode, Calibration, CommandLine};
+use super::{Allocation, CalibrateMode, Calibration, CommandLine, DEFAULT_COMPENSATE};
 use crate::fit::decompose::Fit;
 use crate::fit::spec::Spec;
 use crate::input::text::TextSource;
-use crate::plan::{LayerSharing, Share, Surgery};
+use crate::plan::{Compensate, LayerSharing, Share, Surgery};
 use std::num::NonZeroUsize;
 use std::path::PathBuf;
 
@@ -86,6 +86,10 @@ pub struct SweepConfig {
     pub sharing: Option<LayerSharing>,
     /// How fit `act` is calibrated (one-shot for the other fits).
     pub mode: CalibrateMode,
+    /// What fit `act` refits besides the fitted projections (none for the other fits).
+    pub compensate: Option<Compensate>,
+    /// How a `budget:F` SPEC of fit `act` spends its budget (spectra otherwise).
+    pub allocation: Allocation,
 }
 
 impl SweepConfig {
@@ -98,6 +102,7 @@ impl SweepConfig {
             shared_kv: self.shared_kv,
             fit: self.fit,
             sharing: self.sharing,
+            compensate: self.compensate,
         }
     }
 
@@ -120,6 +125,13 @@ impl SweepConfig {
         }
         if self.mode == CalibrateMode::Sequential {
             parts.push(format!("--calibrate-mode {}", self.mode.name()));
+        }
+        if self.fit == Fit::Act && self.compensate != DEFAULT_COMPENSATE {
+            let value = self.compensate.map_or("none", Compensate::name);
+            parts.push(format!("--compensate {value}"));
+        }
+        if self.allocation == Allocation::Sensitivity {
+            parts.push(format!("--budget-allocation {}", self.allocation.name()));
         }
         parts.join(" ")
     }
@@ -146,6 +158,12 @@ pub struct SweepOptions {
     pub shares: Vec<Share>,
     /// The `--calibrate-mode` list (not empty, no duplicates), combined with the act fits.
     pub modes: Vec<CalibrateMode>,
+    /// The `--compensate` list (not empty, no duplicates; `None` is `none`), combined with the
+    /// act fits.
+    pub compensations: Vec<Option<Compensate>>,
+    /// The `--budget-allocation` list (not empty, no duplicates), combined with the act fits of a
+    /// `budget:F` SPEC.
+    pub allocations: Vec<Allocation>,
     /// Present exactly when `fits` holds `act` (its `mode` is not read: see `modes`).
     pub calibration: Option<Calibration>,
     /// Output directory.
@@ -197,8 +215,27 @@ impl SweepOptions {
             .collect()
     }
 
+    /// The compensations to combine with `fit`: every one for fit `act`, none otherwise.
+    fn compensations_for(&self, fit: Fit) -> &[Option<Compensate>] {
+        match fit {
+            Fit::Act => &self.compensations,
+            _ => &[None],
+        }
+    }
+
+    /// The allocations to combine with `fit` and `specs`: every one for fit `act` with a
+    /// `budget:F` SPEC, spectra otherwise.
+    fn allocations_for(&self, fit: Fit, specs: [Option<Spec>; 2]) -> &[Allocation] {
+        let budgeted = specs.iter().any(|s| matches!(s, Some(Spec::Budget(_))));
+        match (fit, budgeted) {
+            (Fit::Act, true) => &self.allocations,
+            _ => &[Allocation::Spectra],
+        }
+    }
+
     /// The configurations, in order: every `--shared-kv` SPEC, within it every `--q` SPEC, within
-    /// that every fit, within that every sharing (`--share-layers`, `--share`), within that every calibration mode.
+    /// that every fit, within that every sharing (`--share-layers`, `--share`), within that every calibration mode, within that
+    /// every compensation, within that every allocation.
     pub fn configs(&self) -> Vec<SweepConfig> {
         let or_none = |list: &[Spec]| -> Vec<Option<Spec>> {
             if list.is_empty() {
@@ -217,13 +254,19 @@ impl SweepOptions {
                     };
                     for sharing in sharings {
                         for mode in self.modes_for(fit, sharing) {
-                            out.push(SweepConfig {
-                                shared_kv,
-                                q,
-                                fit,
-                                sharing,
-                                mode,
-                            });
+                            for &compensate in self.compensations_for(fit) {
+                                for &allocation in self.allocations_for(fit, [shared_kv, q]) {
+                                    out.push(SweepConfig {
+                                        shared_kv,
+                                        q,
+                                        fit,
+                                        sharing,
+                                        mode,
+                                        compensate,
+                                        allocation,
+                                    });
+                                }
+                            }
                         }
                     }
                 }
@@ -253,6 +296,18 @@ impl SweepOptions {
             if self.modes != [CalibrateMode::OneShot] {
                 let modes: Vec<&str> = self.modes.iter().map(|m| m.name()).collect();
                 c.list("--calibrate-mode", &modes);
+            }
+            if self.compensations != [DEFAULT_COMPENSATE] {
+                let list: Vec<&str> = self
+                    .compensations
+                    .iter()
+                    .map(|c| c.map_or("none", Compensate::name))
+                    .collect();
+                c.list("--compensate", &list);
+            }
+            if self.allocations != [Allocation::Spectra] {
+                let list: Vec<&str> = self.allocations.iter().map(|a| a.name()).collect();
+                c.list("--budget-allocation", &list);
             }
         }
         c.finish()

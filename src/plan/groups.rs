@@ -67,6 +67,7 @@ fn per_layer_groups(checkpoint: &Checkpoint, surgery: &Surgery) -> Vec<GroupPlan
                 budget_rank: None,
                 fit: surgery.fit,
                 members,
+                compensate: surgery.compensate,
             });
         };
         add(GroupKind::Q, surgery.q, &[Role::Query]);

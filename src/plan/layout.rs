@@ -3,9 +3,10 @@
 //! [`super::factored`].
 
 use super::shards::{assemble, placed, Placed};
-use super::{factored, Emit, GroupPlan, Layout, Op, Plan, TensorPlan};
+use super::{factored, Compensate, Emit, GroupPlan, Layout, Op, Plan, TensorPlan};
 use crate::error::Result;
 use crate::input::checkpoint::{Checkpoint, TensorEntry};
+use crate::model::arch::Role;
 use safetensors::Dtype;
 use std::collections::BTreeMap;
 
@@ -61,10 +62,17 @@ fn named_tensors(checkpoint: &Checkpoint, groups: &[GroupPlan], layout: &Layout)
             member_of.insert(tensor, (g, m));
         }
     }
+    let compensated = compensated_tensors(checkpoint, groups);
     let mut out: Vec<Placed> = Vec::new();
     for (index, t) in checkpoint.tensors.iter().enumerate() {
         let op = match (member_of.get(&index), layout) {
-            (None, _) => Op::Copy { tensor: index },
+            (None, _) => match compensated.get(&index) {
+                Some(&layer) => Op::Compensated {
+                    layer,
+                    tensor: index,
+                },
+                None => Op::Copy { tensor: index },
+            },
             (Some(&(group, member)), Layout::Dense) => Op::Computed {
                 group,
                 piece: member,
@@ -78,4 +86,23 @@ fn named_tensors(checkpoint: &Checkpoint, groups: &[GroupPlan], layout: &Layout)
         out.push(placed(checkpoint, index, tensor));
     }
     out
+}
+
+/// The `o_proj` tensors calibration refits (`--compensate o_proj`): those of every layer a group
+/// that asks for it spans; by tensor index, with the layer.
+pub fn compensated_tensors(
+    checkpoint: &Checkpoint,
+    groups: &[GroupPlan],
+) -> BTreeMap<usize, usize> {
+    let arch = checkpoint.config.arch;
+    groups
+        .iter()
+        .filter(|g| g.compensate == Some(Compensate::OProj))
+        .flat_map(GroupPlan::layer_range)
+        .filter_map(|layer| {
+            arch.layer_tensor_name(layer, Role::Output)
+                .and_then(|name| checkpoint.tensor_index(&name))
+                .map(|tensor| (tensor, layer))
+        })
+        .collect()
 }

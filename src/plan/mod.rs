@@ -18,12 +18,14 @@ mod shards;
 #[cfg(test)]
 mod tests;
 #[cfg(test)]
+mod tests_compensate;
+#[cfg(test)]
 mod tests_shared;
 
 pub use crate::model::latent::Share;
 pub use expand::plan_expand;
 pub use groups::{groups, layer_groups};
-pub use layout::plan;
+pub use layout::{compensated_tensors, plan};
 
 use crate::fit::decompose::Fit;
 use crate::fit::spec::Spec;
@@ -50,6 +52,25 @@ pub struct Surgery {
     /// `--share-layers G` with `G > 1` and `--share`: the shared K/V fit spans groups of adjacent
     /// layers; `None` fits every layer on its own.
     pub sharing: Option<LayerSharing>,
+    /// `--compensate`: what calibration refits besides the fitted projections.
+    pub compensate: Option<Compensate>,
+}
+
+/// A projection that calibration refits after a layer's fits replace its projections, so that
+/// the layer's output on the calibration tokens matches the original model's (`--compensate`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Compensate {
+    /// `o_proj`, refitted by regularised least squares on the attention heads' outputs.
+    OProj,
+}
+
+impl Compensate {
+    /// The option's value.
+    pub fn name(self) -> &'static str {
+        match self {
+            Compensate::OProj => "o_proj",
+        }
+    }
 }
 
 /// Cross-layer sharing of the shared K/V fit.
@@ -181,6 +202,8 @@ pub struct GroupPlan {
     pub fit: Fit,
     /// Indices into [`Checkpoint::tensors`], stacked in this order.
     pub members: Vec<usize>,
+    /// What calibration refits in the group's layers besides its members (`--compensate`).
+    pub compensate: Option<Compensate>,
 }
 
 /// How an output tensor's bytes are produced.
@@ -198,6 +221,14 @@ pub enum Op {
         group: usize,
         /// Which output of the group.
         piece: usize,
+    },
+    /// Input tensor `tensor`, layer `layer`'s `o_proj`, as calibration refitted it
+    /// (`--compensate o_proj`), in its own dtype.
+    Compensated {
+        /// The layer.
+        layer: usize,
+        /// Index into [`Checkpoint::tensors`].
+        tensor: usize,
     },
     /// `up @ down` of two input factors, in `up`'s dtype (`expand`).
     Expand {
@@ -322,6 +353,7 @@ impl Plan {
                         };
                         format!("{} {} fit={}{part}", g.kind.name(), g.spec, g.fit.name())
                     }
+                    Op::Compensated { .. } => "o_proj compensated (calibration)".to_string(),
                     Op::Expand { down, up } => format!(
                         "expand {} @ {}",
                         checkpoint.tensors[up].name, checkpoint.tensors[down].name

@@ -17,6 +17,7 @@ fn surgery(q: Option<Spec>, shared_kv: Option<Spec>, k: Option<Spec>, v: Option<
         shared_kv,
         fit: Fit::Pca,
         sharing: None,
+        compensate: None,
     }
 }
 
@@ -499,6 +500,7 @@ fn effective_spec_resolves_budgets() {
             budget_rank,
             fit: Fit::Pca,
             members: vec![0],
+            compensate: None,
         };
         assert_eq!(group.effective_spec(), effective, "{spec} {budget_rank:?}");
     }

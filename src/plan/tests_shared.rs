@@ -21,6 +21,7 @@ fn shared(share: Share) -> Surgery {
             layers: NonZeroUsize::new(2).unwrap(),
             share,
         }),
+        compensate: None,
     }
 }
 

@@ -4,7 +4,7 @@ use super::{
     kv_values_per_token, BeforeAfter, FileRecord, InputRecord, LayerRecord, ModelRecord,
     OptionsRecord, OutputRecord, Report, ShardRecord, Tool, Totals,
 };
-use crate::execute::GroupReport;
+use crate::execute::{FitInputs, GroupReport};
 use crate::input::checkpoint::Checkpoint;
 use crate::input::source::InputIdentity;
 use crate::llama::calibrate::CalibrationRecord;
@@ -27,7 +27,7 @@ impl Report {
         checkpoint: &Checkpoint,
         plan: &Plan,
         groups: Vec<GroupReport>,
-        calibration: Option<&CalibrationRecord>,
+        inputs: &FitInputs,
         weight_files: Vec<FileRecord>,
         output_sizes: Option<&[u64]>,
     ) -> Report {
@@ -37,7 +37,7 @@ impl Report {
         Report {
             tool: Tool::current(),
             command: options.reproduce_command(),
-            options: options_record(options, plan, calibration),
+            options: options_record(options, plan, inputs.calibration.as_ref()),
             input: InputRecord {
                 identity: identity.clone(),
                 architecture: c.class_name.clone(),
@@ -52,6 +52,11 @@ impl Report {
             output: output_record(plan, output_sizes),
             layers,
             totals,
+            compensated: inputs
+                .compensated
+                .values()
+                .map(|c| c.report.clone())
+                .collect(),
             check: None,
             check_seconds: None,
         }
@@ -74,6 +79,7 @@ fn options_record(
         fit: s.fit.name(),
         emit: plan.emit.name(),
         max_shard_size: options.max_shard_size,
+        compensate: s.compensate.map(|c| c.name()),
         calibration: calibration.cloned(),
     }
 }

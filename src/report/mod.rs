@@ -7,6 +7,7 @@ mod check;
 mod summary;
 
 pub use crate::digest::FileRecord;
+use crate::execute::compensation::CompensationReport;
 use crate::execute::GroupReport;
 use crate::input::source::InputIdentity;
 use crate::llama::calibrate::CalibrationRecord;
@@ -32,6 +33,10 @@ pub struct Report {
     pub layers: Vec<LayerRecord>,
     /// Whole-model totals.
     pub totals: Totals,
+    /// Tensors rewritten besides the fitted ones (`--compensate o_proj`), in layer order, with
+    /// what their refit changed.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub compensated: Vec<CompensationReport>,
     /// The quality check, when it ran.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub check: Option<CheckRecord>,
@@ -76,6 +81,9 @@ pub struct OptionsRecord {
     pub emit: &'static str,
     /// `--max-shard-size` in bytes.
     pub max_shard_size: Option<u64>,
+    /// `--compensate` (absent: none).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub compensate: Option<&'static str>,
     /// Calibration text and settings (`--fit act` only).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub calibration: Option<CalibrationRecord>,

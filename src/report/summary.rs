@@ -31,6 +31,9 @@ impl Report {
                 g.layer, g.kind, g.spec, g.full_rank
             );
         }
+        if !self.compensated.is_empty() {
+            let _ = writeln!(s, "{}", self.compensation_line());
+        }
         if let Some(check) = &self.check {
             let calibrated = self.options.calibration.is_some();
             let _ = writeln!(s, "{}", check.summary_line(calibrated, self.check_seconds));
@@ -55,6 +58,21 @@ impl Report {
             }
         }
         s
+    }
+
+    /// What `--compensate o_proj` rewrote: how many tensors, by how much, and the attention output
+    /// error on the calibration tokens before and after (means over the layers).
+    fn compensation_line(&self) -> String {
+        let n = self.compensated.len();
+        let mean = |f: fn(&crate::execute::compensation::CompensationReport) -> f64| {
+            self.compensated.iter().map(f).sum::<f64>() / n.max(1) as f64
+        };
+        format!(
+            "o_proj compensated in {n} layers (changed by {:.3} relative): attention output error on the calibration tokens {:.4} -> {:.4} (mean)",
+            mean(|c| c.relative_change),
+            mean(|c| c.calibration_error_before),
+            mean(|c| c.calibration_error_after)
+        )
     }
 
     /// The header and one row per layer: each kind's rank and variance kept, the largest error,

@@ -65,6 +65,7 @@ pub fn group_counts(
         shared_kv: Some(Spec::Rank(1)),
         fit: Fit::Pca,
         sharing: None,
+        compensate: None,
     };
     let layer_plans = groups(checkpoint, &probe);
     let mut out = Vec::with_capacity(sizes.len());
@@ -85,6 +86,7 @@ pub fn group_counts(
                     .filter(|p| layers.contains(&p.layer))
                     .flat_map(|p| p.members.iter().copied())
                     .collect(),
+                compensate: None,
             })
             .collect();
         let spectra = spectra(checkpoint, &plans, &FitInputs::default())?;

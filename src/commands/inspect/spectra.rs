@@ -38,6 +38,7 @@ pub fn layer_spectra(checkpoint: &Checkpoint) -> Result<Vec<LayerSpectra>> {
         shared_kv,
         fit: Fit::Pca,
         sharing: None,
+        compensate: None,
     };
     let mut all = groups(checkpoint, &surgery(probe, probe, None));
     all.extend(groups(checkpoint, &surgery(None, None, probe)));

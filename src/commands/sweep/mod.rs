@@ -20,7 +20,7 @@ use crate::execute::FitInputs;
 use crate::input::checkpoint::Checkpoint;
 use crate::llama::score::{negative_log_likelihood, read_text, select};
 use crate::llama::Llama;
-use crate::options::{CalibrateMode, Calibration, SweepConfig, SweepOptions};
+use crate::options::{Allocation, CalibrateMode, Calibration, SweepConfig, SweepOptions};
 use crate::output::staging::Staging;
 use crate::output::writer::write_file;
 use crate::plan;
@@ -87,17 +87,36 @@ impl Bench<'_> {
         let clock = Instant::now();
         let label = config.label();
         let mut groups = plan::groups(self.checkpoint, &config.surgery());
-        resolve_budgets(self.checkpoint, &mut groups, self.inputs)?;
+        let sensitivity = self
+            .calibration
+            .filter(|_| config.allocation == Allocation::Sensitivity);
+        resolve_budgets(self.checkpoint, &mut groups, self.inputs, sensitivity)?;
         let what = format!("[{}/{}] {label}", i + 2, self.total);
-        // Sequential calibration depends on the configuration: its own pass, before scoring.
-        let sequential = match self.calibration {
-            Some(calibration) if config.mode == CalibrateMode::Sequential => {
-                self.say(format!("{what}: sequential calibration"));
-                Some(sequential_inputs(self.checkpoint, calibration, &groups)?)
+        // Sequential calibration and compensation depend on the configuration: a pass of their
+        // own, before scoring.
+        let own = match self.calibration {
+            Some(calibration)
+                if config.mode == CalibrateMode::Sequential || config.compensate.is_some() =>
+            {
+                self.say(format!("{what}: {} calibration", config.mode.name()));
+                let calibration = Calibration {
+                    mode: config.mode,
+                    ..calibration.clone()
+                };
+                let one_shot = match config.mode {
+                    CalibrateMode::Sequential => FitInputs::default(),
+                    CalibrateMode::OneShot => self.inputs.clone(),
+                };
+                Some(sequential_inputs(
+                    self.checkpoint,
+                    &calibration,
+                    &groups,
+                    one_shot,
+                )?)
             }
             _ => None,
         };
-        let inputs = sequential.as_ref().unwrap_or(self.inputs);
+        let inputs = own.as_ref().unwrap_or(self.inputs);
         let bar = progress_bar(self.quiet, c.num_layers, &what);
         let evaluation =
             evaluate::evaluate(self.llama, &groups, inputs, self.ids, self.ctx, |_| {
