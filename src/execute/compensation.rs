@@ -118,21 +118,8 @@ pub fn compensate_output(
     let bytes = ty.encode_rows(refit.as_ref());
     let values = ty.decode_f32(&bytes);
     let linear = Linear::from_row_major(&values, o.nrows(), o.ncols(), layer.o.bias.clone());
-    let change = {
-        let (mut diff, mut norm) = (0.0f64, 0.0f64);
-        for i in 0..o.nrows() {
-            for j in 0..o.ncols() {
-                let d = f64::from(values[i * o.ncols() + j]) - o[(i, j)];
-                diff += d * d;
-                norm += o[(i, j)] * o[(i, j)];
-            }
-        }
-        if norm > 0.0 {
-            (diff / norm).sqrt()
-        } else {
-            0.0
-        }
-    };
+    // `weight_t` holds `O^T`: the same Frobenius norms.
+    let change = relative_distance(linear.weight_t.as_ref(), layer.o.weight_t.as_ref());
     let reference = layer.o.apply(original);
     let report = CompensationReport {
         layer: layer.index,
