@@ -4,7 +4,7 @@
 //! name); names come from the architecture table.
 
 use crate::input::checkpoint::Checkpoint;
-use crate::model::arch::{Factor, Role, LLAMA};
+use crate::model::arch::{AttentionProjection, Factor, Family, Role, LLAMA, QWEN2, QWEN3};
 use crate::model::dtype::FloatType;
 use crate::model::latent::{self, KvMode, LatentAttention};
 use crate::model::layout::{shard_file_name, CONFIG_FILE, INDEX_FILE};
@@ -201,6 +201,50 @@ pub fn write_tiny(dir: &Path, dtype: Dtype, sharded: bool) -> Vec<Vec<RawTensor>
     shards
 }
 
+/// The tiny model as another family writes it: Qwen2 (q/k/v biases) or Qwen3 (explicit
+/// `head_dim`, `q_norm`/`k_norm`, and with `attention_bias` biases on all four projections); one
+/// F32 file in `dir`. Llama gives [`write_tiny`]'s checkpoint.
+pub fn write_tiny_family(dir: &Path, family: Family) {
+    let mut config = config();
+    let mut tensors: Vec<RawTensor> = dense_shapes()
+        .into_iter()
+        .map(|(name, shape)| RawTensor::generated(&name, Dtype::F32, shape))
+        .collect();
+    let arch = match family {
+        Family::Llama => &LLAMA,
+        Family::Qwen2 => &QWEN2,
+        Family::Qwen3 => &QWEN3,
+    };
+    config["architectures"] = json!([arch.class_names[0]]);
+    config["model_type"] = json!(arch.family);
+    let mut extra = Vec::new();
+    if family != Family::Llama {
+        extra.extend([
+            (AttentionProjection::Query, Q_DIM),
+            (AttentionProjection::Key, KV_DIM),
+            (AttentionProjection::Value, KV_DIM),
+        ]);
+    }
+    if family == Family::Qwen3 {
+        config["head_dim"] = json!(Q_DIM / 2);
+        config["attention_bias"] = json!(true);
+        extra.push((AttentionProjection::Output, HIDDEN));
+    }
+    for layer in 0..LAYERS {
+        for &(projection, len) in &extra {
+            let name = arch.layer_tensor_name(layer, Role::AttentionBias(projection));
+            tensors.push(RawTensor::generated(&name.unwrap(), Dtype::F32, vec![len]));
+        }
+        if family == Family::Qwen3 {
+            for role in [Role::QueryNorm, Role::KeyNorm] {
+                let name = arch.layer_tensor_name(layer, role).unwrap();
+                tensors.push(RawTensor::generated(&name, Dtype::F32, vec![Q_DIM / 2]));
+            }
+        }
+    }
+    write_checkpoint(dir, &json_bytes(&config), &[tensors]);
+}
+
 /// Latent widths of a factored tiny checkpoint, per layer.
 #[derive(Debug, Clone, Default)]
 pub struct Widths {
@@ -271,7 +315,7 @@ pub fn write_factored_tiny(dir: &Path, dtype: Dtype, widths: &Widths) -> Vec<Raw
     let Value::Object(original) = config() else {
         unreachable!("the config is an object")
     };
-    let factored = latent::factored_config(&original, &latent_attention(widths));
+    let factored = latent::factored_config(&original, &latent_attention(widths), &LLAMA.factored);
     write_checkpoint(dir, &json_bytes(&factored), &[tensors.clone()]);
     std::fs::write(dir.join(latent::MODULE_FILE), latent::MODULE_SOURCE).unwrap();
     tensors

@@ -23,6 +23,8 @@ pub(crate) mod spill;
 pub(crate) mod substitute;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_families;
 pub(crate) mod write;
 
 pub use group::{fit_and_encode, reports_only, spectra};

@@ -68,7 +68,7 @@ impl<'a> Substitution<'a> {
             reports.push(report);
         }
         if let Some(kv) = self.pending.remove(&layer.index) {
-            layer.kv = kv;
+            layer.kv = with_biases_of(kv, &layer.kv);
         }
         if let Some(o) = inputs.compensated.get(&layer.index) {
             layer.o = super::compensation::decoded(checkpoint, o, layer.o.bias.clone())?;
@@ -140,6 +140,27 @@ fn shared_maps(
         out.push((layer, kv));
     }
     Ok(out)
+}
+
+/// `kv` (a shared group's maps) with the key and value biases of `original`, the layer's maps it
+/// replaces, on its up-projections (where the factored form carries them).
+fn with_biases_of(mut kv: KeyValue, original: &KeyValue) -> KeyValue {
+    let (k_bias, v_bias) = match original {
+        KeyValue::Separate { k, v } => (bias_of(k), bias_of(v)),
+        KeyValue::Shared { k_up, v_up, .. }
+        | KeyValue::Source { k_up, v_up, .. }
+        | KeyValue::FromSource { k_up, v_up } => (k_up.bias.clone(), v_up.bias.clone()),
+    };
+    match &mut kv {
+        KeyValue::Shared { k_up, v_up, .. }
+        | KeyValue::Source { k_up, v_up, .. }
+        | KeyValue::FromSource { k_up, v_up } => {
+            k_up.bias = k_bias;
+            v_up.bias = v_bias;
+        }
+        KeyValue::Separate { .. } => {}
+    }
+    kv
 }
 
 /// The bias a projection carries (the up-projection's, for a factored one).

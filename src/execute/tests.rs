@@ -20,7 +20,7 @@ type Written = (TensorPlan, Vec<u8>);
 /// A sink that keeps every shard in memory, checking the calls come in a valid order and each
 /// tensor gets its planned length.
 #[derive(Default)]
-struct Memory {
+pub(super) struct Memory {
     /// Per shard: its file name and its tensors, in the order written.
     shards: Vec<(String, Vec<Written>)>,
     in_shard: bool,
@@ -34,7 +34,7 @@ impl Memory {
     }
 
     /// Every tensor written, by name.
-    fn by_name(&self) -> BTreeMap<&str, &[u8]> {
+    pub(super) fn by_name(&self) -> BTreeMap<&str, &[u8]> {
         let tensors = self.shards.iter().flat_map(|(_, ts)| ts);
         tensors
             .map(|(t, b)| (t.name.as_str(), b.as_slice()))
@@ -97,7 +97,7 @@ impl TensorSink for Memory {
 }
 
 /// The plan's order, as [`Memory::order`] reports it.
-fn plan_order(plan: &Plan) -> Vec<(&str, Vec<&str>)> {
+pub(super) fn plan_order(plan: &Plan) -> Vec<(&str, Vec<&str>)> {
     plan.shards
         .iter()
         .map(|s| {
@@ -110,7 +110,7 @@ fn plan_order(plan: &Plan) -> Vec<(&str, Vec<&str>)> {
 }
 
 /// Executes `plan` with `pieces` into memory; checks the input files were hashed whole.
-fn run(ck: &Checkpoint, plan: &Plan, pieces: &mut dyn PieceSource) -> Result<Memory> {
+pub(super) fn run(ck: &Checkpoint, plan: &Plan, pieces: &mut dyn PieceSource) -> Result<Memory> {
     let mut sink = Memory::default();
     let mut hasher = InputHasher::new(ck);
     execute(
@@ -136,7 +136,7 @@ fn check_hashes(ck: &Checkpoint, hasher: InputHasher) {
 }
 
 /// `--q rank:2 --shared-kv rank:3`, fit `pca`.
-fn surgery() -> Surgery {
+pub(super) fn surgery() -> Surgery {
     Surgery {
         q: Some(Spec::Rank(2)),
         k: None,
@@ -149,7 +149,7 @@ fn surgery() -> Surgery {
 }
 
 /// The dense form through the pipeline, as `write_dense` runs it.
-fn run_dense(ck: &Checkpoint, plan: &Plan) -> (Memory, Vec<GroupReport>) {
+pub(super) fn run_dense(ck: &Checkpoint, plan: &Plan) -> (Memory, Vec<GroupReport>) {
     let mut sink = Memory::default();
     let mut hasher = InputHasher::new(ck);
     let order = need_order(plan);
@@ -165,12 +165,12 @@ fn run_dense(ck: &Checkpoint, plan: &Plan) -> (Memory, Vec<GroupReport>) {
     (sink, reports)
 }
 
-fn decode(dtype: Dtype, bytes: &[u8]) -> Vec<f64> {
+pub(super) fn decode(dtype: Dtype, bytes: &[u8]) -> Vec<f64> {
     FloatType::from_dtype(dtype).unwrap().decode(bytes)
 }
 
 /// `||a - b|| / ||b||`.
-fn relative_error(a: &[f64], b: &[f64]) -> f64 {
+pub(super) fn relative_error(a: &[f64], b: &[f64]) -> f64 {
     let diff: f64 = a.iter().zip(b).map(|(x, y)| (x - y) * (x - y)).sum();
     let norm: f64 = b.iter().map(|y| y * y).sum();
     (diff / norm).sqrt()
@@ -229,7 +229,7 @@ fn dense_execution_copies_and_reconstructs_in_plan_order() {
 }
 
 /// The factored form as `write_factored` runs it: fits spilled, then the write pass.
-fn run_factored(ck: &Checkpoint) -> (Plan, Memory) {
+pub(super) fn run_factored(ck: &Checkpoint) -> (Plan, Memory) {
     let scratch = tempfile::tempdir().unwrap();
     let spill_path = scratch.path().join("factors.spill");
     let groups = plan::groups(ck, &surgery());
@@ -287,7 +287,7 @@ fn factored_execution_writes_factors_whose_product_is_the_dense_fit() {
 }
 
 /// Writes what the factored form produced as a checkpoint in `dir`.
-fn write_output(dir: &std::path::Path, plan: &Plan, sink: &Memory) {
+pub(super) fn write_output(dir: &std::path::Path, plan: &Plan, sink: &Memory) {
     let config = plan
         .files
         .iter()
@@ -295,6 +295,11 @@ fn write_output(dir: &std::path::Path, plan: &Plan, sink: &Memory) {
     let Some(FileSource::Generated { bytes: config, .. }) = config.map(|f| &f.source) else {
         panic!("no generated config.json")
     };
+    write_shards(dir, config, sink);
+}
+
+/// Writes the tensors `sink` holds as a checkpoint in `dir` with `config`.
+pub(super) fn write_shards(dir: &std::path::Path, config: &[u8], sink: &Memory) {
     let shards: Vec<Vec<RawTensor>> = sink
         .shards
         .iter()

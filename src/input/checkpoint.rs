@@ -167,6 +167,7 @@ impl Checkpoint {
             by_name: table.by_name,
         };
         checkpoint.check_projections()?;
+        checkpoint.check_vectors()?;
         Ok(checkpoint)
     }
 
@@ -221,6 +222,28 @@ impl Checkpoint {
                     (Some(_), _) => "a dense projection that config.json's latent_attention says is factored",
                 };
                 return Err(Error::tensor(&self.shards[t.shard].path, &t.name, why));
+            }
+        }
+        Ok(())
+    }
+
+    /// The attention biases and per-head norms must have the one dimension config.json implies (a
+    /// bias is copied, and added after the projection it belongs to, so a wrong length would only
+    /// surface in a runtime).
+    fn check_vectors(&self) -> Result<()> {
+        for t in &self.tensors {
+            let Some(len) = self.config.vector_len(t.class.role) else {
+                continue;
+            };
+            if t.shape != [len] {
+                return Err(Error::tensor(
+                    &self.shards[t.shard].path,
+                    &t.name,
+                    format!(
+                        "shape {:?} disagrees with config.json, which implies [{len}]",
+                        t.shape
+                    ),
+                ));
             }
         }
         Ok(())

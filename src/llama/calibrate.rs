@@ -158,6 +158,21 @@ pub fn calibration_tokens(
     Ok((ids, record))
 }
 
+/// A layer with full attention cannot read a shared latent from a source with a sliding window:
+/// the source's cache keeps only its window's tokens (the factored module refuses such a
+/// checkpoint, so the conversion refuses it first). `pairs` are `(layer, source)`.
+fn refuse_sliding_sources(llama: &Llama, pairs: &[(usize, usize)]) -> Result<()> {
+    let p = llama.params();
+    let window = |l: usize| p.layer_shape(l).sliding_window;
+    match pairs.iter().find(|&&(l, s)| window(s).is_some() && window(l).is_none()) {
+        Some(&(l, s)) => Err(crate::error::Error::invalid(
+            llama.checkpoint().dir.join(crate::model::layout::CONFIG_FILE),
+            format!("--share latent: layer {l} attends to every token but would read the latent of layer {s}, whose sliding window caches only its last tokens (use --share basis, or --share-layers that keep such layers apart)"),
+        )),
+        None => Ok(()),
+    }
+}
+
 /// Runs the calibration pass of `calibration` over `checkpoint`. `pairs` lists the `(layer,
 /// source)` cross moments to accumulate (`source < layer`: a shared latent group's source layer
 /// and one of its later layers).
@@ -170,6 +185,7 @@ pub fn calibrate(
     let ids = &ids[..];
     let ctx = record.ctx;
     let llama = Llama::new(checkpoint)?;
+    refuse_sliding_sources(&llama, pairs)?;
     let mut h = llama.embed(ids)?;
     let layers = checkpoint.config.num_layers;
     let hidden = checkpoint.config.hidden_size;

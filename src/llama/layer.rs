@@ -1,11 +1,12 @@
 //! One decoder layer with its weights decoded to `f32`, applied to all tokens at once:
-//! `h += o_proj(attention(rope(q), rope(k), v))` on `input_layernorm(h)`, then
+//! `h += o_proj(attention(rope(q), rope(k), v))` on `input_layernorm(h)` (Qwen3: `q` and `k`
+//! normalised per head before RoPE), then
 //! `h += down(silu(gate(x)) * up(x))` on `x = post_attention_layernorm(h)`.
 
 use crate::error::Result;
 use crate::llama::attention::{attend, windows, AttentionShape};
 use crate::llama::linear::{KeyValue, Linear, PassState, Projection};
-use crate::llama::ops::{add_in_place, rms_norm, swiglu_in_place};
+use crate::llama::ops::{add_in_place, head_rms_norm_in_place, rms_norm, swiglu_in_place};
 use crate::llama::rope::{Rope, RopeTable};
 use faer::{Mat, MatRef};
 
@@ -20,6 +21,8 @@ pub struct Layer {
     pub post_attention_layernorm: Vec<f32>,
     /// The query projection, dense or factored.
     pub q: Projection,
+    /// Qwen3's per-head `q_norm` and `k_norm` weights, applied before RoPE.
+    pub qk_norm: Option<(Vec<f32>, Vec<f32>)>,
     /// The key and value projections, dense, factored, or from one shared latent.
     pub kv: KeyValue,
     /// `o_proj`.
@@ -67,6 +70,10 @@ impl Layer {
         let mut q = self.q.apply(x.as_ref());
         let (mut k, v) = self.kv.apply(x.as_ref(), state)?;
         drop(x);
+        if let Some((q_norm, k_norm)) = &self.qk_norm {
+            head_rms_norm_in_place(&mut q, q_norm, self.eps);
+            head_rms_norm_in_place(&mut k, k_norm, self.eps);
+        }
         self.rotate_windows(&mut q, &mut k, ctx);
         Ok(attend(q.as_ref(), k.as_ref(), v.as_ref(), &self.shape, ctx))
     }

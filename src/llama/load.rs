@@ -88,26 +88,89 @@ impl<'a> Loader<'a> {
     pub fn check_layer(&self, layer: usize) -> Result<()> {
         let p = self.params;
         let h = p.hidden_size;
-        let q_dim = p.attention.num_heads * p.attention.head_dim;
-        let kv_dim = p.attention.num_kv_heads * p.attention.head_dim;
+        let c = &self.checkpoint.config;
         for norm in [Role::InputNorm, Role::PostAttentionNorm] {
             self.raw(&self.layer_name(layer, norm)?, &[h])?;
         }
+        if p.family.qk_norm {
+            for norm in [Role::QueryNorm, Role::KeyNorm] {
+                self.raw(&self.layer_name(layer, norm)?, &[p.attention.head_dim])?;
+            }
+        }
         for (weight, bias, shape) in self.linears() {
-            let (enabled, flag) = self.bias_flag(bias);
             self.raw(&self.layer_name(layer, weight)?, &shape)?;
-            let bias = self.layer_name(layer, bias)?;
-            self.check_bias(&bias, shape[0], enabled, flag)?;
+            self.check_bias_role(layer, bias, shape[0])?;
         }
         for (projection, len) in [
-            (AttentionProjection::Query, q_dim),
-            (AttentionProjection::Key, kv_dim),
-            (AttentionProjection::Value, kv_dim),
+            (AttentionProjection::Query, c.q_dim()),
+            (AttentionProjection::Key, c.kv_dim()),
+            (AttentionProjection::Value, c.kv_dim()),
         ] {
-            let bias = self.layer_name(layer, Role::AttentionBias(projection))?;
-            self.check_bias(&bias, len, p.attention_bias, "attention_bias")?;
+            let (dense, up) = self.bias_roles(projection);
+            // A factored projection's bias sits on its up-projection; the dense name must be absent.
+            let factored = up.is_some_and(|up| {
+                !self.has(layer, Self::dense_role(projection)) && self.table_has(up)
+            });
+            match (factored, up) {
+                (true, Some(up)) => {
+                    self.check_bias_role(layer, up, len)?;
+                    self.check_bias_absent(layer, dense)?;
+                }
+                _ => self.check_bias_role(layer, dense, len)?,
+            }
         }
         Ok(())
+    }
+
+    /// Checks the bias of `role` (`len` values) against the config, by its name in the table (a
+    /// table without the name has no such bias: the checkpoint's names were checked at open).
+    fn check_bias_role(&self, layer: usize, role: Role, len: usize) -> Result<()> {
+        let (enabled, flag) = self.bias_flag(role);
+        match self.checkpoint.config.arch.layer_tensor_name(layer, role) {
+            Some(name) => self.check_bias(&name, len, enabled, flag),
+            None if enabled => Err(Error::bug(format!("no name for the enabled bias {role:?}"))),
+            None => Ok(()),
+        }
+    }
+
+    /// A bias the layout replaces must not be present.
+    fn check_bias_absent(&self, layer: usize, role: Role) -> Result<()> {
+        let Some(name) = self.checkpoint.config.arch.layer_tensor_name(layer, role) else {
+            return Ok(());
+        };
+        match self.checkpoint.tensor(&name) {
+            Some(t) => Err(Error::tensor(
+                &self.checkpoint.shards[t.shard].path,
+                &name,
+                "present, but the projection is factored (its bias belongs on the up-projection)",
+            )),
+            None => Ok(()),
+        }
+    }
+
+    /// The dense projection a bias belongs to.
+    fn dense_role(projection: AttentionProjection) -> Role {
+        match projection {
+            AttentionProjection::Query => Role::Query,
+            AttentionProjection::Key => Role::Key,
+            AttentionProjection::Value => Role::Value,
+            AttentionProjection::Output => Role::Output,
+        }
+    }
+
+    /// A projection's bias role, dense and (where the family names it) on the up-projection.
+    fn bias_roles(&self, projection: AttentionProjection) -> (Role, Option<Role>) {
+        let up = Factor::up_of(projection).map(Role::FactorBias);
+        (Role::AttentionBias(projection), up)
+    }
+
+    /// Whether the architecture's table names `role`.
+    fn table_has(&self, role: Role) -> bool {
+        self.checkpoint
+            .config
+            .arch
+            .layer_entries()
+            .any(|(_, r)| r == role)
     }
 
     /// The dense linear maps of a layer besides q/k/v: weight role, bias role, `[out, in]`.
@@ -127,11 +190,13 @@ impl<'a> Loader<'a> {
         ]
     }
 
-    /// Whether a bias role is enabled by the config, and the config key that says so.
+    /// Whether a bias role is enabled by the config, and what says so.
     fn bias_flag(&self, bias: Role) -> (bool, &'static str) {
+        let b = &self.params.family.biases;
         match bias {
             Role::MlpBias(_) => (self.params.mlp_bias, "mlp_bias"),
-            _ => (self.params.attention_bias, "attention_bias"),
+            Role::AttentionBias(AttentionProjection::Output) => (b.o, b.reason),
+            _ => (b.qkv, b.reason),
         }
     }
 
@@ -165,11 +230,31 @@ impl<'a> Loader<'a> {
     /// them: `o_proj`, `gate_proj`, `up_proj`, `down_proj`.
     pub fn layer_linears(&self, layer: usize) -> Result<[Linear; 4]> {
         let [o, gate, up, down] = self.linears().map(|(weight, bias, [out, input])| {
-            let (enabled, flag) = self.bias_flag(bias);
-            let bias = self.bias(&self.layer_name(layer, bias)?, out, enabled, flag)?;
+            let bias = self.bias_values(layer, bias, out)?;
             self.linear(&self.layer_name(layer, weight)?, out, input, bias)
         });
         Ok([o?, gate?, up?, down?])
+    }
+
+    /// The values of the bias of `role` (`len`), when the config enables it.
+    fn bias_values(&self, layer: usize, role: Role, len: usize) -> Result<Option<Vec<f32>>> {
+        let (enabled, flag) = self.bias_flag(role);
+        match self.checkpoint.config.arch.layer_tensor_name(layer, role) {
+            Some(name) => self.bias(&name, len, enabled, flag),
+            None if enabled => Err(Error::bug(format!("no name for the enabled bias {role:?}"))),
+            None => Ok(None),
+        }
+    }
+
+    /// Qwen3's per-head query and key norms of `layer` (`None` for other families).
+    pub fn qk_norms(&self, layer: usize) -> Result<Option<(Vec<f32>, Vec<f32>)>> {
+        if !self.params.family.qk_norm {
+            return Ok(None);
+        }
+        let d = self.params.attention.head_dim;
+        let q = self.values(&self.layer_name(layer, Role::QueryNorm)?, &[d])?;
+        let k = self.values(&self.layer_name(layer, Role::KeyNorm)?, &[d])?;
+        Ok(Some((q, k)))
     }
 
     /// The linear map of an attention projection tensor by role, with its shape from
@@ -199,15 +284,20 @@ impl<'a> Loader<'a> {
             .any(|(r, _)| *r == role)
     }
 
-    /// The attention bias of `projection`, `len` values.
+    /// The attention bias of `projection`, `len` values: under its dense name, or for a factored
+    /// projection under its up-projection's name where the family has one.
     fn attention_bias(
         &self,
         layer: usize,
         projection: AttentionProjection,
         len: usize,
     ) -> Result<Option<Vec<f32>>> {
-        let name = self.layer_name(layer, Role::AttentionBias(projection))?;
-        self.bias(&name, len, self.params.attention_bias, "attention_bias")
+        let (dense, up) = self.bias_roles(projection);
+        let role = match up {
+            Some(up) if !self.has(layer, Self::dense_role(projection)) && self.table_has(up) => up,
+            _ => dense,
+        };
+        self.bias_values(layer, role, len)
     }
 
     /// One query/key/value projection: dense under `dense`, else factored as `down`, `up`.

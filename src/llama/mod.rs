@@ -26,6 +26,7 @@
 
 pub(crate) mod attention;
 pub mod calibrate;
+pub(crate) mod family;
 pub(crate) mod layer;
 pub(crate) mod linear;
 pub(crate) mod load;
@@ -178,12 +179,13 @@ impl<'a> Llama<'a> {
             post_attention_layernorm: l
                 .values(&l.layer_name(index, Role::PostAttentionNorm)?, &[h])?,
             q,
+            qk_norm: l.qk_norms(index)?,
             kv,
             o,
             gate,
             up,
             down,
-            shape: p.attention,
+            shape: p.layer_shape(index),
             rope: p.rope,
             eps: p.rms_norm_eps,
         })

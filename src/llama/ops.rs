@@ -26,6 +26,19 @@ pub fn rms_norm(x: MatRef<'_, f32>, weight: &[f32], eps: f64) -> Mat<f32> {
     Mat::from_fn(rows, cols, |i, j| weight[j] * (x[(i, j)] * inv[i]))
 }
 
+/// RMSNorm of every head of every row in place (Qwen3's `q_norm`/`k_norm`): `x` is
+/// `[tokens, heads * head_dim]` with `head_dim = weight.len()`, each head normalised on its own.
+pub fn head_rms_norm_in_place(x: &mut Mat<f32>, weight: &[f32], eps: f64) {
+    let d = weight.len();
+    if d == 0 {
+        return;
+    }
+    for h in 0..x.ncols() / d {
+        let normed = rms_norm(x.as_ref().subcols(h * d, d), weight, eps);
+        x.as_mut().subcols_mut(h * d, d).copy_from(normed.as_ref());
+    }
+}
+
 /// `x * sigmoid(x)` (with [`exp_f32`]).
 #[inline(always)]
 pub fn silu(x: f32) -> f32 {

@@ -5,6 +5,7 @@
 
 use crate::error::{Error, Result};
 use crate::llama::attention::AttentionShape;
+use crate::llama::family::{FamilyParams, RawFamily};
 use crate::llama::rope::{Rope, RopeScaling};
 use crate::model::config::ModelConfig;
 use serde::Deserialize;
@@ -38,8 +39,14 @@ pub struct RawParams {
     pub intermediate_size: Option<usize>,
     /// `vocab_size` (required).
     pub vocab_size: Option<usize>,
-    /// `sliding_window` (Mistral only; `null` for none).
+    /// `sliding_window` (Mistral, Qwen; `null` for none).
     pub sliding_window: Option<usize>,
+    /// `use_sliding_window` (Qwen).
+    pub use_sliding_window: Option<bool>,
+    /// `max_window_layers` (Qwen).
+    pub max_window_layers: Option<usize>,
+    /// `layer_types` (Qwen).
+    pub layer_types: Option<Vec<String>>,
 }
 
 /// Everything the forward pass needs to know about the model, validated.
@@ -53,16 +60,16 @@ pub struct LlamaParams {
     pub vocab_size: usize,
     /// `num_hidden_layers`.
     pub num_layers: usize,
-    /// Heads and sliding window.
+    /// Heads (the sliding window is per layer: [`Self::layer_shape`]).
     pub attention: AttentionShape,
+    /// The family's differences: biases, query/key norms, each layer's sliding window.
+    pub family: FamilyParams,
     /// `rms_norm_eps`.
     pub rms_norm_eps: f64,
     /// The resolved rotary embedding.
     pub rope: Rope,
     /// `max_position_embeddings`.
     pub max_position_embeddings: usize,
-    /// `attention_bias`.
-    pub attention_bias: bool,
     /// `mlp_bias`.
     pub mlp_bias: bool,
     /// `tie_word_embeddings`: the head is `embed_tokens`.
@@ -70,6 +77,14 @@ pub struct LlamaParams {
 }
 
 impl LlamaParams {
+    /// The attention shape of layer `layer`, with its sliding window.
+    pub fn layer_shape(&self, layer: usize) -> AttentionShape {
+        AttentionShape {
+            sliding_window: self.family.windows.get(layer).copied().flatten(),
+            ..self.attention
+        }
+    }
+
     /// Resolves the parameters of `config` (read from `path`, named in errors).
     pub fn resolve(config: &ModelConfig, path: &Path) -> Result<Self> {
         let raw: RawParams =
@@ -118,11 +133,17 @@ impl LlamaParams {
         }
         let rope = resolve_rope(raw, config.head_dim, max_position_embeddings)
             .map_err(|m| invalid(format!("rope: {m}")))?;
-        let sliding_window = if config.class_name == "MistralForCausalLM" {
-            raw.sliding_window.filter(|&w| w > 0)
-        } else {
-            None
-        };
+        let family = FamilyParams::resolve(
+            config,
+            &RawFamily {
+                attention_bias: raw.attention_bias,
+                sliding_window: raw.sliding_window,
+                use_sliding_window: raw.use_sliding_window,
+                max_window_layers: raw.max_window_layers,
+                layer_types: raw.layer_types.as_deref(),
+            },
+        )
+        .map_err(invalid)?;
         Ok(LlamaParams {
             hidden_size: config.hidden_size,
             intermediate_size,
@@ -132,12 +153,12 @@ impl LlamaParams {
                 num_heads: config.num_heads,
                 num_kv_heads: config.num_kv_heads,
                 head_dim: config.head_dim,
-                sliding_window,
+                sliding_window: None,
             },
+            family,
             rms_norm_eps,
             rope,
             max_position_embeddings,
-            attention_bias: raw.attention_bias.unwrap_or(false),
             mlp_bias: raw.mlp_bias.unwrap_or(false),
             tie_word_embeddings: config.tie_word_embeddings,
         })
@@ -249,7 +270,7 @@ mod tests {
         assert_eq!(p.rope.theta, 10000.0);
         assert_eq!(p.rope.scaling, RopeScaling::None);
         assert_eq!(p.max_position_embeddings, 2048);
-        assert!(!p.attention_bias && !p.mlp_bias);
+        assert!(!p.family.biases.qkv && !p.family.biases.o && !p.mlp_bias);
         assert_eq!(p.attention.head_dim, 16);
     }
 
@@ -316,9 +337,9 @@ mod tests {
     #[test]
     fn mistral_sliding_window_only_for_mistral() {
         let p = resolve(json!({"sliding_window": 64})).unwrap();
-        assert_eq!(p.attention.sliding_window, None);
+        assert_eq!(p.layer_shape(1).sliding_window, None);
         let p = resolve(json!({"architectures": ["MistralForCausalLM"], "sliding_window": 64}))
             .unwrap();
-        assert_eq!(p.attention.sliding_window, Some(64));
+        assert_eq!(p.layer_shape(1).sliding_window, Some(64));
     }
 }

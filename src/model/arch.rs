@@ -46,6 +46,25 @@ pub enum Role {
     LmHead,
     /// One factor of a factored projection.
     Factor(Factor),
+    /// The bias of a factored projection, on its up-projection (`q_b`, `k_b`, `v_b`), `[rows]`.
+    FactorBias(Factor),
+    /// Qwen3's per-head RMSNorm of the queries, `[head_dim]`.
+    QueryNorm,
+    /// Qwen3's per-head RMSNorm of the keys, `[head_dim]`.
+    KeyNorm,
+}
+
+impl Factor {
+    /// The up-projection of the factored projection that replaces `bias`'s projection, which
+    /// carries that bias (`None` for `o_proj`, never factored).
+    pub fn up_of(bias: AttentionProjection) -> Option<Factor> {
+        match bias {
+            AttentionProjection::Query => Some(Factor::QUp),
+            AttentionProjection::Key => Some(Factor::KUp),
+            AttentionProjection::Value => Some(Factor::VUp),
+            AttentionProjection::Output => None,
+        }
+    }
 }
 
 impl Role {
@@ -106,19 +125,50 @@ pub enum Factor {
     VUp,
 }
 
+/// The architecture families: what the config parser and the forward pass do differently
+/// (`model::config`, `llama::params`) is keyed on this.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Family {
+    /// `LlamaForCausalLM`, `MistralForCausalLM`.
+    Llama,
+    /// `Qwen2ForCausalLM` (Qwen2, Qwen2.5): q/k/v biases, optional sliding window.
+    Qwen2,
+    /// `Qwen3ForCausalLM`: per-head `q_norm`/`k_norm`, explicit `head_dim`.
+    Qwen3,
+}
+
+/// What a factored checkpoint of a family is called, and the module files that load it.
+#[derive(Debug)]
+pub struct FactoredClasses {
+    /// `architectures[0]` of the factored checkpoint.
+    pub class_name: &'static str,
+    /// Its configuration class (named in `auto_map`).
+    pub config_class: &'static str,
+    /// Its `model_type`.
+    pub model_type: &'static str,
+    /// The module (file name without `.py`) holding both classes.
+    pub module: &'static str,
+    /// Every Python file written next to the checkpoint (the module and what it imports).
+    pub files: &'static [&'static str],
+}
+
 /// One architecture family's names.
 #[derive(Debug)]
 pub struct Architecture {
     /// Family name for messages.
     pub family: &'static str,
+    /// Which family this is.
+    pub kind: Family,
     /// `architectures[0]` values in `config.json` that use this table.
     pub class_names: &'static [&'static str],
     /// Prefix of per-layer names, followed by the layer index and a dot.
     pub layer_prefix: &'static str,
-    /// Per-layer name suffixes and their roles.
-    pub layer_tensors: &'static [(&'static str, Role)],
+    /// Per-layer name suffixes and their roles, in blocks shared between families.
+    pub layer_tensors: &'static [&'static [(&'static str, Role)]],
     /// Global names and their roles.
     pub global_tensors: &'static [(&'static str, Role)],
+    /// The factored form's classes.
+    pub factored: FactoredClasses,
 }
 
 /// Where a tensor name sits in the table.
@@ -130,59 +180,146 @@ pub struct Classified {
     pub role: Role,
 }
 
+/// The attention projections and their factored replacements (every family).
+const ATTENTION: &[(&str, Role)] = &[
+    ("self_attn.q_proj.weight", Role::Query),
+    ("self_attn.k_proj.weight", Role::Key),
+    ("self_attn.v_proj.weight", Role::Value),
+    ("self_attn.o_proj.weight", Role::Output),
+    ("self_attn.q_a_proj.weight", Role::Factor(Factor::QDown)),
+    ("self_attn.q_b_proj.weight", Role::Factor(Factor::QUp)),
+    ("self_attn.kv_a_proj.weight", Role::Factor(Factor::KvDown)),
+    ("self_attn.k_a_proj.weight", Role::Factor(Factor::KDown)),
+    ("self_attn.k_b_proj.weight", Role::Factor(Factor::KUp)),
+    ("self_attn.v_a_proj.weight", Role::Factor(Factor::VDown)),
+    ("self_attn.v_b_proj.weight", Role::Factor(Factor::VUp)),
+    ("self_attn.rotary_emb.inv_freq", Role::RotaryInvFreq),
+];
+
+/// The biases of the query, key and value projections.
+const QKV_BIASES: &[(&str, Role)] = &[
+    (
+        "self_attn.q_proj.bias",
+        Role::AttentionBias(AttentionProjection::Query),
+    ),
+    (
+        "self_attn.k_proj.bias",
+        Role::AttentionBias(AttentionProjection::Key),
+    ),
+    (
+        "self_attn.v_proj.bias",
+        Role::AttentionBias(AttentionProjection::Value),
+    ),
+];
+
+/// The output projection's bias.
+const O_BIAS: &[(&str, Role)] = &[(
+    "self_attn.o_proj.bias",
+    Role::AttentionBias(AttentionProjection::Output),
+)];
+
+/// The biases of factored projections, carried by the up-projections (`docs/factored-format.md`).
+const FACTOR_BIASES: &[(&str, Role)] = &[
+    ("self_attn.q_b_proj.bias", Role::FactorBias(Factor::QUp)),
+    ("self_attn.k_b_proj.bias", Role::FactorBias(Factor::KUp)),
+    ("self_attn.v_b_proj.bias", Role::FactorBias(Factor::VUp)),
+];
+
+/// The SwiGLU MLP and the two norms of a Llama-style layer.
+const MLP_AND_NORMS: &[(&str, Role)] = &[
+    ("mlp.gate_proj.weight", Role::MlpGate),
+    ("mlp.up_proj.weight", Role::MlpUp),
+    ("mlp.down_proj.weight", Role::MlpDown),
+    ("input_layernorm.weight", Role::InputNorm),
+    ("post_attention_layernorm.weight", Role::PostAttentionNorm),
+];
+
+/// Llama's `mlp_bias`.
+const MLP_BIASES: &[(&str, Role)] = &[
+    ("mlp.gate_proj.bias", Role::MlpBias(Mlp::Gate)),
+    ("mlp.up_proj.bias", Role::MlpBias(Mlp::Up)),
+    ("mlp.down_proj.bias", Role::MlpBias(Mlp::Down)),
+];
+
+/// Qwen3's per-head norms of queries and keys.
+const QK_NORMS: &[(&str, Role)] = &[
+    ("self_attn.q_norm.weight", Role::QueryNorm),
+    ("self_attn.k_norm.weight", Role::KeyNorm),
+];
+
+/// The global tensors of a Llama-style model.
+const GLOBALS: &[(&str, Role)] = &[
+    ("model.embed_tokens.weight", Role::Embedding),
+    ("model.norm.weight", Role::FinalNorm),
+    ("lm_head.weight", Role::LmHead),
+];
+
+/// The Python files a factored checkpoint of a family other than Llama carries: the families'
+/// module and the Llama module it builds on.
+const FAMILY_MODULE_FILES: &[&str] = &["modeling_surgery.py", "modeling_surgery_llama.py"];
+
 /// Llama and the families that share its tensor names exactly (Mistral; SmolLM and TinyLlama are
 /// `LlamaForCausalLM`).
 pub static LLAMA: Architecture = Architecture {
     family: "llama",
+    kind: Family::Llama,
     class_names: &["LlamaForCausalLM", "MistralForCausalLM"],
     layer_prefix: "model.layers.",
+    layer_tensors: &[ATTENTION, QKV_BIASES, O_BIAS, MLP_AND_NORMS, MLP_BIASES],
+    global_tensors: GLOBALS,
+    factored: FactoredClasses {
+        class_name: "SurgeryLlamaForCausalLM",
+        config_class: "SurgeryLlamaConfig",
+        model_type: "surgery_llama",
+        module: "modeling_surgery_llama",
+        files: &["modeling_surgery_llama.py"],
+    },
+};
+
+/// Qwen2 and Qwen2.5: Llama's names, q/k/v biases always, no o_proj or MLP bias.
+pub static QWEN2: Architecture = Architecture {
+    family: "qwen2",
+    kind: Family::Qwen2,
+    class_names: &["Qwen2ForCausalLM"],
+    layer_prefix: "model.layers.",
+    layer_tensors: &[ATTENTION, QKV_BIASES, FACTOR_BIASES, MLP_AND_NORMS],
+    global_tensors: GLOBALS,
+    factored: FactoredClasses {
+        class_name: "SurgeryQwen2ForCausalLM",
+        config_class: "SurgeryQwen2Config",
+        model_type: "surgery_qwen2",
+        module: "modeling_surgery",
+        files: FAMILY_MODULE_FILES,
+    },
+};
+
+/// Qwen3: Llama's names plus `q_norm`/`k_norm`; biases on all four projections with
+/// `attention_bias`.
+pub static QWEN3: Architecture = Architecture {
+    family: "qwen3",
+    kind: Family::Qwen3,
+    class_names: &["Qwen3ForCausalLM"],
+    layer_prefix: "model.layers.",
     layer_tensors: &[
-        ("self_attn.q_proj.weight", Role::Query),
-        ("self_attn.k_proj.weight", Role::Key),
-        ("self_attn.v_proj.weight", Role::Value),
-        ("self_attn.o_proj.weight", Role::Output),
-        ("self_attn.q_a_proj.weight", Role::Factor(Factor::QDown)),
-        ("self_attn.q_b_proj.weight", Role::Factor(Factor::QUp)),
-        ("self_attn.kv_a_proj.weight", Role::Factor(Factor::KvDown)),
-        ("self_attn.k_a_proj.weight", Role::Factor(Factor::KDown)),
-        ("self_attn.k_b_proj.weight", Role::Factor(Factor::KUp)),
-        ("self_attn.v_a_proj.weight", Role::Factor(Factor::VDown)),
-        ("self_attn.v_b_proj.weight", Role::Factor(Factor::VUp)),
-        (
-            "self_attn.q_proj.bias",
-            Role::AttentionBias(AttentionProjection::Query),
-        ),
-        (
-            "self_attn.k_proj.bias",
-            Role::AttentionBias(AttentionProjection::Key),
-        ),
-        (
-            "self_attn.v_proj.bias",
-            Role::AttentionBias(AttentionProjection::Value),
-        ),
-        (
-            "self_attn.o_proj.bias",
-            Role::AttentionBias(AttentionProjection::Output),
-        ),
-        ("self_attn.rotary_emb.inv_freq", Role::RotaryInvFreq),
-        ("mlp.gate_proj.weight", Role::MlpGate),
-        ("mlp.up_proj.weight", Role::MlpUp),
-        ("mlp.down_proj.weight", Role::MlpDown),
-        ("mlp.gate_proj.bias", Role::MlpBias(Mlp::Gate)),
-        ("mlp.up_proj.bias", Role::MlpBias(Mlp::Up)),
-        ("mlp.down_proj.bias", Role::MlpBias(Mlp::Down)),
-        ("input_layernorm.weight", Role::InputNorm),
-        ("post_attention_layernorm.weight", Role::PostAttentionNorm),
+        ATTENTION,
+        QK_NORMS,
+        QKV_BIASES,
+        O_BIAS,
+        FACTOR_BIASES,
+        MLP_AND_NORMS,
     ],
-    global_tensors: &[
-        ("model.embed_tokens.weight", Role::Embedding),
-        ("model.norm.weight", Role::FinalNorm),
-        ("lm_head.weight", Role::LmHead),
-    ],
+    global_tensors: GLOBALS,
+    factored: FactoredClasses {
+        class_name: "SurgeryQwen3ForCausalLM",
+        config_class: "SurgeryQwen3Config",
+        model_type: "surgery_qwen3",
+        module: "modeling_surgery",
+        files: FAMILY_MODULE_FILES,
+    },
 };
 
 /// All supported architectures.
-pub static ARCHITECTURES: &[&Architecture] = &[&LLAMA];
+pub static ARCHITECTURES: &[&Architecture] = &[&LLAMA, &QWEN2, &QWEN3];
 
 /// The table for a `config.json` `architectures[0]` value.
 pub fn find(class_name: &str) -> Option<&'static Architecture> {
@@ -190,6 +327,15 @@ pub fn find(class_name: &str) -> Option<&'static Architecture> {
         .iter()
         .copied()
         .find(|a| a.class_names.contains(&class_name))
+}
+
+/// The table whose factored form is called `class_name` (a factored checkpoint's
+/// `architectures[0]`).
+pub fn find_factored(class_name: &str) -> Option<&'static Architecture> {
+    ARCHITECTURES
+        .iter()
+        .copied()
+        .find(|a| a.factored.class_name == class_name)
 }
 
 /// Every supported class name, for error messages.
@@ -213,10 +359,9 @@ impl Architecture {
             }
             let layer: usize = index.parse().ok()?;
             let role = self
-                .layer_tensors
-                .iter()
+                .layer_entries()
                 .find(|(s, _)| *s == suffix)
-                .map(|(_, r)| *r)?;
+                .map(|(_, r)| r)?;
             return Some(Classified {
                 layer: Some(layer),
                 role,
@@ -239,10 +384,23 @@ impl Architecture {
             .map(|(name, _)| *name)
     }
 
-    /// The name of a per-layer tensor.
-    pub fn layer_tensor_name(&self, layer: usize, role: Role) -> Option<String> {
+    /// Whether this family's factored form carries the biases of factored projections (on their
+    /// up-projections); Llama's has no bias terms.
+    pub fn factored_biases(&self) -> bool {
+        self.layer_entries()
+            .any(|(_, role)| matches!(role, Role::FactorBias(_)))
+    }
+
+    /// Every per-layer name suffix with its role, block after block.
+    pub fn layer_entries(&self) -> impl Iterator<Item = (&'static str, Role)> + '_ {
         self.layer_tensors
             .iter()
+            .flat_map(|block| block.iter().copied())
+    }
+
+    /// The name of a per-layer tensor.
+    pub fn layer_tensor_name(&self, layer: usize, role: Role) -> Option<String> {
+        self.layer_entries()
             .find(|(_, r)| *r == role)
             .map(|(suffix, _)| format!("{}{layer}.{suffix}", self.layer_prefix))
     }
@@ -309,17 +467,25 @@ mod tests {
 
     #[test]
     fn every_name_is_found_by_its_role() {
-        for &(suffix, role) in LLAMA.layer_tensors {
-            let name = LLAMA.layer_tensor_name(7, role).unwrap();
-            assert_eq!(name, format!("model.layers.7.{suffix}"));
-            assert_eq!(LLAMA.classify(&name).unwrap().role, role);
-        }
-        for &(name, role) in LLAMA.global_tensors {
-            assert_eq!(LLAMA.global_tensor_name(role), Some(name));
-            assert_eq!(
-                LLAMA.classify(name).unwrap(),
-                Classified { layer: None, role }
-            );
+        for arch in ARCHITECTURES {
+            let mut seen = std::collections::BTreeSet::new();
+            for (suffix, role) in arch.layer_entries() {
+                assert!(seen.insert(role), "{}: {role:?} twice", arch.family);
+                let name = arch.layer_tensor_name(7, role).unwrap();
+                assert_eq!(name, format!("model.layers.7.{suffix}"));
+                assert_eq!(arch.classify(&name).unwrap().role, role);
+            }
+            for &(name, role) in arch.global_tensors {
+                assert_eq!(arch.global_tensor_name(role), Some(name));
+                assert_eq!(
+                    arch.classify(name).unwrap(),
+                    Classified { layer: None, role }
+                );
+            }
+            assert!(std::ptr::eq(
+                find_factored(arch.factored.class_name).unwrap(),
+                *arch
+            ));
         }
         assert_eq!(LLAMA.global_tensor_name(Role::Query), None);
         assert_eq!(LLAMA.layer_tensor_name(0, Role::Embedding), None);
@@ -329,6 +495,8 @@ mod tests {
     fn finds_supported_classes() {
         assert!(find("LlamaForCausalLM").is_some());
         assert!(find("MistralForCausalLM").is_some());
+        assert_eq!(find("Qwen2ForCausalLM").unwrap().kind, Family::Qwen2);
+        assert_eq!(find("Qwen3ForCausalLM").unwrap().kind, Family::Qwen3);
         assert!(find("GPT2LMHeadModel").is_none());
     }
 
@@ -346,5 +514,23 @@ mod tests {
                 .unwrap(),
             "model.layers.0.self_attn.v_b_proj.weight"
         );
+    }
+}
+
+#[cfg(test)]
+mod family_tests {
+    use super::*;
+
+    #[test]
+    fn tables_differ_where_the_families_do() {
+        let has =
+            |arch: &Architecture, suffix: &str| arch.layer_entries().any(|(s, _)| s == suffix);
+        // Qwen2: q/k/v biases, none on o_proj or the MLP; Qwen3 adds q_norm/k_norm.
+        assert!(has(&QWEN2, "self_attn.k_proj.bias") && !has(&QWEN2, "self_attn.o_proj.bias"));
+        assert!(!has(&QWEN2, "mlp.up_proj.bias") && !has(&QWEN2, "self_attn.q_norm.weight"));
+        assert!(has(&QWEN3, "self_attn.q_norm.weight") && has(&QWEN3, "self_attn.o_proj.bias"));
+        // Only families whose factored module carries biases name them on the up-projections.
+        assert!(!has(&LLAMA, "self_attn.k_b_proj.bias") && has(&QWEN3, "self_attn.k_b_proj.bias"));
+        assert!(QWEN2.classify("model.layers.0.mlp.up_proj.bias").is_none());
     }
 }

@@ -2,8 +2,8 @@
 //! Reading the file is `input::config_file`'s job; this module validates parsed JSON only.
 
 use crate::error::{Error, Result};
-use crate::model::arch::{self, Architecture, Factor, Role};
-use crate::model::latent::{self, KvMode, LatentAttention};
+use crate::model::arch::{self, Architecture, Factor, Family, Role};
+use crate::model::latent::{KvMode, LatentAttention};
 use serde::Deserialize;
 use serde_json::{Map, Value};
 use std::path::Path;
@@ -46,6 +46,20 @@ impl ModelConfig {
     /// Rows of `k_proj` and `v_proj`.
     pub fn kv_dim(&self) -> usize {
         self.num_kv_heads * self.head_dim
+    }
+
+    /// The length of a one-dimensional attention tensor of `role`: a projection's bias (on its
+    /// dense or up-projection), or a per-head norm; `None` for other roles.
+    pub fn vector_len(&self, role: Role) -> Option<usize> {
+        use crate::model::arch::AttentionProjection as P;
+        match role {
+            Role::AttentionBias(P::Query) | Role::FactorBias(Factor::QUp) => Some(self.q_dim()),
+            Role::AttentionBias(P::Key | P::Value)
+            | Role::FactorBias(Factor::KUp | Factor::VUp) => Some(self.kv_dim()),
+            Role::AttentionBias(P::Output) => Some(self.hidden_size),
+            Role::QueryNorm | Role::KeyNorm => Some(self.head_dim),
+            _ => None,
+        }
     }
 
     /// The attention projection tensors every layer must have, with their shapes: `q_proj`,
@@ -105,7 +119,18 @@ impl ModelConfig {
         let raw = RawConfig::deserialize(value).map_err(|e| Error::invalid(path, e.to_string()))?;
         let (class_name, factored) = class_name(&raw, path)?;
         let arch = architecture(&class_name, path)?;
-        let dims = Dimensions::from_raw(&raw, path)?;
+        if let Some(written) = first_string(raw.architectures.as_ref()).filter(|_| factored) {
+            if arch.factored.class_name != written {
+                return Err(Error::invalid(
+                    path,
+                    format!(
+                        "`architectures` is {written} but latent_attention.original_architectures names {class_name}, whose factored form is {}",
+                        arch.factored.class_name
+                    ),
+                ));
+            }
+        }
+        let dims = Dimensions::from_raw(&raw, arch, path)?;
         let tie_word_embeddings = tie_word_embeddings(raw.tie_word_embeddings.as_ref(), path)?;
         let latent = if factored {
             let value = raw.latent_attention.as_ref().unwrap_or(&Value::Null);
@@ -169,7 +194,7 @@ fn class_name(raw: &RawConfig, path: &Path) -> Result<(String, bool)> {
             "missing `architectures` (expected e.g. [\"LlamaForCausalLM\"])",
         )
     })?;
-    if class_name != latent::CLASS_NAME {
+    if arch::find_factored(class_name).is_none() {
         return Ok((class_name.to_string(), false));
     }
     let original = raw
@@ -180,8 +205,7 @@ fn class_name(raw: &RawConfig, path: &Path) -> Result<(String, bool)> {
         Error::invalid(
             path,
             format!(
-                "`architectures` is {} but latent_attention.original_architectures is missing",
-                latent::CLASS_NAME
+                "`architectures` is {class_name} but latent_attention.original_architectures is missing"
             ),
         )
     })?;
@@ -225,8 +249,10 @@ fn required_integer(name: &str, value: Option<&Value>, path: &Path) -> Result<us
 }
 
 impl Dimensions {
-    /// Reads the dimensions, applies the defaults and checks that the heads divide evenly.
-    fn from_raw(raw: &RawConfig, path: &Path) -> Result<Self> {
+    /// Reads the dimensions, applies the defaults and checks that the heads divide evenly. Qwen3
+    /// requires `head_dim` (its heads are not `hidden_size / num_attention_heads` wide, and
+    /// transformers' default of 128 is no model's truth to guess).
+    fn from_raw(raw: &RawConfig, arch: &Architecture, path: &Path) -> Result<Self> {
         let invalid = |message: String| Error::invalid(path, message);
         let hidden_size = required_integer("hidden_size", raw.hidden_size.as_ref(), path)?;
         let num_heads = required_integer(
@@ -244,6 +270,12 @@ impl Dimensions {
         .unwrap_or(num_heads);
         let head_dim = match positive_integer("head_dim", raw.head_dim.as_ref(), path)? {
             Some(d) => d,
+            None if arch.kind == Family::Qwen3 => {
+                return Err(invalid(format!(
+                    "missing required field `head_dim` ({} does not derive it from hidden_size / num_attention_heads)",
+                    arch.family
+                )))
+            }
             None => {
                 if hidden_size % num_heads != 0 {
                     return Err(invalid(format!(
@@ -307,6 +339,7 @@ fn tie_word_embeddings(value: Option<&Value>, path: &Path) -> Result<bool> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::latent;
     use serde_json::json;
 
     fn parse(v: Value) -> Result<ModelConfig> {
@@ -480,10 +513,10 @@ mod tests {
     #[test]
     fn factored_configs_name_the_original_class() {
         let mut v = base();
-        v["architectures"] = json!([latent::CLASS_NAME]);
+        v["architectures"] = json!([crate::model::arch::LLAMA.factored.class_name]);
         assert_eq!(
             parse(v.clone()).unwrap_err().to_string(),
-            format!("config.json: `architectures` is {} but latent_attention.original_architectures is missing", latent::CLASS_NAME)
+            format!("config.json: `architectures` is {} but latent_attention.original_architectures is missing", crate::model::arch::LLAMA.factored.class_name)
         );
         v["latent_attention"] = json!({"format_version": latent::FORMAT_VERSION_PER_LAYER, "kv": null,
             "q_rank": vec![4; 30], "original_architectures": ["LlamaForCausalLM"]});

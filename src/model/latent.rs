@@ -4,6 +4,7 @@
 //! `docs/factored-format.md`; the Python module that loads it is embedded here.
 
 use crate::error::{Error, Result};
+use crate::model::arch::FactoredClasses;
 use serde_json::{json, Map, Value};
 use std::path::Path;
 
@@ -16,10 +17,19 @@ pub const FORMAT_VERSION_PER_LAYER: u64 = 1;
 pub const MODULE_FILE: &str = "modeling_surgery_llama.py";
 /// Its source (lives in the repository under `python/`).
 pub const MODULE_SOURCE: &str = include_str!("../../python/modeling_surgery_llama.py");
-/// `architectures[0]` of a factored checkpoint.
-pub const CLASS_NAME: &str = "SurgeryLlamaForCausalLM";
-/// `model_type` of a factored checkpoint.
-pub const MODEL_TYPE: &str = "surgery_llama";
+/// The module of the other families (Qwen2, Qwen3), built on the Llama one.
+pub const FAMILY_MODULE_FILE: &str = "modeling_surgery.py";
+/// Its source (`python/`).
+pub const FAMILY_MODULE_SOURCE: &str = include_str!("../../python/modeling_surgery.py");
+
+/// The source of a Python file a factored checkpoint carries ([`FactoredClasses::files`]).
+pub fn module_source(file: &str) -> Option<&'static str> {
+    match file {
+        MODULE_FILE => Some(MODULE_SOURCE),
+        FAMILY_MODULE_FILE => Some(FAMILY_MODULE_SOURCE),
+        _ => None,
+    }
+}
 
 /// What a group of adjacent layers shares (`--share`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -369,16 +379,20 @@ fn rank_list(
 
 /// The factored checkpoint's `config.json`: the original with `architectures`, `model_type`,
 /// `auto_map` and `latent_attention` set (other keys keep their order and values).
-pub fn factored_config(original: &Map<String, Value>, latent: &LatentAttention) -> Value {
+pub fn factored_config(
+    original: &Map<String, Value>,
+    latent: &LatentAttention,
+    classes: &FactoredClasses,
+) -> Value {
     let mut config = original.clone();
-    config.insert("architectures".into(), json!([CLASS_NAME]));
-    config.insert("model_type".into(), json!(MODEL_TYPE));
-    let module = MODULE_FILE.trim_end_matches(".py");
+    config.insert("architectures".into(), json!([classes.class_name]));
+    config.insert("model_type".into(), json!(classes.model_type));
+    let module = classes.module;
     config.insert(
         "auto_map".into(),
         json!({
-            "AutoConfig": format!("{module}.SurgeryLlamaConfig"),
-            "AutoModelForCausalLM": format!("{module}.{CLASS_NAME}"),
+            "AutoConfig": format!("{module}.{}", classes.config_class),
+            "AutoModelForCausalLM": format!("{module}.{}", classes.class_name),
         }),
     );
     config.insert("latent_attention".into(), latent.to_json());
@@ -436,9 +450,12 @@ mod tests {
         let original = json!({"architectures": ["LlamaForCausalLM"], "hidden_size": 8,
                               "model_type": "llama", "num_hidden_layers": 2});
         let original = original.as_object().unwrap();
-        let factored = factored_config(original, &sample());
-        assert_eq!(factored["architectures"], json!([CLASS_NAME]));
-        assert_eq!(factored["model_type"], json!(MODEL_TYPE));
+        let factored = factored_config(original, &sample(), &crate::model::arch::LLAMA.factored);
+        assert_eq!(
+            factored["architectures"],
+            json!(["SurgeryLlamaForCausalLM"])
+        );
+        assert_eq!(factored["model_type"], json!("surgery_llama"));
         let parsed =
             LatentAttention::from_json(&factored["latent_attention"], 2, Path::new("c")).unwrap();
         assert_eq!(parsed, sample());

@@ -5,14 +5,15 @@ use super::shards::{assemble, placed};
 use super::{Emit, FileSource, Op, OutputFile, Plan, TensorPlan};
 use crate::error::{Error, Result};
 use crate::input::checkpoint::Checkpoint;
-use crate::model::arch::{Factor, Role};
+use crate::model::arch::{AttentionProjection, Factor, Role};
 use crate::model::latent::{self, KvMode, LatentAttention, Share};
 use crate::model::layout::CONFIG_FILE;
 use std::path::Path;
 
 /// Lays out `expand`: every factor pair of a factored checkpoint multiplied back into the dense
 /// projection it replaced (original name, the up-projection's dtype and shard), every other tensor
-/// copied, `config.json` restored, the loading module dropped.
+/// copied (a factored projection's bias back under its dense name), `config.json` restored, the
+/// loading module dropped.
 pub fn plan_expand(checkpoint: &Checkpoint, latent: &LatentAttention) -> Result<Plan> {
     if let Some(sharing) = &latent.kv_sharing {
         if sharing.share == Share::Latent {
@@ -31,6 +32,16 @@ pub fn plan_expand(checkpoint: &Checkpoint, latent: &LatentAttention) -> Result<
                     None => continue,
                 }
             }
+            (Role::FactorBias(factor), Some(layer)) => TensorPlan {
+                name: dense_bias_name(checkpoint, factor, layer).ok_or_else(|| {
+                    Error::tensor(
+                        &checkpoint.dir,
+                        &t.name,
+                        "no name for its dense projection's bias",
+                    )
+                })?,
+                ..copied(index, t)
+            },
             _ => copied(index, t),
         };
         out.push(placed(checkpoint, index, tensor));
@@ -51,6 +62,20 @@ pub fn plan_expand(checkpoint: &Checkpoint, latent: &LatentAttention) -> Result<
         files,
         None,
     ))
+}
+
+/// The name a factored projection's bias (on up-projection `factor`) takes back in the dense form.
+fn dense_bias_name(checkpoint: &Checkpoint, factor: Factor, layer: usize) -> Option<String> {
+    let projection = match factor {
+        Factor::QUp => AttentionProjection::Query,
+        Factor::KUp => AttentionProjection::Key,
+        Factor::VUp => AttentionProjection::Value,
+        _ => return None,
+    };
+    checkpoint
+        .config
+        .arch
+        .layer_tensor_name(layer, Role::AttentionBias(projection))
 }
 
 /// The dense projection that input tensor `index`, factor `factor` of layer `layer`, expands into:

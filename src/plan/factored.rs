@@ -1,11 +1,11 @@
 //! The factored layout (`docs/factored-format.md`): each group's down- and up-projections, and the
 //! files that describe and load them (`config.json` with `latent_attention`, the module).
 
-use super::layout::byte_len;
+use super::layout::{byte_len, copied};
 use super::shards::{placed, Placed};
 use super::{FileSource, GroupKind, GroupPlan, Op, OutputFile, TensorPlan};
 use crate::error::{Error, Result};
-use crate::input::checkpoint::{Checkpoint, TensorEntry};
+use crate::input::checkpoint::Checkpoint;
 use crate::model::arch::{Factor, Role};
 use crate::model::config::ModelConfig;
 use crate::model::latent::{self, KvMode, KvSharing, LatentAttention};
@@ -21,6 +21,7 @@ pub(super) fn factor_groups(
     out: &mut Vec<Placed>,
 ) -> Result<Vec<OutputFile>> {
     let c = &checkpoint.config;
+    bias_copies(checkpoint, groups, out)?;
     let mut latent = description(c, groups);
     for (g, group) in groups.iter().enumerate() {
         let width = latents.get(g).copied().unwrap_or(0);
@@ -76,7 +77,7 @@ fn sharing(c: &ModelConfig, groups: &[GroupPlan]) -> Option<KvSharing> {
 
 /// Appends group `g`'s down-projection `[width, cols]` (under the group's first layer) and one
 /// up-projection `[rows, width]` per member (under the member's layer), each placed with the
-/// member it comes from. Refuses projections with a bias.
+/// member it comes from.
 fn factor_tensors(
     checkpoint: &Checkpoint,
     g: usize,
@@ -86,7 +87,6 @@ fn factor_tensors(
 ) -> Result<()> {
     let c = &checkpoint.config;
     let first = &checkpoint.tensors[group.members[0]];
-    refuse_bias(checkpoint, first)?;
     let (down, ups) = group.kind.factors();
     let name = |layer: usize, factor: Factor| {
         c.arch
@@ -133,24 +133,56 @@ fn factor_tensors(
     Ok(())
 }
 
-/// The factored form has no bias terms: refuses a projection (`first`, a group's first member)
-/// that has one.
-fn refuse_bias(checkpoint: &Checkpoint, first: &TensorEntry) -> Result<()> {
-    let bias_name = first
-        .class
-        .role
-        .bias()
-        .zip(first.class.layer)
-        .and_then(|(bias, layer)| checkpoint.config.arch.layer_tensor_name(layer, bias));
-    let Some(bias_name) = bias_name else {
-        return Ok(());
-    };
-    if checkpoint.tensor(&bias_name).is_some() {
-        return Err(Error::tensor(
-            &checkpoint.shards[first.shard].path,
-            &bias_name,
-            "--emit factored: the factored form has no bias terms; use --emit dense for models with attention biases",
-        ));
+/// The biases of the groups' members, which the factored form moves onto the up-projections
+/// (`q_b_proj.bias`, ...): by bias tensor index, the member's layer and the bias's new role.
+/// Refuses a bias the family's factored form cannot hold (Llama's has no bias terms).
+pub(super) fn moved_biases(
+    checkpoint: &Checkpoint,
+    groups: &[GroupPlan],
+) -> Result<Vec<(usize, usize, Role)>> {
+    let arch = checkpoint.config.arch;
+    let mut out = Vec::new();
+    for &member in groups.iter().flat_map(|g| &g.members) {
+        let t = &checkpoint.tensors[member];
+        let Some((bias, layer)) = t.class.role.bias().zip(t.class.layer) else {
+            continue;
+        };
+        let Some(bias_name) = arch.layer_tensor_name(layer, bias) else {
+            continue;
+        };
+        let Some(index) = checkpoint.tensor_index(&bias_name) else {
+            continue;
+        };
+        let up = match bias {
+            Role::AttentionBias(p) => Factor::up_of(p),
+            _ => None,
+        };
+        match up.map(Role::FactorBias).filter(|_| arch.factored_biases()) {
+            Some(role) => out.push((index, layer, role)),
+            None => {
+                return Err(Error::tensor(
+                    &checkpoint.shards[t.shard].path,
+                    &bias_name,
+                    "--emit factored: the factored form has no bias terms; use --emit dense for models with attention biases",
+                ))
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Appends the moved biases ([`moved_biases`]), each copied under its up-projection's name.
+fn bias_copies(checkpoint: &Checkpoint, groups: &[GroupPlan], out: &mut Vec<Placed>) -> Result<()> {
+    let arch = checkpoint.config.arch;
+    for (index, layer, role) in moved_biases(checkpoint, groups)? {
+        let name = arch
+            .layer_tensor_name(layer, role)
+            .ok_or_else(|| Error::bug(format!("the {} name table has no {role:?}", arch.family)))?;
+        let tensor = TensorPlan {
+            name,
+            ..copied(index, &checkpoint.tensors[index])
+        };
+        out.push(placed(checkpoint, index, tensor));
     }
     Ok(())
 }
@@ -178,21 +210,25 @@ fn record_width(latent: &mut LatentAttention, group: &GroupPlan, width: usize, n
 
 /// The factored form's generated files: `config.json` rewritten, the transformers module.
 fn generated_files(c: &ModelConfig, latent: &LatentAttention) -> Result<Vec<OutputFile>> {
-    let config = latent::factored_config(&c.raw, latent);
-    Ok(vec![
-        OutputFile {
-            relative: CONFIG_FILE.into(),
-            source: FileSource::Generated {
-                bytes: latent::to_pretty_bytes(&config, Path::new(CONFIG_FILE))?,
-                what: "config.json rewritten for the factored form (latent_attention, auto_map)",
-            },
+    let classes = &c.arch.factored;
+    let config = latent::factored_config(&c.raw, latent, classes);
+    let mut files = vec![OutputFile {
+        relative: CONFIG_FILE.into(),
+        source: FileSource::Generated {
+            bytes: latent::to_pretty_bytes(&config, Path::new(CONFIG_FILE))?,
+            what: "config.json rewritten for the factored form (latent_attention, auto_map)",
         },
-        OutputFile {
-            relative: latent::MODULE_FILE.into(),
+    }];
+    for &file in classes.files {
+        let source = latent::module_source(file)
+            .ok_or_else(|| Error::bug(format!("no source for the module file {file}")))?;
+        files.push(OutputFile {
+            relative: file.into(),
             source: FileSource::Generated {
-                bytes: latent::MODULE_SOURCE.as_bytes().to_vec(),
+                bytes: source.as_bytes().to_vec(),
                 what: "the transformers module that loads the factored form",
             },
-        },
-    ])
+        });
+    }
+    Ok(files)
 }

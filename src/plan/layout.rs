@@ -35,7 +35,14 @@ pub fn plan(
     layout: &Layout,
     max_shard_size: Option<u64>,
 ) -> Result<Plan> {
-    let mut out = named_tensors(checkpoint, &groups, layout);
+    let moved: Vec<usize> = match layout {
+        Layout::Dense => Vec::new(),
+        Layout::Factored { .. } => factored::moved_biases(checkpoint, &groups)?
+            .into_iter()
+            .map(|(index, _, _)| index)
+            .collect(),
+    };
+    let mut out = named_tensors(checkpoint, &groups, layout, &moved);
     let (emit, files) = match layout {
         Layout::Dense => (Emit::Dense, Vec::new()),
         Layout::Factored { latents } => (
@@ -54,8 +61,14 @@ pub fn plan(
 }
 
 /// The output tensors that keep an input tensor's name, in input order: the copies and, in the
-/// dense layout, each group member's reconstruction (the factored layout drops the members).
-fn named_tensors(checkpoint: &Checkpoint, groups: &[GroupPlan], layout: &Layout) -> Vec<Placed> {
+/// dense layout, each group member's reconstruction (the factored layout drops the members, and
+/// the `moved` biases, which it renames).
+fn named_tensors(
+    checkpoint: &Checkpoint,
+    groups: &[GroupPlan],
+    layout: &Layout,
+    moved: &[usize],
+) -> Vec<Placed> {
     let mut member_of: BTreeMap<usize, (usize, usize)> = BTreeMap::new();
     for (g, group) in groups.iter().enumerate() {
         for (m, &tensor) in group.members.iter().enumerate() {
@@ -65,6 +78,9 @@ fn named_tensors(checkpoint: &Checkpoint, groups: &[GroupPlan], layout: &Layout)
     let compensated = compensated_tensors(checkpoint, groups);
     let mut out: Vec<Placed> = Vec::new();
     for (index, t) in checkpoint.tensors.iter().enumerate() {
+        if moved.contains(&index) {
+            continue;
+        }
         let op = match (member_of.get(&index), layout) {
             (None, _) => match compensated.get(&index) {
                 Some(&layer) => Op::Compensated {

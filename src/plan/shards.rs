@@ -136,7 +136,9 @@ fn in_file_order(mut shard: ShardPlan) -> ShardPlan {
 /// plus `generated`, sorted by path.
 fn other_files(checkpoint: &Checkpoint, generated: Vec<OutputFile>) -> Vec<OutputFile> {
     let replaced = |relative: &Path| {
-        relative == Path::new(latent::MODULE_FILE)
+        [latent::MODULE_FILE, latent::FAMILY_MODULE_FILE]
+            .iter()
+            .any(|m| relative == Path::new(m))
             || generated.iter().any(|g| g.relative == relative)
     };
     let mut files: Vec<OutputFile> = checkpoint

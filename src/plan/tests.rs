@@ -207,7 +207,10 @@ fn factored_plan_writes_down_and_up_projections() {
         FileSource::Generated { bytes, .. } if bytes == latent::MODULE_SOURCE.as_bytes()
     ));
     let config = generated_json(&plan, CONFIG_FILE);
-    assert_eq!(config["architectures"], json!([latent::CLASS_NAME]));
+    assert_eq!(
+        config["architectures"],
+        json!([crate::model::arch::LLAMA.factored.class_name])
+    );
     assert_eq!(config["hidden_size"], json!(HIDDEN));
     let l = &config["latent_attention"];
     assert_eq!(l["fit"], json!("pca"));

@@ -22,11 +22,16 @@ pub struct Evaluation {
     pub reports: Vec<GroupReport>,
 }
 
-/// Refuses sharing across layers on a model with attention biases, as a factored conversion
-/// does (plan/factored.rs): a group shared across layers is scored in its factored form, which
-/// has no bias terms. Checked once for the whole grid, before anything is scored.
+/// Refuses sharing across layers on a model with attention biases whose family's factored form
+/// has no bias terms (Llama's), as a factored conversion does (plan/factored.rs): a group shared
+/// across layers is scored in its factored form. Checked once for the whole grid, before anything
+/// is scored.
 pub(crate) fn refuse_shared_biases(llama: &Llama, groups: &[GroupPlan]) -> Result<()> {
-    if llama.params().attention_bias && groups.iter().any(|g| g.share.is_some()) {
+    let factored_biases = llama.checkpoint().config.arch.factored_biases();
+    if llama.params().family.biases.qkv
+        && !factored_biases
+        && groups.iter().any(|g| g.share.is_some())
+    {
         return Err(Error::invalid(
             llama.checkpoint().dir.join(crate::model::layout::CONFIG_FILE),
             "--share-layers: the factored form of a group shared across layers has no bias terms, and this model's attention has biases (attention_bias)",

@@ -1,0 +1,132 @@
+"""Tiny random models of the families other than Llama, written by transformers itself
+(`from_config`, fixed seed) with SmolLM2's tokenizer (which llama.cpp's converter knows), and the
+surgery-convert outputs the family tests compare. Dimensions exercise what differs from Llama:
+
+* qwen2: q/k/v biases (random, not transformers' zeros), sliding window of 48 tokens on the layers
+  from max_window_layers on (shorter than the 512-token test windows), tied embeddings;
+* qwen3: head_dim 32 with hidden 64 and 4 heads (q_proj [128, 64], more rows than columns),
+  q_norm/k_norm weights random, sliding layers as qwen2, untied head.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import torch
+from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
+
+SEED = 0
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+COMMON = dict(
+    hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+    vocab_size=49152, max_position_embeddings=2048, initializer_range=0.1, rms_norm_eps=1e-6,
+    bos_token_id=1, eos_token_id=2, pad_token_id=2, use_sliding_window=True, sliding_window=48,
+    max_window_layers=2,
+)
+FAMILIES = {
+    "qwen2": (Qwen2ForCausalLM, lambda: Qwen2Config(**COMMON, tie_word_embeddings=True)),
+    "qwen3": (Qwen3ForCausalLM, lambda: Qwen3Config(**COMMON, head_dim=32, tie_word_embeddings=False)),
+}
+
+# Output name -> surgery-convert options, per family. "full" must reproduce the original.
+FULL = ["--shared-kv", "1.0", "--q", "1.0"]
+CONVERSIONS: dict[str, list[str]] = {
+    "full": FULL,
+    "kv05": ["--shared-kv", "0.5", "--q", "0.9"],
+    "rank": ["--shared-kv", "rank:12", "--q", "rank:24", "--fit", "svd"],
+    "rank-factored": ["--shared-kv", "rank:12", "--q", "rank:24", "--fit", "svd", "--emit", "factored"],
+    "act": ["--shared-kv", "budget:0.25", "--fit", "act"],
+    "latent-factored": ["--shared-kv", "rank:12", "--fit", "act", "--share-layers", "2", "--share", "latent",
+                        "--emit", "factored"],
+}
+FACTORED_TWIN = {"rank-factored": "rank"}
+
+
+def write_original(family: str, tokenizer_dir: Path, out: Path) -> Path:
+    """The family's tiny model in float32, biases and norm weights randomised, with the tokenizer."""
+    cls, config = FAMILIES[family]
+    torch.manual_seed(SEED)
+    model = cls(config()).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(".bias") or name.endswith("_norm.weight"):
+                p.copy_(torch.randn_like(p) * 0.3 + (1.0 if name.endswith("norm.weight") else 0.0))
+    if out.exists():
+        shutil.rmtree(out)
+    model.save_pretrained(out)
+    for name in TOKENIZER_FILES:
+        shutil.copy(tokenizer_dir / name, out / name)
+    if family == "qwen2":
+        sentencepiece_vocab(out)
+    return out
+
+
+def sentencepiece_vocab(out: Path) -> None:
+    """llama.cpp's Qwen2 converter hashes the tokenizer transformers loads, and transformers loads
+    its own Qwen2Tokenizer for model_type qwen2 (not tokenizer.json's pre-tokenizer), whose hash on
+    SmolLM2's vocabulary it does not know; it takes a SentencePiece `tokenizer.model` first. So the
+    Qwen2 model also carries a tiny SentencePiece vocabulary (trained here, deterministically, on
+    the end of the wiki text, away from the evaluated start), and tokenizer_config.json drops
+    added_tokens_decoder (whose ids would overwrite that vocabulary's byte pieces; tokenizer.json
+    still lists the special tokens)."""
+    import io
+    import json
+    import os
+
+    import sentencepiece as spm
+
+    text = Path(os.environ["WIKI_TEXT"]).read_text(encoding="utf-8")
+    lines = [line for line in text[-400_000:].splitlines() if line.strip()]
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines), model_writer=model, vocab_size=1000, model_type="bpe",
+        num_threads=1, character_coverage=1.0, byte_fallback=True, minloglevel=2,
+    )
+    (out / "tokenizer.model").write_bytes(model.getvalue())
+    config_path = out / "tokenizer_config.json"
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    config.pop("added_tokens_decoder", None)
+    config_path.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+
+
+def convert(surgery_bin: Path, source: Path, out: Path, options: list[str]) -> Path:
+    """One conversion (fit act calibrates on the built-in text, never on the evaluated wiki text)."""
+    subprocess.run(
+        [str(surgery_bin), "--in", str(source), "--out", str(out), "--force", "--quiet", *options],
+        check=True,
+    )
+    return out
+
+
+def expand(surgery_bin: Path, source: Path, out: Path) -> Path:
+    subprocess.run([str(surgery_bin), "expand", str(source), "--out", str(out), "--force", "--quiet"], check=True)
+    return out
+
+
+def stock_with_products(family: str, factored_dir: Path, original_dir: Path):
+    """A stock float64 model of the family whose attention projections are the factored
+    checkpoint's products b @ a (biases on the up-projections moved back): what the factored module
+    must compute (without cross-layer latent sharing)."""
+    from safetensors.torch import load_file
+
+    cls, _ = FAMILIES[family]
+    stock = cls.from_pretrained(original_dir, dtype=torch.float64).eval()
+    tensors = {}
+    for f in sorted(factored_dir.glob("*.safetensors")):
+        tensors.update(load_file(f))
+    state = stock.state_dict()
+    for layer in range(stock.config.num_hidden_layers):
+        p = f"model.layers.{layer}.self_attn."
+        get = lambda n: tensors[p + n].to(torch.float64)  # noqa: E731
+        if p + "kv_a_proj.weight" in tensors:
+            for x in ("k", "v"):
+                state[p + f"{x}_proj.weight"] = get(f"{x}_b_proj.weight") @ get("kv_a_proj.weight")
+        for x in ("q", "k", "v"):
+            if p + f"{x}_a_proj.weight" in tensors:
+                state[p + f"{x}_proj.weight"] = get(f"{x}_b_proj.weight") @ get(f"{x}_a_proj.weight")
+            if p + f"{x}_b_proj.bias" in tensors:
+                state[p + f"{x}_proj.bias"] = get(f"{x}_b_proj.bias")
+    stock.load_state_dict(state)
+    return stock
