@@ -1,5 +1,6 @@
 """Factored ("latent") attention for the non-Llama families written by ``surgery-convert --emit factored``:
-Qwen2 (``Qwen2ForCausalLM``) and Qwen3 (``Qwen3ForCausalLM``).
+Qwen2 (``Qwen2ForCausalLM``), Qwen3 (``Qwen3ForCausalLM``), Gemma 2 (``Gemma2ForCausalLM``) and Gemma 3
+text (``Gemma3ForCausalLM``, config ``Gemma3TextConfig``).
 
 The format and the loading algorithm are those of docs/factored-format.md (the Llama reference
 loader, ``modeling_surgery_llama.py``, is written next to this file and imported from it); this
@@ -12,22 +13,38 @@ transformers 5.24; imports only ``torch`` and ``transformers``).
 The original config, every key kept, plus ``latent_attention`` exactly as in the Llama format
 (versions 1 and 2) with ``original_architectures`` / ``original_model_type`` naming the family, and::
 
-    "architectures": ["SurgeryQwen2ForCausalLM"],            # SurgeryQwen3ForCausalLM
-    "model_type": "surgery_qwen2",                           # surgery_qwen3
+    "architectures": ["SurgeryQwen2ForCausalLM"],   # SurgeryQwen3 / SurgeryGemma2 / SurgeryGemma3ForCausalLM
+    "model_type": "surgery_qwen2",                  # surgery_qwen3 / surgery_gemma2 / surgery_gemma3
     "auto_map": {"AutoConfig": "modeling_surgery.SurgeryQwen2Config",
                  "AutoModelForCausalLM": "modeling_surgery.SurgeryQwen2ForCausalLM"},
+
+(``original_model_type`` is ``"gemma3_text"`` for Gemma 3; ``SurgeryGemma3Config`` is a
+``Gemma3TextConfig``.)
 
 Tensors
 -------
 As in the Llama format, except biases. Qwen2 has biases on ``q_proj`` / ``k_proj`` / ``v_proj``
-(always; ``o_proj`` has none), Qwen3 on all four iff ``attention_bias``. A projection left dense keeps
-its ``*_proj.bias``; a factored projection's bias sits on its up-projection (``q_b_proj.bias [q_dim]``,
+(always; ``o_proj`` has none), Qwen3 and Gemma on all four iff ``attention_bias``. A projection left
+dense keeps its ``*_proj.bias``; a factored projection's bias sits on its up-projection (``q_b_proj.bias [q_dim]``,
 ``k_b_proj.bias`` / ``v_b_proj.bias [kv_dim]``, also with ``kv == "shared"`` and, with version-2
 sharing, on every layer's own ``k_b`` / ``v_b``): ``y = b @ (a @ x) + bias``, so the cache still
 holds only the latent. Down-projections (``*_a_proj``) never have a bias. Qwen3's
 ``self_attn.q_norm.weight`` / ``k_norm.weight [head_dim]`` are kept: q_norm normalises each head of the
 query after its (up-)projection, k_norm each head of K after its up-projection from the cached
-latent, both before RoPE, as ``Qwen3Attention`` does.
+latent, both before RoPE, as ``Qwen3Attention`` does; Gemma 3's (``Gemma3RMSNorm``, scaling by
+``1 + w``) likewise. Gemma's four layer norms per layer are the stock ones, untouched.
+
+Gemma
+-----
+The attention scales scores by ``query_pre_attn_scalar ** -0.5`` (not ``head_dim ** -0.5``). Gemma 2
+passes ``softcap=config.attn_logit_softcapping`` to the attention function; its stock model runs
+``eager`` (it does not support sdpa), and since the Llama forward reused here would pick Llama's
+eager function, which ignores ``softcap``, a Gemma 2 attention sees ``eager`` as Gemma 2's own eager
+function, registered in transformers' ``AttentionInterface`` as ``surgery_eager_SurgeryGemma2Attention``
+(stock Gemma 3 passes no ``softcap``, whatever its config says, and neither does this module). Gemma 3
+has one rope per layer type (``rope_parameters`` keyed by layer type): RoPE of the cached keys is
+recomputed with the layer's own type. Embedding scaling by ``sqrt(hidden_size)``, final-logit
+softcapping and the masks are the stock models' forwards.
 
 Sliding window
 --------------
@@ -47,16 +64,33 @@ Structure (for adding families)
 -------------------------------
 A family is five small classes: a config (``LatentConfigMixin`` + the stock config), an attention
 (``SurgeryFamilyAttention``: which projections have biases, an optional per-head norm class, the
-attention-function keyword arguments), a pre-trained base (``_can_record_outputs``), a model
-(``SurgeryFamilyModelMixin`` + the stock model: the stock one with its attentions replaced) and a
-causal LM (``SurgeryFamilyForCausalLMMixin`` + the stock one).
+attention-function keyword arguments, optionally the family's own eager attention function), a
+pre-trained base (``_can_record_outputs``), a model (``SurgeryFamilyModelMixin`` + the stock model:
+the stock one with its attentions replaced; ``rotary_for`` picks the rotary embedding an attention
+recomputes key positions with) and a causal LM (``SurgeryFamilyForCausalLMMixin`` + the stock one).
 """
 
 import functools
 
 from torch import nn
 from transformers.cache_utils import DynamicSlidingWindowLayer
-from transformers.modeling_utils import PreTrainedModel
+from transformers.modeling_utils import AttentionInterface, PreTrainedModel
+from transformers.models.gemma2.configuration_gemma2 import Gemma2Config
+from transformers.models.gemma2.modeling_gemma2 import (
+    Gemma2DecoderLayer,
+    Gemma2ForCausalLM,
+    Gemma2Model,
+    Gemma2PreTrainedModel,
+)
+from transformers.models.gemma2.modeling_gemma2 import eager_attention_forward as gemma2_eager_attention
+from transformers.models.gemma3.configuration_gemma3 import Gemma3TextConfig
+from transformers.models.gemma3.modeling_gemma3 import (
+    Gemma3DecoderLayer,
+    Gemma3ForCausalLM,
+    Gemma3PreTrainedModel,
+    Gemma3RMSNorm,
+    Gemma3TextModel,
+)
 from transformers.models.qwen2.configuration_qwen2 import Qwen2Config
 from transformers.models.qwen2.modeling_qwen2 import (
     Qwen2DecoderLayer,
@@ -115,7 +149,19 @@ class _ConfigView:
         self.__dict__.update(overrides, _config=config)
 
     def __getattr__(self, name):
+        if name == "_config" or name.startswith("__"):  # unset while copy / pickle rebuild a view
+            raise AttributeError(name)
         return getattr(self._config, name)
+
+
+class _EagerConfigView(_ConfigView):
+    """The config as an attention with its own eager function sees it: ``eager`` stands for that
+    function's name in the AttentionInterface (``_eager``); other implementations pass through."""
+
+    @property
+    def _attn_implementation(self):
+        implementation = self._config._attn_implementation
+        return self._eager if implementation == "eager" else implementation
 
 
 def _normalise_heads(module, args, output, *, norm, head_dim):
@@ -127,17 +173,25 @@ class SurgeryFamilyAttention(SurgeryLlamaAttention):
     """SurgeryLlamaAttention (factored projections, latent cache, cross-layer sharing) with what the
     other families add: biases, per-head q/k norms, sliding-window layers."""
 
-    head_norm_class = None  # a norm class: q_norm / k_norm over each head (Qwen3)
+    head_norm_class = None  # a norm class: q_norm / k_norm over each head (Qwen3, Gemma3)
+    # The family's eager attention function where Llama's will not do (a staticmethod; Gemma2's
+    # softcaps the scores), run whenever the model's attention implementation is "eager".
+    eager_attention = None
 
     def biased_projections(self, config) -> tuple[str, ...]:
-        """Which of "q", "k", "v", "o" have a bias in the stock family."""
-        return ()
+        """Which of "q", "k", "v", "o" have a bias in the stock family (by default all four iff
+        ``attention_bias``)."""
+        return ("q", "k", "v", "o") if getattr(config, "attention_bias", False) else ()
 
     def __init__(self, config, layer_idx: int):
         # Llama builds every projection without bias (and would read config.attention_bias, which
         # Qwen2 lacks); this family's biases and head norms are added on the output modules.
         super().__init__(_ConfigView(config, attention_bias=False), layer_idx)
         self.config = config
+        if self.eager_attention is not None:
+            name = f"surgery_eager_{type(self).__name__}"
+            AttentionInterface.register(name, self.eager_attention)
+            self.config = _EagerConfigView(config, _eager=name)
         self.layer_type = config.layer_types[layer_idx] if getattr(config, "layer_types", None) else None
         self.sliding_window = config.sliding_window if self.layer_type == SLIDING else None
         self._add_biases(self.biased_projections(config))
@@ -191,15 +245,6 @@ class SurgeryFamilyAttention(SurgeryLlamaAttention):
         return c, cv
 
 
-def _link_attention(model):
-    """Plain references (not children): the model's rotary embedding, and each layer's kv source."""
-    attention = [layer.self_attn for layer in model.layers]
-    for attn in attention:
-        object.__setattr__(attn, "_model_rotary_emb", model.rotary_emb)
-        if not attn.is_kv_source:
-            object.__setattr__(attn, "_kv_source", attention[attn.kv_group[0]])
-
-
 class SurgeryFamilyModelMixin:
     """The stock family model (embeddings, decoder layers, norms, rotary embedding, and the forward
     that builds the full and sliding-window masks) with each layer's attention replaced by
@@ -212,8 +257,20 @@ class SurgeryFamilyModelMixin:
         super().__init__(config)
         for layer_idx, layer in enumerate(self.layers):
             layer.self_attn = self.attention_class(config, layer_idx)
-        _link_attention(self)
+        self._link_attention()
         self.post_init()
+
+    def rotary_for(self, attention):
+        """What ``attention`` calls as ``rotary(x, position_ids=...)`` for the cos / sin of its keys."""
+        return self.rotary_emb
+
+    def _link_attention(self):
+        """Plain references (not children): each attention's rotary embedding and kv source."""
+        attention = [layer.self_attn for layer in self.layers]
+        for attn in attention:
+            object.__setattr__(attn, "_model_rotary_emb", self.rotary_for(attn))
+            if not attn.is_kv_source:
+                object.__setattr__(attn, "_kv_source", attention[attn.kv_group[0]])
 
 
 class SurgeryFamilyForCausalLMMixin:
@@ -282,9 +339,6 @@ class SurgeryQwen3Config(LatentConfigMixin, Qwen3Config):
 class SurgeryQwen3Attention(SurgeryFamilyAttention):
     head_norm_class = Qwen3RMSNorm
 
-    def biased_projections(self, config):
-        return ("q", "k", "v", "o") if config.attention_bias else ()
-
 
 class SurgeryQwen3PreTrainedModel(Qwen3PreTrainedModel):
     config_class = SurgeryQwen3Config
@@ -299,7 +353,85 @@ class SurgeryQwen3ForCausalLM(SurgeryFamilyForCausalLMMixin, SurgeryQwen3PreTrai
     model_class = SurgeryQwen3Model
 
 
+# --- Gemma 2 and Gemma 3 -----------------------------------------------------------------------------
+
+
+class SurgeryGemmaAttention(SurgeryFamilyAttention):
+    """What Gemma 2 and 3 change in Llama's attention: the scaling, and a causal flag read from
+    ``use_bidirectional_attention`` (the masks themselves come from the stock model)."""
+
+    def __init__(self, config, layer_idx: int):
+        super().__init__(config, layer_idx)
+        self.scaling = config.query_pre_attn_scalar**-0.5
+        self.is_causal = not getattr(config, "use_bidirectional_attention", False)
+
+
+class SurgeryGemma2Config(LatentConfigMixin, Gemma2Config):
+    """``Gemma2Config`` plus the ``latent_attention`` description of the factored projections."""
+
+    model_type = "surgery_gemma2"
+
+    latent_attention: dict | None = None
+
+
+class SurgeryGemma2Attention(SurgeryGemmaAttention):
+    eager_attention = staticmethod(gemma2_eager_attention)  # Llama's ignores softcap
+
+    def attention_kwargs(self):
+        return {**super().attention_kwargs(), "softcap": self.config.attn_logit_softcapping}
+
+
+class SurgeryGemma2PreTrainedModel(Gemma2PreTrainedModel):
+    config_class = SurgeryGemma2Config
+    _can_record_outputs = {"hidden_states": Gemma2DecoderLayer, "attentions": SurgeryGemma2Attention}
+
+
+class SurgeryGemma2Model(SurgeryFamilyModelMixin, SurgeryGemma2PreTrainedModel, Gemma2Model):
+    attention_class = SurgeryGemma2Attention
+
+
+class SurgeryGemma2ForCausalLM(SurgeryFamilyForCausalLMMixin, SurgeryGemma2PreTrainedModel, Gemma2ForCausalLM):
+    model_class = SurgeryGemma2Model
+
+
+class SurgeryGemma3Config(LatentConfigMixin, Gemma3TextConfig):
+    """``Gemma3TextConfig`` plus the ``latent_attention`` description of the factored projections."""
+
+    model_type = "surgery_gemma3"
+
+    latent_attention: dict | None = None
+
+
+class SurgeryGemma3Attention(SurgeryGemmaAttention):
+    head_norm_class = Gemma3RMSNorm
+
+
+class SurgeryGemma3PreTrainedModel(Gemma3PreTrainedModel):
+    config_class = SurgeryGemma3Config
+    _can_record_outputs = {"hidden_states": Gemma3DecoderLayer, "attentions": SurgeryGemma3Attention}
+
+
+class SurgeryGemma3Model(SurgeryFamilyModelMixin, SurgeryGemma3PreTrainedModel, Gemma3TextModel):
+    attention_class = SurgeryGemma3Attention
+
+    def rotary_for(self, attention):
+        # One rotary embedding holding each layer type's frequencies: this layer's type.
+        return functools.partial(self.rotary_emb, layer_type=attention.layer_type)
+
+
+class SurgeryGemma3ForCausalLM(SurgeryFamilyForCausalLMMixin, SurgeryGemma3PreTrainedModel, Gemma3ForCausalLM):
+    model_class = SurgeryGemma3Model
+
+
 __all__ = [
+    "SurgeryGemma2Config",
+    "SurgeryGemma2ForCausalLM",
+    "SurgeryGemma2Model",
+    "SurgeryGemma2PreTrainedModel",
+    "SurgeryGemma3Config",
+    "SurgeryGemma3ForCausalLM",
+    "SurgeryGemma3Model",
+    "SurgeryGemma3PreTrainedModel",
     "SurgeryQwen2Config",
     "SurgeryQwen2ForCausalLM",
     "SurgeryQwen2Model",

@@ -4,7 +4,9 @@
 //! name); names come from the architecture table.
 
 use crate::input::checkpoint::Checkpoint;
-use crate::model::arch::{AttentionProjection, Factor, Family, Role, LLAMA, QWEN2, QWEN3};
+use crate::model::arch::{
+    AttentionProjection, Factor, Family, Role, GEMMA2, GEMMA3, LLAMA, QWEN2, QWEN3,
+};
 use crate::model::dtype::FloatType;
 use crate::model::latent::{self, KvMode, LatentAttention};
 use crate::model::layout::{shard_file_name, CONFIG_FILE, INDEX_FILE};
@@ -201,45 +203,57 @@ pub fn write_tiny(dir: &Path, dtype: Dtype, sharded: bool) -> Vec<Vec<RawTensor>
     shards
 }
 
-/// The tiny model as another family writes it: Qwen2 (q/k/v biases) or Qwen3 (explicit
-/// `head_dim`, `q_norm`/`k_norm`, and with `attention_bias` biases on all four projections); one
-/// F32 file in `dir`. Llama gives [`write_tiny`]'s checkpoint.
+/// The tiny model as another family writes it, one F32 file in `dir`: Qwen2 (q/k/v biases),
+/// Qwen3 (explicit `head_dim`, `q_norm`/`k_norm`, with `attention_bias` biases on all four
+/// projections), Gemma 2 (four norms per layer, `query_pre_attn_scalar`, soft-capping, biases as
+/// Qwen3), Gemma 3 (Gemma 2's without soft-capping, plus `q_norm`/`k_norm`). Llama gives
+/// [`write_tiny`]'s checkpoint.
 pub fn write_tiny_family(dir: &Path, family: Family) {
+    let arch = [&LLAMA, &QWEN2, &QWEN3, &GEMMA2, &GEMMA3]
+        .into_iter()
+        .find(|a| a.kind == family)
+        .expect("a table per family");
     let mut config = config();
+    config["architectures"] = json!([arch.class_names[0]]);
+    config["model_type"] = json!(arch.family);
     let mut tensors: Vec<RawTensor> = dense_shapes()
         .into_iter()
         .map(|(name, shape)| RawTensor::generated(&name, Dtype::F32, shape))
         .collect();
-    let arch = match family {
-        Family::Llama => &LLAMA,
-        Family::Qwen2 => &QWEN2,
-        Family::Qwen3 => &QWEN3,
-    };
-    config["architectures"] = json!([arch.class_names[0]]);
-    config["model_type"] = json!(arch.family);
-    let mut extra = Vec::new();
+    let gemma = matches!(family, Family::Gemma2 | Family::Gemma3);
+    let mut vectors: Vec<(Role, usize)> = Vec::new();
     if family != Family::Llama {
-        extra.extend([
-            (AttentionProjection::Query, Q_DIM),
-            (AttentionProjection::Key, KV_DIM),
-            (AttentionProjection::Value, KV_DIM),
+        vectors.extend([
+            (Role::AttentionBias(AttentionProjection::Query), Q_DIM),
+            (Role::AttentionBias(AttentionProjection::Key), KV_DIM),
+            (Role::AttentionBias(AttentionProjection::Value), KV_DIM),
         ]);
     }
-    if family == Family::Qwen3 {
+    if family != Family::Llama && family != Family::Qwen2 {
         config["head_dim"] = json!(Q_DIM / 2);
         config["attention_bias"] = json!(true);
-        extra.push((AttentionProjection::Output, HIDDEN));
+        vectors.push((Role::AttentionBias(AttentionProjection::Output), HIDDEN));
+    }
+    if matches!(family, Family::Qwen3 | Family::Gemma3) {
+        vectors.extend([(Role::QueryNorm, Q_DIM / 2), (Role::KeyNorm, Q_DIM / 2)]);
+    }
+    if gemma {
+        vectors.extend([
+            (Role::PreFeedforwardNorm, HIDDEN),
+            (Role::PostFeedforwardNorm, HIDDEN),
+        ]);
+        config["query_pre_attn_scalar"] = json!(3);
+        config["sliding_window"] = json!(3);
+        config["hidden_activation"] = json!("gelu_pytorch_tanh");
+    }
+    if family == Family::Gemma2 {
+        config["attn_logit_softcapping"] = json!(0.5);
+        config["final_logit_softcapping"] = json!(0.8);
     }
     for layer in 0..LAYERS {
-        for &(projection, len) in &extra {
-            let name = arch.layer_tensor_name(layer, Role::AttentionBias(projection));
-            tensors.push(RawTensor::generated(&name.unwrap(), Dtype::F32, vec![len]));
-        }
-        if family == Family::Qwen3 {
-            for role in [Role::QueryNorm, Role::KeyNorm] {
-                let name = arch.layer_tensor_name(layer, role).unwrap();
-                tensors.push(RawTensor::generated(&name, Dtype::F32, vec![Q_DIM / 2]));
-            }
+        for &(role, len) in &vectors {
+            let name = arch.layer_tensor_name(layer, role).expect("a name");
+            tensors.push(RawTensor::generated(&name, Dtype::F32, vec![len]));
         }
     }
     write_checkpoint(dir, &json_bytes(&config), &[tensors]);

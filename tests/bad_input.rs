@@ -45,6 +45,7 @@ const REQUIRED: &[&str] = &[
     "config-heads-not-dividing",
     "config-shape-disagreement",
     "family-qwen3-no-head-dim",
+    "family-gemma2-no-head-dim",
     "family-qwen2-bias-shape",
     "family-qwen2-o-proj-bias",
     "nan-inf-dense",

@@ -114,6 +114,43 @@ fn qwen3_factored_output_matches_dense_and_expands() {
 }
 
 #[test]
+fn gemma2_factored_output_matches_dense_and_expands() {
+    factored_output_matches_dense(Family::Gemma2);
+}
+
+#[test]
+fn gemma3_factored_output_matches_dense_and_expands() {
+    factored_output_matches_dense(Family::Gemma3);
+}
+
+#[test]
+fn each_family_runs_its_own_forward_pass() {
+    // The same tensors read as another family's give other logits: every difference is read.
+    let logits_of = |family| {
+        let dir = tempfile::tempdir().unwrap();
+        tiny::write_tiny_family(dir.path(), family);
+        logits(dir.path())
+    };
+    let all = [
+        Family::Llama,
+        Family::Qwen2,
+        Family::Qwen3,
+        Family::Gemma2,
+        Family::Gemma3,
+    ];
+    let outs: Vec<Vec<f64>> = all.iter().map(|&f| logits_of(f)).collect();
+    for i in 0..outs.len() {
+        assert!(outs[i].iter().all(|x| x.is_finite()), "{:?}", all[i]);
+        for j in 0..i {
+            let d = relative_error(&outs[i], &outs[j]);
+            assert!(d > 1e-3, "{:?} vs {:?}: {d}", all[i], all[j]);
+        }
+    }
+    // Gemma 2's final soft cap bounds every logit.
+    assert!(outs[3].iter().all(|x| x.abs() <= 0.8 + 1e-6));
+}
+
+#[test]
 fn qwen3_norms_and_biases_change_the_forward_pass() {
     // Without q_norm/k_norm or with other biases the logits differ: the pass reads them.
     let dir = tempfile::tempdir().unwrap();

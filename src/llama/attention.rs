@@ -11,7 +11,7 @@ use rayon::prelude::*;
 use std::ops::Range;
 
 /// The head layout of a layer's attention.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct AttentionShape {
     /// Query heads.
     pub num_heads: usize,
@@ -21,6 +21,18 @@ pub struct AttentionShape {
     pub head_dim: usize,
     /// Mistral's sliding window: a query attends to at most this many keys (itself included).
     pub sliding_window: Option<usize>,
+    /// The scale of the scores (Gemma's `query_pre_attn_scalar^-1/2`); `None`: `head_dim^-1/2`.
+    pub scale: Option<f32>,
+    /// Gemma 2's soft-capping of the scores, `c * tanh(s / c)` before the mask.
+    pub softcap: Option<f32>,
+}
+
+impl AttentionShape {
+    /// The scale of the scores.
+    fn score_scale(&self) -> f32 {
+        self.scale
+            .unwrap_or_else(|| 1.0 / (self.head_dim.max(1) as f32).sqrt())
+    }
 }
 
 /// The row ranges of consecutive windows of `ctx` rows covering `0..rows` (the last may be
@@ -33,15 +45,16 @@ pub fn windows(rows: usize, ctx: usize) -> impl Iterator<Item = Range<usize>> {
 }
 
 /// One head over one window: `q`, `k`, `v` are `[len, head_dim]` (already rotated), row `i` at
-/// position `i`. Returns `[len, head_dim]`.
+/// position `i`; the scores scaled, soft-capped and windowed as `shape` says. Returns
+/// `[len, head_dim]`.
 pub fn head_attention(
     q: MatRef<'_, f32>,
     k: MatRef<'_, f32>,
     v: MatRef<'_, f32>,
-    sliding_window: Option<usize>,
+    shape: &AttentionShape,
 ) -> Mat<f32> {
     let len = q.nrows();
-    let scale = 1.0 / (q.ncols().max(1) as f32).sqrt();
+    let scale = shape.score_scale();
     // Column i holds query i's scores against every key, so its softmax is over a contiguous slice.
     let mut scores = Mat::<f32>::zeros(len, len);
     matmul(
@@ -52,8 +65,17 @@ pub fn head_attention(
         scale,
         Par::Seq,
     );
+    if let Some(c) = shape.softcap {
+        for j in 0..len {
+            for s in scores.col_as_slice_mut(j) {
+                *s = (*s / c).tanh() * c;
+            }
+        }
+    }
     for i in 0..len {
-        let first = sliding_window.map_or(0, |w| (i + 1).saturating_sub(w));
+        let first = shape
+            .sliding_window
+            .map_or(0, |w| (i + 1).saturating_sub(w));
         masked_softmax_in_place(scores.col_as_slice_mut(i), first..i + 1);
     }
     let mut out = Mat::<f32>::zeros(len, v.ncols());
@@ -91,7 +113,7 @@ pub fn attend(
                 q.submatrix(w.start, h * hd, w.len(), hd),
                 k.submatrix(w.start, kv * hd, w.len(), hd),
                 v.submatrix(w.start, kv * hd, w.len(), hd),
-                shape.sliding_window,
+                shape,
             )
         })
         .collect();
@@ -138,6 +160,46 @@ mod tests {
             .collect()
     }
 
+    /// One head of `head_dim` with an optional sliding window, Llama's scale, no soft-capping.
+    fn one_head(head_dim: usize, sliding_window: Option<usize>) -> AttentionShape {
+        AttentionShape {
+            num_heads: 1,
+            num_kv_heads: 1,
+            head_dim,
+            sliding_window,
+            scale: None,
+            softcap: None,
+        }
+    }
+
+    #[test]
+    fn scale_and_softcap_change_the_scores_as_gemma_does() {
+        let (q, k, v) = (mat(5, 4, 7), mat(5, 4, 8), mat(5, 3, 9));
+        // Scaling q by 2 is the same as a scale of 2 / sqrt(4) = 1.
+        let doubled = Mat::from_fn(5, 4, |i, j| 2.0 * q[(i, j)]);
+        let a = head_attention(doubled.as_ref(), k.as_ref(), v.as_ref(), &one_head(4, None));
+        let scaled = AttentionShape {
+            scale: Some(1.0),
+            ..one_head(4, None)
+        };
+        let b = head_attention(q.as_ref(), k.as_ref(), v.as_ref(), &scaled);
+        assert!((0..5).all(|i| (0..3).all(|c| (a[(i, c)] - b[(i, c)]).abs() < 1e-6)));
+        // A soft cap far above the scores changes nothing visible; a small one flattens them.
+        let capped = |c| AttentionShape {
+            softcap: Some(c),
+            ..one_head(4, None)
+        };
+        let plain = head_attention(q.as_ref(), k.as_ref(), v.as_ref(), &one_head(4, None));
+        let loose = head_attention(q.as_ref(), k.as_ref(), v.as_ref(), &capped(1e4));
+        let tight = head_attention(q.as_ref(), k.as_ref(), v.as_ref(), &capped(1e-3));
+        assert!((plain[(4, 0)] - loose[(4, 0)]).abs() < 1e-5);
+        let mean: f32 = (0..5).map(|j| v[(j, 0)]).sum::<f32>() / 5.0;
+        assert!(
+            (tight[(4, 0)] - mean).abs() < 1e-3,
+            "scores capped to ~0: uniform weights"
+        );
+    }
+
     #[test]
     fn windows_cover_the_rows() {
         let w: Vec<_> = windows(10, 4).collect();
@@ -149,7 +211,7 @@ mod tests {
     #[test]
     fn first_query_sees_only_itself_and_rows_match_naive() {
         let (q, k, v) = (mat(6, 4, 1), mat(6, 4, 2), mat(6, 3, 3));
-        let out = head_attention(q.as_ref(), k.as_ref(), v.as_ref(), None);
+        let out = head_attention(q.as_ref(), k.as_ref(), v.as_ref(), &one_head(4, None));
         for c in 0..3 {
             assert!((out[(0, c)] - v[(0, c)]).abs() < 1e-6);
         }
@@ -160,7 +222,7 @@ mod tests {
             }
         }
         // A sliding window of 2: each query sees itself and the one before.
-        let out = head_attention(q.as_ref(), k.as_ref(), v.as_ref(), Some(2));
+        let out = head_attention(q.as_ref(), k.as_ref(), v.as_ref(), &one_head(4, Some(2)));
         let want = naive(q.as_ref(), k.as_ref(), v.as_ref(), 5, 4);
         for (c, w) in want.iter().enumerate() {
             assert!((out[(5, c)] as f64 - w).abs() < 1e-5);
@@ -175,6 +237,8 @@ mod tests {
             num_kv_heads: 2,
             head_dim: 2,
             sliding_window: None,
+            scale: None,
+            softcap: None,
         };
         let (q, k, v) = (mat(7, 8, 4), mat(7, 4, 5), mat(7, 4, 6));
         let out = attend(q.as_ref(), k.as_ref(), v.as_ref(), &shape, 3);
@@ -186,7 +250,7 @@ mod tests {
                     q.as_ref().submatrix(start, h * 2, len, 2),
                     k.as_ref().submatrix(start, kv * 2, len, 2),
                     v.as_ref().submatrix(start, kv * 2, len, 2),
-                    None,
+                    &shape,
                 );
                 for i in 0..w.len() {
                     for c in 0..2 {

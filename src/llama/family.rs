@@ -8,6 +8,12 @@
 //! | Mistral | as Llama | no | `sliding_window`, every layer |
 //! | Qwen2 | q, k, v always, o never | no | `use_sliding_window`: the layers `layer_types` marks (default: from `max_window_layers` on) |
 //! | Qwen3 | q, k, v, o with `attention_bias` | yes | as Qwen2 |
+//! | Gemma 2 | as Llama | no | `layer_types` (default: even layers) |
+//! | Gemma 3 | as Llama | yes | `layer_types` (default: all but every `sliding_window_pattern`-th) |
+//!
+//! Gemma also differs in the layer itself ([`Gemma`]): `(1 + w)` norms, a norm after the attention
+//! block and after the MLP, embeddings scaled by `sqrt(hidden_size)`, a GeLU-tanh MLP, queries
+//! scaled by `query_pre_attn_scalar`, and (Gemma 2) soft-capped attention scores and logits.
 
 use crate::model::arch::Family;
 use crate::model::config::ModelConfig;
@@ -23,8 +29,31 @@ pub struct RawFamily<'a> {
     pub use_sliding_window: Option<bool>,
     /// `max_window_layers` (Qwen, default 28).
     pub max_window_layers: Option<usize>,
-    /// `layer_types` (Qwen): `full_attention` or `sliding_attention` per layer.
+    /// `layer_types` (Qwen, Gemma): `full_attention` or `sliding_attention` per layer.
     pub layer_types: Option<&'a [String]>,
+    /// `sliding_window_pattern` (Gemma 3's older configs, default 6).
+    pub sliding_window_pattern: Option<usize>,
+    /// `query_pre_attn_scalar` (Gemma).
+    pub query_pre_attn_scalar: Option<f64>,
+    /// `attn_logit_softcapping` (Gemma 2; `None` also for `null`).
+    pub attn_logit_softcapping: Option<f64>,
+    /// `final_logit_softcapping` (Gemma 2).
+    pub final_logit_softcapping: Option<f64>,
+    /// `hidden_activation` (Gemma; default `gelu_pytorch_tanh`).
+    pub hidden_activation: Option<&'a str>,
+    /// `use_bidirectional_attention` (Gemma 3; only false is supported).
+    pub use_bidirectional_attention: Option<bool>,
+}
+
+/// Gemma's differences in the layer itself.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Gemma {
+    /// `query_pre_attn_scalar^-1/2`, the scale of the attention scores.
+    pub attention_scale: f64,
+    /// `attn_logit_softcapping`: scores become `c * tanh(s / c)` before the mask.
+    pub attention_softcap: Option<f64>,
+    /// `final_logit_softcapping`: logits become `c * tanh(l / c)`.
+    pub final_softcap: Option<f64>,
 }
 
 /// Which attention projections carry a bias.
@@ -39,7 +68,7 @@ pub struct Biases {
 }
 
 /// The family's differences from Llama, validated.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct FamilyParams {
     /// The attention biases.
     pub biases: Biases,
@@ -47,6 +76,8 @@ pub struct FamilyParams {
     pub qk_norm: bool,
     /// The sliding window of each layer (`None`: full causal attention).
     pub windows: Vec<Option<usize>>,
+    /// Gemma's layer differences (`None` for the Llama-style families).
+    pub gemma: Option<Gemma>,
 }
 
 /// `layer_types` value of a layer with a sliding window.
@@ -55,6 +86,12 @@ const SLIDING: &str = "sliding_attention";
 const FULL: &str = "full_attention";
 /// transformers' default `max_window_layers` for Qwen2 and Qwen3.
 const DEFAULT_MAX_WINDOW_LAYERS: usize = 28;
+/// transformers' default `sliding_window` for Gemma.
+const GEMMA_DEFAULT_WINDOW: usize = 4096;
+/// transformers' default `sliding_window_pattern` for Gemma 3.
+const GEMMA3_DEFAULT_PATTERN: usize = 6;
+/// The one activation Gemma's MLP is supported with.
+const GELU_TANH: &str = "gelu_pytorch_tanh";
 
 impl FamilyParams {
     /// Resolves the family's differences; the error is the message (the caller names the file).
@@ -81,13 +118,94 @@ impl FamilyParams {
                 (biases, false, qwen_windows(raw, layers)?)
             }
             Family::Qwen3 => (with_flag, true, qwen_windows(raw, layers)?),
+            Family::Gemma2 | Family::Gemma3 => {
+                let gemma3 = config.arch.kind == Family::Gemma3;
+                (with_flag, gemma3, gemma_windows(raw, layers, gemma3)?)
+            }
+        };
+        let gemma = match config.arch.kind {
+            Family::Gemma2 | Family::Gemma3 => Some(gemma(config, raw)?),
+            _ => None,
         };
         Ok(FamilyParams {
             biases,
             qk_norm,
             windows,
+            gemma,
         })
     }
+}
+
+/// Gemma's layer parameters, validated.
+fn gemma(config: &ModelConfig, raw: &RawFamily<'_>) -> Result<Gemma, String> {
+    let act = raw.hidden_activation.unwrap_or(GELU_TANH);
+    if act != GELU_TANH {
+        return Err(format!(
+            "hidden_activation `{act}` is not supported by eval (Gemma uses {GELU_TANH})"
+        ));
+    }
+    if raw.use_bidirectional_attention == Some(true) {
+        return Err(
+            "use_bidirectional_attention true is not supported (causal models only)".into(),
+        );
+    }
+    let positive = |value: Option<f64>, key: &str| match value {
+        Some(v) if !(v.is_finite() && v > 0.0) => {
+            Err(format!("`{key}` must be a positive number, found {v}"))
+        }
+        v => Ok(v),
+    };
+    let scalar = positive(raw.query_pre_attn_scalar, "query_pre_attn_scalar")?
+        .unwrap_or(config.head_dim as f64);
+    Ok(Gemma {
+        attention_scale: 1.0 / scalar.sqrt(),
+        attention_softcap: positive(raw.attn_logit_softcapping, "attn_logit_softcapping")?,
+        final_softcap: positive(raw.final_logit_softcapping, "final_logit_softcapping")?,
+    })
+}
+
+/// `layer_types` as sliding flags, checked against the layer count.
+fn sliding_types(types: &[String], layers: usize) -> Result<Vec<bool>, String> {
+    if types.len() != layers {
+        return Err(format!(
+            "layer_types lists {} layers but num_hidden_layers is {layers}",
+            types.len()
+        ));
+    }
+    types
+        .iter()
+        .map(|t| match t.as_str() {
+            SLIDING => Ok(true),
+            FULL => Ok(false),
+            other => Err(format!(
+                "layer_types: `{other}` is not supported (expected {FULL} or {SLIDING})"
+            )),
+        })
+        .collect()
+}
+
+/// Gemma's sliding windows: the layers `layer_types` marks, else Gemma 2's even layers or every
+/// layer but each `sliding_window_pattern`-th of Gemma 3; `sliding_window` defaults to 4096.
+fn gemma_windows(
+    raw: &RawFamily<'_>,
+    layers: usize,
+    gemma3: bool,
+) -> Result<Vec<Option<usize>>, String> {
+    let window = match raw.sliding_window {
+        Some(0) => return Err("sliding_window must be a positive integer".into()),
+        Some(w) => w,
+        None => GEMMA_DEFAULT_WINDOW,
+    };
+    let pattern = raw
+        .sliding_window_pattern
+        .unwrap_or(GEMMA3_DEFAULT_PATTERN)
+        .max(1);
+    let sliding = match raw.layer_types {
+        Some(types) => sliding_types(types, layers)?,
+        None if gemma3 => (0..layers).map(|i| (i + 1) % pattern != 0).collect(),
+        None => (0..layers).map(|i| (i + 1) % 2 != 0).collect(),
+    };
+    Ok(sliding.into_iter().map(|s| s.then_some(window)).collect())
 }
 
 /// Qwen's sliding windows, as transformers' `Qwen2Config`/`Qwen3Config` resolve them: none
@@ -104,24 +222,7 @@ fn qwen_windows(raw: &RawFamily<'_>, layers: usize) -> Result<Vec<Option<usize>>
         (false, _) => None,
     };
     let sliding: Vec<bool> = match raw.layer_types {
-        Some(types) => {
-            if types.len() != layers {
-                return Err(format!(
-                    "layer_types lists {} layers but num_hidden_layers is {layers}",
-                    types.len()
-                ));
-            }
-            types
-                .iter()
-                .map(|t| match t.as_str() {
-                    SLIDING => Ok(true),
-                    FULL => Ok(false),
-                    other => Err(format!(
-                        "layer_types: `{other}` is not supported (expected {FULL} or {SLIDING})"
-                    )),
-                })
-                .collect::<Result<_, _>>()?
-        }
+        Some(types) => sliding_types(types, layers)?,
         None => {
             let first = raw.max_window_layers.unwrap_or(DEFAULT_MAX_WINDOW_LAYERS);
             (0..layers)
@@ -178,6 +279,34 @@ mod tests {
         let p = FamilyParams::resolve(&config("Qwen3ForCausalLM", 2), &RawFamily::default());
         let p = p.unwrap();
         assert_eq!((p.biases.qkv, p.biases.o, p.qk_norm), (false, false, true));
+    }
+
+    #[test]
+    fn gemma_layers() {
+        let raw = RawFamily {
+            sliding_window: Some(16),
+            query_pre_attn_scalar: Some(64.0),
+            attn_logit_softcapping: Some(50.0),
+            ..RawFamily::default()
+        };
+        let p = FamilyParams::resolve(&config("Gemma2ForCausalLM", 4), &raw).unwrap();
+        assert_eq!(p.windows, vec![Some(16), None, Some(16), None]);
+        let g = p.gemma.unwrap();
+        assert_eq!(
+            (g.attention_scale, g.attention_softcap, g.final_softcap),
+            (0.125, Some(50.0), None)
+        );
+        assert!(!p.qk_norm);
+        let p = FamilyParams::resolve(&config("Gemma3ForCausalLM", 7), &raw).unwrap();
+        let sliding: Vec<bool> = p.windows.iter().map(Option::is_some).collect();
+        assert_eq!(sliding, [true, true, true, true, true, false, true]);
+        assert!(p.qk_norm);
+        let bad = RawFamily {
+            hidden_activation: Some("silu"),
+            ..raw
+        };
+        let err = FamilyParams::resolve(&config("Gemma2ForCausalLM", 4), &bad).unwrap_err();
+        assert!(err.contains("hidden_activation `silu`"), "{err}");
     }
 
     #[test]

@@ -1,14 +1,26 @@
 //! One decoder layer with its weights decoded to `f32`, applied to all tokens at once:
 //! `h += o_proj(attention(rope(q), rope(k), v))` on `input_layernorm(h)` (Qwen3: `q` and `k`
 //! normalised per head before RoPE), then
-//! `h += down(silu(gate(x)) * up(x))` on `x = post_attention_layernorm(h)`.
+//! `h += down(silu(gate(x)) * up(x))` on `x = post_attention_layernorm(h)`. Gemma normalises each
+//! block's output before adding it, with a GeLU-tanh gate and `pre_feedforward_layernorm`.
 
 use crate::error::Result;
 use crate::llama::attention::{attend, windows, AttentionShape};
 use crate::llama::linear::{KeyValue, Linear, PassState, Projection};
-use crate::llama::ops::{add_in_place, head_rms_norm_in_place, rms_norm, swiglu_in_place};
+use crate::llama::ops::{
+    add_in_place, gated_in_place, head_rms_norm_in_place, rms_norm, Activation,
+};
 use crate::llama::rope::{Rope, RopeTable};
 use faer::{Mat, MatRef};
+
+/// Gemma's norms of the two blocks' outputs.
+#[derive(Debug, Clone)]
+pub struct OutputNorms {
+    /// `post_attention_layernorm`, on `o_proj`'s output.
+    pub attention: Vec<f32>,
+    /// `post_feedforward_layernorm`, on the MLP's output.
+    pub mlp: Vec<f32>,
+}
 
 /// A decoder layer's weights (`f32`) and the parameters its forward pass needs.
 #[derive(Debug, Clone)]
@@ -17,8 +29,13 @@ pub struct Layer {
     pub index: usize,
     /// `input_layernorm.weight`.
     pub input_layernorm: Vec<f32>,
-    /// `post_attention_layernorm.weight`.
-    pub post_attention_layernorm: Vec<f32>,
+    /// The norm before the MLP: `post_attention_layernorm` (Llama, Qwen) or Gemma's
+    /// `pre_feedforward_layernorm`.
+    pub mlp_norm: Vec<f32>,
+    /// Gemma's norms of each block's output, applied before its residual addition.
+    pub output_norms: Option<OutputNorms>,
+    /// The MLP's gate activation.
+    pub activation: Activation,
     /// The query projection, dense or factored.
     pub q: Projection,
     /// Qwen3's per-head `q_norm` and `k_norm` weights, applied before RoPE.
@@ -79,14 +96,23 @@ impl Layer {
     }
 
     /// The rest of the layer, in place: `h += o_proj(z)` for the heads' output `z`
-    /// ([`Layer::attention_heads`]), then the MLP block.
+    /// ([`Layer::attention_heads`]), then the MLP block (Gemma: each block's output normalised
+    /// before it is added).
     pub fn finish(&self, h: &mut Mat<f32>, z: MatRef<'_, f32>) {
-        add_in_place(h, self.o.apply(z).as_ref());
-        let x = rms_norm(h.as_ref(), &self.post_attention_layernorm, self.eps);
+        let post = |m: Mat<f32>, pick: fn(&OutputNorms) -> &[f32]| match &self.output_norms {
+            Some(norms) => rms_norm(m.as_ref(), pick(norms), self.eps),
+            None => m,
+        };
+        add_in_place(h, post(self.o.apply(z), |n| &n.attention).as_ref());
+        let x = rms_norm(h.as_ref(), &self.mlp_norm, self.eps);
         let mut gate = self.gate.apply(x.as_ref());
-        swiglu_in_place(&mut gate, self.up.apply(x.as_ref()).as_ref());
+        gated_in_place(
+            &mut gate,
+            self.up.apply(x.as_ref()).as_ref(),
+            self.activation,
+        );
         drop(x);
-        add_in_place(h, self.down.apply(gate.as_ref()).as_ref());
+        add_in_place(h, post(self.down.apply(gate.as_ref()), |n| &n.mlp).as_ref());
     }
 
     /// RoPE on queries and keys, positions restarting at 0 in every window.

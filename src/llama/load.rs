@@ -4,6 +4,7 @@
 
 use crate::error::{Error, Result};
 use crate::input::checkpoint::Checkpoint;
+use crate::llama::layer::OutputNorms;
 use crate::llama::linear::{KeyValue, Linear, Projection};
 use crate::llama::params::LlamaParams;
 use crate::model::arch::{AttentionProjection, Factor, Mlp, Role};
@@ -89,7 +90,7 @@ impl<'a> Loader<'a> {
         let p = self.params;
         let h = p.hidden_size;
         let c = &self.checkpoint.config;
-        for norm in [Role::InputNorm, Role::PostAttentionNorm] {
+        for &norm in self.norm_roles() {
             self.raw(&self.layer_name(layer, norm)?, &[h])?;
         }
         if p.family.qk_norm {
@@ -246,15 +247,58 @@ impl<'a> Loader<'a> {
         }
     }
 
-    /// Qwen3's per-head query and key norms of `layer` (`None` for other families).
+    /// The per-head query and key norms of `layer` (Qwen3, Gemma 3; `None` for other families).
     pub fn qk_norms(&self, layer: usize) -> Result<Option<(Vec<f32>, Vec<f32>)>> {
         if !self.params.family.qk_norm {
             return Ok(None);
         }
         let d = self.params.attention.head_dim;
-        let q = self.values(&self.layer_name(layer, Role::QueryNorm)?, &[d])?;
-        let k = self.values(&self.layer_name(layer, Role::KeyNorm)?, &[d])?;
+        let q = self.norm(layer, Role::QueryNorm, d)?;
+        let k = self.norm(layer, Role::KeyNorm, d)?;
         Ok(Some((q, k)))
+    }
+
+    /// The layer norms every layer has: Llama's two, or Gemma's four.
+    fn norm_roles(&self) -> &'static [Role] {
+        match self.params.family.gemma {
+            None => &[Role::InputNorm, Role::PostAttentionNorm],
+            Some(_) => &[
+                Role::InputNorm,
+                Role::PostAttentionNorm,
+                Role::PreFeedforwardNorm,
+                Role::PostFeedforwardNorm,
+            ],
+        }
+    }
+
+    /// A norm's effective weight, `len` values: as stored, or for Gemma `1 + w` (its RMSNorm
+    /// scales by one plus the stored weight, in `f32`).
+    pub fn norm(&self, layer: usize, role: Role, len: usize) -> Result<Vec<f32>> {
+        self.norm_named(&self.layer_name(layer, role)?, len)
+    }
+
+    /// [`Self::norm`] of the tensor called `name` (the final norm).
+    pub fn norm_named(&self, name: &str, len: usize) -> Result<Vec<f32>> {
+        let mut w = self.values(name, &[len])?;
+        if self.params.family.gemma.is_some() {
+            w.iter_mut().for_each(|v| *v += 1.0);
+        }
+        Ok(w)
+    }
+
+    /// A layer's norms: before attention, before the MLP, and Gemma's after each block.
+    pub fn layer_norms(&self, layer: usize) -> Result<(Vec<f32>, Vec<f32>, Option<OutputNorms>)> {
+        let h = self.params.hidden_size;
+        let input = self.norm(layer, Role::InputNorm, h)?;
+        if self.params.family.gemma.is_none() {
+            return Ok((input, self.norm(layer, Role::PostAttentionNorm, h)?, None));
+        }
+        let mlp = self.norm(layer, Role::PreFeedforwardNorm, h)?;
+        let output = OutputNorms {
+            attention: self.norm(layer, Role::PostAttentionNorm, h)?,
+            mlp: self.norm(layer, Role::PostFeedforwardNorm, h)?,
+        };
+        Ok((input, mlp, Some(output)))
     }
 
     /// The linear map of an attention projection tensor by role, with its shape from

@@ -138,6 +138,12 @@ impl<'a> Llama<'a> {
         let embed = self.names.embed;
         let (ty, bytes) = self.loader().raw(embed, &[vocab, hidden])?;
         let row_bytes = hidden * ty.size();
+        // Gemma scales its embeddings by sqrt(hidden_size), rounded to f32 as transformers does.
+        let scale = self
+            .params
+            .family
+            .gemma
+            .map(|_| (hidden as f64).sqrt() as f32);
         let mut h = Mat::<f32>::zeros(ids.len(), hidden);
         for (t, &id) in ids.iter().enumerate() {
             let id = id as usize;
@@ -150,7 +156,7 @@ impl<'a> Llama<'a> {
             }
             let row = ty.decode_f32(&bytes[id * row_bytes..(id + 1) * row_bytes]);
             for (j, v) in row.into_iter().enumerate() {
-                h[(t, j)] = v;
+                h[(t, j)] = scale.map_or(v, |s| v * s);
             }
         }
         Ok(h)
@@ -170,14 +176,19 @@ impl<'a> Llama<'a> {
             ));
         }
         let l = self.loader();
-        let h = p.hidden_size;
         let (q, kv) = l.attention(index)?;
         let [o, gate, up, down] = l.layer_linears(index)?;
+        let (input_layernorm, mlp_norm, output_norms) = l.layer_norms(index)?;
+        let activation = match p.family.gemma {
+            Some(_) => ops::Activation::GeluTanh,
+            None => ops::Activation::Silu,
+        };
         Ok(Layer {
             index,
-            input_layernorm: l.values(&l.layer_name(index, Role::InputNorm)?, &[h])?,
-            post_attention_layernorm: l
-                .values(&l.layer_name(index, Role::PostAttentionNorm)?, &[h])?,
+            input_layernorm,
+            mlp_norm,
+            output_norms,
+            activation,
             q,
             qk_norm: l.qk_norms(index)?,
             kv,
@@ -186,7 +197,7 @@ impl<'a> Llama<'a> {
             up,
             down,
             shape: p.layer_shape(index),
-            rope: p.rope,
+            rope: p.layer_rope(index),
             eps: p.rms_norm_eps,
         })
     }
@@ -197,7 +208,7 @@ impl<'a> Llama<'a> {
         let p = &self.params;
         let (vocab, hidden) = (p.vocab_size, p.hidden_size);
         let l = self.loader();
-        let norm = l.values(self.names.final_norm, &[hidden])?;
+        let norm = l.norm_named(self.names.final_norm, hidden)?;
         let head_name = if p.tie_word_embeddings {
             self.names.embed
         } else {
@@ -214,7 +225,21 @@ impl<'a> Llama<'a> {
             1.0,
             Par::rayon(0),
         );
+        if let Some(c) = self.final_softcap() {
+            for j in 0..out.ncols() {
+                ops::softcap_in_place(out.col_as_slice_mut(j), c);
+            }
+        }
         Ok(out)
+    }
+
+    /// Gemma 2's soft cap of the final logits.
+    fn final_softcap(&self) -> Option<f32> {
+        self.params
+            .family
+            .gemma
+            .and_then(|g| g.final_softcap)
+            .map(|c| c as f32)
     }
 
     /// The final norm and the head applied to `h` (`[T, hidden]`, after the last layer), scored
@@ -248,7 +273,7 @@ impl<'a> Llama<'a> {
             ));
         }
         let l = self.loader();
-        let norm = l.values(self.names.final_norm, &[hidden])?;
+        let norm = l.norm_named(self.names.final_norm, hidden)?;
         let head_name = if p.tie_word_embeddings {
             self.names.embed
         } else {
@@ -277,6 +302,11 @@ impl<'a> Llama<'a> {
                     1.0,
                     Par::rayon(0),
                 );
+                if let Some(c) = self.final_softcap() {
+                    for r in 0..rows {
+                        ops::softcap_in_place(logits.col_as_slice_mut(r), c);
+                    }
+                }
                 let logits = &logits;
                 let nll: Vec<f64> = (0..rows)
                     .into_par_iter()

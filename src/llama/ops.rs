@@ -45,14 +45,43 @@ pub fn silu(x: f32) -> f32 {
     x / (1.0 + exp_f32(-x))
 }
 
-/// The SwiGLU product in place: `gate <- silu(gate) * up`, element by element (same shapes).
-pub fn swiglu_in_place(gate: &mut Mat<f32>, up: MatRef<'_, f32>) {
+/// transformers' `gelu_pytorch_tanh`: `x/2 (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))`.
+#[inline(always)]
+pub fn gelu_tanh(x: f32) -> f32 {
+    const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+    0.5 * x * (1.0 + (SQRT_2_OVER_PI * (x + 0.044_715 * x * x * x)).tanh())
+}
+
+/// The activation of a gated MLP's gate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    /// SiLU (Llama, Qwen: SwiGLU).
+    Silu,
+    /// GeLU with the tanh approximation (Gemma: GeGLU).
+    GeluTanh,
+}
+
+/// A gated MLP's product in place: `gate <- act(gate) * up`, element by element (same shapes).
+pub fn gated_in_place(gate: &mut Mat<f32>, up: MatRef<'_, f32>, act: Activation) {
     for j in 0..gate.ncols() {
         let u = up.col(j);
-        for (i, g) in gate.col_as_slice_mut(j).iter_mut().enumerate() {
-            *g = silu(*g) * u[i];
+        let g = gate.col_as_slice_mut(j);
+        match act {
+            Activation::Silu => g
+                .iter_mut()
+                .enumerate()
+                .for_each(|(i, g)| *g = silu(*g) * u[i]),
+            Activation::GeluTanh => g
+                .iter_mut()
+                .enumerate()
+                .for_each(|(i, g)| *g = gelu_tanh(*g) * u[i]),
         }
     }
+}
+
+/// Soft-capping in place (Gemma 2's final logits): `x <- c * tanh(x / c)`.
+pub fn softcap_in_place(x: &mut [f32], c: f32) {
+    x.iter_mut().for_each(|v| *v = (*v / c).tanh() * c);
 }
 
 /// `h <- h + delta` (same shapes): a residual connection.
@@ -131,6 +160,19 @@ mod tests {
     use super::*;
 
     #[test]
+    fn gelu_tanh_matches_pytorch() {
+        // torch.nn.functional.gelu(x, approximate="tanh") at -1, 0, 1, 3 (float32).
+        for (x, want) in [
+            (-1.0f32, -0.158_808),
+            (0.0, 0.0),
+            (1.0, 0.841_192),
+            (3.0, 2.996_362_7),
+        ] {
+            assert!((gelu_tanh(x) - want).abs() < 1e-6, "{x}: {}", gelu_tanh(x));
+        }
+    }
+
+    #[test]
     fn exp_f32_is_accurate() {
         let mut worst = 0f64;
         let mut x = -87.0f32;
@@ -176,7 +218,7 @@ mod tests {
         assert!(silu(-100.0).abs() < 1e-30);
         let mut g = Mat::<f32>::from_fn(1, 2, |_, j| j as f32);
         let u = Mat::<f32>::from_fn(1, 2, |_, _| 3.0);
-        swiglu_in_place(&mut g, u.as_ref());
+        gated_in_place(&mut g, u.as_ref(), Activation::Silu);
         assert_eq!(g[(0, 0)], 0.0);
         assert!((g[(0, 1)] - 3.0 * 0.7310586).abs() < 1e-6);
     }

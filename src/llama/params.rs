@@ -7,6 +7,7 @@ use crate::error::{Error, Result};
 use crate::llama::attention::AttentionShape;
 use crate::llama::family::{FamilyParams, RawFamily};
 use crate::llama::rope::{Rope, RopeScaling};
+use crate::model::arch::Family;
 use crate::model::config::ModelConfig;
 use serde::Deserialize;
 use serde_json::{Map, Value};
@@ -45,8 +46,22 @@ pub struct RawParams {
     pub use_sliding_window: Option<bool>,
     /// `max_window_layers` (Qwen).
     pub max_window_layers: Option<usize>,
-    /// `layer_types` (Qwen).
+    /// `layer_types` (Qwen, Gemma).
     pub layer_types: Option<Vec<String>>,
+    /// `sliding_window_pattern` (Gemma 3, older configs).
+    pub sliding_window_pattern: Option<usize>,
+    /// `query_pre_attn_scalar` (Gemma).
+    pub query_pre_attn_scalar: Option<f64>,
+    /// `attn_logit_softcapping` (Gemma 2).
+    pub attn_logit_softcapping: Option<f64>,
+    /// `final_logit_softcapping` (Gemma 2).
+    pub final_logit_softcapping: Option<f64>,
+    /// `hidden_activation` (Gemma's MLP activation; `hidden_act` is not read for Gemma).
+    pub hidden_activation: Option<String>,
+    /// `use_bidirectional_attention` (Gemma 3).
+    pub use_bidirectional_attention: Option<bool>,
+    /// `rope_local_base_freq` (Gemma 3's sliding layers, older configs; default 10000).
+    pub rope_local_base_freq: Option<f64>,
 }
 
 /// Everything the forward pass needs to know about the model, validated.
@@ -68,6 +83,8 @@ pub struct LlamaParams {
     pub rms_norm_eps: f64,
     /// The resolved rotary embedding.
     pub rope: Rope,
+    /// Gemma 3's rotary embedding of the sliding-window layers (`None`: every layer uses `rope`).
+    pub local_rope: Option<Rope>,
     /// `max_position_embeddings`.
     pub max_position_embeddings: usize,
     /// `mlp_bias`.
@@ -77,6 +94,14 @@ pub struct LlamaParams {
 }
 
 impl LlamaParams {
+    /// The rotary embedding of layer `layer`.
+    pub fn layer_rope(&self, layer: usize) -> Rope {
+        match (self.local_rope, self.layer_shape(layer).sliding_window) {
+            (Some(local), Some(_)) => local,
+            _ => self.rope,
+        }
+    }
+
     /// The attention shape of layer `layer`, with its sliding window.
     pub fn layer_shape(&self, layer: usize) -> AttentionShape {
         AttentionShape {
@@ -100,8 +125,9 @@ impl LlamaParams {
     /// Resolves already-parsed raw fields.
     pub fn from_raw(config: &ModelConfig, raw: &RawParams, path: &Path) -> Result<Self> {
         let invalid = |message: String| Error::invalid(path, message);
+        let gemma = matches!(config.arch.kind, Family::Gemma2 | Family::Gemma3);
         let act = raw.hidden_act.as_deref().unwrap_or("silu");
-        if act != "silu" {
+        if act != "silu" && !gemma {
             return Err(invalid(format!(
                 "hidden_act `{act}` is not supported by eval (Llama uses silu)"
             )));
@@ -131,7 +157,7 @@ impl LlamaParams {
                 config.head_dim
             )));
         }
-        let rope = resolve_rope(raw, config.head_dim, max_position_embeddings)
+        let (rope, local_rope) = ropes(config, raw, max_position_embeddings)
             .map_err(|m| invalid(format!("rope: {m}")))?;
         let family = FamilyParams::resolve(
             config,
@@ -141,6 +167,12 @@ impl LlamaParams {
                 use_sliding_window: raw.use_sliding_window,
                 max_window_layers: raw.max_window_layers,
                 layer_types: raw.layer_types.as_deref(),
+                sliding_window_pattern: raw.sliding_window_pattern,
+                query_pre_attn_scalar: raw.query_pre_attn_scalar,
+                attn_logit_softcapping: raw.attn_logit_softcapping,
+                final_logit_softcapping: raw.final_logit_softcapping,
+                hidden_activation: raw.hidden_activation.as_deref(),
+                use_bidirectional_attention: raw.use_bidirectional_attention,
             },
         )
         .map_err(invalid)?;
@@ -154,10 +186,16 @@ impl LlamaParams {
                 num_kv_heads: config.num_kv_heads,
                 head_dim: config.head_dim,
                 sliding_window: None,
+                scale: family.gemma.map(|g| g.attention_scale as f32),
+                softcap: family
+                    .gemma
+                    .and_then(|g| g.attention_softcap)
+                    .map(|c| c as f32),
             },
             family,
             rms_norm_eps,
             rope,
+            local_rope,
             max_position_embeddings,
             mlp_bias: raw.mlp_bias.unwrap_or(false),
             tie_word_embeddings: config.tie_word_embeddings,
@@ -165,21 +203,54 @@ impl LlamaParams {
     }
 }
 
-/// The RoPE parameters as transformers 5 standardises them: the `rope_scaling` object if non-empty,
-/// else `rope_parameters`; `rope_theta` from that object, else the top-level key, else 10000; the
-/// type from `rope_type`, else the legacy `type`, else `default`.
-fn resolve_rope(
+/// The model's RoPE and, for Gemma 3, that of its sliding-window layers: from `rope_parameters`
+/// keyed by layer type (transformers 5), or the legacy keys (`rope_scaling` and `rope_theta` for the
+/// full layers, `rope_local_base_freq` for the sliding ones).
+fn ropes(
+    config: &ModelConfig,
     raw: &RawParams,
-    head_dim: usize,
     max_position_embeddings: usize,
-) -> std::result::Result<Rope, String> {
+) -> std::result::Result<(Rope, Option<Rope>), String> {
     let empty = Map::new();
+    let d = config.head_dim;
     let p = raw
         .rope_scaling
         .as_ref()
         .filter(|m| !m.is_empty())
         .or(raw.rope_parameters.as_ref())
         .unwrap_or(&empty);
+    if config.arch.kind != Family::Gemma3 {
+        return Ok((resolve_rope(raw, p, d, max_position_embeddings)?, None));
+    }
+    let by_type = |key: &str| p.get(key).and_then(Value::as_object);
+    if let (Some(full), Some(local)) = (by_type("full_attention"), by_type("sliding_attention")) {
+        let global = resolve_rope(raw, full, d, max_position_embeddings)?;
+        let local = resolve_rope(raw, local, d, max_position_embeddings)?;
+        return Ok((global, Some(local)));
+    }
+    let global = resolve_rope(raw, p, d, max_position_embeddings)?;
+    let theta = raw.rope_local_base_freq.unwrap_or(10000.0);
+    let local = resolve_rope(
+        &RawParams {
+            rope_theta: Some(theta),
+            ..RawParams::default()
+        },
+        &empty,
+        d,
+        max_position_embeddings,
+    )?;
+    Ok((global, Some(local)))
+}
+
+/// The RoPE parameters as transformers 5 standardises them, from `p` (the `rope_scaling` object if
+/// non-empty, else `rope_parameters`): `rope_theta` from `p`, else the top-level key, else 10000;
+/// the type from `rope_type`, else the legacy `type`, else `default`.
+fn resolve_rope(
+    raw: &RawParams,
+    p: &Map<String, Value>,
+    head_dim: usize,
+    max_position_embeddings: usize,
+) -> std::result::Result<Rope, String> {
     let number = |key: &str| -> std::result::Result<Option<f64>, String> {
         match p.get(key) {
             None | Some(Value::Null) => Ok(None),

@@ -36,8 +36,13 @@ pub enum Role {
     MlpBias(Mlp),
     /// The RMSNorm before attention, `[hidden]`.
     InputNorm,
-    /// The RMSNorm before the MLP, `[hidden]`.
+    /// `post_attention_layernorm`, `[hidden]`: the RMSNorm before the MLP (Llama, Qwen), or Gemma's
+    /// norm of the attention block's output.
     PostAttentionNorm,
+    /// Gemma's RMSNorm before the MLP, `[hidden]`.
+    PreFeedforwardNorm,
+    /// Gemma's RMSNorm of the MLP's output, `[hidden]`.
+    PostFeedforwardNorm,
     /// The token embedding `[vocab, hidden]`.
     Embedding,
     /// The final RMSNorm `[hidden]`.
@@ -135,6 +140,12 @@ pub enum Family {
     Qwen2,
     /// `Qwen3ForCausalLM`: per-head `q_norm`/`k_norm`, explicit `head_dim`.
     Qwen3,
+    /// `Gemma2ForCausalLM`: sandwich norms with `(1 + w)`, scaled embeddings, GeLU-tanh MLP,
+    /// `query_pre_attn_scalar`, attention and final logit soft-capping, alternating sliding layers.
+    Gemma2,
+    /// `Gemma3ForCausalLM` (text): Gemma 2 without soft-capping, plus `q_norm`/`k_norm` and a RoPE
+    /// per layer type (local and global).
+    Gemma3,
 }
 
 /// What a factored checkpoint of a family is called, and the module files that load it.
@@ -241,7 +252,21 @@ const MLP_BIASES: &[(&str, Role)] = &[
     ("mlp.down_proj.bias", Role::MlpBias(Mlp::Down)),
 ];
 
-/// Qwen3's per-head norms of queries and keys.
+/// Gemma's MLP (no biases) and its four norms.
+const GEMMA_MLP_AND_NORMS: &[(&str, Role)] = &[
+    ("mlp.gate_proj.weight", Role::MlpGate),
+    ("mlp.up_proj.weight", Role::MlpUp),
+    ("mlp.down_proj.weight", Role::MlpDown),
+    ("input_layernorm.weight", Role::InputNorm),
+    ("post_attention_layernorm.weight", Role::PostAttentionNorm),
+    ("pre_feedforward_layernorm.weight", Role::PreFeedforwardNorm),
+    (
+        "post_feedforward_layernorm.weight",
+        Role::PostFeedforwardNorm,
+    ),
+];
+
+/// Qwen3's (and Gemma 3's) per-head norms of queries and keys.
 const QK_NORMS: &[(&str, Role)] = &[
     ("self_attn.q_norm.weight", Role::QueryNorm),
     ("self_attn.k_norm.weight", Role::KeyNorm),
@@ -318,8 +343,55 @@ pub static QWEN3: Architecture = Architecture {
     },
 };
 
+/// Gemma 2: Llama's attention names (biases with `attention_bias`), four norms per layer.
+pub static GEMMA2: Architecture = Architecture {
+    family: "gemma2",
+    kind: Family::Gemma2,
+    class_names: &["Gemma2ForCausalLM"],
+    layer_prefix: "model.layers.",
+    layer_tensors: &[
+        ATTENTION,
+        QKV_BIASES,
+        O_BIAS,
+        FACTOR_BIASES,
+        GEMMA_MLP_AND_NORMS,
+    ],
+    global_tensors: GLOBALS,
+    factored: FactoredClasses {
+        class_name: "SurgeryGemma2ForCausalLM",
+        config_class: "SurgeryGemma2Config",
+        model_type: "surgery_gemma2",
+        module: "modeling_surgery",
+        files: FAMILY_MODULE_FILES,
+    },
+};
+
+/// Gemma 3 (text): Gemma 2's names plus `q_norm`/`k_norm`.
+pub static GEMMA3: Architecture = Architecture {
+    family: "gemma3",
+    kind: Family::Gemma3,
+    class_names: &["Gemma3ForCausalLM"],
+    layer_prefix: "model.layers.",
+    layer_tensors: &[
+        ATTENTION,
+        QK_NORMS,
+        QKV_BIASES,
+        O_BIAS,
+        FACTOR_BIASES,
+        GEMMA_MLP_AND_NORMS,
+    ],
+    global_tensors: GLOBALS,
+    factored: FactoredClasses {
+        class_name: "SurgeryGemma3ForCausalLM",
+        config_class: "SurgeryGemma3Config",
+        model_type: "surgery_gemma3",
+        module: "modeling_surgery",
+        files: FAMILY_MODULE_FILES,
+    },
+};
+
 /// All supported architectures.
-pub static ARCHITECTURES: &[&Architecture] = &[&LLAMA, &QWEN2, &QWEN3];
+pub static ARCHITECTURES: &[&Architecture] = &[&LLAMA, &QWEN2, &QWEN3, &GEMMA2, &GEMMA3];
 
 /// The table for a `config.json` `architectures[0]` value.
 pub fn find(class_name: &str) -> Option<&'static Architecture> {
@@ -407,130 +479,4 @@ impl Architecture {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn classifies_llama_names() {
-        let c = LLAMA
-            .classify("model.layers.12.self_attn.k_proj.weight")
-            .unwrap();
-        assert_eq!(
-            c,
-            Classified {
-                layer: Some(12),
-                role: Role::Key
-            }
-        );
-        let c = LLAMA.classify("model.layers.0.mlp.up_proj.weight").unwrap();
-        assert_eq!(c.role, Role::MlpUp);
-        assert_eq!(LLAMA.classify("lm_head.weight").unwrap().layer, None);
-        assert!(LLAMA
-            .classify("model.layers.x.self_attn.k_proj.weight")
-            .is_none());
-        assert!(LLAMA
-            .classify("model.layers.01.self_attn.k_proj.weight")
-            .is_none());
-        assert!(LLAMA
-            .classify("model.layers.0.self_attn.k_proj.scales")
-            .is_none());
-        assert!(LLAMA
-            .classify("transformer.h.0.attn.c_attn.weight")
-            .is_none());
-    }
-
-    #[test]
-    fn names_round_trip() {
-        let factors = [
-            Factor::QDown,
-            Factor::QUp,
-            Factor::KvDown,
-            Factor::KDown,
-            Factor::KUp,
-            Factor::VDown,
-            Factor::VUp,
-        ];
-        let roles = [Role::Query, Role::Key, Role::Value]
-            .into_iter()
-            .chain(factors.into_iter().map(Role::Factor));
-        for role in roles {
-            let name = LLAMA.layer_tensor_name(3, role).unwrap();
-            assert_eq!(
-                LLAMA.classify(&name),
-                Some(Classified {
-                    layer: Some(3),
-                    role
-                })
-            );
-        }
-    }
-
-    #[test]
-    fn every_name_is_found_by_its_role() {
-        for arch in ARCHITECTURES {
-            let mut seen = std::collections::BTreeSet::new();
-            for (suffix, role) in arch.layer_entries() {
-                assert!(seen.insert(role), "{}: {role:?} twice", arch.family);
-                let name = arch.layer_tensor_name(7, role).unwrap();
-                assert_eq!(name, format!("model.layers.7.{suffix}"));
-                assert_eq!(arch.classify(&name).unwrap().role, role);
-            }
-            for &(name, role) in arch.global_tensors {
-                assert_eq!(arch.global_tensor_name(role), Some(name));
-                assert_eq!(
-                    arch.classify(name).unwrap(),
-                    Classified { layer: None, role }
-                );
-            }
-            assert!(std::ptr::eq(
-                find_factored(arch.factored.class_name).unwrap(),
-                *arch
-            ));
-        }
-        assert_eq!(LLAMA.global_tensor_name(Role::Query), None);
-        assert_eq!(LLAMA.layer_tensor_name(0, Role::Embedding), None);
-    }
-
-    #[test]
-    fn finds_supported_classes() {
-        assert!(find("LlamaForCausalLM").is_some());
-        assert!(find("MistralForCausalLM").is_some());
-        assert_eq!(find("Qwen2ForCausalLM").unwrap().kind, Family::Qwen2);
-        assert_eq!(find("Qwen3ForCausalLM").unwrap().kind, Family::Qwen3);
-        assert!(find("GPT2LMHeadModel").is_none());
-    }
-
-    #[test]
-    fn factored_names() {
-        assert_eq!(
-            LLAMA
-                .layer_tensor_name(2, Role::Factor(Factor::KvDown))
-                .unwrap(),
-            "model.layers.2.self_attn.kv_a_proj.weight"
-        );
-        assert_eq!(
-            LLAMA
-                .layer_tensor_name(0, Role::Factor(Factor::VUp))
-                .unwrap(),
-            "model.layers.0.self_attn.v_b_proj.weight"
-        );
-    }
-}
-
-#[cfg(test)]
-mod family_tests {
-    use super::*;
-
-    #[test]
-    fn tables_differ_where_the_families_do() {
-        let has =
-            |arch: &Architecture, suffix: &str| arch.layer_entries().any(|(s, _)| s == suffix);
-        // Qwen2: q/k/v biases, none on o_proj or the MLP; Qwen3 adds q_norm/k_norm.
-        assert!(has(&QWEN2, "self_attn.k_proj.bias") && !has(&QWEN2, "self_attn.o_proj.bias"));
-        assert!(!has(&QWEN2, "mlp.up_proj.bias") && !has(&QWEN2, "self_attn.q_norm.weight"));
-        assert!(has(&QWEN3, "self_attn.q_norm.weight") && has(&QWEN3, "self_attn.o_proj.bias"));
-        // Only families whose factored module carries biases name them on the up-projections.
-        assert!(!has(&LLAMA, "self_attn.k_b_proj.bias") && has(&QWEN3, "self_attn.k_b_proj.bias"));
-        assert!(QWEN2.classify("model.layers.0.mlp.up_proj.bias").is_none());
-    }
-}
+mod tests;

@@ -29,7 +29,7 @@ pub struct ModelConfig {
     pub head_dim: usize,
     /// `num_hidden_layers`.
     pub num_layers: usize,
-    /// `tie_word_embeddings` (defaults to false, as in transformers' Llama).
+    /// `tie_word_embeddings` (defaults to false, as in transformers' Llama; true for Gemma).
     pub tie_word_embeddings: bool,
     /// The factored form's description, for a checkpoint written by `--emit factored`.
     pub latent: Option<LatentAttention>,
@@ -131,7 +131,10 @@ impl ModelConfig {
             }
         }
         let dims = Dimensions::from_raw(&raw, arch, path)?;
-        let tie_word_embeddings = tie_word_embeddings(raw.tie_word_embeddings.as_ref(), path)?;
+        // Gemma ties its head to the embedding unless told otherwise (transformers' defaults).
+        let tie_default = matches!(arch.kind, Family::Gemma2 | Family::Gemma3);
+        let tie_word_embeddings =
+            tie_word_embeddings(raw.tie_word_embeddings.as_ref(), tie_default, path)?;
         let latent = if factored {
             let value = raw.latent_attention.as_ref().unwrap_or(&Value::Null);
             Some(LatentAttention::from_json(value, dims.num_layers, path)?)
@@ -270,7 +273,7 @@ impl Dimensions {
         .unwrap_or(num_heads);
         let head_dim = match positive_integer("head_dim", raw.head_dim.as_ref(), path)? {
             Some(d) => d,
-            None if arch.kind == Family::Qwen3 => {
+            None if matches!(arch.kind, Family::Qwen3 | Family::Gemma2 | Family::Gemma3) => {
                 return Err(invalid(format!(
                     "missing required field `head_dim` ({} does not derive it from hidden_size / num_attention_heads)",
                     arch.family
@@ -324,10 +327,10 @@ impl Dimensions {
     }
 }
 
-/// `tie_word_embeddings`, false when absent.
-fn tie_word_embeddings(value: Option<&Value>, path: &Path) -> Result<bool> {
+/// `tie_word_embeddings`, the family's `default` when absent.
+fn tie_word_embeddings(value: Option<&Value>, default: bool, path: &Path) -> Result<bool> {
     match value {
-        None => Ok(false),
+        None => Ok(default),
         Some(Value::Bool(b)) => Ok(*b),
         Some(v) => Err(Error::invalid(
             path,

@@ -5,7 +5,12 @@ surgery-convert outputs the family tests compare. Dimensions exercise what diffe
 * qwen2: q/k/v biases (random, not transformers' zeros), sliding window of 48 tokens on the layers
   from max_window_layers on (shorter than the 512-token test windows), tied embeddings;
 * qwen3: head_dim 32 with hidden 64 and 4 heads (q_proj [128, 64], more rows than columns),
-  q_norm/k_norm weights random, sliding layers as qwen2, untied head.
+  q_norm/k_norm weights random, sliding layers as qwen2, untied head;
+* gemma2: head_dim 32, query_pre_attn_scalar 24, attention and final logit soft-capping (the
+  weights are large enough for both to bite), sliding window of 48 on alternating layers, four
+  random (1 + w) norms per layer, tied embeddings scaled by sqrt(hidden);
+* gemma3: as gemma2 without soft-capping, plus random q_norm/k_norm and a RoPE per layer type
+  (sliding layers theta 10000, full layers theta 1e6 with linear scaling 2).
 """
 
 from __future__ import annotations
@@ -15,7 +20,16 @@ import subprocess
 from pathlib import Path
 
 import torch
-from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
+from transformers import (
+    Gemma2Config,
+    Gemma2ForCausalLM,
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
 
 SEED = 0
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
@@ -25,10 +39,24 @@ COMMON = dict(
     bos_token_id=1, eos_token_id=2, pad_token_id=2, use_sliding_window=True, sliding_window=48,
     max_window_layers=2,
 )
+GEMMA = dict(
+    {k: v for k, v in COMMON.items() if k not in ("use_sliding_window", "max_window_layers")},
+    head_dim=32, query_pre_attn_scalar=24, initializer_range=0.3,
+    # Full layers first in each pair, so a latent shared by two layers (--share-layers 2) is never
+    # read by a full layer from a sliding source (refused: that source's cache keeps its window only).
+    layer_types=["full_attention", "sliding_attention"] * 2,
+)
 FAMILIES = {
     "qwen2": (Qwen2ForCausalLM, lambda: Qwen2Config(**COMMON, tie_word_embeddings=True)),
     "qwen3": (Qwen3ForCausalLM, lambda: Qwen3Config(**COMMON, head_dim=32, tie_word_embeddings=False)),
+    "gemma2": (Gemma2ForCausalLM, lambda: Gemma2Config(
+        **GEMMA, attn_logit_softcapping=50.0, final_logit_softcapping=30.0)),
+    "gemma3": (Gemma3ForCausalLM, lambda: Gemma3TextConfig(**GEMMA, rope_parameters={
+        "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+        "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e6}})),
 }
+# The families whose llama.cpp converter needs a SentencePiece vocabulary (see sentencepiece_vocab).
+SENTENCEPIECE = ("qwen2", "gemma2", "gemma3")
 
 # Output name -> surgery-convert options, per family. "full" must reproduce the original.
 FULL = ["--shared-kv", "1.0", "--q", "1.0"]
@@ -51,23 +79,25 @@ def write_original(family: str, tokenizer_dir: Path, out: Path) -> Path:
     model = cls(config()).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if name.endswith(".bias") or name.endswith("_norm.weight"):
-                p.copy_(torch.randn_like(p) * 0.3 + (1.0 if name.endswith("norm.weight") else 0.0))
+            if name.endswith(".bias") or name.endswith("norm.weight"):
+                # Gemma's norms scale by 1 + w (stored near 0), the others by w (stored near 1).
+                offset = 1.0 if name.endswith("norm.weight") and not family.startswith("gemma") else 0.0
+                p.copy_(torch.randn_like(p) * 0.3 + offset)
     if out.exists():
         shutil.rmtree(out)
     model.save_pretrained(out)
     for name in TOKENIZER_FILES:
         shutil.copy(tokenizer_dir / name, out / name)
-    if family == "qwen2":
+    if family in SENTENCEPIECE:
         sentencepiece_vocab(out)
     return out
 
 
 def sentencepiece_vocab(out: Path) -> None:
-    """llama.cpp's Qwen2 converter hashes the tokenizer transformers loads, and transformers loads
-    its own Qwen2Tokenizer for model_type qwen2 (not tokenizer.json's pre-tokenizer), whose hash on
-    SmolLM2's vocabulary it does not know; it takes a SentencePiece `tokenizer.model` first. So the
-    Qwen2 model also carries a tiny SentencePiece vocabulary (trained here, deterministically, on
+    """llama.cpp's Gemma converters need a SentencePiece `tokenizer.model`, and its Qwen2 converter
+    hashes the tokenizer transformers loads, which for model_type qwen2 is its own Qwen2Tokenizer
+    (not tokenizer.json's pre-tokenizer), whose hash on SmolLM2's vocabulary it does not know; it
+    takes a `tokenizer.model` first. So these models also carry a tiny SentencePiece vocabulary (trained here, deterministically, on
     the end of the wiki text, away from the evaluated start), and tokenizer_config.json drops
     added_tokens_decoder (whose ids would overwrite that vocabulary's byte pieces; tokenizer.json
     still lists the special tokens)."""

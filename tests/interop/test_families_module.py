@@ -71,24 +71,35 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-_stock: dict = {}
+def random_model(config_class, model_class, config: dict, norm_range=(0.5, 1.5)):
+    """A tiny random model (seed 0) in float64, with random biases and norm weights (the
+    constructor's are constants)."""
+    torch.manual_seed(0)
+    model = model_class(config_class(**config)).to(torch.float64).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(".bias"):
+                p.normal_(0.0, 0.5)
+            elif "norm" in name:
+                p.uniform_(*norm_range)
+    return model
 
 
-def stock(family: str):
-    """The family's tiny random model, with random biases and norm weights (the constructor's are
-    zeros and ones)."""
-    if family not in _stock:
-        config_class, model_class, extra = FAMILIES[family]
-        torch.manual_seed(0)
-        model = model_class(config_class(**COMMON, **extra)).to(torch.float64).eval()
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if name.endswith(".bias"):
-                    p.normal_(0.0, 0.5)
-                elif "norm" in name:
-                    p.uniform_(0.5, 1.5)
-        _stock[family] = model
-    return _stock[family]
+def stock_models(families: dict, common: dict, norm_range=(0.5, 1.5)):
+    """stock(family): the tiny random model of families[family] (config class, model class, config
+    beyond `common`), built once."""
+    built: dict = {}
+
+    def stock(family: str):
+        if family not in built:
+            config_class, model_class, extra = families[family]
+            built[family] = random_model(config_class, model_class, {**common, **extra}, norm_range)
+        return built[family]
+
+    return stock
+
+
+stock = stock_models(FAMILIES, COMMON)
 
 
 def svd_factors(w: torch.Tensor, rank: int):
@@ -215,23 +226,26 @@ def reference_model(model, case: str, products: dict):
     return reference
 
 
-_built: dict = {}
+def case_builder(stock_of, tmp_path_factory):
+    """get(family, case) -> (factored model, reference model, latent_attention), each built once from
+    the stock model stock_of(family)."""
+    built: dict = {}
+
+    def get(family: str, case: str):
+        if (family, case) not in built:
+            base = stock_of(family)
+            la, f = factor(base, case)
+            tensors = f.checkpoint_tensors(base.config.tie_word_embeddings)
+            path = write_checkpoint(tmp_path_factory.mktemp(f"{family}_{case}"), base, la, tensors)
+            built[(family, case)] = (load(path), reference_model(base, case, f.products), la)
+        return built[(family, case)]
+
+    return get
 
 
 @pytest.fixture(scope="module")
 def build(tmp_path_factory):
-    """(factored model, reference model, latent_attention) of a family and case, built once."""
-
-    def get(family: str, case: str):
-        if (family, case) not in _built:
-            base = stock(family)
-            la, f = factor(base, case)
-            tensors = f.checkpoint_tensors(base.config.tie_word_embeddings)
-            path = write_checkpoint(tmp_path_factory.mktemp(f"{family}_{case}"), base, la, tensors)
-            _built[(family, case)] = (load(path), reference_model(base, case, f.products), la)
-        return _built[(family, case)]
-
-    return get
+    return case_builder(stock, tmp_path_factory)
 
 
 def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -250,19 +264,25 @@ def logits(model, input_ids, **kwargs) -> torch.Tensor:
 PARAMS = [(family, case) for family in FAMILIES for case in CASES]
 
 
-@pytest.mark.parametrize("family, case", PARAMS)
-def test_logits_match_stock_reference(build, family, case):
-    model, reference, _ = build(family, case)
+def check_logits(model, reference, padded: bool = True, tolerance: float = EXACT):
+    """Logits equal to the reference's, without and (`padded`) with left padding; sliding windows as
+    configured."""
     cfg = model.config
     assert type(model).__name__ == f"Surgery{type(reference).__name__}"
     windows = [layer.self_attn.sliding_window for layer in model.model.layers]
     assert windows == [WINDOW if t == "sliding_attention" else None for t in cfg.layer_types]
     assert None in windows and WINDOW in windows
     x = ids()
-    assert rel_diff(logits(model, x), logits(reference, x)) < EXACT
-    mask = torch.ones_like(x)
-    mask[0, :4] = 0  # left padding
-    assert rel_diff(logits(model, x, attention_mask=mask), logits(reference, x, attention_mask=mask)) < EXACT
+    assert rel_diff(logits(model, x), logits(reference, x)) < tolerance
+    if padded:
+        mask = torch.ones_like(x)
+        mask[0, :4] = 0  # left padding
+        assert rel_diff(logits(model, x, attention_mask=mask), logits(reference, x, attention_mask=mask)) < tolerance
+
+
+@pytest.mark.parametrize("family, case", PARAMS)
+def test_logits_match_stock_reference(build, family, case):
+    check_logits(*build(family, case)[:2])
 
 
 def left_padded(prompts):
@@ -274,9 +294,9 @@ def left_padded(prompts):
     return batch, mask
 
 
-@pytest.mark.parametrize("family, case", PARAMS)
-def test_generate_cache_left_padding_and_reference(build, family, case):
-    model, reference, _ = build(family, case)
+def check_generate(model, reference, padded: bool = True):
+    """Greedy generation: with and without the cache, alone and (`padded`) left-padded in a batch,
+    and the reference's, all the same."""
     kw = dict(max_new_tokens=10, do_sample=False, pad_token_id=0, eos_token_id=None)
     prompts = [ids(1, 5, seed=4)[0], ids(1, 9, seed=5)[0]]  # both grow past the window
     alone = []
@@ -286,14 +306,18 @@ def test_generate_cache_left_padding_and_reference(build, family, case):
         assert torch.equal(with_cache, reference.generate(p[None], use_cache=True, **kw)[0, len(p):])
         alone.append(with_cache)
     batch, mask = left_padded(prompts)
-    for use_cache in (True, False):
+    for use_cache in (True, False) if padded else ():
         out = model.generate(batch, attention_mask=mask, use_cache=use_cache, **kw)[:, batch.shape[1]:]
         assert torch.equal(out, torch.stack(alone)), use_cache
 
 
-def cached_widths(family: str, case: str, la: dict):
+@pytest.mark.parametrize("family, case", PARAMS)
+def test_generate_cache_left_padding_and_reference(build, family, case):
+    check_generate(*build(family, case)[:2])
+
+
+def cached_widths(cfg, la: dict):
     """Per layer, the values per token the K and V slots hold."""
-    cfg = stock(family).config
     kv_dim = cfg.num_key_value_heads * getattr(cfg, "head_dim", cfg.hidden_size // cfg.num_attention_heads)
     if la["kv"] is None:
         return [(kv_dim, kv_dim)] * LAYERS
@@ -303,35 +327,54 @@ def cached_widths(family: str, case: str, la: dict):
     return [((la["kv_rank"][layer] if layer in sources else 0), 0) for layer in range(LAYERS)]
 
 
-@pytest.mark.parametrize("family, case", PARAMS)
-def test_cache_holds_latents_and_decodes(build, family, case):
-    model, _, la = build(family, case)
-    x = ids(1, 13, seed=6)
-    full = logits(model, x)
-    cache = DynamicCache(config=model.config)  # what generate builds: sliding layers keep WINDOW - 1
+def decode(model, x, split: int):
+    """Logits of x through a DynamicCache (what generate builds: sliding layers keep WINDOW - 1): the
+    first `split` tokens at once, then one token per step; and the cache."""
+    cache = DynamicCache(config=model.config)
     with torch.no_grad():
-        prefix = model(x[:, :9], cache=cache, use_cache=True).logits
-        steps = [model(x[:, i:i + 1], cache=cache, use_cache=True).logits for i in range(9, 13)]
-    assert rel_diff(prefix, full[:, :9]) < EXACT
-    assert rel_diff(torch.cat(steps, 1), full[:, 9:]) < EXACT
+        prefix = model(x[:, :split], cache=cache, use_cache=True).logits
+        steps = [model(x[:, i:i + 1], cache=cache, use_cache=True).logits for i in range(split, x.shape[1])]
+    return torch.cat([prefix, *steps], 1), cache
+
+
+def check_cache(model, la: dict, reference=None, tolerance: float = EXACT):
+    """Prefix then token-by-token decoding through a DynamicCache equals the uncached logits (within
+    `tolerance`) and the reference decoded alike (if given); the cache holds the latent widths (and
+    the last WINDOW - 1 tokens in sliding layers)."""
+    x = ids(1, 13, seed=6)
+    decoded, cache = decode(model, x, 9)
+    full = logits(model, x)
+    assert rel_diff(decoded[:, :9], full[:, :9]) < tolerance
+    assert rel_diff(decoded[:, 9:], full[:, 9:]) < tolerance
+    if reference is not None:
+        assert rel_diff(decoded, decode(reference, x, 9)[0]) < EXACT
     widths = [tuple(t.shape[1] * t.shape[-1] for t in (s.keys, s.values)) for s in cache.layers]
-    assert widths == cached_widths(family, case, la)
+    assert widths == cached_widths(model.config, la)
     sliding = [t == "sliding_attention" for t in model.config.layer_types]
     assert [s.keys.shape[-2] for s in cache.layers] == [WINDOW - 1 if s else 13 for s in sliding]
     assert [s.values.shape[-2] for s in cache.layers] == [WINDOW - 1 if s else 13 for s in sliding]
     assert cache.get_seq_length() == 13
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_missing_attention_tensor_refused(family, tmp_path):
-    base = stock(family)
+@pytest.mark.parametrize("family, case", PARAMS)
+def test_cache_holds_latents_and_decodes(build, family, case):
+    model, reference, la = build(family, case)
+    check_cache(model, la, reference)
+
+
+def check_missing_refused(base, tmp_path: Path, gone: str):
+    """A "shared" checkpoint of `base` without layer 1's attention tensor `gone` is refused."""
     la, f = factor(base, "shared")
     tensors = f.checkpoint_tensors(base.config.tie_word_embeddings)
-    gone = PRE.format(1) + ("k_b_proj.bias" if family != "qwen3" else "k_norm.weight")
-    del tensors[gone]
+    del tensors[PRE.format(1) + gone]
     path = write_checkpoint(tmp_path / "broken", base, la, tensors)
     with pytest.raises(ValueError, match="lacks attention tensors"):
         AutoModelForCausalLM.from_pretrained(str(path), trust_remote_code=True, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_missing_attention_tensor_refused(family, tmp_path):
+    check_missing_refused(stock(family), tmp_path, "k_b_proj.bias" if family != "qwen3" else "k_norm.weight")
 
 
 def v2(kv_rank, **extra) -> dict:
@@ -339,6 +382,15 @@ def v2(kv_rank, **extra) -> dict:
           "k_rank": None, "v_rank": None, "kv_share": "latent", "kv_groups": GROUPS,
           "original_architectures": ["Qwen3ForCausalLM"], "original_model_type": "qwen3"}
     return {**la, **extra}
+
+
+def config_only(path: Path, base, la: dict, layer_types=None) -> Path:
+    """A checkpoint directory with only config.json (layer_types replaced if given) and the modules."""
+    write_checkpoint(path, base, la, None)
+    if layer_types is not None:
+        config = json.loads((path / "config.json").read_text())
+        (path / "config.json").write_text(json.dumps({**config, "layer_types": layer_types}))
+    return path
 
 
 @pytest.mark.parametrize(
@@ -351,20 +403,13 @@ def v2(kv_rank, **extra) -> dict:
     ],
 )
 def test_bad_configs_refused(la, layer_types, message, tmp_path):
-    base = stock("qwen3")
-    path = write_checkpoint(tmp_path / "bad", base, la, None)
-    if layer_types is not None:
-        config = json.loads((path / "config.json").read_text())
-        (path / "config.json").write_text(json.dumps({**config, "layer_types": layer_types}))
+    path = config_only(tmp_path / "bad", stock("qwen3"), la, layer_types)
     with pytest.raises(ValueError, match=message):
         AutoConfig.from_pretrained(str(path), trust_remote_code=True)
 
 
 def test_good_mixed_layer_types_accepted(tmp_path):
-    base = stock("qwen3")
     types = ["full_attention", "full_attention", "sliding_attention", "sliding_attention"]
-    path = write_checkpoint(tmp_path / "good", base, v2([4, 5, 5, 6]), None)
-    config = json.loads((path / "config.json").read_text())
-    (path / "config.json").write_text(json.dumps({**config, "layer_types": types}))
+    path = config_only(tmp_path / "good", stock("qwen3"), v2([4, 5, 5, 6]), types)
     loaded = AutoConfig.from_pretrained(str(path), trust_remote_code=True)
     assert type(loaded).__name__ == "SurgeryQwen3Config" and loaded.layer_types == types
