@@ -107,30 +107,36 @@ impl<'a> Loader<'a> {
             (AttentionProjection::Key, c.kv_dim()),
             (AttentionProjection::Value, c.kv_dim()),
         ] {
-            let (dense, up) = self.bias_roles(projection);
             // A factored projection's bias sits on its up-projection; the dense name must be absent.
-            let factored = up.is_some_and(|up| {
-                !self.has(layer, Self::dense_role(projection)) && self.table_has(up)
-            });
-            match (factored, up) {
-                (true, Some(up)) => {
-                    self.check_bias_role(layer, up, len)?;
-                    self.check_bias_absent(layer, dense)?;
-                }
-                _ => self.check_bias_role(layer, dense, len)?,
+            let (dense, stored) = (
+                Role::AttentionBias(projection),
+                self.stored_bias(layer, projection),
+            );
+            self.check_bias_role(layer, stored, len)?;
+            if stored != dense {
+                self.check_bias_absent(layer, dense)?;
             }
         }
         Ok(())
     }
 
-    /// Checks the bias of `role` (`len` values) against the config, by its name in the table (a
-    /// table without the name has no such bias: the checkpoint's names were checked at open).
+    /// Checks the bias of `role` (`len` values) against the config, by its name in the table.
     fn check_bias_role(&self, layer: usize, role: Role, len: usize) -> Result<()> {
         let (enabled, flag) = self.bias_flag(role);
-        match self.checkpoint.config.arch.layer_tensor_name(layer, role) {
+        match self.bias_name(layer, role)? {
             Some(name) => self.check_bias(&name, len, enabled, flag),
-            None if enabled => Err(Error::bug(format!("no name for the enabled bias {role:?}"))),
             None => Ok(()),
+        }
+    }
+
+    /// The name of the bias of `role`; `None` when the family's table has none (the checkpoint's
+    /// names were checked at open), which for an enabled bias is a bug.
+    fn bias_name(&self, layer: usize, role: Role) -> Result<Option<String>> {
+        match self.checkpoint.config.arch.layer_tensor_name(layer, role) {
+            None if self.bias_flag(role).0 => {
+                Err(Error::bug(format!("no name for the enabled bias {role:?}")))
+            }
+            name => Ok(name),
         }
     }
 
@@ -149,29 +155,20 @@ impl<'a> Loader<'a> {
         }
     }
 
-    /// The dense projection a bias belongs to.
-    fn dense_role(projection: AttentionProjection) -> Role {
-        match projection {
-            AttentionProjection::Query => Role::Query,
-            AttentionProjection::Key => Role::Key,
-            AttentionProjection::Value => Role::Value,
-            AttentionProjection::Output => Role::Output,
+    /// The role `projection`'s bias is stored under in this layer's layout: on the up-projection
+    /// when the projection is factored and the family's factored form carries biases, else under
+    /// its dense name.
+    fn stored_bias(&self, layer: usize, projection: AttentionProjection) -> Role {
+        let dense = Role::AttentionBias(projection);
+        let factored = dense
+            .projection()
+            .is_some_and(|role| !self.has(layer, role));
+        match Factor::up_of(projection) {
+            Some(up) if factored && self.checkpoint.config.arch.factored_biases() => {
+                Role::FactorBias(up)
+            }
+            _ => dense,
         }
-    }
-
-    /// A projection's bias role, dense and (where the family names it) on the up-projection.
-    fn bias_roles(&self, projection: AttentionProjection) -> (Role, Option<Role>) {
-        let up = Factor::up_of(projection).map(Role::FactorBias);
-        (Role::AttentionBias(projection), up)
-    }
-
-    /// Whether the architecture's table names `role`.
-    fn table_has(&self, role: Role) -> bool {
-        self.checkpoint
-            .config
-            .arch
-            .layer_entries()
-            .any(|(_, r)| r == role)
     }
 
     /// The dense linear maps of a layer besides q/k/v: weight role, bias role, `[out, in]`.
@@ -240,9 +237,8 @@ impl<'a> Loader<'a> {
     /// The values of the bias of `role` (`len`), when the config enables it.
     fn bias_values(&self, layer: usize, role: Role, len: usize) -> Result<Option<Vec<f32>>> {
         let (enabled, flag) = self.bias_flag(role);
-        match self.checkpoint.config.arch.layer_tensor_name(layer, role) {
+        match self.bias_name(layer, role)? {
             Some(name) => self.bias(&name, len, enabled, flag),
-            None if enabled => Err(Error::bug(format!("no name for the enabled bias {role:?}"))),
             None => Ok(None),
         }
     }
@@ -336,12 +332,7 @@ impl<'a> Loader<'a> {
         projection: AttentionProjection,
         len: usize,
     ) -> Result<Option<Vec<f32>>> {
-        let (dense, up) = self.bias_roles(projection);
-        let role = match up {
-            Some(up) if !self.has(layer, Self::dense_role(projection)) && self.table_has(up) => up,
-            _ => dense,
-        };
-        self.bias_values(layer, role, len)
+        self.bias_values(layer, self.stored_bias(layer, projection), len)
     }
 
     /// One query/key/value projection: dense under `dense`, else factored as `down`, `up`.

@@ -60,6 +60,16 @@ pub enum Role {
 }
 
 impl Factor {
+    /// The projection whose bias up-projection `self` carries (the inverse of [`Factor::up_of`]).
+    pub fn biased_projection(self) -> Option<AttentionProjection> {
+        match self {
+            Factor::QUp => Some(AttentionProjection::Query),
+            Factor::KUp => Some(AttentionProjection::Key),
+            Factor::VUp => Some(AttentionProjection::Value),
+            _ => None,
+        }
+    }
+
     /// The up-projection of the factored projection that replaces `bias`'s projection, which
     /// carries that bias (`None` for `o_proj`, never factored).
     pub fn up_of(bias: AttentionProjection) -> Option<Factor> {
@@ -73,6 +83,17 @@ impl Factor {
 }
 
 impl Role {
+    /// The projection an attention bias belongs to (the inverse of [`Role::bias`]).
+    pub fn projection(self) -> Option<Role> {
+        match self {
+            Role::AttentionBias(AttentionProjection::Query) => Some(Role::Query),
+            Role::AttentionBias(AttentionProjection::Key) => Some(Role::Key),
+            Role::AttentionBias(AttentionProjection::Value) => Some(Role::Value),
+            Role::AttentionBias(AttentionProjection::Output) => Some(Role::Output),
+            _ => None,
+        }
+    }
+
     /// The role of this projection's bias, for the attention projections.
     pub fn bias(self) -> Option<Role> {
         let projection = match self {

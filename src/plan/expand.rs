@@ -5,7 +5,7 @@ use super::shards::{assemble, placed};
 use super::{Emit, FileSource, Op, OutputFile, Plan, TensorPlan};
 use crate::error::{Error, Result};
 use crate::input::checkpoint::Checkpoint;
-use crate::model::arch::{AttentionProjection, Factor, Role};
+use crate::model::arch::{Factor, Role};
 use crate::model::latent::{self, KvMode, LatentAttention, Share};
 use crate::model::layout::CONFIG_FILE;
 use std::path::Path;
@@ -66,12 +66,7 @@ pub fn plan_expand(checkpoint: &Checkpoint, latent: &LatentAttention) -> Result<
 
 /// The name a factored projection's bias (on up-projection `factor`) takes back in the dense form.
 fn dense_bias_name(checkpoint: &Checkpoint, factor: Factor, layer: usize) -> Option<String> {
-    let projection = match factor {
-        Factor::QUp => AttentionProjection::Query,
-        Factor::KUp => AttentionProjection::Key,
-        Factor::VUp => AttentionProjection::Value,
-        _ => return None,
-    };
+    let projection = factor.biased_projection()?;
     checkpoint
         .config
         .arch

@@ -119,3 +119,22 @@ fn tables_differ_where_the_families_do() {
     assert!(!has(&LLAMA, "self_attn.k_b_proj.bias") && has(&QWEN3, "self_attn.k_b_proj.bias"));
     assert!(QWEN2.classify("model.layers.0.mlp.up_proj.bias").is_none());
 }
+
+#[test]
+fn bias_roles_invert() {
+    for role in [Role::Query, Role::Key, Role::Value, Role::Output] {
+        assert_eq!(role.bias().and_then(Role::projection), Some(role));
+    }
+    for p in [
+        AttentionProjection::Query,
+        AttentionProjection::Key,
+        AttentionProjection::Value,
+    ] {
+        assert_eq!(
+            Factor::up_of(p).and_then(Factor::biased_projection),
+            Some(p)
+        );
+    }
+    assert_eq!(Factor::up_of(AttentionProjection::Output), None);
+    assert_eq!(Factor::KvDown.biased_projection(), None);
+}
