@@ -1,6 +1,6 @@
 """Factored ("latent") attention for the non-Llama families written by ``surgery-convert --emit factored``:
-Qwen2 (``Qwen2ForCausalLM``), Qwen3 (``Qwen3ForCausalLM``), Gemma 2 (``Gemma2ForCausalLM``) and Gemma 3
-text (``Gemma3ForCausalLM``, config ``Gemma3TextConfig``).
+Qwen2 (``Qwen2ForCausalLM``), Qwen3 (``Qwen3ForCausalLM``), Gemma 2 (``Gemma2ForCausalLM``), Gemma 3
+text (``Gemma3ForCausalLM``, config ``Gemma3TextConfig``) and Phi-3 (``Phi3ForCausalLM``).
 
 The format and the loading algorithm are those of docs/factored-format.md (the Llama reference
 loader, ``modeling_surgery_llama.py``, is written next to this file and imported from it); this
@@ -13,8 +13,9 @@ transformers 5.24; imports only ``torch`` and ``transformers``).
 The original config, every key kept, plus ``latent_attention`` exactly as in the Llama format
 (versions 1 and 2) with ``original_architectures`` / ``original_model_type`` naming the family, and::
 
-    "architectures": ["SurgeryQwen2ForCausalLM"],   # SurgeryQwen3 / SurgeryGemma2 / SurgeryGemma3ForCausalLM
-    "model_type": "surgery_qwen2",                  # surgery_qwen3 / surgery_gemma2 / surgery_gemma3
+    "architectures": ["SurgeryQwen2ForCausalLM"],   # SurgeryQwen3 / SurgeryGemma2 / SurgeryGemma3 /
+                                                    # SurgeryPhi3ForCausalLM
+    "model_type": "surgery_qwen2",                  # surgery_qwen3 / surgery_gemma2 / surgery_gemma3 / surgery_phi3
     "auto_map": {"AutoConfig": "modeling_surgery.SurgeryQwen2Config",
                  "AutoModelForCausalLM": "modeling_surgery.SurgeryQwen2ForCausalLM"},
 
@@ -46,6 +47,18 @@ has one rope per layer type (``rope_parameters`` keyed by layer type): RoPE of t
 recomputed with the layer's own type. Embedding scaling by ``sqrt(hidden_size)``, final-logit
 softcapping and the masks are the stock models' forwards.
 
+Phi-3
+-----
+The dense checkpoint fuses q, k and v in ``self_attn.qkv_proj`` (rows q | k | v); the factored one
+stores them apart, as in the Llama format: ``q_proj`` (dense) or ``q_a_proj`` / ``q_b_proj``, and the
+K/V tensors of its ``kv`` layout (dense ``k_proj`` / ``v_proj`` when only q is factored). No biases,
+no head norms; ``o_proj``, the fused ``mlp.gate_up_proj`` and everything else are the stock
+``Phi3DecoderLayer``'s. RoPE is Phi-3's partial rotary (``rope_parameters["partial_rotary_factor"]``:
+only the first ``rotary_dim`` values of each head rotate), on q and on K after the up-projection from
+the cached latent (a longrope config's cached keys are re-roped with the current positions' factors;
+``generate`` drops the cache where they switch, as stock Phi-3's ``prepare_inputs_for_generation`` does).
+With ``config.sliding_window`` set, every layer slides (Phi-3 has no ``layer_types``).
+
 Sliding window
 --------------
 A layer whose ``config.layer_types[i]`` is ``"sliding_attention"`` passes
@@ -74,7 +87,7 @@ import functools
 
 from torch import nn
 from transformers.cache_utils import DynamicSlidingWindowLayer
-from transformers.modeling_utils import AttentionInterface, PreTrainedModel
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface, PreTrainedModel
 from transformers.models.gemma2.configuration_gemma2 import Gemma2Config
 from transformers.models.gemma2.modeling_gemma2 import (
     Gemma2DecoderLayer,
@@ -91,6 +104,15 @@ from transformers.models.gemma3.modeling_gemma3 import (
     Gemma3RMSNorm,
     Gemma3TextModel,
 )
+from transformers.models.phi3.configuration_phi3 import Phi3Config
+from transformers.models.phi3.modeling_phi3 import (
+    Phi3DecoderLayer,
+    Phi3ForCausalLM,
+    Phi3Model,
+    Phi3PreTrainedModel,
+)
+from transformers.models.phi3.modeling_phi3 import apply_rotary_pos_emb as phi3_apply_rotary_pos_emb
+from transformers.models.phi3.modeling_phi3 import eager_attention_forward as phi3_eager_attention
 from transformers.models.qwen2.configuration_qwen2 import Qwen2Config
 from transformers.models.qwen2.modeling_qwen2 import (
     Qwen2DecoderLayer,
@@ -423,6 +445,94 @@ class SurgeryGemma3ForCausalLM(SurgeryFamilyForCausalLMMixin, SurgeryGemma3PreTr
     model_class = SurgeryGemma3Model
 
 
+# --- Phi-3 ------------------------------------------------------------------------------------------
+
+
+def _phi3_rope(x, cos, sin):
+    """Phi-3's partial RoPE of x [b, heads, T, head_dim]: its own apply_rotary_pos_emb, the key
+    argument given no heads (so only x is computed)."""
+    return phi3_apply_rotary_pos_emb(x, x[:, :0], cos, sin)[0]
+
+
+class SurgeryPhi3Config(LatentConfigMixin, Phi3Config):
+    """``Phi3Config`` plus the ``latent_attention`` description of the factored projections."""
+
+    model_type = "surgery_phi3"
+
+    latent_attention: dict | None = None
+
+
+class SurgeryPhi3Attention(SurgeryFamilyAttention):
+    """Phi3Attention with ``qkv_proj`` split into q (dense or factored) and the K/V factors: Llama's
+    factored forward with Phi-3's partial RoPE, every layer sliding iff ``config.sliding_window``."""
+
+    def __init__(self, config, layer_idx: int):
+        super().__init__(config, layer_idx)
+        self.sliding_window = config.sliding_window  # Phi3Attention passes it on every layer
+        self.layer_type = SLIDING if config.sliding_window is not None else None
+
+    def biased_projections(self, config):
+        return ()
+
+    def _kv_latents(self, x, cache, kwargs):
+        """The (cached) latents [b, 1, T, width] this layer attends with, as Llama's forward gets them."""
+        if self.kv_share == "latent" and not self.is_kv_source:
+            return self._read_group_latent(x, cache, kwargs)
+        ck, cv = self._latents(x)
+        if cache is not None:
+            ck, cv = self._cache_update(cache, ck, cv, kwargs)
+        if self.kv_share == "latent" and len(self.kv_group) > 1:
+            self._group_latent = ck
+        return ck, cv
+
+    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, cache=None, **kwargs):
+        kwargs.update(self.attention_kwargs())
+        input_shape = hidden_states.shape[:-1]
+        hidden_shape = (*input_shape, -1, self.head_dim)
+        cos, sin = position_embeddings
+        query_states = _phi3_rope(self._query(hidden_states).view(hidden_shape).transpose(1, 2), cos, sin)
+        if self.kv_mode is None:  # dense K/V: exactly Phi-3, ordinary cache
+            key_states = _phi3_rope(self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2), cos, sin)
+            value_states = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+            if cache is not None:
+                key_states, value_states = cache.update(key_states, value_states, self.layer_idx, kwargs=kwargs)
+        else:
+            ck, cv = self._kv_latents(hidden_states, cache, kwargs)
+            key_states, value_states = self._up(ck, cv)
+            k_cos, k_sin = self._key_rope(
+                value_states, kwargs.get("position_ids"), position_embeddings, ck.shape[-2], input_shape[-1]
+            )
+            key_states = _phi3_rope(key_states, k_cos, k_sin)
+        attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, phi3_eager_attention
+        )
+        attn_output, attn_weights = attention_interface(
+            self,
+            query_states,
+            key_states,
+            value_states,
+            attention_mask,
+            dropout=0.0 if not self.training else self.attention_dropout,
+            scaling=self.scaling,
+            **kwargs,
+        )
+        attn_output = attn_output.reshape(*input_shape, -1).contiguous()
+        return self.o_proj(attn_output), attn_weights
+
+
+class SurgeryPhi3PreTrainedModel(Phi3PreTrainedModel):
+    config_class = SurgeryPhi3Config
+    _can_record_outputs = {"hidden_states": Phi3DecoderLayer, "attentions": SurgeryPhi3Attention}
+
+
+class SurgeryPhi3Model(SurgeryFamilyModelMixin, SurgeryPhi3PreTrainedModel, Phi3Model):
+    attention_class = SurgeryPhi3Attention
+
+
+class SurgeryPhi3ForCausalLM(SurgeryFamilyForCausalLMMixin, SurgeryPhi3PreTrainedModel, Phi3ForCausalLM):
+    model_class = SurgeryPhi3Model
+
+
 __all__ = [
     "SurgeryGemma2Config",
     "SurgeryGemma2ForCausalLM",
@@ -432,6 +542,10 @@ __all__ = [
     "SurgeryGemma3ForCausalLM",
     "SurgeryGemma3Model",
     "SurgeryGemma3PreTrainedModel",
+    "SurgeryPhi3Config",
+    "SurgeryPhi3ForCausalLM",
+    "SurgeryPhi3Model",
+    "SurgeryPhi3PreTrainedModel",
     "SurgeryQwen2Config",
     "SurgeryQwen2ForCausalLM",
     "SurgeryQwen2Model",

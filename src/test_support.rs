@@ -5,7 +5,7 @@
 
 use crate::input::checkpoint::Checkpoint;
 use crate::model::arch::{
-    AttentionProjection, Factor, Family, Role, GEMMA2, GEMMA3, LLAMA, QWEN2, QWEN3,
+    AttentionProjection, Factor, Family, Role, GEMMA2, GEMMA3, LLAMA, PHI3, QWEN2, QWEN3,
 };
 use crate::model::dtype::FloatType;
 use crate::model::latent::{self, KvMode, LatentAttention};
@@ -209,7 +209,7 @@ pub fn write_tiny(dir: &Path, dtype: Dtype, sharded: bool) -> Vec<Vec<RawTensor>
 /// Qwen3), Gemma 3 (Gemma 2's without soft-capping, plus `q_norm`/`k_norm`). Llama gives
 /// [`write_tiny`]'s checkpoint.
 pub fn write_tiny_family(dir: &Path, family: Family) {
-    let arch = [&LLAMA, &QWEN2, &QWEN3, &GEMMA2, &GEMMA3]
+    let arch = [&LLAMA, &QWEN2, &QWEN3, &GEMMA2, &GEMMA3, &PHI3]
         .into_iter()
         .find(|a| a.kind == family)
         .expect("a table per family");
@@ -222,6 +222,12 @@ pub fn write_tiny_family(dir: &Path, family: Family) {
         .collect();
     let gemma = matches!(family, Family::Gemma2 | Family::Gemma3);
     let mut vectors: Vec<(Role, usize)> = Vec::new();
+    if family == Family::Phi3 {
+        config["partial_rotary_factor"] = json!(0.5);
+        config["sliding_window"] = json!(3);
+        write_checkpoint(dir, &json_bytes(&config), &[fused(tensors)]);
+        return;
+    }
     if family != Family::Llama {
         vectors.extend([
             (Role::AttentionBias(AttentionProjection::Query), Q_DIM),
@@ -257,6 +263,30 @@ pub fn write_tiny_family(dir: &Path, family: Family) {
         }
     }
     write_checkpoint(dir, &json_bytes(&config), &[tensors]);
+}
+
+/// `tensors` with each layer's q/k/v and gate/up stored fused, as Phi-3 stores them (the fused
+/// tensor's bytes are its parts', in order, where the first part was).
+fn fused(tensors: Vec<RawTensor>) -> Vec<RawTensor> {
+    let mut out: Vec<RawTensor> = Vec::new();
+    for t in tensors {
+        let class = PHI3.classify(&t.name).expect("a Phi-3 name");
+        let (Some(layer), Some(fusion)) = (class.layer, PHI3.fusion_of(class.role)) else {
+            out.push(t);
+            continue;
+        };
+        let name = PHI3
+            .layer_tensor_name(layer, Role::Fused(fusion))
+            .expect("a fused name");
+        match out.iter_mut().find(|f| f.name == name) {
+            Some(f) => {
+                f.shape[0] += t.shape[0];
+                f.bytes.extend_from_slice(&t.bytes);
+            }
+            None => out.push(RawTensor { name, ..t }),
+        }
+    }
+    out
 }
 
 /// Latent widths of a factored tiny checkpoint, per layer.

@@ -48,6 +48,7 @@ const REQUIRED: &[&str] = &[
     "family-gemma2-no-head-dim",
     "family-qwen2-bias-shape",
     "family-qwen2-o-proj-bias",
+    "family-phi3-fused-rows",
     "nan-inf-dense",
     "nan-inf-factored",
     "option-threshold-zero",

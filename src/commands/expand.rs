@@ -120,6 +120,10 @@ fn expanded_tensors(checkpoint: &Checkpoint, plan: &Plan) -> Vec<ExpandedTensor>
     plan.shards
         .iter()
         .flat_map(|s| &s.tensors)
+        .flat_map(|t| match &t.op {
+            Op::Fused { parts } => parts.iter().collect(),
+            _ => vec![t],
+        })
         .filter_map(|t| match t.op {
             Op::Expand { down, up } => Some(ExpandedTensor {
                 name: t.name.clone(),

@@ -25,6 +25,8 @@ pub(crate) mod substitute;
 mod tests;
 #[cfg(test)]
 mod tests_families;
+#[cfg(test)]
+mod tests_fused;
 pub(crate) mod write;
 
 pub use group::{fit_and_encode, reports_only, spectra};
@@ -211,6 +213,15 @@ fn expand_tensor(checkpoint: &Checkpoint, down: usize, up: usize) -> Result<Vec<
 /// Bytes of a copied tensor written (and then released from the input map) at a time.
 const COPY_CHUNK: usize = 16 << 20;
 
+/// What the write pass reads from: the input, the plan and the fitted outputs.
+struct Sources<'a, 'p> {
+    checkpoint: &'a Checkpoint,
+    plan: &'a Plan,
+    pieces: &'a mut (dyn PieceSource + 'p),
+    inputs: &'a FitInputs,
+    hasher: &'a mut InputHasher,
+}
+
 /// Produces every output tensor in plan order and hands it to `sink`; group outputs come from
 /// `pieces`, compensated tensors from `inputs`. Copied tensors go through in chunks, each released
 /// from the input map once written; the input files are hashed on the way (`hasher`).
@@ -224,61 +235,83 @@ pub fn execute(
     progress: &ProgressBar,
 ) -> Result<()> {
     progress.set_length(plan.data_len());
+    let mut sources = Sources {
+        checkpoint,
+        plan,
+        pieces,
+        inputs,
+        hasher,
+    };
     for shard in &plan.shards {
         sink.begin_shard(shard)?;
         for tensor in &shard.tensors {
-            match tensor.op {
-                Op::Copy { tensor: index } => {
-                    let t = &checkpoint.tensors[index];
-                    let bytes = checkpoint.bytes(t);
-                    sink.begin_tensor(tensor)?;
-                    let mut at = 0;
-                    while at < bytes.len() {
-                        let end = (at + COPY_CHUNK).min(bytes.len());
-                        sink.write_part(&bytes[at..end])?;
-                        let range = t.range.start + at..t.range.start + end;
-                        hasher.advance(checkpoint, t.shard, range.end);
-                        checkpoint.release_range(t.shard, range);
-                        at = end;
-                    }
-                    sink.end_tensor()?;
-                }
-                Op::Computed { group, piece } => {
-                    let bytes = pieces.take(checkpoint, plan, group, piece)?;
-                    sink.write_tensor(tensor, &bytes)?;
-                    // A dense output replaces the input tensor of the same name.
-                    if let Some(t) = checkpoint.tensor(&tensor.name) {
-                        hasher.visit(checkpoint, t);
-                    }
-                }
-                Op::Compensated {
-                    layer,
-                    tensor: index,
-                } => {
-                    let bytes = inputs
-                        .compensated
-                        .get(&layer)
-                        .filter(|c| c.tensor == index)
-                        .map(|c| c.bytes.as_slice())
-                        .ok_or_else(|| {
-                            Error::bug(format!(
-                                "{}: layer {layer}'s o_proj was planned compensated but never refitted",
-                                tensor.name
-                            ))
-                        })?;
-                    sink.write_tensor(tensor, bytes)?;
-                    hasher.visit(checkpoint, &checkpoint.tensors[index]);
-                }
-                Op::Expand { down, up } => {
-                    let bytes = expand_tensor(checkpoint, down, up)?;
-                    sink.write_tensor(tensor, &bytes)?;
-                    hasher.visit(checkpoint, &checkpoint.tensors[down]);
-                    hasher.visit(checkpoint, &checkpoint.tensors[up]);
-                }
-            }
+            sink.begin_tensor(tensor)?;
+            sources.write(&tensor.op, &tensor.name, sink)?;
+            sink.end_tensor()?;
             progress.inc(tensor.byte_len as u64);
         }
         sink.finish_shard()?;
     }
     Ok(())
+}
+
+impl Sources<'_, '_> {
+    /// Writes the bytes of `op` (output tensor `name`, or a part of a fused one) into the tensor
+    /// `sink` has open.
+    fn write(&mut self, op: &Op, name: &str, sink: &mut dyn TensorSink) -> Result<()> {
+        let checkpoint = self.checkpoint;
+        match *op {
+            Op::Copy { tensor: index } => {
+                let t = &checkpoint.tensors[index];
+                let bytes = checkpoint.bytes(t);
+                let mut at = 0;
+                while at < bytes.len() {
+                    let end = (at + COPY_CHUNK).min(bytes.len());
+                    sink.write_part(&bytes[at..end])?;
+                    let range = t.range.start + at..t.range.start + end;
+                    self.hasher.advance(checkpoint, t.shard, range.end);
+                    checkpoint.release_range(t.shard, range);
+                    at = end;
+                }
+            }
+            Op::Computed { group, piece } => {
+                let bytes = self.pieces.take(checkpoint, self.plan, group, piece)?;
+                sink.write_part(&bytes)?;
+                // A dense output replaces the input tensor of the same name.
+                if let Some(t) = checkpoint.tensor(name) {
+                    self.hasher.visit(checkpoint, t);
+                }
+            }
+            Op::Compensated {
+                layer,
+                tensor: index,
+            } => {
+                let bytes = self
+                    .inputs
+                    .compensated
+                    .get(&layer)
+                    .filter(|c| c.tensor == index)
+                    .map(|c| c.bytes.as_slice())
+                    .ok_or_else(|| {
+                        Error::bug(format!(
+                            "{name}: layer {layer}'s o_proj was planned compensated but never refitted"
+                        ))
+                    })?;
+                sink.write_part(bytes)?;
+                self.hasher.visit(checkpoint, &checkpoint.tensors[index]);
+            }
+            Op::Expand { down, up } => {
+                let bytes = expand_tensor(checkpoint, down, up)?;
+                sink.write_part(&bytes)?;
+                self.hasher.visit(checkpoint, &checkpoint.tensors[down]);
+                self.hasher.visit(checkpoint, &checkpoint.tensors[up]);
+            }
+            Op::Fused { ref parts } => {
+                for part in parts {
+                    self.write(&part.op, &part.name, sink)?;
+                }
+            }
+        }
+        Ok(())
+    }
 }

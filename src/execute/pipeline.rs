@@ -112,8 +112,8 @@ pub fn need_order(plan: &Plan) -> Vec<usize> {
     let mut seen = vec![false; plan.groups.len()];
     let mut order = Vec::with_capacity(plan.groups.len());
     for shard in &plan.shards {
-        for t in &shard.tensors {
-            if let Op::Computed { group, .. } = t.op {
+        for op in shard.tensors.iter().flat_map(|t| t.op.leaves()) {
+            if let Op::Computed { group, .. } = *op {
                 if !std::mem::replace(&mut seen[group], true) {
                     order.push(group);
                 }

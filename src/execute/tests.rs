@@ -22,7 +22,7 @@ type Written = (TensorPlan, Vec<u8>);
 #[derive(Default)]
 pub(super) struct Memory {
     /// Per shard: its file name and its tensors, in the order written.
-    shards: Vec<(String, Vec<Written>)>,
+    pub(super) shards: Vec<(String, Vec<Written>)>,
     in_shard: bool,
     in_tensor: bool,
 }
@@ -230,9 +230,14 @@ fn dense_execution_copies_and_reconstructs_in_plan_order() {
 
 /// The factored form as `write_factored` runs it: fits spilled, then the write pass.
 pub(super) fn run_factored(ck: &Checkpoint) -> (Plan, Memory) {
+    run_factored_with(ck, &surgery())
+}
+
+/// [`run_factored`] with another surgery.
+pub(super) fn run_factored_with(ck: &Checkpoint, surgery: &Surgery) -> (Plan, Memory) {
     let scratch = tempfile::tempdir().unwrap();
     let spill_path = scratch.path().join("factors.spill");
-    let groups = plan::groups(ck, &surgery());
+    let groups = plan::groups(ck, surgery);
     let inputs = FitInputs::default();
     let bar = ProgressBar::hidden();
     let (reports, mut spill) = factor_pass(ck, &groups, &inputs, &spill_path, &bar).unwrap();

@@ -1,4 +1,4 @@
-//! The executor on the tiny checkpoint written as Qwen2 and Qwen3 (`test_support::write_tiny_family`):
+//! The executor on the tiny checkpoint written as each family (`test_support::write_tiny_family`):
 //! the factored form moves each factored projection's bias onto its up-projection, the Rust forward
 //! pass of the factored output equals the dense output's (biases and Qwen3's q/k norms included),
 //! and `expand` restores every original name.
@@ -50,7 +50,8 @@ fn factored_output_matches_dense(family: Family) {
     let (factored_plan, factored) = run_factored(&ck);
     let by_name = factored.by_name();
     let name = |layer, role| ck.config.arch.layer_tensor_name(layer, role).unwrap();
-    for layer in 0..tiny::LAYERS {
+    let biased = ck.config.arch.factored_biases();
+    for layer in (0..tiny::LAYERS).filter(|_| biased) {
         // q (rank 2) and the shared K/V (rank 3) are factored: their biases moved, bytes unchanged.
         for (projection, up) in [
             (AttentionProjection::Query, Factor::QUp),
@@ -124,6 +125,11 @@ fn gemma3_factored_output_matches_dense_and_expands() {
 }
 
 #[test]
+fn phi3_factored_output_matches_dense_and_expands() {
+    factored_output_matches_dense(Family::Phi3);
+}
+
+#[test]
 fn each_family_runs_its_own_forward_pass() {
     // The same tensors read as another family's give other logits: every difference is read.
     let logits_of = |family| {
@@ -137,6 +143,7 @@ fn each_family_runs_its_own_forward_pass() {
         Family::Qwen3,
         Family::Gemma2,
         Family::Gemma3,
+        Family::Phi3,
     ];
     let outs: Vec<Vec<f64>> = all.iter().map(|&f| logits_of(f)).collect();
     for i in 0..outs.len() {

@@ -6,7 +6,7 @@
 
 use crate::error::{Error, Result};
 use crate::input::header::{self, Header};
-use crate::input::{config_file, files, index};
+use crate::input::{config_file, files, fused, index};
 use crate::model::arch::{Classified, Role};
 use crate::model::config::ModelConfig;
 use crate::model::dtype::FloatType;
@@ -397,20 +397,28 @@ impl TensorTable {
             });
         }
         for (name, info) in header.tensors {
-            let entry = scan.entry(name, info, header.data_start)?;
-            if self
-                .by_name
-                .insert(entry.name.clone(), self.tensors.len())
-                .is_some()
-            {
-                return Err(Error::tensor(
-                    scan.path,
-                    &entry.name,
-                    "appears in more than one shard",
-                ));
+            let stored = scan.entry(name, info, header.data_start)?;
+            for entry in fused::split(scan.config, scan.path, stored)? {
+                self.add(scan, entry)?;
             }
-            self.tensors.push(entry);
         }
+        Ok(())
+    }
+
+    /// Adds one entry, refusing a name already seen.
+    fn add(&mut self, scan: &ShardScan, entry: TensorEntry) -> Result<()> {
+        if self
+            .by_name
+            .insert(entry.name.clone(), self.tensors.len())
+            .is_some()
+        {
+            return Err(Error::tensor(
+                scan.path,
+                &entry.name,
+                "appears twice (in more than one shard, or also inside a fused tensor)",
+            ));
+        }
+        self.tensors.push(entry);
         Ok(())
     }
 

@@ -10,6 +10,11 @@
 //! | Qwen3 | q, k, v, o with `attention_bias` | yes | as Qwen2 |
 //! | Gemma 2 | as Llama | no | `layer_types` (default: even layers) |
 //! | Gemma 3 | as Llama | yes | `layer_types` (default: all but every `sliding_window_pattern`-th) |
+//! | Phi-3 | none | no | `sliding_window`, every layer |
+//!
+//! Phi-3's fused `qkv_proj` and `gate_up_proj` are split into their parts when the checkpoint is
+//! opened (`input::fused`), so the pass reads them as Llama's; its partial rotary
+//! (`partial_rotary_factor`) is resolved in `llama::params`.
 //!
 //! Gemma also differs in the layer itself ([`Gemma`]): `(1 + w)` norms, a norm after the attention
 //! block and after the MLP, embeddings scaled by `sqrt(hidden_size)`, a GeLU-tanh MLP, queries
@@ -121,6 +126,15 @@ impl FamilyParams {
             Family::Gemma2 | Family::Gemma3 => {
                 let gemma3 = config.arch.kind == Family::Gemma3;
                 (with_flag, gemma3, gemma_windows(raw, layers, gemma3)?)
+            }
+            Family::Phi3 => {
+                let none = Biases {
+                    qkv: false,
+                    o: false,
+                    reason: "Phi-3 (no biases)",
+                };
+                let window = raw.sliding_window.filter(|&w| w > 0);
+                (none, false, vec![window; layers])
             }
         };
         let gemma = match config.arch.kind {

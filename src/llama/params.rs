@@ -146,9 +146,11 @@ impl LlamaParams {
                 "`rms_norm_eps` must be a non-negative number, found {rms_norm_eps}"
             )));
         }
-        if let Some(f) = raw.partial_rotary_factor.filter(|&f| f != 1.0) {
+        let phi3 = config.arch.kind == Family::Phi3;
+        if let Some(f) = raw.partial_rotary_factor.filter(|&f| f != 1.0 && !phi3) {
             return Err(invalid(format!(
-                "partial_rotary_factor {f} is not supported by eval (Llama rotates the whole head)"
+                "partial_rotary_factor {f} is not supported by eval for {} (it rotates the whole head)",
+                config.arch.family
             )));
         }
         if config.head_dim % 2 != 0 {
@@ -157,8 +159,11 @@ impl LlamaParams {
                 config.head_dim
             )));
         }
-        let (rope, local_rope) = ropes(config, raw, max_position_embeddings)
+        let (mut rope, local_rope) = ropes(config, raw, max_position_embeddings)
             .map_err(|m| invalid(format!("rope: {m}")))?;
+        if phi3 {
+            rope.rotary_dim = rotary_dim(config, raw).map_err(invalid)?;
+        }
         let family = FamilyParams::resolve(
             config,
             &RawFamily {
@@ -201,6 +206,29 @@ impl LlamaParams {
             tie_word_embeddings: config.tie_word_embeddings,
         })
     }
+}
+
+/// Phi-3's rotated dimension: `int(head_dim * partial_rotary_factor)` (the factor from the RoPE
+/// parameters, else the top-level key, else 1), as transformers' `Phi3RotaryEmbedding` computes it.
+fn rotary_dim(config: &ModelConfig, raw: &RawParams) -> std::result::Result<usize, String> {
+    let in_rope = [&raw.rope_scaling, &raw.rope_parameters]
+        .into_iter()
+        .flatten()
+        .find_map(|p| p.get("partial_rotary_factor").and_then(Value::as_f64));
+    let factor = in_rope.or(raw.partial_rotary_factor).unwrap_or(1.0);
+    if !(factor > 0.0 && factor <= 1.0) {
+        return Err(format!(
+            "partial_rotary_factor must be in (0, 1], found {factor}"
+        ));
+    }
+    let dim = (config.head_dim as f64 * factor) as usize;
+    if dim == 0 || dim % 2 != 0 {
+        return Err(format!(
+            "partial_rotary_factor {factor} rotates {dim} of head_dim {} values; RoPE needs a positive even number",
+            config.head_dim
+        ));
+    }
+    Ok(dim)
 }
 
 /// The model's RoPE and, for Gemma 3, that of its sliding-window layers: from `rope_parameters`
@@ -306,13 +334,14 @@ fn resolve_rope(
         }
         other => {
             return Err(format!(
-                "rope type `{other}` is not supported by eval (supported: default, linear, dynamic, llama3)"
+                "rope type `{other}` is not supported by eval (supported: default, linear, dynamic, llama3; a conversion with a weight-only fit does not need it)"
             ))
         }
     };
     Ok(Rope {
         theta,
         head_dim,
+        rotary_dim: head_dim,
         scaling,
     })
 }

@@ -44,17 +44,20 @@ pub enum RopeScaling {
 pub struct Rope {
     /// `rope_theta`.
     pub theta: f64,
-    /// The rotated dimension: the head dimension (even).
+    /// The head dimension: the stride between heads.
     pub head_dim: usize,
+    /// The rotated dimension (even, at most `head_dim`): the first `rotary_dim` values of each
+    /// head are rotated, the rest pass through (`partial_rotary_factor`, Phi-3); else `head_dim`.
+    pub rotary_dim: usize,
     /// The scaling rule.
     pub scaling: RopeScaling,
 }
 
 impl Rope {
-    /// The `head_dim / 2` inverse frequencies used for a sequence of `seq_len` positions (only the
-    /// dynamic scaling depends on it).
+    /// The `rotary_dim / 2` inverse frequencies used for a sequence of `seq_len` positions (only
+    /// the dynamic scaling depends on it).
     pub fn inv_freq(&self, seq_len: usize) -> Vec<f64> {
-        let d = self.head_dim as f64;
+        let d = self.rotary_dim as f64;
         let theta = match self.scaling {
             RopeScaling::Dynamic {
                 factor,
@@ -66,7 +69,7 @@ impl Rope {
             }
             _ => self.theta,
         };
-        let plain = (0..self.head_dim / 2).map(|i| theta.powf(-((2 * i) as f64) / d));
+        let plain = (0..self.rotary_dim / 2).map(|i| theta.powf(-((2 * i) as f64) / d));
         match self.scaling {
             RopeScaling::None | RopeScaling::Dynamic { .. } => plain.collect(),
             RopeScaling::Linear { factor } => plain.map(|f| f / factor).collect(),
@@ -110,7 +113,12 @@ impl Rope {
                 sin.push(angle.sin() as f32);
             }
         }
-        RopeTable { half, cos, sin }
+        RopeTable {
+            half,
+            head_dim: self.head_dim,
+            cos,
+            sin,
+        }
     }
 }
 
@@ -118,6 +126,8 @@ impl Rope {
 #[derive(Debug, Clone)]
 pub struct RopeTable {
     half: usize,
+    /// The stride between heads (at least `2 * half`).
+    head_dim: usize,
     cos: Vec<f32>,
     sin: Vec<f32>,
 }
@@ -129,13 +139,14 @@ impl RopeTable {
     }
 
     /// Rotates, in place, every head of `x` (rows: positions `0..x.nrows()`, at most
-    /// [`Self::len`]; columns: heads of `2 * half` values side by side). Within a head, value `i`
-    /// and value `i + half` form a pair: `(a, b) -> (a cos - b sin, b cos + a sin)`, which is
-    /// `x * cos + rotate_half(x) * sin` with transformers' duplicated `cat(freqs, freqs)` angles.
+    /// [`Self::len`]; columns: heads of `head_dim` values side by side). Within a head, value `i`
+    /// and value `i + half` (`i < half`) form a pair: `(a, b) -> (a cos - b sin, b cos + a sin)`,
+    /// which is `x * cos + rotate_half(x) * sin` with transformers' duplicated
+    /// `cat(freqs, freqs)` angles; values from `2 * half` on pass through (partial rotary).
     pub fn rotate(&self, mut x: MatMut<'_, f32>) {
         let half = self.half;
-        let head_dim = 2 * half;
-        if head_dim == 0 {
+        let head_dim = self.head_dim;
+        if half == 0 || head_dim < 2 * half {
             return;
         }
         let rows = x.nrows().min(self.len());
@@ -163,6 +174,7 @@ mod tests {
         Rope {
             theta,
             head_dim,
+            rotary_dim: head_dim,
             scaling,
         }
     }
@@ -271,6 +283,35 @@ mod tests {
                     let n0 = before[(pos, a)].hypot(before[(pos, b)]);
                     let n1 = x[(pos, a)].hypot(x[(pos, b)]);
                     assert!((n0 - n1).abs() < 1e-4, "pos {pos} head {head} pair {i}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn partial_rotary_rotates_the_first_values_of_each_head_only() {
+        // Two heads of 6 values, the first 4 rotated (partial_rotary_factor 2/3): frequencies from
+        // the rotated dimension (theta^(-2i/4)), pairs (0, 2) and (1, 3) of each head.
+        let partial = Rope {
+            rotary_dim: 4,
+            ..rope(100.0, 6, RopeScaling::None)
+        };
+        assert_eq!(partial.inv_freq(3), vec![1.0, 0.1]);
+        let table = partial.table(3);
+        let mut x = Mat::<f32>::from_fn(3, 12, |r, c| (r * 12 + c) as f32 + 1.0);
+        let before = x.clone();
+        table.rotate(x.as_mut());
+        for pos in 0..3 {
+            for head in 0..2 {
+                let at = |c: usize| head * 6 + c;
+                for (i, f) in [(0, 1.0f64), (1, 0.1)] {
+                    let (c, s) = ((pos as f64 * f).cos(), (pos as f64 * f).sin());
+                    let (a, b) = (before[(pos, at(i))] as f64, before[(pos, at(i + 2))] as f64);
+                    assert!((x[(pos, at(i))] as f64 - (a * c - b * s)).abs() < 1e-4);
+                    assert!((x[(pos, at(i + 2))] as f64 - (b * c + a * s)).abs() < 1e-4);
+                }
+                for c in 4..6 {
+                    assert_eq!(x[(pos, at(c))], before[(pos, at(c))], "pass-through value");
                 }
             }
         }

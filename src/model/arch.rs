@@ -57,6 +57,29 @@ pub enum Role {
     QueryNorm,
     /// Qwen3's per-head RMSNorm of the keys, `[head_dim]`.
     KeyNorm,
+    /// Several roles' rows stacked in one stored tensor (Phi-3's `qkv_proj`, `gate_up_proj`).
+    /// Opening a checkpoint splits it into its parts (each a row range of the stored bytes, under
+    /// the part's own name), and a dense output writes the parts back fused.
+    Fused(Fusion),
+}
+
+/// A stored tensor holding the rows of several roles, in order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Fusion {
+    /// `qkv_proj`: `q_proj`, `k_proj` and `v_proj` rows, in that order.
+    Qkv,
+    /// `gate_up_proj`: `gate_proj` then `up_proj` rows.
+    GateUp,
+}
+
+impl Fusion {
+    /// The roles whose rows the fused tensor holds, top to bottom.
+    pub fn parts(self) -> &'static [Role] {
+        match self {
+            Fusion::Qkv => &[Role::Query, Role::Key, Role::Value],
+            Fusion::GateUp => &[Role::MlpGate, Role::MlpUp],
+        }
+    }
 }
 
 impl Factor {
@@ -167,6 +190,9 @@ pub enum Family {
     /// `Gemma3ForCausalLM` (text): Gemma 2 without soft-capping, plus `q_norm`/`k_norm` and a RoPE
     /// per layer type (local and global).
     Gemma3,
+    /// `Phi3ForCausalLM`: fused `qkv_proj` and `gate_up_proj`, partial rotary where configured, a
+    /// sliding window on every layer when configured.
+    Phi3,
 }
 
 /// What a factored checkpoint of a family is called, and the module files that load it.
@@ -293,6 +319,12 @@ const QK_NORMS: &[(&str, Role)] = &[
     ("self_attn.k_norm.weight", Role::KeyNorm),
 ];
 
+/// Phi-3's fused projections (their parts' names come from [`ATTENTION`] and [`MLP_AND_NORMS`]).
+const PHI3_FUSED: &[(&str, Role)] = &[
+    ("self_attn.qkv_proj.weight", Role::Fused(Fusion::Qkv)),
+    ("mlp.gate_up_proj.weight", Role::Fused(Fusion::GateUp)),
+];
+
 /// The global tensors of a Llama-style model.
 const GLOBALS: &[(&str, Role)] = &[
     ("model.embed_tokens.weight", Role::Embedding),
@@ -411,8 +443,27 @@ pub static GEMMA3: Architecture = Architecture {
     },
 };
 
+/// Phi-3 (and Phi-3.5, Phi-4-mini): Llama's names, with q/k/v stored fused in `qkv_proj` and
+/// gate/up in `gate_up_proj`; no biases. A factored checkpoint stores the parts it keeps dense
+/// (`q_proj`) on their own, `gate_up_proj` fused.
+pub static PHI3: Architecture = Architecture {
+    family: "phi3",
+    kind: Family::Phi3,
+    class_names: &["Phi3ForCausalLM"],
+    layer_prefix: "model.layers.",
+    layer_tensors: &[ATTENTION, PHI3_FUSED, MLP_AND_NORMS],
+    global_tensors: GLOBALS,
+    factored: FactoredClasses {
+        class_name: "SurgeryPhi3ForCausalLM",
+        config_class: "SurgeryPhi3Config",
+        model_type: "surgery_phi3",
+        module: "modeling_surgery",
+        files: FAMILY_MODULE_FILES,
+    },
+};
+
 /// All supported architectures.
-pub static ARCHITECTURES: &[&Architecture] = &[&LLAMA, &QWEN2, &QWEN3, &GEMMA2, &GEMMA3];
+pub static ARCHITECTURES: &[&Architecture] = &[&LLAMA, &QWEN2, &QWEN3, &GEMMA2, &GEMMA3, &PHI3];
 
 /// The table for a `config.json` `architectures[0]` value.
 pub fn find(class_name: &str) -> Option<&'static Architecture> {
@@ -482,6 +533,22 @@ impl Architecture {
     pub fn factored_biases(&self) -> bool {
         self.layer_entries()
             .any(|(_, role)| matches!(role, Role::FactorBias(_)))
+    }
+
+    /// The fused tensor of this family that stores `role`'s rows (`None`: stored on its own).
+    pub fn fusion_of(&self, role: Role) -> Option<Fusion> {
+        self.layer_entries().find_map(|(_, r)| match r {
+            Role::Fused(f) if f.parts().contains(&role) => Some(f),
+            _ => None,
+        })
+    }
+
+    /// The fused tensors of this family (none for most).
+    pub fn fusions(&self) -> impl Iterator<Item = Fusion> + '_ {
+        self.layer_entries().filter_map(|(_, r)| match r {
+            Role::Fused(f) => Some(f),
+            _ => None,
+        })
     }
 
     /// Every per-layer name suffix with its role, block after block.

@@ -2,7 +2,7 @@
 //! Reading the file is `input::config_file`'s job; this module validates parsed JSON only.
 
 use crate::error::{Error, Result};
-use crate::model::arch::{self, Architecture, Factor, Family, Role};
+use crate::model::arch::{self, Architecture, Factor, Family, Fusion, Role};
 use crate::model::latent::{KvMode, LatentAttention};
 use serde::Deserialize;
 use serde_json::{Map, Value};
@@ -29,6 +29,9 @@ pub struct ModelConfig {
     pub head_dim: usize,
     /// `num_hidden_layers`.
     pub num_layers: usize,
+    /// `intermediate_size`, when given (the forward pass requires it; a fused `gate_up_proj` is
+    /// split by it).
+    pub intermediate_size: Option<usize>,
     /// `tie_word_embeddings` (defaults to false, as in transformers' Llama; true for Gemma).
     pub tie_word_embeddings: bool,
     /// The factored form's description, for a checkpoint written by `--emit factored`.
@@ -59,6 +62,15 @@ impl ModelConfig {
             Role::AttentionBias(P::Output) => Some(self.hidden_size),
             Role::QueryNorm | Role::KeyNorm => Some(self.head_dim),
             _ => None,
+        }
+    }
+
+    /// The rows of each part of a fused tensor, top to bottom (`None`: `config.json` does not say,
+    /// `intermediate_size` missing for `gate_up_proj`).
+    pub fn fused_rows(&self, fusion: Fusion) -> Option<Vec<usize>> {
+        match fusion {
+            Fusion::Qkv => Some(vec![self.q_dim(), self.kv_dim(), self.kv_dim()]),
+            Fusion::GateUp => self.intermediate_size.map(|n| vec![n, n]),
         }
     }
 
@@ -149,6 +161,11 @@ impl ModelConfig {
             num_kv_heads: dims.num_kv_heads,
             head_dim: dims.head_dim,
             num_layers: dims.num_layers,
+            intermediate_size: positive_integer(
+                "intermediate_size",
+                raw.intermediate_size.as_ref(),
+                path,
+            )?,
             tie_word_embeddings,
             latent,
             raw: obj.clone(),
@@ -168,6 +185,7 @@ struct RawConfig {
     num_hidden_layers: Option<Value>,
     num_key_value_heads: Option<Value>,
     head_dim: Option<Value>,
+    intermediate_size: Option<Value>,
     tie_word_embeddings: Option<Value>,
     latent_attention: Option<Value>,
 }

@@ -17,11 +17,4 @@ pub trait TensorSink {
     fn end_tensor(&mut self) -> Result<()>;
     /// The current file is complete.
     fn finish_shard(&mut self) -> Result<()>;
-
-    /// A whole tensor in one part.
-    fn write_tensor(&mut self, tensor: &TensorPlan, bytes: &[u8]) -> Result<()> {
-        self.begin_tensor(tensor)?;
-        self.write_part(bytes)?;
-        self.end_tensor()
-    }
 }

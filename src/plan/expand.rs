@@ -2,7 +2,7 @@
 
 use super::layout::{byte_len, copied};
 use super::shards::{assemble, placed};
-use super::{Emit, FileSource, Op, OutputFile, Plan, TensorPlan};
+use super::{fused, Emit, FileSource, Op, OutputFile, Plan, TensorPlan};
 use crate::error::{Error, Result};
 use crate::input::checkpoint::Checkpoint;
 use crate::model::arch::{Factor, Role};
@@ -54,6 +54,7 @@ pub fn plan_expand(checkpoint: &Checkpoint, latent: &LatentAttention) -> Result<
             what: "config.json restored to the original architecture",
         },
     }];
+    let out = fused::fuse(checkpoint, out)?;
     Ok(assemble(
         checkpoint,
         Emit::Dense,

@@ -3,7 +3,7 @@
 //! [`super::factored`].
 
 use super::shards::{assemble, placed, Placed};
-use super::{factored, Compensate, Emit, GroupPlan, Layout, Op, Plan, TensorPlan};
+use super::{factored, fused, Compensate, Emit, GroupPlan, Layout, Op, Plan, TensorPlan};
 use crate::error::Result;
 use crate::input::checkpoint::{Checkpoint, TensorEntry};
 use crate::model::arch::Role;
@@ -50,6 +50,7 @@ pub fn plan(
             factored::factor_groups(checkpoint, &groups, latents, &mut out)?,
         ),
     };
+    let out = fused::fuse(checkpoint, out)?;
     Ok(assemble(
         checkpoint,
         emit,

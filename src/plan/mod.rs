@@ -8,10 +8,12 @@
 //!
 //! This file holds the plan's types; the work is split by job: `groups` (the matrices to fit),
 //! `layout` (a conversion's tensors, dense or factored), `factored` (the factored form's tensors and
-//! generated files), `expand` (`expand`'s layout) and `shards` (ordering and shard assignment).
+//! generated files), `expand` (`expand`'s layout), `fused` (a family's fused tensors written back
+//! whole) and `shards` (ordering and shard assignment).
 
 mod expand;
 mod factored;
+mod fused;
 mod groups;
 mod layout;
 mod shards;
@@ -207,7 +209,7 @@ pub struct GroupPlan {
 }
 
 /// How an output tensor's bytes are produced.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Op {
     /// Copied byte for byte from input tensor `tensor`.
     Copy {
@@ -237,10 +239,26 @@ pub enum Op {
         /// Index of the up-projection in [`Checkpoint::tensors`].
         up: usize,
     },
+    /// A fused tensor (Phi-3's `qkv_proj`, `gate_up_proj`): its parts' bytes one after the other,
+    /// each part planned as a tensor of its own (`plan::fused`).
+    Fused {
+        /// The parts, top rows first.
+        parts: Vec<TensorPlan>,
+    },
+}
+
+impl Op {
+    /// This operation and, for a fused tensor, its parts' (the operations that read inputs).
+    pub fn leaves(&self) -> Vec<&Op> {
+        match self {
+            Op::Fused { parts } => parts.iter().flat_map(|p| p.op.leaves()).collect(),
+            op => vec![op],
+        }
+    }
 }
 
 /// One output tensor.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TensorPlan {
     /// Hugging Face name.
     pub name: String,
@@ -337,28 +355,47 @@ impl Plan {
             .map(|f| f.relative.as_path())
     }
 
+    /// What `op` does, in a few words (for `--dry-run`).
+    fn describe_op(&self, checkpoint: &Checkpoint, op: &Op) -> String {
+        match op {
+            Op::Copy { .. } => "copy".to_string(),
+            Op::Computed { group, piece } => {
+                let g = &self.groups[*group];
+                let part = match (self.emit, piece) {
+                    (Emit::Dense, _) => "",
+                    (Emit::Factored, 0) => " down-projection",
+                    (Emit::Factored, _) => " up-projection",
+                };
+                format!("{} {} fit={}{part}", g.kind.name(), g.spec, g.fit.name())
+            }
+            Op::Compensated { .. } => "o_proj compensated (calibration)".to_string(),
+            Op::Expand { down, up } => format!(
+                "expand {} @ {}",
+                checkpoint.tensors[*up].name, checkpoint.tensors[*down].name
+            ),
+            Op::Fused { parts } => {
+                let parts: Vec<String> = parts
+                    .iter()
+                    .map(|p| {
+                        format!(
+                            "{} {:?}: {}",
+                            p.name,
+                            p.shape,
+                            self.describe_op(checkpoint, &p.op)
+                        )
+                    })
+                    .collect();
+                format!("fused of {}", parts.join("; "))
+            }
+        }
+    }
+
     /// Human-readable lines, one per output tensor and file (for `--dry-run`).
     pub fn describe(&self, checkpoint: &Checkpoint) -> Vec<String> {
         let mut lines = Vec::new();
         for shard in &self.shards {
             for t in &shard.tensors {
-                let op = match t.op {
-                    Op::Copy { .. } => "copy".to_string(),
-                    Op::Computed { group, piece } => {
-                        let g = &self.groups[group];
-                        let part = match (self.emit, piece) {
-                            (Emit::Dense, _) => "",
-                            (Emit::Factored, 0) => " down-projection",
-                            (Emit::Factored, _) => " up-projection",
-                        };
-                        format!("{} {} fit={}{part}", g.kind.name(), g.spec, g.fit.name())
-                    }
-                    Op::Compensated { .. } => "o_proj compensated (calibration)".to_string(),
-                    Op::Expand { down, up } => format!(
-                        "expand {} @ {}",
-                        checkpoint.tensors[up].name, checkpoint.tensors[down].name
-                    ),
-                };
+                let op = self.describe_op(checkpoint, &t.op);
                 lines.push(format!(
                     "{}  {}  {:?} {:?}  {}",
                     shard.file_name, t.name, t.dtype, t.shape, op

@@ -10,11 +10,11 @@ use std::path::Path;
 
 /// An output tensor before sharding: where it would live without re-sharding, and its sort key.
 pub(super) struct Placed {
-    tensor: TensorPlan,
+    pub(super) tensor: TensorPlan,
     /// Index of the input shard it belongs with.
-    home: usize,
+    pub(super) home: usize,
     /// Model order: embeddings, layers by number, the rest.
-    key: (u8, usize, String),
+    pub(super) key: (u8, usize, String),
 }
 
 fn order_key(checkpoint: &Checkpoint, input: usize, name: &str) -> (u8, usize, String) {

@@ -96,7 +96,7 @@ fn dense_plan_keeps_every_tensor_in_its_shard() {
                     (t.dtype, &t.shape, t.byte_len),
                     (entry.dtype, &entry.shape, entry.range.len())
                 );
-                match (entry.class.role, t.op) {
+                match (entry.class.role, t.op.clone()) {
                     (Role::Query | Role::Key | Role::Value, Op::Computed { group, piece }) => {
                         let g = &plan.groups[group];
                         assert_eq!(g.members[piece], input, "{}", t.name);

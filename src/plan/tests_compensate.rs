@@ -23,7 +23,7 @@ fn o_proj_ops(plan: &Plan) -> Vec<(String, Op, Dtype, Vec<usize>)> {
         .iter()
         .flat_map(|s| &s.tensors)
         .filter(|t| t.name.ends_with("o_proj.weight"))
-        .map(|t| (t.name.clone(), t.op, t.dtype, t.shape.clone()))
+        .map(|t| (t.name.clone(), t.op.clone(), t.dtype, t.shape.clone()))
         .collect()
 }
 

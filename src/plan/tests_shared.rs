@@ -76,7 +76,7 @@ fn factored_plan_holds_one_down_projection_per_group() {
             .iter()
             .flat_map(|s| &s.tensors)
             .find(|t| t.name == name)
-            .map(|t| (t.shape.clone(), t.op))
+            .map(|t| (t.shape.clone(), t.op.clone()))
     };
     let name = |l: usize, f: Factor| tiny::layer_name(l, Role::Factor(f));
     assert_eq!(

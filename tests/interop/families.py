@@ -10,7 +10,11 @@ surgery-convert outputs the family tests compare. Dimensions exercise what diffe
   weights are large enough for both to bite), sliding window of 48 on alternating layers, four
   random (1 + w) norms per layer, tied embeddings scaled by sqrt(hidden);
 * gemma3: as gemma2 without soft-capping, plus random q_norm/k_norm and a RoPE per layer type
-  (sliding layers theta 10000, full layers theta 1e6 with linear scaling 2).
+  (sliding layers theta 10000, full layers theta 1e6 with linear scaling 2);
+* phi3: q/k/v stored fused in qkv_proj and gate/up in gate_up_proj (split and fused back by the
+  tool), partial rotary (partial_rotary_factor 0.5: 8 of each head's 16 values rotated; head_dim
+  stays hidden / heads, from which llama.cpp's converter derives the rotated dimension), a sliding
+  window of 48 on every layer, untied head.
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ from transformers import (
     Gemma2ForCausalLM,
     Gemma3ForCausalLM,
     Gemma3TextConfig,
+    Phi3Config,
+    Phi3ForCausalLM,
     Qwen2Config,
     Qwen2ForCausalLM,
     Qwen3Config,
@@ -54,9 +60,16 @@ FAMILIES = {
     "gemma3": (Gemma3ForCausalLM, lambda: Gemma3TextConfig(**GEMMA, rope_parameters={
         "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
         "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e6}})),
+    "phi3": (Phi3ForCausalLM, lambda: Phi3Config(
+        **{k: v for k, v in COMMON.items() if k not in ("use_sliding_window", "max_window_layers")},
+        partial_rotary_factor=0.5, original_max_position_embeddings=2048, tie_word_embeddings=False)),
 }
 # The families whose llama.cpp converter needs a SentencePiece vocabulary (see sentencepiece_vocab).
 SENTENCEPIECE = ("qwen2", "gemma2", "gemma3")
+# llama.cpp's Phi-3 converter reads a SentencePiece vocabulary but then writes tokenizer.json's
+# added tokens over its ids (SmolLM2's 17 specials land on the byte pieces, newline among them);
+# with `tokenizer_class: GPT2Tokenizer` (Phi-4's way) it reads tokenizer.json's BPE, which it knows.
+GPT2_TOKENIZER = ("phi3",)
 
 # Output name -> surgery-convert options, per family. "full" must reproduce the original.
 FULL = ["--shared-kv", "1.0", "--q", "1.0"]
@@ -90,6 +103,13 @@ def write_original(family: str, tokenizer_dir: Path, out: Path) -> Path:
         shutil.copy(tokenizer_dir / name, out / name)
     if family in SENTENCEPIECE:
         sentencepiece_vocab(out)
+    if family in GPT2_TOKENIZER:
+        import json
+
+        config_path = out / "tokenizer_config.json"
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+        config["tokenizer_class"] = "GPT2Tokenizer"
+        config_path.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     return out
 
 
@@ -150,13 +170,21 @@ def stock_with_products(family: str, factored_dir: Path, original_dir: Path):
     for layer in range(stock.config.num_hidden_layers):
         p = f"model.layers.{layer}.self_attn."
         get = lambda n: tensors[p + n].to(torch.float64)  # noqa: E731
+        weights = {}
         if p + "kv_a_proj.weight" in tensors:
             for x in ("k", "v"):
-                state[p + f"{x}_proj.weight"] = get(f"{x}_b_proj.weight") @ get("kv_a_proj.weight")
+                weights[x] = get(f"{x}_b_proj.weight") @ get("kv_a_proj.weight")
         for x in ("q", "k", "v"):
             if p + f"{x}_a_proj.weight" in tensors:
-                state[p + f"{x}_proj.weight"] = get(f"{x}_b_proj.weight") @ get(f"{x}_a_proj.weight")
+                weights[x] = get(f"{x}_b_proj.weight") @ get(f"{x}_a_proj.weight")
+            elif p + f"{x}_proj.weight" in tensors:
+                weights[x] = get(f"{x}_proj.weight")
             if p + f"{x}_b_proj.bias" in tensors:
                 state[p + f"{x}_proj.bias"] = get(f"{x}_b_proj.bias")
+        if p + "qkv_proj.weight" in state:
+            # Phi-3 keeps q, k and v fused, in that order.
+            state[p + "qkv_proj.weight"] = torch.cat([weights["q"], weights["k"], weights["v"]])
+        else:
+            state.update({p + f"{x}_proj.weight": w for x, w in weights.items()})
     stock.load_state_dict(state)
     return stock

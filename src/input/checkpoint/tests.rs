@@ -159,7 +159,7 @@ fn table_refuses_a_name_in_two_shards() {
         (
             PathBuf::from("dir/b.safetensors"),
             Q0.to_string(),
-            "appears in more than one shard".to_string()
+            "appears twice (in more than one shard, or also inside a fused tensor)".to_string()
         )
     );
     assert_eq!(table.tensors.len(), 1);
