@@ -96,9 +96,9 @@ pub struct LlamaParams {
 impl LlamaParams {
     /// The rotary embedding of layer `layer`.
     pub fn layer_rope(&self, layer: usize) -> Rope {
-        match (self.local_rope, self.layer_shape(layer).sliding_window) {
-            (Some(local), Some(_)) => local,
-            _ => self.rope,
+        match (&self.local_rope, self.layer_shape(layer).sliding_window) {
+            (Some(local), Some(_)) => local.clone(),
+            _ => self.rope.clone(),
         }
     }
 
@@ -163,6 +163,22 @@ impl LlamaParams {
             .map_err(|m| invalid(format!("rope: {m}")))?;
         if phi3 {
             rope.rotary_dim = rotary_dim(config, raw).map_err(invalid)?;
+        }
+        if let RopeScaling::LongRope {
+            short_factor,
+            long_factor,
+            ..
+        } = &rope.scaling
+        {
+            let want = rope.rotary_dim / 2;
+            if short_factor.len() != want || long_factor.len() != want {
+                return Err(invalid(format!(
+                    "rope: longrope's short_factor and long_factor hold {} and {} values; the rotated dimension {} needs {want}",
+                    short_factor.len(),
+                    long_factor.len(),
+                    rope.rotary_dim
+                )));
+            }
         }
         let family = FamilyParams::resolve(
             config,
@@ -248,15 +264,18 @@ fn ropes(
         .or(raw.rope_parameters.as_ref())
         .unwrap_or(&empty);
     if config.arch.kind != Family::Gemma3 {
-        return Ok((resolve_rope(raw, p, d, max_position_embeddings)?, None));
+        return Ok((
+            resolve_rope(raw, p, d, max_position_embeddings, config.arch.kind)?,
+            None,
+        ));
     }
     let by_type = |key: &str| p.get(key).and_then(Value::as_object);
     if let (Some(full), Some(local)) = (by_type("full_attention"), by_type("sliding_attention")) {
-        let global = resolve_rope(raw, full, d, max_position_embeddings)?;
-        let local = resolve_rope(raw, local, d, max_position_embeddings)?;
+        let global = resolve_rope(raw, full, d, max_position_embeddings, config.arch.kind)?;
+        let local = resolve_rope(raw, local, d, max_position_embeddings, config.arch.kind)?;
         return Ok((global, Some(local)));
     }
-    let global = resolve_rope(raw, p, d, max_position_embeddings)?;
+    let global = resolve_rope(raw, p, d, max_position_embeddings, config.arch.kind)?;
     let theta = raw.rope_local_base_freq.unwrap_or(10000.0);
     let local = resolve_rope(
         &RawParams {
@@ -266,8 +285,57 @@ fn ropes(
         &empty,
         d,
         max_position_embeddings,
+        config.arch.kind,
     )?;
     Ok((global, Some(local)))
+}
+
+/// transformers' `Phi3Config.original_max_position_embeddings` default, which a longrope config
+/// without the top-level key gets (it overrides the one in the RoPE parameters).
+const PHI3_ORIGINAL_MAX_POSITIONS: usize = 4096;
+
+/// Longrope's parameters as transformers' `_compute_longrope_parameters` reads them: both factor
+/// lists, the pre-training length (the top-level key, else Phi-3's default, else the RoPE
+/// parameters', else `max_position_embeddings`), and the attention factor (given, else
+/// `sqrt(1 + ln(factor) / ln(original))` with `factor` given or `max / original`, 1 when at most 1).
+fn longrope(
+    raw: &RawParams,
+    p: &Map<String, Value>,
+    max_position_embeddings: usize,
+    family: Family,
+) -> std::result::Result<RopeScaling, String> {
+    let factors = |key: &str| -> std::result::Result<std::sync::Arc<[f64]>, String> {
+        let list = p
+            .get(key)
+            .and_then(Value::as_array)
+            .ok_or_else(|| format!("rope type `longrope` needs `{key}`, a list of numbers"))?;
+        list.iter()
+            .map(|v| {
+                v.as_f64()
+                    .filter(|x| x.is_finite() && *x > 0.0)
+                    .ok_or_else(|| format!("`{key}` must hold positive numbers, found {v}"))
+            })
+            .collect()
+    };
+    let positive = |key: &str| p.get(key).and_then(Value::as_f64).filter(|x| *x > 0.0);
+    let original = raw
+        .original_max_position_embeddings
+        .or((family == Family::Phi3).then_some(PHI3_ORIGINAL_MAX_POSITIONS))
+        .or(positive("original_max_position_embeddings").map(|x| x as usize))
+        .unwrap_or(max_position_embeddings)
+        .max(2);
+    let factor = positive("factor").unwrap_or(max_position_embeddings as f64 / original as f64);
+    let attention_factor = match positive("attention_factor") {
+        Some(a) => a,
+        None if factor <= 1.0 => 1.0,
+        None => (1.0 + factor.ln() / (original as f64).ln()).sqrt(),
+    };
+    Ok(RopeScaling::LongRope {
+        short_factor: factors("short_factor")?,
+        long_factor: factors("long_factor")?,
+        original_max_position_embeddings: original,
+        attention_factor,
+    })
 }
 
 /// The RoPE parameters as transformers 5 standardises them, from `p` (the `rope_scaling` object if
@@ -278,6 +346,7 @@ fn resolve_rope(
     p: &Map<String, Value>,
     head_dim: usize,
     max_position_embeddings: usize,
+    family: Family,
 ) -> std::result::Result<Rope, String> {
     let number = |key: &str| -> std::result::Result<Option<f64>, String> {
         match p.get(key) {
@@ -332,9 +401,13 @@ fn resolve_rope(
                 original_max_position_embeddings: original as usize,
             }
         }
+        // transformers' Phi3Config reads the legacy `su` and `yarn` as longrope.
+        "longrope" | "su" | "yarn" if kind == "longrope" || family == Family::Phi3 => {
+            longrope(raw, p, max_position_embeddings, family)?
+        }
         other => {
             return Err(format!(
-                "rope type `{other}` is not supported by eval (supported: default, linear, dynamic, llama3; a conversion with a weight-only fit does not need it)"
+                "rope type `{other}` is not supported by eval (supported: default, linear, dynamic, llama3, longrope; a conversion with a weight-only fit does not need it)"
             ))
         }
     };
@@ -432,6 +505,56 @@ mod tests {
         assert!(err(json!({"vocab_size": null})).contains("vocab_size"));
         assert!(err(json!({"partial_rotary_factor": 0.5})).contains("partial_rotary_factor"));
         assert!(err(json!({"rms_norm_eps": "x"})).contains("config.json"));
+    }
+
+    #[test]
+    fn phi3_partial_rotary_and_longrope() {
+        let phi3 = |rope: Value| {
+            resolve(
+                json!({"architectures": ["Phi3ForCausalLM"], "max_position_embeddings": 8192,
+                "original_max_position_embeddings": 1024, "partial_rotary_factor": 0.5,
+                "rope_scaling": rope, "sliding_window": 7}),
+            )
+        };
+        let p = phi3(Value::Null).unwrap();
+        assert_eq!((p.rope.head_dim, p.rope.rotary_dim), (16, 8));
+        assert_eq!(
+            p.layer_shape(1).sliding_window,
+            Some(7),
+            "every layer slides"
+        );
+        let factors = json!({"rope_type": "longrope", "short_factor": [1.0, 1.0, 2.0, 2.0],
+            "long_factor": [3.0, 3.0, 3.0, 3.0]});
+        let p = phi3(factors.clone()).unwrap();
+        let RopeScaling::LongRope {
+            original_max_position_embeddings,
+            attention_factor,
+            ..
+        } = p.rope.scaling.clone()
+        else {
+            panic!("{:?}", p.rope.scaling)
+        };
+        assert_eq!(original_max_position_embeddings, 1024);
+        // factor 8192 / 1024 = 8: sqrt(1 + ln 8 / ln 1024) = sqrt(1.3).
+        assert!((attention_factor - 1.3f64.sqrt()).abs() < 1e-12);
+        let short = p.rope.inv_freq(1024);
+        let long = p.rope.inv_freq(1025);
+        assert!(
+            (short[2] / long[2] - 1.5).abs() < 1e-12 && (short[0] / long[0] - 3.0).abs() < 1e-12
+        );
+        // The legacy name, and factor lists of the wrong length.
+        let mut su = factors.clone();
+        su["rope_type"] = json!("su");
+        assert!(phi3(su).is_ok());
+        let mut short_list = factors;
+        short_list["long_factor"] = json!([1.0, 2.0]);
+        let err = phi3(short_list).unwrap_err().to_string();
+        assert!(
+            err.contains("long_factor hold 4 and 2 values") && err.contains("needs 4"),
+            "{err}"
+        );
+        // Other families keep refusing a partial rotary.
+        assert!(resolve(json!({"partial_rotary_factor": 0.5})).is_err());
     }
 
     #[test]

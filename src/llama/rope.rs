@@ -1,14 +1,16 @@
 //! Rotary position embeddings as transformers' Llama applies them: inverse frequencies from
-//! `rope_theta` and the `rope_scaling` type (default, linear, dynamic NTK, llama3), cos/sin tables
-//! for positions `0..len`, and the rotation of the two halves of each head (`rotate_half`).
+//! `rope_theta` and the `rope_scaling` type (default, linear, dynamic NTK, llama3, Phi-3's
+//! longrope), cos/sin tables for positions `0..len`, and the rotation of the two halves of each
+//! head's rotated part (`rotate_half`).
 //!
 //! Frequencies and angles are computed in `f64` and rounded once to `f32` (transformers computes
 //! them in `f32`; the difference is far below the model's own rounding).
 
 use faer::MatMut;
+use std::sync::Arc;
 
 /// How the inverse frequencies are scaled (`rope_scaling.rope_type`).
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum RopeScaling {
     /// `null` or `"default"`: plain RoPE.
     None,
@@ -37,10 +39,24 @@ pub enum RopeScaling {
         /// The pre-training context length.
         original_max_position_embeddings: usize,
     },
+    /// `"longrope"` (Phi-3-128k, Phi-3.5, Phi-4-mini): frequency `i` divided by `short_factor[i]`,
+    /// or by `long_factor[i]` for a sequence longer than `original_max_position_embeddings`
+    /// (transformers' `longrope_frequency_update` picks by the longest position), and cos/sin
+    /// multiplied by `attention_factor`.
+    LongRope {
+        /// `short_factor`, one per frequency.
+        short_factor: Arc<[f64]>,
+        /// `long_factor`, one per frequency.
+        long_factor: Arc<[f64]>,
+        /// Sequences longer than this use `long_factor`.
+        original_max_position_embeddings: usize,
+        /// The scale of cos and sin.
+        attention_factor: f64,
+    },
 }
 
 /// The resolved RoPE of a model: base, rotated dimension and scaling.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Rope {
     /// `rope_theta`.
     pub theta: f64,
@@ -58,28 +74,42 @@ impl Rope {
     /// the dynamic scaling depends on it).
     pub fn inv_freq(&self, seq_len: usize) -> Vec<f64> {
         let d = self.rotary_dim as f64;
-        let theta = match self.scaling {
+        let theta = match &self.scaling {
             RopeScaling::Dynamic {
                 factor,
                 max_position_embeddings,
-            } if seq_len > max_position_embeddings => {
+            } if seq_len > *max_position_embeddings => {
                 let ratio =
-                    factor * seq_len as f64 / max_position_embeddings as f64 - (factor - 1.0);
+                    factor * seq_len as f64 / *max_position_embeddings as f64 - (factor - 1.0);
                 self.theta * ratio.powf(d / (d - 2.0))
             }
             _ => self.theta,
         };
         let plain = (0..self.rotary_dim / 2).map(|i| theta.powf(-((2 * i) as f64) / d));
-        match self.scaling {
+        match &self.scaling {
             RopeScaling::None | RopeScaling::Dynamic { .. } => plain.collect(),
             RopeScaling::Linear { factor } => plain.map(|f| f / factor).collect(),
+            RopeScaling::LongRope {
+                short_factor,
+                long_factor,
+                original_max_position_embeddings,
+                ..
+            } => {
+                let ext = match seq_len > *original_max_position_embeddings {
+                    true => long_factor,
+                    false => short_factor,
+                };
+                plain.zip(ext.iter()).map(|(f, e)| f / e).collect()
+            }
             RopeScaling::Llama3 {
                 factor,
                 low_freq_factor,
                 high_freq_factor,
                 original_max_position_embeddings,
             } => {
-                let old = original_max_position_embeddings as f64;
+                let (factor, low_freq_factor, high_freq_factor) =
+                    (*factor, *low_freq_factor, *high_freq_factor);
+                let old = *original_max_position_embeddings as f64;
                 let low_freq_wavelen = old / low_freq_factor;
                 let high_freq_wavelen = old / high_freq_factor;
                 plain
@@ -104,13 +134,19 @@ impl Rope {
     pub fn table(&self, len: usize) -> RopeTable {
         let inv_freq = self.inv_freq(len);
         let half = inv_freq.len();
+        let scale = match self.scaling {
+            RopeScaling::LongRope {
+                attention_factor, ..
+            } => attention_factor,
+            _ => 1.0,
+        };
         let mut cos = Vec::with_capacity(len * half);
         let mut sin = Vec::with_capacity(len * half);
         for pos in 0..len {
             for &f in &inv_freq {
                 let angle = pos as f64 * f;
-                cos.push(angle.cos() as f32);
-                sin.push(angle.sin() as f32);
+                cos.push((angle.cos() * scale) as f32);
+                sin.push((angle.sin() * scale) as f32);
             }
         }
         RopeTable {
@@ -315,5 +351,27 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn longrope_divides_by_short_or_long_factors_and_scales_cos_sin() {
+        // rotary 4 of head 4, theta 100: plain frequencies 1 and 0.1. Short factors (1, 2) up to
+        // 8 positions, long (4, 8) beyond; cos/sin scaled by 1.5.
+        let longrope = rope(
+            100.0,
+            4,
+            RopeScaling::LongRope {
+                short_factor: vec![1.0, 2.0].into(),
+                long_factor: vec![4.0, 8.0].into(),
+                original_max_position_embeddings: 8,
+                attention_factor: 1.5,
+            },
+        );
+        assert_eq!(longrope.inv_freq(8), vec![1.0, 0.05]);
+        assert_eq!(longrope.inv_freq(9), vec![0.25, 0.0125]);
+        let table = longrope.table(9);
+        // Row-major by position, 2 frequencies a row: position 1 frequency 0, position 2 frequency 1.
+        assert!((table.cos[2] as f64 - 1.5 * 0.25f64.cos()).abs() < 1e-6);
+        assert!((table.sin[2 * 2 + 1] as f64 - 1.5 * (2.0 * 0.0125f64).sin()).abs() < 1e-6);
     }
 }

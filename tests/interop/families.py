@@ -14,7 +14,10 @@ surgery-convert outputs the family tests compare. Dimensions exercise what diffe
 * phi3: q/k/v stored fused in qkv_proj and gate/up in gate_up_proj (split and fused back by the
   tool), partial rotary (partial_rotary_factor 0.5: 8 of each head's 16 values rotated; head_dim
   stays hidden / heads, from which llama.cpp's converter derives the rotated dimension), a sliding
-  window of 48 on every layer, untied head.
+  window of 48 on every layer, untied head;
+* phi3-longrope: as phi3 with longrope RoPE (Phi-3-128k, Phi-3.5, Phi-4-mini): pre-training length
+  256, so the 512-token test windows take the long factors, attention factor sqrt(1 + ln 8 / ln 256)
+  from max_position_embeddings 2048; tied embeddings.
 """
 
 from __future__ import annotations
@@ -63,13 +66,18 @@ FAMILIES = {
     "phi3": (Phi3ForCausalLM, lambda: Phi3Config(
         **{k: v for k, v in COMMON.items() if k not in ("use_sliding_window", "max_window_layers")},
         partial_rotary_factor=0.5, original_max_position_embeddings=2048, tie_word_embeddings=False)),
+    "phi3-longrope": (Phi3ForCausalLM, lambda: Phi3Config(
+        **{k: v for k, v in COMMON.items() if k not in ("use_sliding_window", "max_window_layers")},
+        partial_rotary_factor=0.5, original_max_position_embeddings=256, tie_word_embeddings=True,
+        rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
+                         "short_factor": [1.0, 1.2, 1.5, 2.0], "long_factor": [2.0, 3.0, 5.0, 8.0]})),
 }
 # The families whose llama.cpp converter needs a SentencePiece vocabulary (see sentencepiece_vocab).
 SENTENCEPIECE = ("qwen2", "gemma2", "gemma3")
 # llama.cpp's Phi-3 converter reads a SentencePiece vocabulary but then writes tokenizer.json's
 # added tokens over its ids (SmolLM2's 17 specials land on the byte pieces, newline among them);
 # with `tokenizer_class: GPT2Tokenizer` (Phi-4's way) it reads tokenizer.json's BPE, which it knows.
-GPT2_TOKENIZER = ("phi3",)
+GPT2_TOKENIZER = ("phi3", "phi3-longrope")
 
 # Output name -> surgery-convert options, per family. "full" must reproduce the original.
 FULL = ["--shared-kv", "1.0", "--q", "1.0"]

@@ -1,4 +1,4 @@
-"""The families other than Llama (tests/interop/families.py: tiny random Qwen2 and Qwen3 models
+"""The families other than Llama (tests/interop/families.py: tiny random Qwen2, Qwen3, Gemma 2, Gemma 3 and Phi-3 models
 written by transformers) converted by surgery-convert and checked in transformers, the tool's own
 eval and llama.cpp: full rank reproduces the original, compressed and calibrated outputs load with
 exactly the expected keys, the factored form loads with trust_remote_code, computes its factors'
@@ -70,7 +70,7 @@ def test_outputs_load_with_exactly_the_expected_keys(family, name, family_models
 def test_factored_loads_and_generates_the_same_with_and_without_cache(family, name, family_models):
     m = family_models[family]
     model = common.load_remote(str(m[name]))
-    assert type(model).__name__ == f"Surgery{family.capitalize()}ForCausalLM"
+    assert type(model).__name__ == f"Surgery{family.split('-')[0].capitalize()}ForCausalLM"
     with_cache = common.generate(str(m[name]), use_cache=True, remote=True)
     without = common.generate(str(m[name]), use_cache=False, remote=True)
     assert with_cache == without, f"{family} {name}: cache changes the greedy tokens"
