@@ -147,3 +147,17 @@ fn factored_keeps_q_proj_apart_and_expand_fuses_it_back() {
     write_shards(dense_dir.path(), &config, &dense);
     assert!(Checkpoint::open(dense_dir.path()).is_ok());
 }
+
+#[test]
+fn a_missing_fused_tensor_is_named() {
+    let (dir, _) = phi3();
+    let path = dir.path().join(SINGLE_FILE);
+    let bytes = std::fs::read(&path).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let qkv = "model.layers.1.self_attn.qkv_proj.weight";
+    let kept: Vec<(String, safetensors::tensor::TensorView<'_>)> =
+        st.tensors().into_iter().filter(|(n, _)| n != qkv).collect();
+    std::fs::write(&path, safetensors::serialize(kept, None).unwrap()).unwrap();
+    let err = Checkpoint::open(dir.path()).unwrap_err().to_line();
+    assert!(err.contains(qkv) && err.contains("missing"), "{err}");
+}

@@ -184,10 +184,22 @@ impl Checkpoint {
                 };
                 let Some(t) = self.tensor(&name) else {
                     let file = self.expected_file_for_layer(layer);
-                    let why = if c.latent.is_some() {
-                        "missing (config.json's latent_attention says this layer has it)"
-                    } else {
-                        "missing (every layer needs q_proj, k_proj and v_proj)"
+                    // A family that stores the part fused is missing the fused tensor.
+                    let fused = c
+                        .arch
+                        .fusion_of(role)
+                        .filter(|_| c.latent.is_none())
+                        .and_then(|f| c.arch.layer_tensor_name(layer, Role::Fused(f)));
+                    let (name, why) = match (fused, &c.latent) {
+                        (Some(fused), _) => (fused, "missing (every layer needs it)"),
+                        (None, Some(_)) => (
+                            name,
+                            "missing (config.json's latent_attention says this layer has it)",
+                        ),
+                        (None, None) => (
+                            name,
+                            "missing (every layer needs q_proj, k_proj and v_proj)",
+                        ),
                     };
                     return Err(Error::tensor(file, &name, why));
                 };

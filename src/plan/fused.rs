@@ -10,7 +10,7 @@ use super::{Op, TensorPlan};
 use crate::error::{Error, Result};
 use crate::input::checkpoint::Checkpoint;
 use crate::model::arch::Role;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 /// `out` with each complete set of a fused tensor's parts replaced by the fused tensor, placed
 /// where its first part was.
@@ -45,7 +45,7 @@ pub(super) fn fuse(checkpoint: &Checkpoint, out: Vec<Placed>) -> Result<Vec<Plac
             fusions.insert(parts[0], (name, parts));
         }
     }
-    let in_fusion: Vec<usize> = fusions.values().flat_map(|(_, p)| p.clone()).collect();
+    let in_fusion: HashSet<usize> = fusions.values().flat_map(|(_, p)| p.clone()).collect();
     let mut slots: Vec<Option<Placed>> = out.into_iter().map(Some).collect();
     let mut fused_out = Vec::with_capacity(slots.len());
     for i in 0..slots.len() {
