@@ -176,16 +176,21 @@ mod tests {
         }
     }
 
+    /// `split` of a stored tensor of `role` and `shape` at byte `start` of layer 1.
+    fn split_of(
+        c: &ModelConfig,
+        role: Role,
+        shape: &[usize],
+        start: usize,
+    ) -> Result<Vec<TensorEntry>> {
+        split(c, Path::new("m"), entry(c, role, shape, start))
+    }
+
     #[test]
     fn qkv_splits_into_row_ranges_in_order() {
         let c = phi3(json!({}));
         // q 2 heads x 4 = 8 rows, k and v 4 rows each, 8 columns of bf16 = 16 bytes a row.
-        let parts = split(
-            &c,
-            Path::new("m"),
-            entry(&c, Role::Fused(Fusion::Qkv), &[16, 8], 100),
-        )
-        .unwrap();
+        let parts = split_of(&c, Role::Fused(Fusion::Qkv), &[16, 8], 100).unwrap();
         let got: Vec<(&str, Vec<usize>, std::ops::Range<usize>, Role)> = parts
             .iter()
             .map(|p| {
@@ -220,12 +225,7 @@ mod tests {
                 ),
             ]
         );
-        let up = split(
-            &c,
-            Path::new("m"),
-            entry(&c, Role::Fused(Fusion::GateUp), &[12, 8], 0),
-        )
-        .unwrap();
+        let up = split_of(&c, Role::Fused(Fusion::GateUp), &[12, 8], 0).unwrap();
         assert_eq!(up[0].class.role, Role::MlpGate);
         assert_eq!(
             (up[1].class.role, up[1].range.clone()),
@@ -236,46 +236,32 @@ mod tests {
     #[test]
     fn block_sizes_that_do_not_sum_are_refused_in_one_line() {
         let c = phi3(json!({}));
-        let err = split(
-            &c,
-            Path::new("m"),
-            entry(&c, Role::Fused(Fusion::Qkv), &[17, 8], 0),
-        )
-        .unwrap_err()
-        .to_line();
+        let err = split_of(&c, Role::Fused(Fusion::Qkv), &[17, 8], 0)
+            .unwrap_err()
+            .to_line();
         assert!(err.contains("qkv_proj"), "{err}");
         assert!(err.contains("q_proj 8 + k_proj 4 + v_proj 4 = 16"), "{err}");
-        let err = split(
-            &c,
-            Path::new("m"),
-            entry(&c, Role::Fused(Fusion::GateUp), &[10, 8], 0),
-        )
-        .unwrap_err()
-        .to_line();
+        let err = split_of(&c, Role::Fused(Fusion::GateUp), &[10, 8], 0)
+            .unwrap_err()
+            .to_line();
         assert!(err.contains("gate_proj 6 + up_proj 6 = 12"), "{err}");
         let no_size = phi3(json!({"intermediate_size": null}));
-        let err = split(
-            &no_size,
-            Path::new("m"),
-            entry(&no_size, Role::Fused(Fusion::GateUp), &[12, 8], 0),
-        )
-        .unwrap_err()
-        .to_line();
+        let err = split_of(&no_size, Role::Fused(Fusion::GateUp), &[12, 8], 0)
+            .unwrap_err()
+            .to_line();
         assert!(err.contains("intermediate_size"), "{err}");
     }
 
     #[test]
     fn a_part_stored_apart_is_refused_unless_factored() {
         let c = phi3(json!({}));
-        let err = split(&c, Path::new("m"), entry(&c, Role::Key, &[4, 8], 0))
-            .unwrap_err()
-            .to_line();
+        let err = split_of(&c, Role::Key, &[4, 8], 0).unwrap_err().to_line();
         assert!(
             err.contains("inside `model.layers.1.self_attn.qkv_proj.weight`"),
             "{err}"
         );
         // Other roles pass through unchanged.
-        let o = split(&c, Path::new("m"), entry(&c, Role::Output, &[8, 8], 0)).unwrap();
+        let o = split_of(&c, Role::Output, &[8, 8], 0).unwrap();
         assert_eq!(o.len(), 1);
     }
 }
