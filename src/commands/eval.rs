@@ -23,6 +23,9 @@ pub struct EvalReport {
     pub nll_mean: f64,
     /// Wall time of the whole evaluation (loading, tokenizing, forward), seconds.
     pub seconds: f64,
+    /// Of which the forward pass and the scoring (weights decoded layer by layer included),
+    /// seconds.
+    pub forward_seconds: f64,
     /// Worker threads used.
     pub threads: usize,
 }
@@ -43,7 +46,9 @@ pub fn run(options: &EvalOptions) -> Result<()> {
         llama.params().num_layers as u64,
         "eval: layer {pos}/{len} {wide_bar} {elapsed}",
     );
+    let forward = Instant::now();
     let (nll_mean, count) = mean_nll(&llama, ids, ctx, |_| bar.inc(1))?;
+    let forward_seconds = forward.elapsed().as_secs_f64();
     bar.finish_and_clear();
     let report = EvalReport {
         model: options.model.clone(),
@@ -58,6 +63,7 @@ pub fn run(options: &EvalOptions) -> Result<()> {
         perplexity: nll_mean.exp(),
         nll_mean,
         seconds: started.elapsed().as_secs_f64(),
+        forward_seconds,
         threads: rayon::current_num_threads(),
     };
     let json = serde_json::to_string_pretty(&report).map_err(|source| Error::Json {

@@ -118,7 +118,7 @@ pub fn sequential_inputs(
             }
             let z = layer.attention_heads(original.as_ref(), ctx, &mut original_state)?;
             if index + 1 < layers {
-                layer.finish(&mut original, z.as_ref());
+                layer.finish(&mut original, z.as_ref(), &mut original_state);
             }
             if refitted.contains(&index) {
                 heads.insert(index, z);
@@ -139,7 +139,7 @@ pub fn sequential_inputs(
                 inputs.compensated.insert(index, projection);
             }
             if index + 1 < layers {
-                layer.finish(&mut compressed, z.as_ref());
+                layer.finish(&mut compressed, z.as_ref(), &mut compressed_state);
             }
         }
         start = end;

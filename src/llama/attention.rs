@@ -4,6 +4,7 @@
 //! restart at 0 in each; no token sees another window); heads and windows run in parallel (rayon),
 //! each product single-threaded.
 
+use crate::llama::buffers::Buffers;
 use crate::llama::ops::masked_softmax_in_place;
 use faer::linalg::matmul::matmul;
 use faer::{Accum, Mat, MatRef, Par};
@@ -44,6 +45,11 @@ pub fn windows(rows: usize, ctx: usize) -> impl Iterator<Item = Range<usize>> {
         .map(move |start| start..(start + step).min(rows))
 }
 
+/// Query rows per block of scores: a block's queries see the keys up to its last row only, so
+/// most of the masked upper triangle is never computed (about 56% of the full products remain at
+/// 512 tokens).
+const QUERY_BLOCK: usize = 64;
+
 /// One head over one window: `q`, `k`, `v` are `[len, head_dim]` (already rotated), row `i` at
 /// position `i`; the scores scaled, soft-capped and windowed as `shape` says. Returns
 /// `[len, head_dim]`.
@@ -55,50 +61,58 @@ pub fn head_attention(
 ) -> Mat<f32> {
     let len = q.nrows();
     let scale = shape.score_scale();
-    // Column i holds query i's scores against every key, so its softmax is over a contiguous slice.
-    let mut scores = Mat::<f32>::zeros(len, len);
-    matmul(
-        scores.as_mut(),
-        Accum::Replace,
-        k,
-        q.transpose(),
-        scale,
-        Par::Seq,
-    );
-    if let Some(c) = shape.softcap {
-        for j in 0..len {
-            for s in scores.col_as_slice_mut(j) {
-                *s = (*s / c).tanh() * c;
-            }
-        }
-    }
-    for i in 0..len {
-        let first = shape
+    let first_key = |i: usize| {
+        shape
             .sliding_window
-            .map_or(0, |w| (i + 1).saturating_sub(w));
-        masked_softmax_in_place(scores.col_as_slice_mut(i), first..i + 1);
-    }
+            .map_or(0, |w| (i + 1).saturating_sub(w))
+    };
     let mut out = Mat::<f32>::zeros(len, v.ncols());
-    matmul(
-        out.as_mut(),
-        Accum::Replace,
-        scores.transpose(),
-        v,
-        1.0,
-        Par::Seq,
-    );
+    for start in (0..len).step_by(QUERY_BLOCK) {
+        let rows = QUERY_BLOCK.min(len - start);
+        // Keys from the block's first query's window start to its last query.
+        let keys = first_key(start)..start + rows;
+        // Column c holds query start + c's scores against the keys, so its softmax is over a
+        // contiguous slice.
+        let mut scores = Mat::<f32>::zeros(keys.len(), rows);
+        matmul(
+            scores.as_mut(),
+            Accum::Replace,
+            k.subrows(keys.start, keys.len()),
+            q.subrows(start, rows).transpose(),
+            scale,
+            Par::Seq,
+        );
+        for c in 0..rows {
+            let col = scores.col_as_slice_mut(c);
+            if let Some(cap) = shape.softcap {
+                col.iter_mut().for_each(|s| *s = (*s / cap).tanh() * cap);
+            }
+            let i = start + c;
+            masked_softmax_in_place(col, first_key(i) - keys.start..i + 1 - keys.start);
+        }
+        matmul(
+            out.as_mut().subrows_mut(start, rows),
+            Accum::Replace,
+            scores.transpose(),
+            v.subrows(keys.start, keys.len()),
+            1.0,
+            Par::Seq,
+        );
+    }
     out
 }
 
 /// Attention of every head in every window of `ctx` rows: `q` is `[T, num_heads * head_dim]`, `k`
 /// and `v` are `[T, num_kv_heads * head_dim]`, all rotated with positions restarting per window.
-/// Returns `[T, num_heads * head_dim]`, heads side by side (the input of `o_proj`).
+/// Returns `[T, num_heads * head_dim]`, heads side by side (the input of `o_proj`), in a buffer of
+/// `buffers`.
 pub fn attend(
     q: MatRef<'_, f32>,
     k: MatRef<'_, f32>,
     v: MatRef<'_, f32>,
     shape: &AttentionShape,
     ctx: usize,
+    buffers: &mut Buffers,
 ) -> Mat<f32> {
     let hd = shape.head_dim;
     let group = (shape.num_heads / shape.num_kv_heads.max(1)).max(1);
@@ -117,7 +131,8 @@ pub fn attend(
             )
         })
         .collect();
-    let mut out = Mat::<f32>::zeros(q.nrows(), shape.num_heads * hd);
+    // Every (window, head) block is written below.
+    let mut out = buffers.take(q.nrows(), shape.num_heads * hd);
     for ((w, h), r) in tasks.iter().zip(&results) {
         out.as_mut()
             .submatrix_mut(w.start, h * hd, w.len(), hd)
@@ -241,7 +256,14 @@ mod tests {
             softcap: None,
         };
         let (q, k, v) = (mat(7, 8, 4), mat(7, 4, 5), mat(7, 4, 6));
-        let out = attend(q.as_ref(), k.as_ref(), v.as_ref(), &shape, 3);
+        let out = attend(
+            q.as_ref(),
+            k.as_ref(),
+            v.as_ref(),
+            &shape,
+            3,
+            &mut Buffers::default(),
+        );
         for h in 0..4 {
             let kv = h / 2;
             for w in windows(7, 3) {

@@ -6,9 +6,10 @@
 
 use crate::error::Result;
 use crate::llama::attention::{attend, windows, AttentionShape};
+use crate::llama::buffers::Buffers;
 use crate::llama::linear::{KeyValue, Linear, PassState, Projection};
 use crate::llama::ops::{
-    add_in_place, gated_in_place, head_rms_norm_in_place, rms_norm, Activation,
+    add_in_place, gated_in_place, head_rms_norm_in_place, rms_norm, rms_norm_in, Activation,
 };
 use crate::llama::rope::{Rope, RopeTable};
 use faer::{Mat, MatRef};
@@ -59,7 +60,8 @@ pub struct Layer {
 }
 
 impl Layer {
-    /// `input_layernorm(h)`: what the attention projections read, `[tokens, hidden]`.
+    /// `input_layernorm(h)`: what the attention projections read, `[tokens, hidden]` (the forward
+    /// pass itself norms into a reused buffer).
     pub fn attention_input(&self, h: MatRef<'_, f32>) -> Mat<f32> {
         rms_norm(h, &self.input_layernorm, self.eps)
     }
@@ -68,10 +70,12 @@ impl Layer {
     /// windows of `ctx` rows (the last may be shorter; `ctx == 0` means one window of all rows),
     /// positions `0..len` within each window. `h` must have `hidden_size` columns (as
     /// [`crate::llama::Llama::embed`] returns). `state` carries a shared latent group's latent
-    /// from its source layer to the later ones (one `state` per pass, layers in order).
+    /// from its source layer to the later ones, and the activation buffers (one `state` per pass,
+    /// layers in order).
     pub fn forward(&self, h: &mut Mat<f32>, ctx: usize, state: &mut PassState) -> Result<()> {
         let z = self.attention_heads(h.as_ref(), ctx, state)?;
-        self.finish(h, z.as_ref());
+        self.finish(h, z.as_ref(), state);
+        state.buffers.give(z);
         Ok(())
     }
 
@@ -83,36 +87,64 @@ impl Layer {
         ctx: usize,
         state: &mut PassState,
     ) -> Result<Mat<f32>> {
-        let x = self.attention_input(h);
-        let mut q = self.q.apply(x.as_ref());
+        let x = rms_norm_in(h, &self.input_layernorm, self.eps, &mut state.buffers);
+        let mut q = self.q.apply_in(x.as_ref(), &mut state.buffers);
         let (mut k, v) = self.kv.apply(x.as_ref(), state)?;
-        drop(x);
+        let buffers = &mut state.buffers;
+        buffers.give(x);
         if let Some((q_norm, k_norm)) = &self.qk_norm {
             head_rms_norm_in_place(&mut q, q_norm, self.eps);
             head_rms_norm_in_place(&mut k, k_norm, self.eps);
         }
         self.rotate_windows(&mut q, &mut k, ctx);
-        Ok(attend(q.as_ref(), k.as_ref(), v.as_ref(), &self.shape, ctx))
+        let z = attend(
+            q.as_ref(),
+            k.as_ref(),
+            v.as_ref(),
+            &self.shape,
+            ctx,
+            buffers,
+        );
+        [q, k, v].into_iter().for_each(|m| buffers.give(m));
+        Ok(z)
     }
 
     /// The rest of the layer, in place: `h += o_proj(z)` for the heads' output `z`
     /// ([`Layer::attention_heads`]), then the MLP block (Gemma: each block's output normalised
-    /// before it is added).
-    pub fn finish(&self, h: &mut Mat<f32>, z: MatRef<'_, f32>) {
-        let post = |m: Mat<f32>, pick: fn(&OutputNorms) -> &[f32]| match &self.output_norms {
-            Some(norms) => rms_norm(m.as_ref(), pick(norms), self.eps),
-            None => m,
-        };
-        add_in_place(h, post(self.o.apply(z), |n| &n.attention).as_ref());
-        let x = rms_norm(h.as_ref(), &self.mlp_norm, self.eps);
-        let mut gate = self.gate.apply(x.as_ref());
-        gated_in_place(
-            &mut gate,
-            self.up.apply(x.as_ref()).as_ref(),
-            self.activation,
-        );
-        drop(x);
-        add_in_place(h, post(self.down.apply(gate.as_ref()), |n| &n.mlp).as_ref());
+    /// before it is added). Buffers come from and go back to `state`.
+    pub fn finish(&self, h: &mut Mat<f32>, z: MatRef<'_, f32>, state: &mut PassState) {
+        let buffers = &mut state.buffers;
+        let o = self.o.apply_in(z, buffers);
+        self.add_output(h, o, |n| &n.attention, buffers);
+        let x = rms_norm_in(h.as_ref(), &self.mlp_norm, self.eps, buffers);
+        let mut gate = self.gate.apply_in(x.as_ref(), buffers);
+        let up = self.up.apply_in(x.as_ref(), buffers);
+        buffers.give(x);
+        gated_in_place(&mut gate, &up, self.activation);
+        buffers.give(up);
+        let down = self.down.apply_in(gate.as_ref(), buffers);
+        buffers.give(gate);
+        self.add_output(h, down, |n| &n.mlp, buffers);
+    }
+
+    /// `h += block`, the block's output normalised first where the family does (Gemma's
+    /// `post_*_layernorm`, picked by `norm`); `block` goes back to `buffers`.
+    fn add_output(
+        &self,
+        h: &mut Mat<f32>,
+        block: Mat<f32>,
+        norm: fn(&OutputNorms) -> &[f32],
+        buffers: &mut Buffers,
+    ) {
+        match &self.output_norms {
+            Some(norms) => {
+                let normed = rms_norm_in(block.as_ref(), norm(norms), self.eps, buffers);
+                add_in_place(h, normed.as_ref());
+                buffers.give(normed);
+            }
+            None => add_in_place(h, block.as_ref()),
+        }
+        buffers.give(block);
     }
 
     /// RoPE on queries and keys, positions restarting at 0 in every window.

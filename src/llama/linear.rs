@@ -1,7 +1,11 @@
 //! Linear maps of the forward pass in `f32`: a dense weight (optionally with a bias), a factored
 //! projection `b(a(x))` of the factored format, and the key/value pair, whose factors may share one
-//! latent. Each applies to `[tokens, in]` activations with a multi-threaded faer product.
+//! latent. Each applies to `[tokens, in]` activations with a multi-threaded faer product, into a
+//! buffer of the pass's [`Buffers`] where the pass has them.
 
+use crate::llama::buffers::Buffers;
+use crate::llama::ops::par_columns;
+use crate::model::dtype::FloatType;
 use faer::linalg::matmul::matmul;
 use faer::{Accum, Mat, MatRef, Par};
 
@@ -28,6 +32,23 @@ impl Linear {
         }
     }
 
+    /// Builds the map from `W`'s stored little-endian bytes (`ty`, row-major `[out, in]`),
+    /// decoding each row of `W` straight into its column of `W^T`, rows in parallel.
+    pub fn decode(
+        ty: FloatType,
+        bytes: &[u8],
+        out: usize,
+        input: usize,
+        bias: Option<Vec<f32>>,
+    ) -> Self {
+        let mut weight_t = Mat::<f32>::zeros(input, out);
+        let row_bytes = input * ty.size();
+        par_columns(weight_t.as_mut(), |j, col| {
+            ty.decode_f32_into(&bytes[j * row_bytes..(j + 1) * row_bytes], col)
+        });
+        Linear { weight_t, bias }
+    }
+
     /// Output width.
     pub fn out_features(&self) -> usize {
         self.weight_t.ncols()
@@ -35,7 +56,12 @@ impl Linear {
 
     /// `x W^T + bias` for `x` `[tokens, in]`: `[tokens, out]`.
     pub fn apply(&self, x: MatRef<'_, f32>) -> Mat<f32> {
-        let mut y = Mat::<f32>::zeros(x.nrows(), self.out_features());
+        self.apply_in(x, &mut Buffers::default())
+    }
+
+    /// [`Linear::apply`] into a buffer taken from `buffers`.
+    pub fn apply_in(&self, x: MatRef<'_, f32>, buffers: &mut Buffers) -> Mat<f32> {
+        let mut y = buffers.take(x.nrows(), self.out_features());
         matmul(
             y.as_mut(),
             Accum::Replace,
@@ -71,9 +97,19 @@ pub enum Projection {
 impl Projection {
     /// The projection of `x` `[tokens, in]`.
     pub fn apply(&self, x: MatRef<'_, f32>) -> Mat<f32> {
+        self.apply_in(x, &mut Buffers::default())
+    }
+
+    /// [`Projection::apply`] with its products in buffers of `buffers`.
+    pub fn apply_in(&self, x: MatRef<'_, f32>, buffers: &mut Buffers) -> Mat<f32> {
         match self {
-            Projection::Dense(w) => w.apply(x),
-            Projection::Factored { down, up } => up.apply(down.apply(x).as_ref()),
+            Projection::Dense(w) => w.apply_in(x, buffers),
+            Projection::Factored { down, up } => {
+                let latent = down.apply_in(x, buffers);
+                let y = up.apply_in(latent.as_ref(), buffers);
+                buffers.give(latent);
+                y
+            }
         }
     }
 }
@@ -118,10 +154,13 @@ pub enum KeyValue {
 }
 
 /// What the layer-wise pass carries between layers besides the hidden states: the latent of the
-/// current shared latent group, `[tokens, L]`, set by the group's source layer.
+/// current shared latent group, `[tokens, L]`, set by the group's source layer, and the activation
+/// buffers the layers reuse.
 #[derive(Debug, Default)]
 pub struct PassState {
     latent: Option<Mat<f32>>,
+    /// Activation buffers, handed from layer to layer.
+    pub(crate) buffers: Buffers,
 }
 
 impl KeyValue {
@@ -132,16 +171,27 @@ impl KeyValue {
         x: MatRef<'_, f32>,
         state: &mut PassState,
     ) -> crate::error::Result<(Mat<f32>, Mat<f32>)> {
+        let buffers = &mut state.buffers;
         Ok(match self {
-            KeyValue::Separate { k, v } => (k.apply(x), v.apply(x)),
+            KeyValue::Separate { k, v } => (k.apply_in(x, buffers), v.apply_in(x, buffers)),
             KeyValue::Shared { down, k_up, v_up } => {
-                let latent = down.apply(x);
-                (k_up.apply(latent.as_ref()), v_up.apply(latent.as_ref()))
+                let latent = down.apply_in(x, buffers);
+                let kv = (
+                    k_up.apply_in(latent.as_ref(), buffers),
+                    v_up.apply_in(latent.as_ref(), buffers),
+                );
+                buffers.give(latent);
+                kv
             }
             KeyValue::Source { down, k_up, v_up } => {
-                let latent = down.apply(x);
-                let kv = (k_up.apply(latent.as_ref()), v_up.apply(latent.as_ref()));
-                state.latent = Some(latent);
+                let latent = down.apply_in(x, buffers);
+                let kv = (
+                    k_up.apply_in(latent.as_ref(), buffers),
+                    v_up.apply_in(latent.as_ref(), buffers),
+                );
+                if let Some(old) = state.latent.replace(latent) {
+                    state.buffers.give(old);
+                }
                 kv
             }
             KeyValue::FromSource { k_up, v_up } => {
@@ -154,7 +204,10 @@ impl KeyValue {
                         "a layer reads its group's shared latent before the group's source layer ran",
                     )
                 })?;
-                (k_up.apply(latent.as_ref()), v_up.apply(latent.as_ref()))
+                (
+                    k_up.apply_in(latent.as_ref(), buffers),
+                    v_up.apply_in(latent.as_ref(), buffers),
+                )
             }
         })
     }

@@ -220,8 +220,12 @@ impl<'a> Loader<'a> {
         input: usize,
         bias: Option<Vec<f32>>,
     ) -> Result<Linear> {
-        let values = self.values(name, &[out, input])?;
-        Ok(Linear::from_row_major(&values, out, input, bias))
+        let (ty, bytes) = self.raw(name, &[out, input])?;
+        let linear = Linear::decode(ty, bytes, out, input, bias);
+        if let Some(t) = self.checkpoint.tensor(name) {
+            self.checkpoint.release(t);
+        }
+        Ok(linear)
     }
 
     /// The layer's dense linear maps besides q/k/v, with their biases where the config enables

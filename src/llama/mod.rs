@@ -25,6 +25,7 @@
 //! Factored projections are applied as two products, `b(a(x))`; nothing is multiplied out.
 
 pub(crate) mod attention;
+pub(crate) mod buffers;
 pub mod calibrate;
 pub(crate) mod family;
 pub(crate) mod layer;

@@ -5,11 +5,24 @@
 //! Activations are `[tokens, features]` faer matrices (column-major, so one feature of all tokens is
 //! contiguous); row-wise reductions therefore walk the columns and keep one accumulator per row.
 
-use faer::{Mat, MatRef};
+use crate::llama::buffers::Buffers;
+use faer::reborrow::{Reborrow, ReborrowMut};
+use faer::{Mat, MatMut, MatRef};
+use rayon::prelude::*;
 
 /// RMSNorm of every row of `x` (transformers' `LlamaRMSNorm`): `w * x / sqrt(mean(x^2) + eps)`.
 /// The mean of squares is accumulated in `f64`.
 pub fn rms_norm(x: MatRef<'_, f32>, weight: &[f32], eps: f64) -> Mat<f32> {
+    rms_norm_in(x, weight, eps, &mut Buffers::default())
+}
+
+/// [`rms_norm`] into a buffer taken from `buffers`.
+pub fn rms_norm_in(
+    x: MatRef<'_, f32>,
+    weight: &[f32],
+    eps: f64,
+    buffers: &mut Buffers,
+) -> Mat<f32> {
     let (rows, cols) = (x.nrows(), x.ncols());
     let mut sum_sq = vec![0f64; rows];
     for j in 0..cols {
@@ -23,7 +36,31 @@ pub fn rms_norm(x: MatRef<'_, f32>, weight: &[f32], eps: f64) -> Mat<f32> {
         .iter()
         .map(|&s| (1.0 / (s / cols.max(1) as f64 + eps).sqrt()) as f32)
         .collect();
-    Mat::from_fn(rows, cols, |i, j| weight[j] * (x[(i, j)] * inv[i]))
+    let mut out = buffers.take(rows, cols);
+    let weight = &weight[..cols];
+    par_columns(out.as_mut(), |j, o| {
+        let (col, w) = (x.col(j), weight[j]);
+        for (i, (o, &inv)) in o.iter_mut().zip(&inv).enumerate() {
+            *o = w * (col[i] * inv);
+        }
+    });
+    out
+}
+
+/// Runs `f(j, column j)` on every column of `m`, columns in parallel (rayon): the element-wise
+/// passes over `[tokens, width]` activations, each column one feature of every token.
+pub fn par_columns(m: MatMut<'_, f32>, f: impl Fn(usize, &mut [f32]) + Sync) {
+    m.par_col_iter_mut().enumerate().for_each(|(j, mut col)| {
+        match col.rb_mut().try_as_col_major_mut() {
+            Some(c) => f(j, c.as_slice_mut()),
+            None => {
+                // A strided view (not made by the pass itself): through a contiguous copy.
+                let mut values: Vec<f32> = col.rb().iter().copied().collect();
+                f(j, &mut values);
+                col.iter_mut().zip(values).for_each(|(d, v)| *d = v);
+            }
+        }
+    });
 }
 
 /// RMSNorm of every head of every row in place (Qwen3's `q_norm`/`k_norm`): `x` is
@@ -61,20 +98,33 @@ pub enum Activation {
     GeluTanh,
 }
 
-/// A gated MLP's product in place: `gate <- act(gate) * up`, element by element (same shapes).
-pub fn gated_in_place(gate: &mut Mat<f32>, up: MatRef<'_, f32>, act: Activation) {
-    for j in 0..gate.ncols() {
-        let u = up.col(j);
-        let g = gate.col_as_slice_mut(j);
-        match act {
-            Activation::Silu => g
-                .iter_mut()
-                .enumerate()
-                .for_each(|(i, g)| *g = silu(*g) * u[i]),
-            Activation::GeluTanh => g
-                .iter_mut()
-                .enumerate()
-                .for_each(|(i, g)| *g = gelu_tanh(*g) * u[i]),
+/// A gated MLP's product in place: `gate <- act(gate) * up`, element by element (same shapes),
+/// columns in parallel.
+pub fn gated_in_place(gate: &mut Mat<f32>, up: &Mat<f32>, act: Activation) {
+    par_columns(gate.as_mut(), |j, gate| {
+        dispatch(Gated {
+            gate,
+            up: up.col_as_slice(j),
+            act,
+        })
+    });
+}
+
+/// `gate <- act(gate) * up` on one column.
+struct Gated<'a> {
+    gate: &'a mut [f32],
+    up: &'a [f32],
+    act: Activation,
+}
+
+impl Kernel for Gated<'_> {
+    type Output = ();
+    #[inline(always)]
+    fn run(self) {
+        let pairs = self.gate.iter_mut().zip(self.up);
+        match self.act {
+            Activation::Silu => pairs.for_each(|(g, &u)| *g = silu(*g) * u),
+            Activation::GeluTanh => pairs.for_each(|(g, &u)| *g = gelu_tanh(*g) * u),
         }
     }
 }
@@ -84,14 +134,14 @@ pub fn softcap_in_place(x: &mut [f32], c: f32) {
     x.iter_mut().for_each(|v| *v = (*v / c).tanh() * c);
 }
 
-/// `h <- h + delta` (same shapes): a residual connection.
+/// `h <- h + delta` (same shapes): a residual connection, columns in parallel.
 pub fn add_in_place(h: &mut Mat<f32>, delta: MatRef<'_, f32>) {
-    for j in 0..h.ncols() {
+    par_columns(h.as_mut(), |j, c| {
         let d = delta.col(j);
-        for (i, v) in h.col_as_slice_mut(j).iter_mut().enumerate() {
+        for (i, v) in c.iter_mut().enumerate() {
             *v += d[i];
         }
-    }
+    });
 }
 
 /// `e^x` in `f32` without a libm call, so loops over it vectorise: Cody-Waite reduction
@@ -107,7 +157,11 @@ pub fn exp_f32(x: f32) -> f32 {
     // 1.5 * 2^23: adding and subtracting it rounds to the nearest integer.
     const ROUND: f32 = 12_582_912.0;
     let xc = x.clamp(-87.0, 88.0);
-    let n = (xc * LOG2E + ROUND) - ROUND;
+    let t = xc * LOG2E + ROUND;
+    let n = t - ROUND;
+    // The integer n, read from t's low mantissa bits (exact: |n| < 2^22), without a float-to-int
+    // conversion (which would not vectorise).
+    let n_int = (t.to_bits() as i32).wrapping_sub(ROUND.to_bits() as i32);
     let r = (xc - n * LN2_HI) - n * LN2_LO;
     let mut p = 1.0 / 5040.0;
     p = p * r + 1.0 / 720.0;
@@ -117,7 +171,7 @@ pub fn exp_f32(x: f32) -> f32 {
     p = p * r + 0.5;
     p = p * r + 1.0;
     p = p * r + 1.0;
-    let scale = f32::from_bits((((n as i32) + 127) as u32) << 23);
+    let scale = f32::from_bits((n_int.wrapping_add(127) as u32) << 23);
     if x < -87.0 {
         0.0
     } else {
@@ -125,34 +179,129 @@ pub fn exp_f32(x: f32) -> f32 {
     }
 }
 
+/// Independent accumulators of the row reductions below: sums and maxima are taken lane by lane
+/// over `LANES` interleaved strands, then the lanes are combined in order, so the loops vectorise
+/// (AVX-512 holds 16 `f32`) and the result does not depend on the instruction set.
+const LANES: usize = 16;
+
+/// A row kernel compiled once per instruction set: pulp's runtime dispatch runs [`Kernel::run`]
+/// inlined into a function built for the widest one this CPU has (AVX2 or AVX-512), so the
+/// element-wise loops (all `#[inline(always)]`) vectorise.
+pub trait Kernel {
+    /// What the kernel returns.
+    type Output;
+    /// The kernel's work.
+    fn run(self) -> Self::Output;
+}
+
+/// Carries a [`Kernel`] through [`pulp::WithSimd`].
+struct Dispatched<K>(K);
+
+impl<K: Kernel> pulp::WithSimd for Dispatched<K> {
+    type Output = K::Output;
+    #[inline(always)]
+    fn with_simd<S: pulp::Simd>(self, _simd: S) -> K::Output {
+        self.0.run()
+    }
+}
+
+/// Runs `kernel` for the widest instruction set this CPU has.
+pub fn dispatch<K: Kernel>(kernel: K) -> K::Output {
+    pulp::Arch::new().dispatch(Dispatched(kernel))
+}
+
+/// The largest value of `v` (`-inf` if empty), lane by lane.
+#[inline(always)]
+fn max_of(v: &[f32]) -> f32 {
+    let mut lanes = [f32::NEG_INFINITY; LANES];
+    let mut chunks = v.chunks_exact(LANES);
+    for c in &mut chunks {
+        for (m, &x) in lanes.iter_mut().zip(c) {
+            *m = if x > *m { x } else { *m };
+        }
+    }
+    for (m, &x) in lanes.iter_mut().zip(chunks.remainder()) {
+        *m = if x > *m { x } else { *m };
+    }
+    lanes.into_iter().fold(f32::NEG_INFINITY, f32::max)
+}
+
+/// `v <- e^(v - shift)` in place; returns the sum of the new values, accumulated in `f64` lane by
+/// lane.
+#[inline(always)]
+fn exp_shifted_in_place(v: &mut [f32], shift: f32) -> f64 {
+    let mut lanes = [0f64; LANES];
+    let mut chunks = v.chunks_exact_mut(LANES);
+    for c in &mut chunks {
+        for (acc, x) in lanes.iter_mut().zip(c.iter_mut()) {
+            *x = exp_f32(*x - shift);
+            *acc += *x as f64;
+        }
+    }
+    for (acc, x) in lanes.iter_mut().zip(chunks.into_remainder()) {
+        *x = exp_f32(*x - shift);
+        *acc += *x as f64;
+    }
+    lanes.iter().sum()
+}
+
+/// The sum of `e^(v - shift)` over `v`, in `f64` lane by lane (as [`exp_shifted_in_place`], without
+/// writing).
+#[inline(always)]
+fn sum_exp_shifted(v: &[f32], shift: f32) -> f64 {
+    let mut lanes = [0f64; LANES];
+    let mut chunks = v.chunks_exact(LANES);
+    for c in &mut chunks {
+        for (acc, &x) in lanes.iter_mut().zip(c) {
+            *acc += exp_f32(x - shift) as f64;
+        }
+    }
+    for (acc, &x) in lanes.iter_mut().zip(chunks.remainder()) {
+        *acc += exp_f32(x - shift) as f64;
+    }
+    lanes.iter().sum()
+}
+
 /// Softmax of `scores[keep]` in place, every entry outside `keep` set to 0 (the attention mask).
 /// The maximum is subtracted first; the normaliser is summed in `f64`.
 pub fn masked_softmax_in_place(scores: &mut [f32], keep: std::ops::Range<usize>) {
     let end = keep.end.min(scores.len());
     let keep = keep.start.min(end)..end;
-    let max = scores[keep.clone()]
-        .iter()
-        .copied()
-        .fold(f32::NEG_INFINITY, f32::max);
-    let mut sum = 0f64;
-    for v in &mut scores[keep.clone()] {
-        *v = exp_f32(*v - max);
-        sum += *v as f64;
-    }
-    let inv = (1.0 / sum) as f32;
-    for v in &mut scores[keep.clone()] {
-        *v *= inv;
-    }
+    dispatch(Softmax(&mut scores[keep.clone()]));
     scores[..keep.start].fill(0.0);
     scores[keep.end..].fill(0.0);
+}
+
+/// Softmax of a whole slice in place.
+struct Softmax<'a>(&'a mut [f32]);
+
+impl Kernel for Softmax<'_> {
+    type Output = ();
+    #[inline(always)]
+    fn run(self) {
+        let max = max_of(self.0);
+        let inv = (1.0 / exp_shifted_in_place(self.0, max)) as f32;
+        self.0.iter_mut().for_each(|v| *v *= inv);
+    }
 }
 
 /// `-log softmax(logits)[target]`, in `f64`: `log(sum exp(l - max)) + max - l[target]`.
 /// The exponentials are [`exp_f32`] of `l - max` (at most 1), summed in `f64`.
 pub fn nll(logits: &[f32], target: usize) -> f64 {
-    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let sum: f64 = logits.iter().map(|&l| exp_f32(l - max) as f64).sum();
+    let (max, sum) = dispatch(LogSumExp(logits));
     sum.ln() + max as f64 - logits[target] as f64
+}
+
+/// The maximum of a slice and the sum of `e^(v - max)` over it.
+struct LogSumExp<'a>(&'a [f32]);
+
+impl Kernel for LogSumExp<'_> {
+    type Output = (f32, f64);
+    #[inline(always)]
+    fn run(self) -> (f32, f64) {
+        let max = max_of(self.0);
+        (max, sum_exp_shifted(self.0, max))
+    }
 }
 
 #[cfg(test)]
@@ -218,7 +367,7 @@ mod tests {
         assert!(silu(-100.0).abs() < 1e-30);
         let mut g = Mat::<f32>::from_fn(1, 2, |_, j| j as f32);
         let u = Mat::<f32>::from_fn(1, 2, |_, _| 3.0);
-        gated_in_place(&mut g, u.as_ref(), Activation::Silu);
+        gated_in_place(&mut g, &u, Activation::Silu);
         assert_eq!(g[(0, 0)], 0.0);
         assert!((g[(0, 1)] - 3.0 * 0.7310586).abs() < 1e-6);
     }
