@@ -7,7 +7,7 @@
 //! report) and `SHA256SUMS`.
 
 use crate::error::{Error, Result};
-use crate::execute::input_hash::InputHasher;
+use crate::execute::input_hash::hash_alongside;
 use crate::execute::{self, NoPieces};
 use crate::input::checkpoint::Checkpoint;
 use crate::input::source::{InputIdentity, ResolvedInput};
@@ -163,8 +163,7 @@ fn write(
 ) -> Result<Vec<u64>> {
     let staging = Staging::create(out)?;
     let mut digests: BTreeMap<String, String> = BTreeMap::new();
-    let mut hasher = InputHasher::new(checkpoint);
-    {
+    let ((), weight_files) = hash_alongside(checkpoint, plan.data_len(), |pace| {
         let mut writer = ShardWriter::new(staging.path(), &mut digests);
         execute::execute(
             checkpoint,
@@ -172,11 +171,10 @@ fn write(
             &mut NoPieces,
             &execute::FitInputs::default(),
             &mut writer,
-            &mut hasher,
+            pace,
             &ProgressBar::hidden(),
-        )?;
-    }
-    let weight_files = hasher.finish(checkpoint);
+        )
+    })?;
     write_index_and_files(checkpoint, plan, staging.path(), &mut digests)?;
     let sizes = output_sizes(plan, staging.path())?;
     let report = ExpandReport {

@@ -94,19 +94,7 @@ pub(crate) fn fit_group_kept(
     w: Mat<f64>,
     spec: Spec,
 ) -> Result<(Decomposition, Vec<f64>)> {
-    let first = &checkpoint.tensors[group.members[0]];
-    let names: Vec<&str> = group
-        .members
-        .iter()
-        .map(|&i| checkpoint.tensors[i].name.as_str())
-        .collect();
-    let fail = |e: DecomposeError| {
-        Error::tensor(
-            &checkpoint.shards[first.shard].path,
-            names.join("+"),
-            format!("layer {}: cannot decompose: {e}", group.layer),
-        )
-    };
+    let fail = |e: DecomposeError| decompose_failure(checkpoint, group, e);
     match (group.fit, group.share) {
         (Fit::Act, Some(share)) => {
             let d = super::shared::fit_shared(checkpoint, group, share, inputs, w.as_ref(), spec)?;
@@ -143,6 +131,25 @@ pub(crate) fn fit_group_kept(
         }
         (fit, _) => Ok((decompose_owned(w, fit, spec).map_err(fail)?, Vec::new())),
     }
+}
+
+/// Why `group` could not be decomposed, named by its first member's file and its tensors.
+pub(crate) fn decompose_failure(
+    checkpoint: &Checkpoint,
+    group: &GroupPlan,
+    e: DecomposeError,
+) -> Error {
+    let first = &checkpoint.tensors[group.members[0]];
+    let names: Vec<&str> = group
+        .members
+        .iter()
+        .map(|&i| checkpoint.tensors[i].name.as_str())
+        .collect();
+    Error::tensor(
+        &checkpoint.shards[first.shard].path,
+        names.join("+"),
+        format!("layer {}: cannot decompose: {e}", group.layer),
+    )
 }
 
 /// Fit `act`'s left weighting of one layer's stacked `members` (`w`, inputs of moment `c`).

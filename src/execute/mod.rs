@@ -2,11 +2,10 @@
 //! shard and tensor by tensor, handing bytes to a sink.
 //!
 //! Fits run ahead of the writer through a [`pipeline::Pipeline`] in the order the write pass needs them, so
-//! only the groups in flight are held in memory. Dense output takes them as its tensors come due
-//! ([`pipeline::Pipelined`]). Factored output needs every latent width before the layout exists, so
-//! [`spill::factor_pass`] drains the pipeline first and spills the encoded factors to a scratch file
-//! ([`spill::Spill`]) that the write pass then reads back: every matrix is decomposed once either way.
-//! Input pages are released as soon as they have been consumed.
+//! only the groups in flight are held in memory; the write pass takes them as its tensors come due
+//! ([`pipeline::Pipelined`]). Factored output needs every latent width before the layout exists:
+//! [`widths`] decides them first (a threshold from eigenvalues alone, a rank from nothing) and pins
+//! each fit to its width. Input pages are released as soon as they have been consumed.
 //!
 //! [`prepare`] computes what the fits need first (calibration, budgets); [`write`] runs a
 //! conversion's write pass; [`input_hash`] hashes the input on the way.
@@ -19,7 +18,6 @@ pub(crate) mod prepare;
 pub(crate) mod sensitivity;
 pub(crate) mod sequential;
 pub(crate) mod shared;
-pub(crate) mod spill;
 pub(crate) mod substitute;
 #[cfg(test)]
 mod tests;
@@ -27,13 +25,13 @@ mod tests;
 mod tests_families;
 #[cfg(test)]
 mod tests_fused;
+pub(crate) mod widths;
 pub(crate) mod write;
 
 pub use group::{fit_and_encode, reports_only, spectra};
-pub use spill::factor_pass;
 
 use crate::error::{Error, Result};
-use crate::execute::input_hash::InputHasher;
+use crate::execute::input_hash::Pace;
 use crate::fit::act::ActWeighting;
 use crate::fit::decompose::{matrix_from_rows, matrix_to_rows, product};
 use crate::input::checkpoint::{Checkpoint, TensorEntry};
@@ -219,19 +217,19 @@ struct Sources<'a, 'p> {
     plan: &'a Plan,
     pieces: &'a mut (dyn PieceSource + 'p),
     inputs: &'a FitInputs,
-    hasher: &'a mut InputHasher,
 }
 
 /// Produces every output tensor in plan order and hands it to `sink`; group outputs come from
 /// `pieces`, compensated tensors from `inputs`. Copied tensors go through in chunks, each released
-/// from the input map once written; the input files are hashed on the way (`hasher`).
+/// from the input map once written. Each finished tensor is reported to `pace` (the input hasher
+/// running beside the write pass, [`input_hash::hash_alongside`]).
 pub fn execute(
     checkpoint: &Checkpoint,
     plan: &Plan,
     pieces: &mut dyn PieceSource,
     inputs: &FitInputs,
     sink: &mut dyn TensorSink,
-    hasher: &mut InputHasher,
+    pace: &Pace,
     progress: &ProgressBar,
 ) -> Result<()> {
     progress.set_length(plan.data_len());
@@ -240,7 +238,6 @@ pub fn execute(
         plan,
         pieces,
         inputs,
-        hasher,
     };
     for shard in &plan.shards {
         sink.begin_shard(shard)?;
@@ -248,6 +245,7 @@ pub fn execute(
             sink.begin_tensor(tensor)?;
             sources.write(&tensor.op, &tensor.name, sink)?;
             sink.end_tensor()?;
+            pace.advance(tensor.byte_len as u64);
             progress.inc(tensor.byte_len as u64);
         }
         sink.finish_shard()?;
@@ -268,19 +266,13 @@ impl Sources<'_, '_> {
                 while at < bytes.len() {
                     let end = (at + COPY_CHUNK).min(bytes.len());
                     sink.write_part(&bytes[at..end])?;
-                    let range = t.range.start + at..t.range.start + end;
-                    self.hasher.advance(checkpoint, t.shard, range.end);
-                    checkpoint.release_range(t.shard, range);
+                    checkpoint.release_range(t.shard, t.range.start + at..t.range.start + end);
                     at = end;
                 }
             }
             Op::Computed { group, piece } => {
                 let bytes = self.pieces.take(checkpoint, self.plan, group, piece)?;
                 sink.write_part(&bytes)?;
-                // A dense output replaces the input tensor of the same name.
-                if let Some(t) = checkpoint.tensor(name) {
-                    self.hasher.visit(checkpoint, t);
-                }
             }
             Op::Compensated {
                 layer,
@@ -298,13 +290,10 @@ impl Sources<'_, '_> {
                         ))
                     })?;
                 sink.write_part(bytes)?;
-                self.hasher.visit(checkpoint, &checkpoint.tensors[index]);
             }
             Op::Expand { down, up } => {
                 let bytes = expand_tensor(checkpoint, down, up)?;
                 sink.write_part(&bytes)?;
-                self.hasher.visit(checkpoint, &checkpoint.tensors[down]);
-                self.hasher.visit(checkpoint, &checkpoint.tensors[up]);
             }
             Op::Fused { ref parts } => {
                 for part in parts {

@@ -95,12 +95,12 @@ pub fn resolve_budgets(
         allocate(checkpoint, &mut subset, &scaled);
     }
     for (&g, group) in budgeted.iter().zip(subset) {
-        groups[g].budget_rank = group.budget_rank;
+        groups[g].resolved_rank = group.resolved_rank;
     }
     Ok(())
 }
 
-/// Sets every group's `budget_rank` from `spectra` (`spectra[i]` group `i`'s), per group kind.
+/// Sets every group's `resolved_rank` from `spectra` (`spectra[i]` group `i`'s), per group kind.
 fn allocate(checkpoint: &Checkpoint, subset: &mut [GroupPlan], spectra: &[Vec<f64>]) {
     let mut kinds: Vec<GroupKind> = subset.iter().map(|g| g.kind).collect();
     kinds.sort();
@@ -145,7 +145,7 @@ fn allocate(checkpoint: &Checkpoint, subset: &mut [GroupPlan], spectra: &[Vec<f6
             .iter()
             .zip(budget::allocate_costed(&kind_spectra, &costs, total))
         {
-            subset[i].budget_rank = Some(rank);
+            subset[i].resolved_rank = Some(rank);
         }
     }
 }

@@ -74,7 +74,7 @@ pub fn sensitivities(
             layer.forward(&mut h, ctx, &mut state)?;
         }
         let (nll, _) = llama.log_likelihood(h.as_ref(), ids, ctx)?;
-        let rank = group.budget_rank.unwrap_or(1);
+        let rank = group.resolved_rank.unwrap_or(1);
         let lost = (1.0 - spectrum.iter().take(rank).sum::<f64>()).max(1e-12);
         raw.push(((nll - base) / n).max(0.0) / lost);
     }

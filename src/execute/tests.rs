@@ -1,8 +1,9 @@
 //! The executor on the tiny checkpoint (`crate::test_support`), into an in-memory sink: the dense
-//! form (fits pipelined ahead of the write pass), the factored form (fits spilled first), and
+//! form (fits pipelined ahead of the write pass), the factored form (latent widths first, then
+//! the fits pipelined as for dense), and
 //! `expand` of what the factored form wrote.
 
-use super::input_hash::InputHasher;
+use super::input_hash::hash_alongside;
 use super::pipeline::{need_order, with_pipeline, Pipelined};
 use super::*;
 use crate::fit::decompose::Fit;
@@ -111,23 +112,25 @@ pub(super) fn plan_order(plan: &Plan) -> Vec<(&str, Vec<&str>)> {
 
 /// Executes `plan` with `pieces` into memory; checks the input files were hashed whole.
 pub(super) fn run(ck: &Checkpoint, plan: &Plan, pieces: &mut dyn PieceSource) -> Result<Memory> {
-    let mut sink = Memory::default();
-    let mut hasher = InputHasher::new(ck);
-    execute(
-        ck,
-        plan,
-        pieces,
-        &FitInputs::default(),
-        &mut sink,
-        &mut hasher,
-        &ProgressBar::hidden(),
-    )?;
-    check_hashes(ck, hasher);
+    let (sink, records) = hash_alongside(ck, plan.data_len(), |pace| {
+        let mut sink = Memory::default();
+        execute(
+            ck,
+            plan,
+            pieces,
+            &FitInputs::default(),
+            &mut sink,
+            pace,
+            &ProgressBar::hidden(),
+        )?;
+        Ok(sink)
+    })?;
+    check_hashes(ck, &records);
     Ok(sink)
 }
 
-fn check_hashes(ck: &Checkpoint, hasher: InputHasher) {
-    for (record, shard) in hasher.finish(ck).iter().zip(&ck.shards) {
+fn check_hashes(ck: &Checkpoint, records: &[crate::digest::FileRecord]) {
+    for (record, shard) in records.iter().zip(&ck.shards) {
         assert_eq!(
             record.sha256,
             crate::digest::sha256_file(&shard.path).unwrap()
@@ -151,17 +154,18 @@ pub(super) fn surgery() -> Surgery {
 /// The dense form through the pipeline, as `write_dense` runs it.
 pub(super) fn run_dense(ck: &Checkpoint, plan: &Plan) -> (Memory, Vec<GroupReport>) {
     let mut sink = Memory::default();
-    let mut hasher = InputHasher::new(ck);
     let order = need_order(plan);
     let inputs = FitInputs::default();
-    let reports = with_pipeline(ck, &plan.groups, &order, Emit::Dense, &inputs, |pipeline| {
-        let mut source = Pipelined::new(pipeline, plan.groups.len());
-        let bar = ProgressBar::hidden();
-        execute(ck, plan, &mut source, &inputs, &mut sink, &mut hasher, &bar)?;
-        Ok(source.into_reports())
+    let (reports, records) = hash_alongside(ck, plan.data_len(), |pace| {
+        with_pipeline(ck, &plan.groups, &order, Emit::Dense, &inputs, |pipeline| {
+            let mut source = Pipelined::new(pipeline, plan.groups.len());
+            let bar = ProgressBar::hidden();
+            execute(ck, plan, &mut source, &inputs, &mut sink, pace, &bar)?;
+            Ok(source.into_reports())
+        })
     })
     .unwrap();
-    check_hashes(ck, hasher);
+    check_hashes(ck, &records);
     (sink, reports)
 }
 
@@ -228,23 +232,32 @@ fn dense_execution_copies_and_reconstructs_in_plan_order() {
     }
 }
 
-/// The factored form as `write_factored` runs it: fits spilled, then the write pass.
+/// The factored form as `write_factored` runs it: the width pass, then the fits pipelined ahead
+/// of the write pass.
 pub(super) fn run_factored(ck: &Checkpoint) -> (Plan, Memory) {
     run_factored_with(ck, &surgery())
 }
 
 /// [`run_factored`] with another surgery.
 pub(super) fn run_factored_with(ck: &Checkpoint, surgery: &Surgery) -> (Plan, Memory) {
-    let scratch = tempfile::tempdir().unwrap();
-    let spill_path = scratch.path().join("factors.spill");
-    let groups = plan::groups(ck, surgery);
+    let mut groups = plan::groups(ck, surgery);
     let inputs = FitInputs::default();
-    let bar = ProgressBar::hidden();
-    let (reports, mut spill) = factor_pass(ck, &groups, &inputs, &spill_path, &bar).unwrap();
-    let plan = plan::plan(ck, groups, &layout(Emit::Factored, &reports), None).unwrap();
-    let sink = run(ck, &plan, &mut spill).unwrap();
-    spill.remove().unwrap();
-    assert!(!spill_path.exists(), "the spill is removed");
+    let latents = super::widths::resolve_latents(ck, &mut groups, &inputs, &|| {}).unwrap();
+    let layout = Layout::Factored {
+        latents: latents.clone(),
+    };
+    let plan = plan::plan(ck, groups, &layout, None).unwrap();
+    let order = need_order(&plan);
+    let sink = with_pipeline(ck, &plan.groups, &order, Emit::Factored, &inputs, |p| {
+        let mut source = Pipelined::new(p, plan.groups.len());
+        let sink = run(ck, &plan, &mut source)?;
+        // Every group's fit kept the width the layout planned for it.
+        for (g, report) in source.into_reports().iter().enumerate() {
+            assert_eq!(report.latent, latents[g], "group {g}");
+        }
+        Ok(sink)
+    })
+    .unwrap();
     (plan, sink)
 }
 

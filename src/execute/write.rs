@@ -1,10 +1,11 @@
-//! The two write passes of a conversion: dense (fits pipelined ahead of the writer, in the order
-//! the plan needs them) and factored (every fit first, spilled to a scratch file, because the
-//! layout needs every latent width; then the write pass reads the spill back).
+//! The two write passes of a conversion, both with the fits pipelined ahead of the writer in the
+//! order the plan needs them: dense, and factored, whose layout needs every latent width first
+//! (the width pass, [`super::widths`]).
 
-use super::input_hash::InputHasher;
+use super::input_hash::hash_alongside;
 use super::pipeline::{need_order, with_pipeline, Pipelined};
-use super::{execute, factor_pass, layout, FitInputs, GroupReport};
+use super::widths::resolve_latents;
+use super::{execute, FitInputs, GroupReport};
 use crate::digest::FileRecord;
 use crate::error::Result;
 use crate::input::checkpoint::Checkpoint;
@@ -13,10 +14,6 @@ use crate::plan::{self, Emit, GroupPlan, Layout, Plan};
 use indicatif::ProgressBar;
 use std::collections::BTreeMap;
 use std::path::Path;
-
-/// Scratch file for the factored form's factors, inside the staging directory (removed before the
-/// output is committed).
-const SPILL_FILE: &str = ".factors.spill";
 
 /// What a write pass produced.
 #[derive(Debug)]
@@ -41,16 +38,58 @@ pub fn write_dense(
     bar: &ProgressBar,
 ) -> Result<Written> {
     let plan = plan::plan(checkpoint, groups, &Layout::Dense, max_shard_size)?;
-    let mut hasher = InputHasher::new(checkpoint);
+    write_pipelined(checkpoint, plan, Emit::Dense, inputs, dir, digests, bar)
+}
+
+/// Decides every group's latent width first (the width pass, `widths`), plans the factored layout
+/// they give, and writes its shards into `dir` with the fits run ahead of the writer as for dense
+/// output. `bars`: the width pass's, the write pass's.
+pub fn write_factored(
+    checkpoint: &Checkpoint,
+    mut groups: Vec<GroupPlan>,
+    inputs: &FitInputs,
+    max_shard_size: Option<u64>,
+    dir: &Path,
+    digests: &mut BTreeMap<String, String>,
+    bars: [&ProgressBar; 2],
+) -> Result<Written> {
+    let [width_bar, write_bar] = bars;
+    width_bar.set_length(groups.len() as u64);
+    let latents = resolve_latents(checkpoint, &mut groups, inputs, &|| width_bar.inc(1))?;
+    width_bar.finish_and_clear();
+    let plan = plan::plan(
+        checkpoint,
+        groups,
+        &Layout::Factored { latents },
+        max_shard_size,
+    )?;
+    write_pipelined(
+        checkpoint,
+        plan,
+        Emit::Factored,
+        inputs,
+        dir,
+        digests,
+        write_bar,
+    )
+}
+
+/// Writes `plan`'s shards into `dir`, its groups fitted in `emit` form ahead of the writer, in
+/// the order the writes need them (a fit whose output disagrees with the planned shapes is caught
+/// by the writer).
+fn write_pipelined(
+    checkpoint: &Checkpoint,
+    plan: Plan,
+    emit: Emit,
+    inputs: &FitInputs,
+    dir: &Path,
+    digests: &mut BTreeMap<String, String>,
+    bar: &ProgressBar,
+) -> Result<Written> {
     let mut writer = ShardWriter::new(dir, digests);
     let order = need_order(&plan);
-    let reports = with_pipeline(
-        checkpoint,
-        &plan.groups,
-        &order,
-        Emit::Dense,
-        inputs,
-        |pipeline| {
+    let (reports, weight_files) = hash_alongside(checkpoint, plan.data_len(), |pace| {
+        with_pipeline(checkpoint, &plan.groups, &order, emit, inputs, |pipeline| {
             let mut source = Pipelined::new(pipeline, plan.groups.len());
             execute(
                 checkpoint,
@@ -58,57 +97,16 @@ pub fn write_dense(
                 &mut source,
                 inputs,
                 &mut writer,
-                &mut hasher,
+                pace,
                 bar,
             )?;
             Ok(source.into_reports())
-        },
-    )?;
+        })
+    })?;
     bar.finish_and_clear();
     Ok(Written {
         plan,
         reports,
-        weight_files: hasher.finish(checkpoint),
-    })
-}
-
-/// Fits every group in the factored form (spilled into `dir`), plans the layout their latent
-/// widths give, and writes its shards into `dir`. `bars`: the fit pass's, the write pass's.
-pub fn write_factored(
-    checkpoint: &Checkpoint,
-    groups: Vec<GroupPlan>,
-    inputs: &FitInputs,
-    max_shard_size: Option<u64>,
-    dir: &Path,
-    digests: &mut BTreeMap<String, String>,
-    bars: [&ProgressBar; 2],
-) -> Result<Written> {
-    let [fit_bar, write_bar] = bars;
-    let (reports, mut spill) =
-        factor_pass(checkpoint, &groups, inputs, &dir.join(SPILL_FILE), fit_bar)?;
-    fit_bar.finish_and_clear();
-    let plan = plan::plan(
-        checkpoint,
-        groups,
-        &layout(Emit::Factored, &reports),
-        max_shard_size,
-    )?;
-    let mut hasher = InputHasher::new(checkpoint);
-    let mut writer = ShardWriter::new(dir, digests);
-    execute(
-        checkpoint,
-        &plan,
-        &mut spill,
-        inputs,
-        &mut writer,
-        &mut hasher,
-        write_bar,
-    )?;
-    write_bar.finish_and_clear();
-    spill.remove()?;
-    Ok(Written {
-        plan,
-        reports,
-        weight_files: hasher.finish(checkpoint),
+        weight_files,
     })
 }

@@ -13,6 +13,7 @@
 //! one matrix, so the result does not depend on the thread count (parallelism is across matrices).
 
 use crate::fit::spec::Spec;
+use crate::fit::spectrum::{checked_centre, smaller_gram};
 use faer::diag::Diag;
 use faer::dyn_stack::{MemBuffer, MemStack};
 use faer::linalg::evd::{self, ComputeEigenvectors};
@@ -301,20 +302,10 @@ pub fn decompose_owned(
     if fit == Fit::Act {
         return Err(DecomposeError::NeedsCalibration);
     }
-    let bad = count_non_finite(w.as_ref());
-    if bad > 0 {
-        return Err(DecomposeError::NonFinite { count: bad });
-    }
-    let mean = centre_in_place(&mut w, fit);
+    let mean = checked_centre(&mut w, fit)?;
     let centred = w;
-
-    // Gram matrix of the smaller side: its eigenvectors span the singular subspace on that side.
     let rows_side = m <= n;
-    let gram = if rows_side {
-        product(centred.as_ref(), centred.transpose())
-    } else {
-        product(centred.transpose(), centred.as_ref())
-    };
+    let gram = smaller_gram(centred.as_ref());
     let (eigenvalues, vectors) = eigh_descending(gram.as_ref())?;
     drop(gram);
     let ratios = explained_variance_ratios(&eigenvalues);
@@ -353,24 +344,6 @@ pub fn decompose_owned(
         reconstruction,
         factors: factors_with_mean(&up, &down, &mean, fit),
     })
-}
-
-/// Subtracts the mean row from `w` for the centred fits; returns it (zeros for the others).
-fn centre_in_place(w: &mut Mat<f64>, fit: Fit) -> Vec<f64> {
-    let (m, n) = (w.nrows(), w.ncols());
-    let mean: Vec<f64> = if fit.is_centred() {
-        (0..n)
-            .map(|j| (0..m).map(|i| w[(i, j)]).sum::<f64>() / m as f64)
-            .collect()
-    } else {
-        vec![0.0; n]
-    };
-    for j in 0..n {
-        for i in 0..m {
-            w[(i, j)] -= mean[j];
-        }
-    }
-    mean
 }
 
 /// The factored form: for fit `pca` the mean as one more latent direction (a row mu^T in `down`

@@ -10,3 +10,4 @@ pub mod compensate;
 pub mod decompose;
 pub mod shared;
 pub mod spec;
+pub mod spectrum;

@@ -64,7 +64,7 @@ fn per_layer_groups(checkpoint: &Checkpoint, surgery: &Surgery) -> Vec<GroupPlan
                 share: None,
                 kind,
                 spec,
-                budget_rank: None,
+                resolved_rank: None,
                 fit: surgery.fit,
                 members,
                 compensate: surgery.compensate,

@@ -154,10 +154,10 @@ impl GroupPlan {
         }
     }
 
-    /// The SPEC the fit uses: the given one, or the rank a budget was resolved to.
+    /// The SPEC the fit uses: the given one, or the rank a budget or threshold was resolved to.
     pub fn effective_spec(&self) -> Spec {
-        match (self.spec, self.budget_rank) {
-            (Spec::Budget(_), Some(rank)) => Spec::Rank(rank),
+        match (self.spec, self.resolved_rank) {
+            (Spec::Budget(_) | Spec::Threshold(_), Some(rank)) => Spec::Rank(rank),
             (spec, _) => spec,
         }
     }
@@ -198,8 +198,9 @@ pub struct GroupPlan {
     pub kind: GroupKind,
     /// How many components to keep, as given.
     pub spec: Spec,
-    /// The rank a `budget:F` SPEC was resolved to (`budget::allocate`); `None` otherwise.
-    pub budget_rank: Option<usize>,
+    /// The rank the SPEC was resolved to before fitting: a `budget:F` by `budget::allocate`, a
+    /// threshold by the factored layout's width pass (`execute::widths`); `None` otherwise.
+    pub resolved_rank: Option<usize>,
     /// The reconstruction.
     pub fit: Fit,
     /// Indices into [`Checkpoint::tensors`], stacked in this order.

@@ -479,19 +479,20 @@ fn groups_follow_the_surgery() {
             let members: Vec<usize> = roles.iter().map(|&r| tiny::index(&ck, layer, r)).collect();
             assert_eq!(g.members, members);
             assert_eq!(g.spec, Spec::Rank(2));
-            assert_eq!(g.budget_rank, None);
+            assert_eq!(g.resolved_rank, None);
             assert_eq!(g.fit, Fit::Pca);
         }
     }
 }
 
 #[test]
-fn effective_spec_resolves_budgets() {
+fn effective_spec_resolves_budgets_and_thresholds() {
     let (budget, threshold) = (Spec::Budget(0.5), Spec::Threshold(0.9));
-    for (spec, budget_rank, effective) in [
+    for (spec, resolved_rank, effective) in [
         (budget, Some(3), Spec::Rank(3)),
         (budget, None, budget),
-        (threshold, Some(3), threshold),
+        (threshold, None, threshold),
+        (threshold, Some(3), Spec::Rank(3)),
         (Spec::Rank(4), None, Spec::Rank(4)),
     ] {
         let group = GroupPlan {
@@ -500,12 +501,16 @@ fn effective_spec_resolves_budgets() {
             layer: 0,
             kind: GroupKind::Q,
             spec,
-            budget_rank,
+            resolved_rank,
             fit: Fit::Pca,
             members: vec![0],
             compensate: None,
         };
-        assert_eq!(group.effective_spec(), effective, "{spec} {budget_rank:?}");
+        assert_eq!(
+            group.effective_spec(),
+            effective,
+            "{spec} {resolved_rank:?}"
+        );
     }
 }
 

@@ -79,7 +79,7 @@ pub fn group_counts(
                 share: (layers.len() > 1).then_some(Share::Basis),
                 kind: GroupKind::SharedKv,
                 spec: Spec::Rank(1),
-                budget_rank: None,
+                resolved_rank: None,
                 fit: Fit::Pca,
                 members: layer_plans
                     .iter()
