@@ -13,7 +13,7 @@
 use super::group::{decompose_failure, fit_group, release_members, stack_group};
 use super::FitInputs;
 use crate::error::{Error, Result};
-use crate::fit::decompose::{choose_rank, rank_for_threshold, Fit};
+use crate::fit::decompose::{rank_for_threshold, Fit};
 use crate::fit::spec::Spec;
 use crate::fit::spectrum::spectrum_owned;
 use crate::input::checkpoint::Checkpoint;
@@ -61,8 +61,9 @@ fn resolve(
     let (rows, cols) = stacked_shape(checkpoint, group)?;
     let weight_only = group.fit != Fit::Act;
     if let (Spec::Rank(n), true) = (spec, weight_only) {
-        // Every weight-only spectrum has one ratio per dimension of the smaller side.
-        let rank = choose_rank(&vec![0.0; rows.min(cols)], Spec::Rank(n)).rank;
+        // Every weight-only spectrum has one ratio per dimension of the smaller side (as
+        // `choose_rank` clamps a rank to it).
+        let rank = n.min(rows.min(cols));
         return Ok((None, rank + group.fit.mean_dims()));
     }
     let Spec::Threshold(t) = spec else {

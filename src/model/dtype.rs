@@ -91,19 +91,26 @@ impl FloatType {
     }
 
     /// Decodes little-endian `bytes` into `out` as `f32` (exactly `out.len()` elements; the same
-    /// values as [`Self::value`], exact for every type), with the type matched once rather than per
-    /// element: the forward pass decodes every weight this way.
+    /// values as [`Self::value`], exact for every type): the forward pass decodes every weight
+    /// this way.
     pub fn decode_f32_into(self, bytes: &[u8], out: &mut [f32]) {
+        self.decode_widened(bytes, out, |x| x);
+    }
+
+    /// The bulk decoder: every element decoded to `f32` (exact for every type) and widened by
+    /// `widen`, with the type matched once rather than per element.
+    #[inline]
+    fn decode_widened<T>(self, bytes: &[u8], out: &mut [T], widen: impl Fn(f32) -> T) {
         let pairs = out.iter_mut().zip(bytes.chunks_exact(self.size()));
         match self {
             FloatType::F32 => {
-                pairs.for_each(|(o, c)| *o = f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                pairs.for_each(|(o, c)| *o = widen(f32::from_le_bytes([c[0], c[1], c[2], c[3]])))
             }
             FloatType::F16 => {
-                pairs.for_each(|(o, c)| *o = f16::from_le_bytes([c[0], c[1]]).to_f32())
+                pairs.for_each(|(o, c)| *o = widen(f16::from_le_bytes([c[0], c[1]]).to_f32()))
             }
             FloatType::BF16 => {
-                pairs.for_each(|(o, c)| *o = bf16::from_le_bytes([c[0], c[1]]).to_f32())
+                pairs.for_each(|(o, c)| *o = widen(bf16::from_le_bytes([c[0], c[1]]).to_f32()))
             }
         }
     }
@@ -120,17 +127,7 @@ impl FloatType {
     /// Decodes little-endian `bytes` into `out` (exactly `out.len()` elements): the same values as
     /// [`Self::value`], with the type matched once rather than per element.
     pub fn decode_slice(self, bytes: &[u8], out: &mut [f64]) {
-        let pairs = out.iter_mut().zip(bytes.chunks_exact(self.size()));
-        match self {
-            FloatType::F32 => pairs
-                .for_each(|(o, c)| *o = f64::from(f32::from_le_bytes([c[0], c[1], c[2], c[3]]))),
-            FloatType::F16 => {
-                pairs.for_each(|(o, c)| *o = f16::from_le_bytes([c[0], c[1]]).to_f64())
-            }
-            FloatType::BF16 => {
-                pairs.for_each(|(o, c)| *o = bf16::from_le_bytes([c[0], c[1]]).to_f64())
-            }
-        }
+        self.decode_widened(bytes, out, f64::from);
     }
 
     /// The value at element `index` of little-endian `bytes`.
