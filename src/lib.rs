@@ -14,7 +14,7 @@
 //! - [`fit`]: the math (rank rules, weight-only and activation-aware fits);
 //! - [`input`]: resolving, mapping and validating a checkpoint;
 //! - [`model`]: name tables, config, dtypes, the factored format;
-//! - support: [`error`], [`interrupt`], [`digest`].
+//! - support: [`error`], [`interrupt`], [`digest`], [`scratch`].
 
 #![cfg_attr(
     not(test),
@@ -39,6 +39,7 @@ pub(crate) mod report;
 pub mod digest;
 pub mod error;
 pub mod interrupt;
+pub mod scratch;
 
 #[cfg(feature = "dev")]
 pub mod dev;

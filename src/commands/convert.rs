@@ -46,8 +46,10 @@ pub fn run(options: &ConvertOptions) -> Result<()> {
         None => None,
     };
     let mut groups = plan::groups(&checkpoint, &options.surgery);
+    let prepared = Instant::now();
     let inputs = prepare_inputs(options.calibration.as_ref(), &checkpoint, &mut groups)?;
-    let report = match out {
+    let prepare = prepared.elapsed().as_secs_f64();
+    let mut report = match out {
         None => dry_run(options, &input, &checkpoint, groups, &inputs)?,
         Some(out) => convert(
             options,
@@ -58,6 +60,7 @@ pub fn run(options: &ConvertOptions) -> Result<()> {
             &out,
         )?,
     };
+    report.timings.prepare = prepare;
     let out = (!options.dry_run).then(|| options.out.display().to_string());
     print(options, &report, started, out.as_deref())?;
     Ok(())
@@ -105,6 +108,7 @@ fn convert(
     out: &Path,
 ) -> Result<Report> {
     let staging = Staging::create(out)?;
+    let writing = Instant::now();
     let mut digests: BTreeMap<String, String> = BTreeMap::new();
     let written = match options.emit {
         Emit::Dense => write_dense(
@@ -129,6 +133,7 @@ fn convert(
             ],
         )?,
     };
+    let write = writing.elapsed().as_secs_f64();
     let Written {
         plan,
         reports,
@@ -150,8 +155,9 @@ fn convert(
         let bar = progress_bar(options, CHECK_BAR);
         let (record, seconds) = super::check::run(check, checkpoint, staging.path(), &bar)?;
         report.check = Some(record);
-        report.check_seconds = Some(seconds);
+        report.timings.check = Some(seconds);
     }
+    report.timings.write = Some(write);
     finish(staging, &report, digests)?;
     Ok(report)
 }

@@ -12,6 +12,9 @@
 //! Values depend only on the seed, the tensor name and the shape: every tensor is generated in
 //! fixed-size row blocks, each from its own PCG stream and multiplied sequentially, so the bytes do not
 //! depend on the thread count.
+//!
+//! A byte-level `tokenizer.json` of the shape's vocabulary size comes with it
+//! ([`super::tokenizer`]), so calibration and `eval` run on it.
 
 use crate::error::{Error, Result};
 use crate::model::arch::{Role, LLAMA};
@@ -416,6 +419,10 @@ pub fn write(shape: &ModelShape, seed: u64, out: &Path, force: bool) -> Result<P
         )?;
     }
     write_json(&staging.path().join("config.json"), &shape.config())?;
+    write_json(
+        &staging.path().join(crate::llama::tokenize::TOKENIZER_FILE),
+        &super::tokenizer::byte_level(shape.vocab),
+    )?;
     staging.commit()?;
     Ok(out_abs)
 }

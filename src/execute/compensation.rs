@@ -15,6 +15,7 @@ use crate::llama::linear::Linear;
 use crate::llama::Layer;
 use crate::model::arch::Role;
 use crate::model::dtype::FloatType;
+use crate::scratch::{Scratch, SpilledBytes};
 use faer::{Mat, MatRef};
 use serde::Serialize;
 
@@ -30,8 +31,8 @@ pub const O_RIDGE: f64 = 0.1;
 pub struct CompensatedProjection {
     /// Index of the input tensor it replaces in [`Checkpoint::tensors`].
     pub tensor: usize,
-    /// The refitted weight encoded in the tensor's dtype, as written.
-    pub bytes: Vec<u8>,
+    /// The refitted weight encoded in the tensor's dtype, as written (in the scratch file).
+    pub bytes: SpilledBytes,
     /// What the refit changed.
     pub report: CompensationReport,
 }
@@ -72,12 +73,13 @@ fn relative_distance(a: MatRef<'_, f32>, b: MatRef<'_, f32>) -> f64 {
 /// Refits `layer`'s `o_proj` (the compressed layer, whose `o` is still the original weight) from
 /// the heads' outputs of the original (`original`) and compressed (`compressed`) streams, both
 /// `[tokens, heads * head_dim]`. Returns the refit, encoded as written, and the map decoded from
-/// it (the original bias kept) for the rest of the pass.
+/// it (the original bias kept) for the rest of the pass; the bytes are kept in `scratch`.
 pub fn compensate_output(
     checkpoint: &Checkpoint,
     layer: &Layer,
     original: MatRef<'_, f32>,
     compressed: MatRef<'_, f32>,
+    scratch: &Scratch,
 ) -> Result<(CompensatedProjection, Linear)> {
     let name = checkpoint
         .config
@@ -137,7 +139,7 @@ pub fn compensate_output(
     Ok((
         CompensatedProjection {
             tensor,
-            bytes,
+            bytes: scratch.bytes(&bytes)?,
             report,
         },
         linear,
@@ -157,7 +159,7 @@ pub fn decoded(
         &t.name,
         "compensated",
     )?;
-    let values = ty.decode_f32(&projection.bytes);
+    let values = ty.decode_f32(&projection.bytes.load()?);
     Ok(Linear::from_row_major(
         &values, t.shape[0], t.shape[1], bias,
     ))

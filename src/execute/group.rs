@@ -108,12 +108,14 @@ pub(crate) fn fit_group_kept(
                 .ok_or_else(|| fail(DecomposeError::NeedsCalibration))?;
             // Sequential calibration fits the refit weight on the compressed model's inputs.
             let (w, c) = match inputs.sequential_at(group.layer) {
-                Some(m) => (
-                    compensate(w.as_ref(), m.target.as_ref(), m.compressed.as_ref())
-                        .map_err(fail)?,
-                    &m.compressed,
-                ),
-                None => (w, c),
+                Some(m) => {
+                    let compressed = m.compressed.load()?;
+                    let target = m.target.load()?;
+                    let refit = compensate(w.as_ref(), (*target).as_ref(), (*compressed).as_ref())
+                        .map_err(fail)?;
+                    (refit, compressed)
+                }
+                None => (w, c.load()?),
             };
             let w = w.as_ref();
             let left = layer_weight(
@@ -122,10 +124,10 @@ pub(crate) fn fit_group_kept(
                 &group.members,
                 inputs.weighting,
                 w,
-                c.as_ref(),
+                (*c).as_ref(),
             )?;
             Ok((
-                decompose_weighted(w, c.as_ref(), &left, spec).map_err(fail)?,
+                decompose_weighted(w, (*c).as_ref(), &left, spec).map_err(fail)?,
                 Vec::new(),
             ))
         }
@@ -302,6 +304,7 @@ pub(crate) fn run_group(
     emit: Emit,
     inputs: &FitInputs,
 ) -> Result<GroupOutput> {
+    let started = std::time::Instant::now();
     let members: Vec<_> = group
         .members
         .iter()
@@ -390,6 +393,7 @@ pub(crate) fn run_group(
         bytes_original,
         bytes_factored,
         layer_energy_kept,
+        seconds: started.elapsed().as_secs_f64(),
     };
     Ok(GroupOutput { report, pieces })
 }

@@ -38,7 +38,7 @@ use crate::input::checkpoint::{Checkpoint, TensorEntry};
 use crate::model::dtype::FloatType;
 use crate::output::sink::TensorSink;
 use crate::plan::{Emit, Layout, Op, Plan};
-use faer::Mat;
+use crate::scratch::Moment;
 use indicatif::ProgressBar;
 use serde::Serialize;
 
@@ -91,6 +91,9 @@ pub struct GroupReport {
     /// first layer's input).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub layer_energy_kept: Vec<f64>,
+    /// Seconds the fit and its encoding took (printed, never in `surgery.json`).
+    #[serde(skip)]
+    pub seconds: f64,
 }
 
 impl GroupReport {
@@ -104,10 +107,10 @@ impl GroupReport {
 #[derive(Debug, Clone, Default)]
 pub struct FitInputs {
     /// Per layer, the covariance of the attention input (`--calibrate`), for fit `act`.
-    pub covariances: Option<Vec<Mat<f64>>>,
+    pub covariances: Option<Vec<Moment>>,
     /// `E[x_l x_s^T]` of layer `l` with a shared latent group's source layer `s`, by `(l, s)`
     /// (sequential calibration: `x_l` the original model's input, `x_s` the compressed model's).
-    pub cross: std::collections::BTreeMap<(usize, usize), Mat<f64>>,
+    pub cross: std::collections::BTreeMap<(usize, usize), Moment>,
     /// Sequential calibration (`--calibrate-mode sequential`): per layer, from layer 0 on, the
     /// moments of the compressed model's attention input (none for the later layers of a shared
     /// latent group: they read their source's latent); empty for one-shot calibration.
@@ -125,9 +128,9 @@ pub struct FitInputs {
 #[derive(Debug, Clone)]
 pub struct SequentialMoments {
     /// `E[x_c x_c^T]`, `[hidden, hidden]`.
-    pub compressed: Mat<f64>,
+    pub compressed: Moment,
     /// `E[x_o x_c^T]`, `[hidden, hidden]`.
-    pub target: Mat<f64>,
+    pub target: Moment,
 }
 
 impl FitInputs {
@@ -283,13 +286,13 @@ impl Sources<'_, '_> {
                     .compensated
                     .get(&layer)
                     .filter(|c| c.tensor == index)
-                    .map(|c| c.bytes.as_slice())
+                    .map(|c| c.bytes.load())
                     .ok_or_else(|| {
                         Error::bug(format!(
                             "{name}: layer {layer}'s o_proj was planned compensated but never refitted"
                         ))
                     })?;
-                sink.write_part(bytes)?;
+                sink.write_part(&bytes?)?;
             }
             Op::Expand { down, up } => {
                 let bytes = expand_tensor(checkpoint, down, up)?;

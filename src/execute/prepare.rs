@@ -54,7 +54,8 @@ pub fn fit_inputs(
     let mut pairs: Vec<(usize, usize)> = groups.iter().flat_map(GroupPlan::cross_pairs).collect();
     pairs.sort_unstable();
     pairs.dedup();
-    let stats = crate::llama::calibrate::calibrate(checkpoint, calibration, &pairs)?;
+    let scratch = crate::scratch::Scratch::new()?;
+    let stats = crate::llama::calibrate::calibrate(checkpoint, calibration, &pairs, &scratch)?;
     Ok(FitInputs {
         covariances: Some(stats.covariances),
         cross: stats.cross,

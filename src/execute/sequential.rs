@@ -30,6 +30,7 @@ use crate::llama::calibrate::{accumulate, accumulate_cross, calibration_tokens, 
 use crate::llama::{Llama, PassState};
 use crate::options::{CalibrateMode, Calibration};
 use crate::plan::{compensated_tensors, GroupPlan, Share};
+use crate::scratch::Scratch;
 use faer::{Mat, MatRef};
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -98,6 +99,7 @@ pub fn sequential_inputs(
         .into_values()
         .collect();
     let mut substitution = Substitution::new(checkpoint, groups);
+    let scratch = Scratch::new()?;
     let (mut original_state, mut compressed_state) = (PassState::default(), PassState::default());
     let mut start = 0;
     while start < layers {
@@ -111,7 +113,8 @@ pub fn sequential_inputs(
             let layer = llama.layer(index)?;
             if sequential {
                 let x = layer.attention_input(original.as_ref());
-                record_moments(&mut inputs, (index, start), x.as_ref(), source.as_ref(), n)?;
+                let moments = (x.as_ref(), source.as_ref());
+                record_moments(&mut inputs, &scratch, (index, start), moments, n)?;
             }
             if index + 1 == layers && !refitted.contains(&index) {
                 continue;
@@ -134,7 +137,7 @@ pub fn sequential_inputs(
             let z = layer.attention_heads(compressed.as_ref(), ctx, &mut compressed_state)?;
             if let Some(target) = heads.remove(&index) {
                 let (projection, o) =
-                    compensate_output(checkpoint, &layer, target.as_ref(), z.as_ref())?;
+                    compensate_output(checkpoint, &layer, target.as_ref(), z.as_ref(), &scratch)?;
                 layer.o = o;
                 inputs.compensated.insert(index, projection);
             }
@@ -148,29 +151,35 @@ pub fn sequential_inputs(
 }
 
 /// Sequential mode: layer `index`'s moments, `x` its original input, `source` the compressed
-/// input of its segment's first layer `start` (the input of a shared latent group's source).
+/// input of its segment's first layer `start` (the input of a shared latent group's source), kept
+/// in `scratch`.
 fn record_moments(
     inputs: &mut FitInputs,
+    scratch: &Scratch,
     (index, start): (usize, usize),
-    x: MatRef<'_, f32>,
-    source: MatRef<'_, f32>,
+    (x, source): (MatRef<'_, f32>, MatRef<'_, f32>),
     n: f64,
 ) -> Result<()> {
-    let covariance = second_moment(x, n);
+    let covariance = scratch.matrix(&second_moment(x, n))?;
     if index == start {
         // Nothing compressed below (or nothing that changed the inputs): the moments are the
         // one-shot ones, bit for bit, and the fit is today's.
         let (compressed_moment, target) = if identical(x, source) {
             (covariance.clone(), covariance.clone())
         } else {
-            (second_moment(source, n), moment(x, source, n))
+            (
+                scratch.matrix(&second_moment(source, n))?,
+                scratch.matrix(&moment(x, source, n))?,
+            )
         };
         inputs.sequential.push(Some(SequentialMoments {
             compressed: compressed_moment,
             target,
         }));
     } else {
-        inputs.cross.insert((index, start), moment(x, source, n));
+        inputs
+            .cross
+            .insert((index, start), scratch.matrix(&moment(x, source, n))?);
         inputs.sequential.push(None);
     }
     inputs

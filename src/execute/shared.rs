@@ -10,7 +10,9 @@ use crate::fit::shared::{shared_basis, shared_latent_from, LayerTerm, SharedDeco
 use crate::fit::spec::Spec;
 use crate::input::checkpoint::Checkpoint;
 use crate::plan::{GroupPlan, Share};
+use crate::scratch::Moment;
 use faer::{Mat, MatRef};
+use std::borrow::Cow;
 
 /// One layer of a group as its fit reads it.
 struct LayerInputs<'a> {
@@ -21,9 +23,9 @@ struct LayerInputs<'a> {
     /// Sequential calibration, shared basis: `w` refitted to the compressed model's inputs.
     refit: Option<Mat<f64>>,
     /// The moment its output energy is measured under.
-    c: &'a Mat<f64>,
-    /// Its cross moment with the group's latent input.
-    cross: &'a Mat<f64>,
+    c: Cow<'a, Mat<f64>>,
+    /// Its cross moment with the group's latent input (`None`: `c` itself).
+    cross: Option<Cow<'a, Mat<f64>>>,
 }
 
 /// Layer `layer`'s weight and moments (`c` its one-shot covariance): one-shot, the layer's own
@@ -35,10 +37,10 @@ fn layer_inputs<'a>(
     inputs: &'a FitInputs,
     layer: usize,
     w: MatRef<'a, f64>,
-    c: &'a Mat<f64>,
+    c: &'a Moment,
     fail: &dyn Fn(String) -> Error,
 ) -> Result<LayerInputs<'a>> {
-    let plain = |c: &'a Mat<f64>, cross: &'a Mat<f64>| LayerInputs {
+    let plain = |c: Cow<'a, Mat<f64>>, cross: Option<Cow<'a, Mat<f64>>>| LayerInputs {
         members: Vec::new(),
         w,
         refit: None,
@@ -54,17 +56,19 @@ fn layer_inputs<'a>(
                         group.layer
                     ))
                 })?;
-                plain(c, cross)
+                plain(c.load()?, Some(cross.load()?))
             }
-            (Share::Latent, true, Some(m)) => plain(c, &m.target),
-            (Share::Basis, _, Some(m)) => LayerInputs {
-                refit: Some(
-                    compensate(w, m.target.as_ref(), m.compressed.as_ref())
-                        .map_err(|e| fail(format!("layer {layer}: {e}")))?,
-                ),
-                ..plain(&m.compressed, &m.compressed)
-            },
-            (_, _, None) => plain(c, c),
+            (Share::Latent, true, Some(m)) => plain(c.load()?, Some(m.target.load()?)),
+            (Share::Basis, _, Some(m)) => {
+                let compressed = m.compressed.load()?;
+                let refit = compensate(w, (*m.target.load()?).as_ref(), (*compressed).as_ref())
+                    .map_err(|e| fail(format!("layer {layer}: {e}")))?;
+                LayerInputs {
+                    refit: Some(refit),
+                    ..plain(compressed, None)
+                }
+            }
+            (_, _, None) => plain(c.load()?, None),
         },
     )
 }
@@ -124,27 +128,27 @@ pub(crate) fn fit_shared(
             &l.members,
             inputs.weighting,
             w_l,
-            l.c.as_ref(),
+            (*l.c).as_ref(),
         )?;
         terms.push(LayerTerm {
             w: w_l,
-            c: l.c.as_ref(),
-            cross: l.cross.as_ref(),
+            c: (*l.c).as_ref(),
+            cross: l.cross.as_deref().unwrap_or(&l.c).as_ref(),
             left,
         });
     }
     // The latent is computed from the source layer's input: the compressed model's, when
     // calibration is sequential.
     let predictor = match inputs.sequential_at(group.layer) {
-        Some(m) => m.compressed.as_ref(),
+        Some(m) => m.compressed.load()?,
         None => covariances
             .get(group.layer)
             .ok_or_else(|| fail("no calibration statistics for the source layer".into()))?
-            .as_ref(),
+            .load()?,
     };
     let fitted = match share {
         Share::Basis => shared_basis(&terms, spec),
-        Share::Latent => shared_latent_from(&terms, predictor, spec),
+        Share::Latent => shared_latent_from(&terms, (*predictor).as_ref(), spec),
     };
     fitted.map_err(|e| fail(e.to_string()))
 }
@@ -164,9 +168,9 @@ mod tests {
     fn white_inputs(cross: bool) -> FitInputs {
         let id = || Mat::<f64>::identity(HIDDEN, HIDDEN);
         FitInputs {
-            covariances: Some(vec![id(), id()]),
+            covariances: Some(vec![id().into(), id().into()]),
             cross: if cross {
-                [((1, 0), id())].into()
+                [((1, 0), id().into())].into()
             } else {
                 Default::default()
             },

@@ -17,6 +17,7 @@ use crate::input::checkpoint::Checkpoint;
 use crate::llama::tokenize::TextTokenizer;
 use crate::llama::Llama;
 use crate::options::{Allocation, Calibration};
+use crate::scratch::{Moment, Scratch};
 use faer::linalg::matmul::matmul;
 use faer::{Accum, Mat, MatRef, Par};
 use serde::Serialize;
@@ -26,9 +27,9 @@ use std::collections::BTreeMap;
 #[derive(Debug)]
 pub struct CalibrationStats {
     /// Per layer, `X^T X / N` of the attention input, `[hidden, hidden]`.
-    pub covariances: Vec<Mat<f64>>,
+    pub covariances: Vec<Moment>,
     /// `X_l^T X_s / N` of layer `l` with source layer `s`, by `(l, s)`, `[hidden, hidden]`.
-    pub cross: BTreeMap<(usize, usize), Mat<f64>>,
+    pub cross: BTreeMap<(usize, usize), Moment>,
     /// Provenance, recorded in `surgery.json`.
     pub record: CalibrationRecord,
 }
@@ -54,18 +55,67 @@ pub struct CalibrationRecord {
     pub allocation: Option<&'static str>,
 }
 
-/// `acc += x^T x` in `f64` (`x` `[rows, hidden]`), single-threaded so the sums do not depend on
-/// the thread count.
+/// Columns of a moment computed by one task of [`accumulate`] and [`accumulate_cross`].
+const BLOCK_COLUMNS: usize = 32;
+
+/// `x` widened to `f64`.
+fn widen(x: MatRef<'_, f32>) -> Mat<f64> {
+    Mat::<f64>::from_fn(x.nrows(), x.ncols(), |i, j| f64::from(x[(i, j)]))
+}
+
+/// `a^T b` by fixed blocks of `BLOCK_COLUMNS` columns of `b` (`cols` columns; `b(start, n)` gives
+/// columns `start..start + n` in `f64`, so `b` is never widened whole), computed in parallel, each
+/// summed single-threaded, so the sums do not depend on the thread count. With `lower`, `b` is `a`
+/// and only each block's rows from its first column down are computed (the product is symmetric):
+/// half the work. Returns each block's first column and its rows from `row0` (0, or with `lower`
+/// the block's first column).
+fn column_blocks(
+    a: MatRef<'_, f64>,
+    cols: usize,
+    b: impl Fn(usize, usize) -> Mat<f64> + Sync,
+    lower: bool,
+) -> Vec<(usize, Mat<f64>)> {
+    use rayon::prelude::*;
+    (0..cols)
+        .step_by(BLOCK_COLUMNS)
+        .collect::<Vec<_>>()
+        .into_par_iter()
+        .map(|start| {
+            let n = BLOCK_COLUMNS.min(cols - start);
+            let row0 = if lower { start } else { 0 };
+            let left = a.subcols(row0, a.ncols() - row0);
+            let mut out = Mat::<f64>::zeros(left.ncols(), n);
+            matmul(
+                out.as_mut(),
+                Accum::Replace,
+                left.transpose(),
+                b(start, n).as_ref(),
+                1.0,
+                Par::Seq,
+            );
+            (start, out)
+        })
+        .collect()
+}
+
+/// `acc += x^T x` in `f64` (`x` `[rows, hidden]`): a symmetric rank-k update, the lower triangle
+/// computed (in parallel over fixed column blocks, see [`column_blocks`]) and mirrored, so the
+/// result is exactly symmetric and does not depend on the thread count.
 pub fn accumulate(acc: &mut Mat<f64>, x: MatRef<'_, f32>) {
-    let x64 = Mat::<f64>::from_fn(x.nrows(), x.ncols(), |i, j| f64::from(x[(i, j)]));
-    matmul(
-        acc.as_mut(),
-        Accum::Add,
-        x64.transpose(),
-        x64.as_ref(),
-        1.0,
-        Par::Seq,
-    );
+    let x64 = widen(x);
+    let columns = |start: usize, n: usize| x64.subcols(start, n).to_owned();
+    for (start, block) in column_blocks(x64.as_ref(), x64.ncols(), columns, true) {
+        for j in 0..block.ncols() {
+            for i in j..block.nrows() {
+                let (row, col) = (start + i, start + j);
+                let v = block[(i, j)];
+                acc[(row, col)] += v;
+                if row != col {
+                    acc[(col, row)] += v;
+                }
+            }
+        }
+    }
 }
 
 /// Whether two activations are the same, bit for bit.
@@ -76,35 +126,12 @@ pub fn identical(a: MatRef<'_, f32>, b: MatRef<'_, f32>) -> bool {
             .all(|j| (0..a.nrows()).all(|i| a[(i, j)].to_bits() == b[(i, j)].to_bits()))
 }
 
-/// Columns of a cross moment computed by one task of [`accumulate_cross`].
-const CROSS_COLUMNS: usize = 32;
-
 /// `acc += a^T b` in `f64` (`a`, `b` `[rows, hidden]`), in parallel over fixed blocks of
 /// columns, each summed single-threaded in row order: the sums do not depend on the thread count.
 pub fn accumulate_cross(acc: &mut Mat<f64>, a: MatRef<'_, f32>, b: MatRef<'_, f32>) {
-    use rayon::prelude::*;
-    let a64 = Mat::<f64>::from_fn(a.nrows(), a.ncols(), |i, j| f64::from(a[(i, j)]));
-    let cols = acc.ncols();
-    let blocks: Vec<(usize, Mat<f64>)> = (0..cols)
-        .step_by(CROSS_COLUMNS)
-        .collect::<Vec<_>>()
-        .into_par_iter()
-        .map(|start| {
-            let n = CROSS_COLUMNS.min(cols - start);
-            let b64 = Mat::<f64>::from_fn(b.nrows(), n, |i, j| f64::from(b[(i, start + j)]));
-            let mut out = Mat::<f64>::zeros(a.ncols(), n);
-            matmul(
-                out.as_mut(),
-                Accum::Replace,
-                a64.transpose(),
-                b64.as_ref(),
-                1.0,
-                Par::Seq,
-            );
-            (start, out)
-        })
-        .collect();
-    for (start, block) in blocks {
+    let a64 = widen(a);
+    let columns = |start: usize, n: usize| widen(b.subcols(start, n));
+    for (start, block) in column_blocks(a64.as_ref(), b.ncols(), columns, false) {
         for j in 0..block.ncols() {
             for i in 0..block.nrows() {
                 acc[(i, start + j)] += block[(i, j)];
@@ -175,11 +202,12 @@ fn refuse_sliding_sources(llama: &Llama, pairs: &[(usize, usize)]) -> Result<()>
 
 /// Runs the calibration pass of `calibration` over `checkpoint`. `pairs` lists the `(layer,
 /// source)` cross moments to accumulate (`source < layer`: a shared latent group's source layer
-/// and one of its later layers).
+/// and one of its later layers). The moments are kept in `scratch`.
 pub fn calibrate(
     checkpoint: &Checkpoint,
     calibration: &Calibration,
     pairs: &[(usize, usize)],
+    scratch: &Scratch,
 ) -> Result<CalibrationStats> {
     let (ids, record) = calibration_tokens(checkpoint, calibration)?;
     let ids = &ids[..];
@@ -201,7 +229,8 @@ pub fn calibrate(
         let mut c = Mat::<f64>::zeros(hidden, hidden);
         accumulate(&mut c, x.as_ref());
         scale(&mut c, n);
-        covariances.push(c);
+        covariances.push(scratch.matrix(&c)?);
+        drop(c);
         for &(l, s) in pairs.iter().filter(|(l, _)| *l == index) {
             let xs = kept.get(&s).ok_or_else(|| {
                 Error::bug(format!(
@@ -211,7 +240,7 @@ pub fn calibrate(
             let mut m = Mat::<f64>::zeros(hidden, hidden);
             accumulate_cross(&mut m, x.as_ref(), xs.as_ref());
             scale(&mut m, n);
-            cross.insert((l, s), m);
+            cross.insert((l, s), scratch.matrix(&m)?);
         }
         kept.retain(|&s, _| pairs.iter().any(|&(l, p)| p == s && l > index));
         if pairs.iter().any(|&(l, s)| s == index && l > index) {

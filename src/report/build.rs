@@ -58,7 +58,7 @@ impl Report {
                 .map(|c| c.report.clone())
                 .collect(),
             check: None,
-            check_seconds: None,
+            timings: Default::default(),
         }
     }
 }

@@ -40,9 +40,20 @@ pub struct Report {
     /// The quality check, when it ran.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub check: Option<CheckRecord>,
-    /// Seconds the check took (printed, never in `surgery.json`, which holds no times).
+    /// Where the time went (printed, never in `surgery.json`, which holds no times).
     #[serde(skip)]
-    pub check_seconds: Option<f64>,
+    pub timings: Timings,
+}
+
+/// Where a conversion's time went, in seconds.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Timings {
+    /// What the fits need first: calibration (`--fit act`) and the `budget:F` spectra.
+    pub prepare: f64,
+    /// The write pass, the fits running ahead of the writer inside it (none for a dry run).
+    pub write: Option<f64>,
+    /// The quality check (`--check`).
+    pub check: Option<f64>,
 }
 
 /// Tool identity.

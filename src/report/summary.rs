@@ -36,13 +36,14 @@ impl Report {
         }
         if let Some(check) = &self.check {
             let calibrated = self.options.calibration.is_some();
-            let _ = writeln!(s, "{}", check.summary_line(calibrated, self.check_seconds));
+            let _ = writeln!(s, "{}", check.summary_line(calibrated, self.timings.check));
         } else if out.is_some() && self.options.calibration.is_none() {
             let _ = writeln!(
                 s,
                 "perplexity not checked (off for weight-only fits): add --check to score the input and the output on the built-in sample"
             );
         }
+        let _ = writeln!(s, "{}", self.timing_line());
         match out {
             Some(out) => {
                 let bytes: u64 = self.output.weight_files.iter().map(|f| f.bytes).sum();
@@ -58,6 +59,32 @@ impl Report {
             }
         }
         s
+    }
+
+    /// Where the time went: calibration (or the budgets' spectra), the write pass, the fits inside
+    /// it (summed over the threads that ran them), the check.
+    fn timing_line(&self) -> String {
+        let t = &self.timings;
+        let fits: f64 = self
+            .layers
+            .iter()
+            .flat_map(|l| &l.groups)
+            .map(|g| g.seconds)
+            .sum();
+        let mut parts = Vec::new();
+        if self.options.calibration.is_some() {
+            parts.push(format!("calibration {:.2}s", t.prepare));
+        } else if t.prepare >= 0.005 {
+            parts.push(format!("budget spectra {:.2}s", t.prepare));
+        }
+        parts.push(format!("fits {fits:.2}s (summed over threads)"));
+        if let Some(write) = t.write {
+            parts.push(format!("write pass {write:.2}s (the fits run inside it)"));
+        }
+        if let Some(check) = t.check {
+            parts.push(format!("check {check:.2}s"));
+        }
+        format!("time: {}", parts.join(", "))
     }
 
     /// What `--compensate o_proj` rewrote: how many tensors, by how much, and the attention output

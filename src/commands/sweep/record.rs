@@ -213,6 +213,7 @@ mod tests {
             bytes_original: 400,
             bytes_factored: 40,
             layer_energy_kept: Vec::new(),
+            seconds: 0.0,
         }
     }
 
