@@ -21,14 +21,16 @@ TIME_LINE = re.compile(r"^time: (.*)$", re.M)
 
 
 def split(stderr):
-    """The seconds of the conversion's `time:` line, by part."""
+    """The seconds of the conversion's `time:` line, by part, and of its check line."""
     m = TIME_LINE.search(stderr)
     if not m:
         raise SystemExit(f"bench: no time line in the conversion's output:\n{stderr[-2000:]}")
     parts = {}
-    for key, label in [("calibration", "calibration"), ("fits", "fits"), ("write", "write pass"), ("check", "check")]:
+    for key, label in [("calibration", "calibration"), ("fits", "fits"), ("write", "write pass")]:
         hit = re.search(rf"{label} ([0-9.]+)s", m.group(1))
         parts[key] = float(hit.group(1)) if hit else 0.0
+    check = re.search(r"\(checked in ([0-9.]+)s\)", stderr)
+    parts["check"] = float(check.group(1)) if check else 0.0
     return parts
 
 
