@@ -9,7 +9,8 @@
 //! cross moments of every later layer's original input with the source's compressed input: the
 //! original stream runs ahead through the group's layers first, then the compressed stream follows
 //! with the fitted group. Memory: the two hidden states, the compressed source input while the
-//! original stream crosses a group, one layer's weights per stream, and the moments
+//! original stream crosses a group, one layer's weights at a time, one pool of activation buffers for
+//! both streams (the MLP block runs over the tokens in chunks), and the moments
 //! (`hidden^2` values each: three per layer, one per later layer of a group).
 //!
 //! `o_proj` compensation (`--compensate o_proj`, [`super::compensation`]) rides on the same pass:
@@ -128,6 +129,8 @@ pub fn sequential_inputs(
             }
         }
         drop(source);
+        // One pool of activation buffers for both streams, each `[tokens, width]`.
+        original_state.swap_buffers(&mut compressed_state);
         for index in start..end {
             let mut layer = llama.layer(index)?;
             substitution.apply(&mut layer, &inputs)?;
@@ -145,6 +148,7 @@ pub fn sequential_inputs(
                 layer.finish(&mut compressed, z.as_ref(), &mut compressed_state);
             }
         }
+        compressed_state.swap_buffers(&mut original_state);
         start = end;
     }
     Ok(inputs)

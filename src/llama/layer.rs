@@ -12,7 +12,7 @@ use crate::llama::ops::{
     add_in_place, gated_in_place, head_rms_norm_in_place, rms_norm, rms_norm_in, Activation,
 };
 use crate::llama::rope::{Rope, RopeTable};
-use faer::{Mat, MatRef};
+use faer::{Mat, MatMut, MatRef};
 
 /// Gemma's norms of the two blocks' outputs.
 #[derive(Debug, Clone)]
@@ -57,6 +57,19 @@ pub struct Layer {
     pub rope: Rope,
     /// `rms_norm_eps`.
     pub eps: f64,
+}
+
+/// Bytes of one `[rows, intermediate]` MLP activation (the gate, the up projection) at most:
+/// the block runs over the tokens in chunks of this size, so a long calibration pass on a wide
+/// model does not hold `[tokens, intermediate]` matrices (8,192 tokens of Llama-3-8B's 14,336
+/// would be 470 MB each).
+const MLP_CHUNK_BYTES: usize = 64 << 20;
+
+/// Rows of the MLP block computed at once for an `intermediate`-wide MLP: [`MLP_CHUNK_BYTES`]
+/// per activation, a multiple of 64 rows, at least 256.
+fn mlp_rows(intermediate: usize) -> usize {
+    let rows = MLP_CHUNK_BYTES / (intermediate.max(1) * std::mem::size_of::<f32>());
+    (rows / 64 * 64).max(256)
 }
 
 impl Layer {
@@ -111,27 +124,41 @@ impl Layer {
 
     /// The rest of the layer, in place: `h += o_proj(z)` for the heads' output `z`
     /// ([`Layer::attention_heads`]), then the MLP block (Gemma: each block's output normalised
-    /// before it is added). Buffers come from and go back to `state`.
+    /// before it is added), [`mlp_rows`] rows at a time. Buffers come from and go back to `state`.
     pub fn finish(&self, h: &mut Mat<f32>, z: MatRef<'_, f32>, state: &mut PassState) {
-        let buffers = &mut state.buffers;
+        self.finish_in_chunks(h, z, mlp_rows(self.gate.out_features()), &mut state.buffers);
+    }
+
+    /// [`Layer::finish`] with the MLP block applied to `rows` rows at a time (every row's result
+    /// is its own: the same bits for any `rows`).
+    fn finish_in_chunks(
+        &self,
+        h: &mut Mat<f32>,
+        z: MatRef<'_, f32>,
+        rows: usize,
+        buffers: &mut Buffers,
+    ) {
         let o = self.o.apply_in(z, buffers);
-        self.add_output(h, o, |n| &n.attention, buffers);
-        let x = rms_norm_in(h.as_ref(), &self.mlp_norm, self.eps, buffers);
-        let mut gate = self.gate.apply_in(x.as_ref(), buffers);
-        let up = self.up.apply_in(x.as_ref(), buffers);
-        buffers.give(x);
-        gated_in_place(&mut gate, &up, self.activation);
-        buffers.give(up);
-        let down = self.down.apply_in(gate.as_ref(), buffers);
-        buffers.give(gate);
-        self.add_output(h, down, |n| &n.mlp, buffers);
+        self.add_output(h.as_mut(), o, |n| &n.attention, buffers);
+        for w in windows(h.nrows(), rows.max(1)) {
+            let mut chunk = h.as_mut().subrows_mut(w.start, w.len());
+            let x = rms_norm_in(chunk.as_ref(), &self.mlp_norm, self.eps, buffers);
+            let mut gate = self.gate.apply_in(x.as_ref(), buffers);
+            let up = self.up.apply_in(x.as_ref(), buffers);
+            buffers.give(x);
+            gated_in_place(&mut gate, &up, self.activation);
+            buffers.give(up);
+            let down = self.down.apply_in(gate.as_ref(), buffers);
+            buffers.give(gate);
+            self.add_output(chunk.as_mut(), down, |n| &n.mlp, buffers);
+        }
     }
 
     /// `h += block`, the block's output normalised first where the family does (Gemma's
     /// `post_*_layernorm`, picked by `norm`); `block` goes back to `buffers`.
     fn add_output(
         &self,
-        h: &mut Mat<f32>,
+        h: MatMut<'_, f32>,
         block: Mat<f32>,
         norm: fn(&OutputNorms) -> &[f32],
         buffers: &mut Buffers,
@@ -162,6 +189,52 @@ impl Layer {
             let table = &tables[index].1;
             table.rotate(q.as_mut().subrows_mut(w.start, len));
             table.rotate(k.as_mut().subrows_mut(w.start, len));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::llama::Llama;
+    use crate::test_support::open_tiny;
+    use safetensors::Dtype;
+
+    #[test]
+    fn mlp_rows_bound_the_activations() {
+        assert_eq!(mlp_rows(14_336), 1_152);
+        assert_eq!(mlp_rows(1_536), 10_880);
+        assert_eq!(mlp_rows(1 << 30), 256);
+        assert!(mlp_rows(14_336) * 14_336 * 4 <= MLP_CHUNK_BYTES);
+    }
+
+    #[test]
+    fn the_mlp_in_chunks_gives_the_same_bits() {
+        let (_dir, ck) = open_tiny(Dtype::F32, false);
+        let llama = Llama::new(&ck).unwrap();
+        let ids: Vec<u32> = (0..37).map(|i| (i * 7 % 16) as u32).collect();
+        let h = llama.embed(&ids).unwrap();
+        let layer = llama.layer(0).unwrap();
+        let mut state = PassState::default();
+        let z = layer.attention_heads(h.as_ref(), 16, &mut state).unwrap();
+        let run = |rows: usize| {
+            let mut out = h.clone();
+            layer.finish_in_chunks(&mut out, z.as_ref(), rows, &mut Buffers::default());
+            out
+        };
+        let whole = run(ids.len());
+        assert!((0..whole.ncols()).any(|j| whole[(0, j)] != h[(0, j)]));
+        for rows in [1, 5, 36] {
+            let chunked = run(rows);
+            for j in 0..whole.ncols() {
+                for i in 0..whole.nrows() {
+                    assert_eq!(
+                        chunked[(i, j)].to_bits(),
+                        whole[(i, j)].to_bits(),
+                        "{rows} rows"
+                    );
+                }
+            }
         }
     }
 }

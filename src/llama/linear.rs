@@ -163,6 +163,14 @@ pub struct PassState {
     pub(crate) buffers: Buffers,
 }
 
+impl PassState {
+    /// Swaps the activation buffers with `other`'s: two streams of one pass (sequential
+    /// calibration) hand one pool back and forth instead of keeping one each.
+    pub fn swap_buffers(&mut self, other: &mut PassState) {
+        std::mem::swap(&mut self.buffers, &mut other.buffers);
+    }
+}
+
 impl KeyValue {
     /// Keys and values of `x` `[tokens, in]` (before RoPE); a shared latent group's source keeps
     /// its latent in `state`, where the group's later layers read it.

@@ -135,8 +135,8 @@ pub fn softcap_in_place(x: &mut [f32], c: f32) {
 }
 
 /// `h <- h + delta` (same shapes): a residual connection, columns in parallel.
-pub fn add_in_place(h: &mut Mat<f32>, delta: MatRef<'_, f32>) {
-    par_columns(h.as_mut(), |j, c| {
+pub fn add_in_place(h: MatMut<'_, f32>, delta: MatRef<'_, f32>) {
+    par_columns(h, |j, c| {
         let d = delta.col(j);
         for (i, v) in c.iter_mut().enumerate() {
             *v += d[i];
@@ -403,7 +403,7 @@ mod tests {
     fn residual_add() {
         let mut h = Mat::<f32>::from_fn(2, 2, |i, j| (i + 2 * j) as f32);
         let d = Mat::<f32>::from_fn(2, 2, |_, _| 0.5);
-        add_in_place(&mut h, d.as_ref());
+        add_in_place(h.as_mut(), d.as_ref());
         assert_eq!(h[(1, 1)], 3.5);
     }
 }
