@@ -9,8 +9,8 @@ use crate::fit::act::{
 };
 use crate::fit::compensate::compensate;
 use crate::fit::decompose::{
-    count_non_finite, decompose_owned, error_ratio, matrix_from_rows, product, DecomposeError,
-    Decomposition, Fit,
+    count_non_finite, decompose_owned, decompose_with_basis, error_ratio, matrix_from_rows,
+    product, DecomposeError, Decomposition, Fit,
 };
 use crate::fit::spec::Spec;
 use crate::input::checkpoint::{Checkpoint, TensorEntry};
@@ -131,7 +131,14 @@ pub(crate) fn fit_group_kept(
                 Vec::new(),
             ))
         }
-        (fit, _) => Ok((decompose_owned(w, fit, spec).map_err(fail)?, Vec::new())),
+        (fit, _) => {
+            // The width pass may have decomposed it already (factored output with a threshold).
+            let d = match inputs.bases.take(group.members[0]) {
+                Some(basis) => decompose_with_basis(w, basis, spec),
+                None => decompose_owned(w, fit, spec),
+            };
+            Ok((d.map_err(fail)?, Vec::new()))
+        }
     }
 }
 

@@ -4,8 +4,8 @@
 //! Fits run ahead of the writer through a [`pipeline::Pipeline`] in the order the write pass needs them, so
 //! only the groups in flight are held in memory; the write pass takes them as its tensors come due
 //! ([`pipeline::Pipelined`]). Factored output needs every latent width before the layout exists:
-//! [`widths`] decides them first (a threshold from eigenvalues alone, a rank from nothing) and pins
-//! each fit to its width. Input pages are released as soon as they have been consumed.
+//! [`widths`] decides them first (a threshold from the fit's decomposing half, whose basis the
+//! write pass's fit then finishes; a rank from nothing) and pins each fit to its width. Input pages are released as soon as they have been consumed.
 //!
 //! [`prepare`] computes what the fits need first (calibration, budgets); [`write`] runs a
 //! conversion's write pass; [`input_hash`] hashes the input on the way.
@@ -121,6 +121,9 @@ pub struct FitInputs {
     pub weighting: ActWeighting,
     /// Where the covariances came from.
     pub calibration: Option<crate::llama::calibrate::CalibrationRecord>,
+    /// The weight-only bases the factored layout's width pass decomposed, for the write pass's
+    /// fits to finish.
+    pub bases: widths::KeptBases,
 }
 
 /// One layer's moments in sequential calibration: `x_c` is the attention input of the model with

@@ -63,6 +63,7 @@ pub fn fit_inputs(
         compensated: Default::default(),
         weighting: calibration.weighting,
         calibration: Some(stats.record),
+        bases: Default::default(),
     })
 }
 

@@ -240,15 +240,23 @@ pub(super) fn run_factored(ck: &Checkpoint) -> (Plan, Memory) {
 
 /// [`run_factored`] with another surgery.
 pub(super) fn run_factored_with(ck: &Checkpoint, surgery: &Surgery) -> (Plan, Memory) {
+    run_factored_bases(ck, surgery, true)
+}
+
+/// [`run_factored_with`]; `reuse`: the write pass's fits finish the width pass's bases (as
+/// `write_factored` runs them), or decompose again.
+fn run_factored_bases(ck: &Checkpoint, surgery: &Surgery, reuse: bool) -> (Plan, Memory) {
     let mut groups = plan::groups(ck, surgery);
-    let inputs = FitInputs::default();
-    let latents = super::widths::resolve_latents(ck, &mut groups, &inputs, &|| {}).unwrap();
+    let widths_inputs = FitInputs::default();
+    let latents = super::widths::resolve_latents(ck, &mut groups, &widths_inputs, &|| {}).unwrap();
+    let fresh = FitInputs::default();
+    let inputs = if reuse { &widths_inputs } else { &fresh };
     let layout = Layout::Factored {
         latents: latents.clone(),
     };
     let plan = plan::plan(ck, groups, &layout, None).unwrap();
     let order = need_order(&plan);
-    let sink = with_pipeline(ck, &plan.groups, &order, Emit::Factored, &inputs, |p| {
+    let sink = with_pipeline(ck, &plan.groups, &order, Emit::Factored, inputs, |p| {
         let mut source = Pipelined::new(p, plan.groups.len());
         let sink = run(ck, &plan, &mut source)?;
         // Every group's fit kept the width the layout planned for it.
@@ -258,7 +266,30 @@ pub(super) fn run_factored_with(ck: &Checkpoint, surgery: &Surgery) -> (Plan, Me
         Ok(sink)
     })
     .unwrap();
+    // Every basis the width pass kept was taken by its group's fit.
+    assert_eq!(inputs.bases.len(), 0);
     (plan, sink)
+}
+
+#[test]
+fn factored_fits_finishing_the_width_pass_bases_write_the_same_bytes() {
+    let (_dir, ck) = tiny::open_tiny(Dtype::F32, true);
+    for fit in [Fit::Pca, Fit::Seed, Fit::Svd] {
+        let surgery = Surgery {
+            q: Some(Spec::Threshold(0.6)),
+            shared_kv: Some(Spec::Threshold(0.5)),
+            fit,
+            ..surgery()
+        };
+        // The width pass keeps a basis for every threshold group.
+        let mut groups = plan::groups(&ck, &surgery);
+        let inputs = FitInputs::default();
+        super::widths::resolve_latents(&ck, &mut groups, &inputs, &|| {}).unwrap();
+        assert_eq!(inputs.bases.len(), groups.len(), "{fit:?}");
+        let (_, reused) = run_factored_bases(&ck, &surgery, true);
+        let (_, again) = run_factored_bases(&ck, &surgery, false);
+        assert_eq!(reused.by_name(), again.by_name(), "{fit:?}");
+    }
 }
 
 /// `up @ down` of two row-major matrices.

@@ -3,29 +3,80 @@
 //! pass, as for dense output, with nothing spilled.
 //!
 //! A rank SPEC (or a resolved budget) needs no computation. A threshold needs the spectrum: for the
-//! weight-only fits it comes from the eigenvalues alone of the same Gram matrix the fit decomposes
-//! ([`spectrum_owned`], without eigenvectors); where the threshold falls within [`MARGIN`] of a
-//! component boundary (so the last bits of the eigenvalues could decide), and for fit `act`, whose
-//! weighting is the fit's own, the fit itself is run for its spectrum. Each threshold is then
-//! pinned to the rank found (`GroupPlan::resolved_rank`), so the fit of the write pass keeps
-//! exactly the width the layout planned.
+//! weight-only fits the width pass runs the fit's decomposing half ([`fit_basis`]: centring, Gram
+//! matrix, eigendecomposition), and for fit `act`, whose weighting is the fit's own, the whole fit.
+//! Each threshold is then pinned to the rank found (`GroupPlan::resolved_rank`), so the fit of the
+//! write pass keeps exactly the width the layout planned; the weight-only bases are handed to it
+//! ([`KeptBases`], up to [`KEPT_BYTES`]), so it only finishes them instead of decomposing again.
 
 use super::group::{decompose_failure, fit_group, release_members, stack_group};
 use super::FitInputs;
 use crate::error::{Error, Result};
-use crate::fit::decompose::{rank_for_threshold, Fit};
+use crate::fit::basis::{fit_basis, Basis};
+use crate::fit::decompose::Fit;
 use crate::fit::spec::Spec;
-use crate::fit::spectrum::spectrum_owned;
 use crate::input::checkpoint::Checkpoint;
 use crate::plan::GroupPlan;
 use rayon::prelude::*;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
 
-/// How far a threshold must be from a cumulative ratio for the eigenvalue-only spectrum to decide
-/// the rank: far above what a solver's rounding moves the ratios (about 1e-15).
-const MARGIN: f64 = 1e-9;
+/// The most bytes of bases the width pass keeps for the write pass; past it, a group's fit
+/// decomposes again (the same bits, more time). A threshold of 0.3 on Llama-3-8B's K/V stacks
+/// keeps about 0.3 MB per layer; every component of every layer would be 1 GB.
+pub const KEPT_BYTES: u64 = 256 << 20;
+
+/// Bases the width pass computed, by group (its first member's tensor index), each taken once by
+/// the write pass's fit. A cache: a clone starts empty.
+#[derive(Debug, Default)]
+pub struct KeptBases {
+    bases: Mutex<HashMap<usize, Basis>>,
+    bytes: AtomicU64,
+}
+
+impl Clone for KeptBases {
+    fn clone(&self) -> Self {
+        KeptBases::default()
+    }
+}
+
+impl KeptBases {
+    /// Keeps `basis` for the group keyed `key` if it fits in what is left of [`KEPT_BYTES`].
+    fn offer(&self, key: usize, basis: Basis) {
+        let size = basis.bytes();
+        let reserved = self
+            .bytes
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |used| {
+                used.checked_add(size).filter(|&total| total <= KEPT_BYTES)
+            });
+        if reserved.is_ok() {
+            self.lock().insert(key, basis);
+        }
+    }
+
+    /// The basis kept for the group keyed `key`, if any (once: it is handed over).
+    pub(crate) fn take(&self, key: usize) -> Option<Basis> {
+        let basis = self.lock().remove(&key)?;
+        self.bytes.fetch_sub(basis.bytes(), Ordering::SeqCst);
+        Some(basis)
+    }
+
+    /// How many are kept.
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<usize, Basis>> {
+        // A panic while holding the lock cannot leave the map half-updated (one insert or remove).
+        self.bases.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
 
 /// Decides every group's latent width (in group order) and pins threshold SPECs to the rank it
-/// implies; groups are examined in parallel. `progress` is told each finished group.
+/// implies; groups are examined in parallel, and their weight-only bases kept in `inputs.bases`.
+/// `progress` is told each finished group.
 pub fn resolve_latents(
     checkpoint: &Checkpoint,
     groups: &mut [GroupPlan],
@@ -60,29 +111,30 @@ fn resolve(
     let spec = group.effective_spec();
     let (rows, cols) = stacked_shape(checkpoint, group)?;
     let weight_only = group.fit != Fit::Act;
-    if let (Spec::Rank(n), true) = (spec, weight_only) {
-        // Every weight-only spectrum has one ratio per dimension of the smaller side (as
-        // `choose_rank` clamps a rank to it).
-        let rank = n.min(rows.min(cols));
-        return Ok((None, rank + group.fit.mean_dims()));
-    }
-    let Spec::Threshold(t) = spec else {
-        // Fit `act` with a rank: the fit's own output gives the width.
-        return Ok((None, full_fit(checkpoint, group, inputs, spec)?.1));
-    };
-    if weight_only {
-        let (_, w) = stack_group(checkpoint, group)?;
-        let ratios =
-            spectrum_owned(w, group.fit).map_err(|e| decompose_failure(checkpoint, group, e));
-        release_members(checkpoint, group);
-        let ratios = ratios?;
-        let rank = rank_for_threshold(&ratios, t);
-        if clear_of_boundary(&ratios, t, rank) {
-            return Ok((Some(rank), rank + group.fit.mean_dims()));
+    match (spec, weight_only) {
+        (Spec::Rank(n), true) => {
+            // Every weight-only spectrum has one ratio per dimension of the smaller side (as
+            // `choose_rank` clamps a rank to it).
+            let rank = n.min(rows.min(cols));
+            Ok((None, rank + group.fit.mean_dims()))
         }
+        (Spec::Threshold(_), true) => {
+            let (_, w) = stack_group(checkpoint, group)?;
+            let basis =
+                fit_basis(w, group.fit, spec).map_err(|e| decompose_failure(checkpoint, group, e));
+            release_members(checkpoint, group);
+            let basis = basis?;
+            let rank = basis.rank();
+            inputs.bases.offer(group.members[0], basis);
+            Ok((Some(rank), rank + group.fit.mean_dims()))
+        }
+        (Spec::Threshold(_), false) => {
+            let (rank, width) = full_fit(checkpoint, group, inputs, spec)?;
+            Ok((Some(rank), width))
+        }
+        // Fit `act` with a rank: the fit's own output gives the width.
+        _ => Ok((None, full_fit(checkpoint, group, inputs, spec)?.1)),
     }
-    let (rank, width) = full_fit(checkpoint, group, inputs, spec)?;
-    Ok((Some(rank), width))
 }
 
 /// The fit itself (as the write pass would run it with `spec`): its rank and latent width.
@@ -98,23 +150,6 @@ fn full_fit(
     Ok((d.choice.rank, d.factors.down.nrows()))
 }
 
-/// Whether threshold `t` lies more than [`MARGIN`] inside the component boundary `rank` falls on:
-/// the cumulative ratio before the last kept component is below it and the one at it above it.
-fn clear_of_boundary(ratios: &[f64], t: f64, rank: usize) -> bool {
-    if t >= 1.0 {
-        return true;
-    }
-    let mut cumulative = 0.0;
-    let mut before = 0.0;
-    for (i, r) in ratios.iter().enumerate().take(rank) {
-        if i + 1 == rank {
-            before = cumulative;
-        }
-        cumulative += r;
-    }
-    t - before > MARGIN && cumulative - t > MARGIN
-}
-
 /// `[rows, cols]` of the group's stacked matrix, from the member shapes.
 fn stacked_shape(checkpoint: &Checkpoint, group: &GroupPlan) -> Result<(usize, usize)> {
     let first = group
@@ -128,24 +163,4 @@ fn stacked_shape(checkpoint: &Checkpoint, group: &GroupPlan) -> Result<(usize, u
         .map(|&i| checkpoint.tensors[i].shape[0])
         .sum();
     Ok((rows, first.shape.get(1).copied().unwrap_or(0)))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn boundaries_within_the_margin_are_not_clear() {
-        let ratios = [0.5, 0.3, 0.2];
-        // 0.6 lies between 0.5 and 0.8: rank 2, well clear.
-        assert_eq!(rank_for_threshold(&ratios, 0.6), 2);
-        assert!(clear_of_boundary(&ratios, 0.6, 2));
-        // Exactly on a cumulative ratio, or a hair either side: the fit decides.
-        assert!(!clear_of_boundary(&ratios, 0.8, 2));
-        assert!(!clear_of_boundary(&ratios, 0.5 + 1e-12, 2));
-        assert!(!clear_of_boundary(&ratios, 0.8 - 1e-12, 2));
-        // The first component, and a threshold of 1 (every component).
-        assert!(clear_of_boundary(&ratios, 0.3, 1));
-        assert!(clear_of_boundary(&ratios, 1.0, 3));
-    }
 }

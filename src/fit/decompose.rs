@@ -12,8 +12,8 @@
 //! orthogonal projection onto the top-`r` subspace. Everything runs in `f64` and single-threaded inside
 //! one matrix, so the result does not depend on the thread count (parallelism is across matrices).
 
+use crate::fit::basis::{basis_of_centred, check_fittable, checked_centre, Basis};
 use crate::fit::spec::Spec;
-use crate::fit::spectrum::{checked_centre, smaller_gram};
 use faer::diag::Diag;
 use faer::dyn_stack::{MemBuffer, MemStack};
 use faer::linalg::evd::{self, ComputeEigenvectors};
@@ -295,26 +295,42 @@ pub fn decompose_owned(
     fit: Fit,
     spec: Spec,
 ) -> Result<Decomposition, DecomposeError> {
-    let (m, n) = (w.nrows(), w.ncols());
-    if m == 0 || n == 0 {
-        return Err(DecomposeError::Empty);
-    }
-    if fit == Fit::Act {
-        return Err(DecomposeError::NeedsCalibration);
-    }
+    check_fittable(w.as_ref(), fit)?;
     let mean = checked_centre(&mut w, fit)?;
-    let centred = w;
+    let basis = basis_of_centred(w.as_ref(), fit, spec)?;
+    Ok(finish(w, &mean, basis, spec))
+}
+
+/// [`decompose_owned`] of `w` with its decomposing half already done: `basis`, as
+/// [`fit_basis`](crate::fit::basis::fit_basis) gave it for the same matrix. The same bits as
+/// [`decompose_owned`]; a basis that does not [serve](Basis::serves) `w` and `spec` is computed
+/// afresh.
+pub fn decompose_with_basis(
+    mut w: Mat<f64>,
+    basis: Basis,
+    spec: Spec,
+) -> Result<Decomposition, DecomposeError> {
+    let fit = basis.fit();
+    check_fittable(w.as_ref(), fit)?;
+    let mean = checked_centre(&mut w, fit)?;
+    let basis = if basis.serves(w.nrows(), w.ncols(), fit, spec) {
+        basis
+    } else {
+        basis_of_centred(w.as_ref(), fit, spec)?
+    };
+    Ok(finish(w, &mean, basis, spec))
+}
+
+/// The second half of a weight-only fit: the centred matrix projected on its basis, the factors
+/// and the reconstruction (the mean row restored for fit `pca`).
+fn finish(centred: Mat<f64>, mean: &[f64], basis: Basis, spec: Spec) -> Decomposition {
+    let (m, n) = (centred.nrows(), centred.ncols());
+    let fit = basis.fit();
     let rows_side = m <= n;
-    let gram = smaller_gram(centred.as_ref());
-    let (eigenvalues, vectors) = eigh_descending(gram.as_ref())?;
-    drop(gram);
-    let ratios = explained_variance_ratios(&eigenvalues);
-    let choice = choose_rank(&ratios, spec);
+    let choice = choose_rank(&basis.spectrum, spec);
     let r = choice.rank;
-    let variance_kept = ratios[..r].iter().sum::<f64>().min(1.0);
-    let mut basis = vectors.subcols(0, r).to_owned();
-    drop(vectors);
-    fix_signs(&mut basis);
+    let variance_kept = basis.spectrum[..r].iter().sum::<f64>().min(1.0);
+    let (ratios, basis) = (basis.spectrum, basis.vectors);
 
     // W' = up * down, with up [m, r] and down [r, n].
     let (up, down) = if rows_side {
@@ -337,13 +353,13 @@ pub fn decompose_owned(
             }
         }
     }
-    Ok(Decomposition {
+    Decomposition {
         choice,
         variance_kept,
         spectrum: ratios,
         reconstruction,
-        factors: factors_with_mean(&up, &down, &mean, fit),
-    })
+        factors: factors_with_mean(&up, &down, mean, fit),
+    }
 }
 
 /// The factored form: for fit `pca` the mean as one more latent direction (a row mu^T in `down`

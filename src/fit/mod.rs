@@ -1,13 +1,13 @@
 //! The math: how many components to keep ([`spec`], [`budget`]), the weight-only fits
-//! ([`decompose`]: `pca`, `seed`, `svd`), the activation-aware fit ([`act`]), its shared forms
+//! ([`decompose`]: `pca`, `seed`, `svd`, their decomposing half in [`basis`]), the activation-aware fit ([`act`]), its shared forms
 //! ([`shared`]) and the least-squares refit of sequential calibration ([`compensate`]). Fits take matrices
 //! and statistics and return factors: no files, no tensor names, no imports of the crate's other
 //! stages.
 
 pub mod act;
+pub mod basis;
 pub(crate) mod budget;
 pub mod compensate;
 pub mod decompose;
 pub mod shared;
 pub mod spec;
-pub mod spectrum;

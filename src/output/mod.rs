@@ -1,9 +1,11 @@
 //! Output: the atomic staging directory ([`staging`]), the streaming safetensors writer and file
-//! copies, hashed on the way ([`writer`], behind the executor's [`sink::TensorSink`]), the index,
+//! copies, hashed on the way ([`writer`], behind the executor's [`sink::TensorSink`]; weight files
+//! around the page cache, [`direct`]), the index,
 //! copied and generated files of a plan and the final commit ([`files`]), and `SHA256SUMS`
 //! ([`checksums`]). Knows the plan's layout; knows nothing of fits or reports.
 
 pub mod checksums;
+pub mod direct;
 pub mod files;
 pub mod sink;
 pub mod staging;

@@ -1,14 +1,17 @@
 //! Writing output files: safetensors shards streamed tensor by tensor, copied files, and JSON files,
-//! each hashed (SHA-256) as it is written and flushed to disk (`fsync`) when complete.
+//! each hashed (SHA-256) as it is written and flushed to disk (`fsync`) when complete; safetensors
+//! shards go around the page cache ([`DirectFile`]).
 //!
-//! Large files start their writeback early: every [`WRITEBACK_WINDOW`] bytes the file's recent range
+//! Files written through the page cache ([`HashingFile`]: copies, JSON) start their writeback
+//! early: every [`WRITEBACK_WINDOW`] bytes the file's recent range
 //! is handed to the kernel with `posix_fadvise(DONTNEED)`, which starts writing those dirty pages
 //! out (without waiting) and drops the pages of the window before, already written. So the disk
-//! works while the converter computes, the final `fsync` only waits for the tail, and a 16 GB output
+//! works while the converter computes, the final `fsync` only waits for the tail, and a large copy
 //! does not crowd the page cache.
 
 use crate::digest::hex;
 use crate::error::{Error, Result};
+use crate::output::direct::DirectFile;
 use crate::output::sink::TensorSink;
 use crate::plan::{ShardPlan, TensorPlan};
 use safetensors::tensor::{Metadata, TensorInfo};
@@ -165,7 +168,7 @@ pub fn shard_header(shard: &ShardPlan, path: &Path) -> Result<Vec<u8>> {
 /// Writes planned shards into a directory and records each file's SHA-256.
 pub struct ShardWriter<'a> {
     dir: PathBuf,
-    current: Option<(String, HashingFile)>,
+    current: Option<(String, DirectFile)>,
     /// The tensor being written: its plan and the bytes still due.
     tensor: Option<(String, usize, usize)>,
     digests: &'a mut BTreeMap<String, String>,
@@ -196,7 +199,7 @@ impl TensorSink for ShardWriter<'_> {
     fn begin_shard(&mut self, shard: &ShardPlan) -> Result<()> {
         let path = self.dir.join(&shard.file_name);
         let header = shard_header(shard, &path)?;
-        let mut file = HashingFile::create(&path)?;
+        let mut file = DirectFile::create(&path)?;
         file.write_all(&header)?;
         self.current = Some((shard.file_name.clone(), file));
         Ok(())
