@@ -38,6 +38,8 @@ fn first_layer_covariance_equals_a_direct_computation() {
         weighting: ActWeighting::default(),
         mode: Default::default(),
         allocation: Default::default(),
+        bos: Default::default(),
+        sink: Default::default(),
     };
     let scratch = surgery_convert::scratch::Scratch::new().unwrap();
     let stats = calibrate(&checkpoint, &calibration, &[], &scratch).unwrap();
@@ -258,9 +260,13 @@ fn without_calibrate_the_builtin_text_is_used_and_recorded() {
     let r = report(&out);
     let cal = &r["options"]["calibration"];
     assert_eq!(cal["file"], "built-in:calibration");
-    let text = std::fs::read("data/builtin/calibration.txt").unwrap();
-    let want = surgery_convert::digest::sha256_hex(&text);
-    assert_eq!(cal["sha256"], want.as_str());
+    // The fixture's tokenizer has no chat template: the built-in dialogue is plain text.
+    use surgery_convert::input::text::{Builtin, TextSource};
+    let plain = TextSource::Builtin(Builtin::Calibration)
+        .load("--calibrate", None)
+        .unwrap();
+    assert_eq!(cal["sha256"], plain.sha256.as_str());
+    assert_eq!(cal["dialogue"], "plain text");
     assert_eq!(cal["tokens"], 400);
     let command = r["command"].as_str().unwrap();
     assert!(!command.contains("--calibrate "), "{command}");

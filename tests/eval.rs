@@ -125,11 +125,15 @@ fn perplexity_matches_the_numpy_reference() {
             let name = case["name"].as_str().unwrap();
             let overrides = &case["overrides"];
             let bias = case["bias"].as_bool().unwrap();
-            let dir = if overrides.as_object().unwrap().is_empty() && !bias {
+            let bos = case["bos"].as_bool().unwrap();
+            let dir = if overrides.as_object().unwrap().is_empty() && !bias && !bos {
                 fixture(fixture_name)
             } else {
                 variant(tmp.path(), fixture_name, name, overrides, bias)
             };
+            if bos {
+                add_bos_template(&dir);
+            }
             let opts: Vec<String> = ["tokens", "ctx", "offset"]
                 .iter()
                 .flat_map(|k| [format!("--{k}"), case[*k].to_string()])
@@ -142,6 +146,11 @@ fn perplexity_matches_the_numpy_reference() {
             assert_eq!(got["offset"], case["offset"], "{label}");
             assert_eq!(got["ctx"], case["ctx"], "{label}");
             assert_eq!(got["text_sha256"], reference["text_sha256"], "{label}");
+            let want_bos = bos.then(|| {
+                serde_json::json!({"token": "<s>", "id": 1,
+                "source": "tokenizer.json post_processor"})
+            });
+            assert_eq!(got["bos"], want_bos.unwrap_or(Value::Null), "{label}");
             let (ppl, want_ppl) = (num(&got, "perplexity"), num(case, "perplexity"));
             assert!(
                 ((ppl - want_ppl) / want_ppl).abs() <= PPL_RTOL,
@@ -159,8 +168,8 @@ fn perplexity_matches_the_numpy_reference() {
             checked += 1;
         }
     }
-    // 4 cases per fixture, plus the bias case on tiny-f32-gqa.
-    assert_eq!(checked, 13);
+    // 4 cases and the BOS case per fixture, plus the bias case on tiny-f32-gqa.
+    assert_eq!(checked, 16);
 }
 
 fn sha2_digest(bytes: &[u8]) -> Vec<u8> {

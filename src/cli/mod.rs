@@ -2,11 +2,13 @@
 //! into the validated [`crate::options`] types ([`Cli::resolve`]). Only `main` uses this module;
 //! nothing in the library below imports it.
 
+mod calibration;
 mod convert;
 mod parse;
 mod subcommands;
 
-pub use convert::{ActWeightingArg, CalibrationArgs, ConvertArgs, EmitArg, FitArg};
+pub use calibration::{ActWeightingArg, BosArg, CalibrationArgs};
+pub use convert::{ConvertArgs, EmitArg, FitArg};
 pub use parse::{parse_fit_item, parse_size, parse_spec_item};
 pub use subcommands::{EvalArgs, ExpandArgs, InspectArgs, SweepArgs, TextWindowArgs};
 

@@ -1,7 +1,7 @@
 //! The subcommands' arguments (`eval`, `expand`, `inspect`, `sweep`) and their resolution into
 //! the [`crate::options`] types.
 
-use super::convert::CalibrationArgs;
+use super::calibration::{BosArg, CalibrationArgs};
 use super::convert::ShareArg;
 use super::parse::{parse_fit_item, parse_spec_item};
 use super::FitArg;
@@ -41,6 +41,12 @@ pub struct TextWindowArgs {
     /// Tokens of the text to skip before the first window.
     #[arg(long, value_name = "K", default_value_t = 0)]
     pub offset: usize,
+
+    /// Whether every window starts with a BOS token: auto (as the model is used: when its
+    /// tokenizer's post-processor adds one), always (the tokenizer's bos_token), never; with a BOS
+    /// a window holds --ctx - 1 text tokens, every one of them scored [default: auto].
+    #[arg(long, value_enum, value_name = "WHEN", default_value_t)]
+    pub bos: BosArg,
 }
 
 impl TextWindowArgs {
@@ -55,6 +61,7 @@ impl TextWindowArgs {
             tokens: self.tokens.unwrap_or(default_tokens),
             ctx: self.ctx,
             offset: self.offset,
+            bos: self.bos.policy(),
         }
     }
 }
@@ -276,7 +283,11 @@ impl SweepArgs {
         // The modes are a grid dimension (`modes`): the calibration itself is one-shot.
         let calibration = self
             .calibration
-            .resolve(self.fit.contains(&FitArg::Act), true)?
+            .resolve(
+                self.fit.contains(&FitArg::Act),
+                true,
+                self.window.bos.policy(),
+            )?
             .map(|c| Calibration {
                 mode: CalibrateMode::OneShot,
                 ..c

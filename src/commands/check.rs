@@ -5,28 +5,34 @@
 
 use crate::error::{Error, Result};
 use crate::input::checkpoint::Checkpoint;
-use crate::llama::score::{mean_nll, read_text, select, ScoredTokens};
+use crate::llama::score::{mean_nll, read_text, ScoredTokens};
+use crate::llama::windows::text_per_window;
 use crate::llama::Llama;
+use crate::model::bos::BosToken;
 use crate::options::TextWindow;
 use crate::report::CheckRecord;
 use indicatif::ProgressBar;
 use std::path::Path;
 use std::time::Instant;
 
-/// The check's tokens, chosen and tokenized.
+/// The check's tokens, chosen, tokenized and laid out in windows.
 #[derive(Debug, Clone)]
 pub struct PreparedCheck {
     window: TextWindow,
     ids: Vec<u32>,
     sha256: String,
     windows: usize,
+    bos: Option<BosToken>,
+    unknown_tokens: usize,
 }
 
-/// Reads and tokenizes the check's text with the tokenizer in `model_dir` and picks its tokens.
+/// Reads and tokenizes the check's text with the tokenizer in `model_dir` and picks its tokens,
+/// as `eval` does.
 pub fn prepare(window: &TextWindow, model_dir: &Path) -> Result<PreparedCheck> {
-    let text = read_text(model_dir, &window.text, "--check-text")?;
+    let text = read_text(model_dir, &window.text, "--check-text", window.bos)?;
     let ctx = window.ctx.get();
-    if text.ids.len() < window.offset.saturating_add(ctx) {
+    let per_window = text_per_window(ctx, text.bos_id());
+    if text.ids.len() < window.offset.saturating_add(per_window) {
         return Err(Error::usage(
             "--check-text",
             format!(
@@ -36,23 +42,21 @@ pub fn prepare(window: &TextWindow, model_dir: &Path) -> Result<PreparedCheck> {
             ),
         ));
     }
-    let selection = select(
-        text.ids.len(),
-        window.offset,
-        window.tokens.get(),
-        window.ctx.get(),
-    )
-    .map_err(|e| match e {
-        crate::error::Error::Usage { message, .. } => {
-            crate::error::Error::usage("--check-text", format!("{}: {message}", window.text))
-        }
-        other => other,
-    })?;
+    let windows = text
+        .windows(window.offset, window.tokens.get(), ctx)
+        .map_err(|e| match e {
+            Error::Usage { message, .. } => {
+                Error::usage("--check-text", format!("{}: {message}", window.text))
+            }
+            other => other,
+        })?;
     Ok(PreparedCheck {
         window: window.clone(),
-        ids: text.ids[selection.range].to_vec(),
+        ids: windows.ids,
         sha256: text.sha256,
-        windows: selection.windows,
+        windows: windows.selection.windows,
+        bos: text.bos,
+        unknown_tokens: windows.unknown_tokens,
     })
 }
 
@@ -88,6 +92,8 @@ pub fn run(
             tokens,
             ctx: check.window.ctx.get(),
             windows: check.windows,
+            bos: check.bos.clone(),
+            unknown_tokens: check.unknown_tokens,
         },
         input_perplexity,
         output_perplexity,

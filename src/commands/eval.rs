@@ -3,7 +3,7 @@
 //! scored is [`crate::llama::score`]'s convention.
 
 use crate::error::{Error, Result};
-use crate::llama::score::{mean_nll, read_text, select, ScoredTokens};
+use crate::llama::score::{mean_nll, read_text, ScoredTokens};
 use crate::llama::Llama;
 use crate::options::EvalOptions;
 use serde::Serialize;
@@ -37,9 +37,8 @@ pub fn run(options: &EvalOptions) -> Result<()> {
     let (ctx, tokens) = (w.ctx.get(), w.tokens.get());
     let (input, _, checkpoint) = super::open_input(&options.model, &options.revision, true, None)?;
     let llama = Llama::new(&checkpoint)?;
-    let text = read_text(&input.dir, &w.text, "--text")?;
-    let selection = select(text.ids.len(), w.offset, tokens, ctx)?;
-    let ids = &text.ids[selection.range.clone()];
+    let text = read_text(&input.dir, &w.text, "--text", w.bos)?;
+    let windows = text.windows(w.offset, tokens, ctx)?;
 
     let bar = super::progress_bar(
         true,
@@ -47,7 +46,7 @@ pub fn run(options: &EvalOptions) -> Result<()> {
         "eval: layer {pos}/{len} {wide_bar} {elapsed}",
     );
     let forward = Instant::now();
-    let (nll_mean, count) = mean_nll(&llama, ids, ctx, |_| bar.inc(1))?;
+    let (nll_mean, count) = mean_nll(&llama, &windows.ids, ctx, |_| bar.inc(1))?;
     let forward_seconds = forward.elapsed().as_secs_f64();
     bar.finish_and_clear();
     let report = EvalReport {
@@ -58,7 +57,9 @@ pub fn run(options: &EvalOptions) -> Result<()> {
             offset: w.offset,
             tokens: count,
             ctx,
-            windows: selection.windows,
+            windows: windows.selection.windows,
+            bos: text.bos.clone(),
+            unknown_tokens: windows.unknown_tokens,
         },
         perplexity: nll_mean.exp(),
         nll_mean,

@@ -4,8 +4,8 @@
 use super::{FitInputs, GroupReport};
 use crate::error::{Error, Result};
 use crate::fit::act::{
-    balance_scales, blockwise_weight, decompose_weighted, key_weight, value_weight, ActWeighting,
-    Heads, LeftWeight,
+    balance_scales, blockwise_weight, decompose_weighted_pinned, key_weight, value_weight,
+    ActWeighting, Heads, LeftWeight,
 };
 use crate::fit::compensate::compensate;
 use crate::fit::decompose::{
@@ -14,6 +14,7 @@ use crate::fit::decompose::{
 };
 use crate::fit::spec::Spec;
 use crate::input::checkpoint::{Checkpoint, TensorEntry};
+use crate::llama::calibrate::AttentionStats;
 use crate::model::arch::Role;
 use crate::model::dtype::FloatType;
 use crate::plan::{Emit, GroupPlan};
@@ -118,6 +119,7 @@ pub(crate) fn fit_group_kept(
                 None => (w, c.load()?),
             };
             let w = w.as_ref();
+            let stats = inputs.attention.get(group.layer);
             let left = layer_weight(
                 checkpoint,
                 group.layer,
@@ -125,9 +127,12 @@ pub(crate) fn fit_group_kept(
                 inputs.weighting,
                 w,
                 (*c).as_ref(),
+                stats,
             )?;
+            // The BOS position (where calibration keeps it exact) is the same in every window.
+            let pinned: Vec<Vec<f64>> = stats.and_then(|s| s.sink.clone()).into_iter().collect();
             Ok((
-                decompose_weighted(w, (*c).as_ref(), &left, spec).map_err(fail)?,
+                decompose_weighted_pinned(w, (*c).as_ref(), &left, spec, &pinned).map_err(fail)?,
                 Vec::new(),
             ))
         }
@@ -169,6 +174,7 @@ pub(crate) fn layer_weight(
     weighting: ActWeighting,
     w: MatRef<'_, f64>,
     c: MatRef<'_, f64>,
+    stats: Option<&AttentionStats>,
 ) -> Result<LeftWeight> {
     let rows: Vec<usize> = members
         .iter()
@@ -176,8 +182,10 @@ pub(crate) fn layer_weight(
         .collect();
     Ok(match weighting {
         ActWeighting::Energy => LeftWeight::Diagonal(balance_scales(w, c, &rows)),
-        ActWeighting::Attention => {
-            let blocks = attention_blocks(checkpoint, layer, members, c)?;
+        ActWeighting::Attention | ActWeighting::Projections => {
+            // The family's own norms, unless the projections alone are asked for.
+            let stats = stats.filter(|_| weighting == ActWeighting::Attention);
+            let blocks = attention_blocks(checkpoint, layer, members, c, stats)?;
             blockwise_weight(w, c, &blocks).map_err(|e| {
                 let t = &checkpoint.tensors[members[0]];
                 Error::tensor(
@@ -221,6 +229,7 @@ fn attention_blocks(
     layer: usize,
     members: &[usize],
     c: MatRef<'_, f64>,
+    stats: Option<&AttentionStats>,
 ) -> Result<Vec<(usize, Option<Mat<f64>>)>> {
     let cfg = &checkpoint.config;
     let heads = Heads {
@@ -233,12 +242,28 @@ fn attention_blocks(
         .map(|&i| {
             let t = &checkpoint.tensors[i];
             let g = match t.class.role {
-                Role::Key => {
-                    let wq = decode_role(checkpoint, layer, Role::Query)?;
-                    Some(key_weight(wq.as_ref(), c, heads))
-                }
+                Role::Key => match stats.and_then(|s| s.queries.as_ref()) {
+                    Some(q) => {
+                        let q = q.load()?;
+                        let gain = stats.and_then(|s| s.key_gain.as_deref());
+                        Some(scale_both((*q).as_ref(), gain))
+                    }
+                    _ => {
+                        let wq = decode_role(checkpoint, layer, Role::Query)?;
+                        Some(key_weight(wq.as_ref(), c, heads))
+                    }
+                },
                 Role::Value => {
-                    let wo = decode_role(checkpoint, layer, Role::Output)?;
+                    let mut wo = decode_role(checkpoint, layer, Role::Output)?;
+                    // A value error reaches the residual stream through o_proj and the norm
+                    // after it (Gemma's post_attention_layernorm): its gain scales o_proj's rows.
+                    if let Some(g) = stats.and_then(|s| s.output_gain.as_deref()) {
+                        for i in 0..wo.nrows() {
+                            for j in 0..wo.ncols() {
+                                wo[(i, j)] *= g[i];
+                            }
+                        }
+                    }
                     Some(value_weight(wo.as_ref(), heads))
                 }
                 _ => None,
@@ -246,6 +271,13 @@ fn attention_blocks(
             Ok((t.shape[0], g))
         })
         .collect()
+}
+
+/// `diag(g) m diag(g)`, `g` repeated over `m`'s blocks of its length (a per-head gain); `m`
+/// itself without one.
+fn scale_both(m: MatRef<'_, f64>, gain: Option<&[f64]>) -> Mat<f64> {
+    let g = |i: usize| gain.map_or(1.0, |g| g[i % g.len().max(1)]);
+    Mat::from_fn(m.nrows(), m.ncols(), |i, j| g(i) * m[(i, j)] * g(j))
 }
 
 /// Every group's explained-variance spectrum (descending), in group order, computed in parallel:

@@ -119,6 +119,9 @@ pub struct FitInputs {
     pub compensated: std::collections::BTreeMap<usize, compensation::CompensatedProjection>,
     /// How fit `act` weighs output errors.
     pub weighting: ActWeighting,
+    /// Per layer, what calibration measured of its attention beyond the input moment (one-shot
+    /// calibration; empty otherwise).
+    pub attention: Vec<crate::llama::calibrate::AttentionStats>,
     /// Where the covariances came from.
     pub calibration: Option<crate::llama::calibrate::CalibrationRecord>,
     /// The weight-only bases the factored layout's width pass decomposed, for the write pass's

@@ -62,6 +62,7 @@ pub fn fit_inputs(
         sequential: Vec::new(),
         compensated: Default::default(),
         weighting: calibration.weighting,
+        attention: stats.attention,
         calibration: Some(stats.record),
         bases: Default::default(),
     })

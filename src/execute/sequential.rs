@@ -27,9 +27,11 @@ use super::substitute::Substitution;
 use super::{FitInputs, SequentialMoments};
 use crate::error::{Error, Result};
 use crate::input::checkpoint::Checkpoint;
-use crate::llama::calibrate::{accumulate, accumulate_cross, calibration_tokens, identical, scale};
+use crate::llama::calibrate::{
+    accumulate, accumulate_cross, attention_stats, calibration_tokens, identical, scale,
+};
 use crate::llama::{Llama, PassState};
-use crate::options::{CalibrateMode, Calibration};
+use crate::options::{BosSink, CalibrateMode, Calibration};
 use crate::plan::{compensated_tensors, GroupPlan, Share};
 use crate::scratch::Scratch;
 use faer::{Mat, MatRef};
@@ -79,6 +81,8 @@ pub fn sequential_inputs(
     let sequential = calibration.mode == CalibrateMode::Sequential;
     let (ids, mut record) = calibration_tokens(checkpoint, calibration)?;
     let ctx = record.ctx;
+    // The BOS position, where calibration keeps it exact.
+    let pinned = record.bos.is_some() && calibration.sink == BosSink::Exact;
     let n = ids.len() as f64;
     let llama = Llama::new(checkpoint)?;
     let mut original = llama.embed(&ids)?;
@@ -116,6 +120,15 @@ pub fn sequential_inputs(
                 let x = layer.attention_input(original.as_ref());
                 let moments = (x.as_ref(), source.as_ref());
                 record_moments(&mut inputs, &scratch, (index, start), moments, n)?;
+                // The fit reads the compressed model's input where it has one (a group's source).
+                let fitted = if index == start {
+                    source.as_ref()
+                } else {
+                    x.as_ref()
+                };
+                inputs
+                    .attention
+                    .push(attention_stats(&layer, fitted, pinned, &scratch)?);
             }
             if index + 1 == layers && !refitted.contains(&index) {
                 continue;

@@ -129,6 +129,7 @@ pub(crate) fn fit_shared(
             inputs.weighting,
             w_l,
             (*l.c).as_ref(),
+            inputs.attention.get(layer),
         )?;
         terms.push(LayerTerm {
             w: w_l,
@@ -146,9 +147,18 @@ pub(crate) fn fit_shared(
             .ok_or_else(|| fail("no calibration statistics for the source layer".into()))?
             .load()?,
     };
+    // The BOS position's latent (where calibration keeps it exact): every layer's own input for
+    // a basis, the source's for a latent.
+    let sink = |l: usize| inputs.attention.get(l).and_then(|s| s.sink.clone());
     let fitted = match share {
-        Share::Basis => shared_basis(&terms, spec),
-        Share::Latent => shared_latent_from(&terms, (*predictor).as_ref(), spec),
+        Share::Basis => {
+            let pinned: Vec<Vec<f64>> = group.layer_range().filter_map(sink).collect();
+            shared_basis(&terms, spec, &pinned)
+        }
+        Share::Latent => {
+            let pinned: Vec<Vec<f64>> = sink(group.layer).into_iter().collect();
+            shared_latent_from(&terms, (*predictor).as_ref(), spec, &pinned)
+        }
     };
     fitted.map_err(|e| fail(e.to_string()))
 }

@@ -17,6 +17,7 @@ use crate::fit::decompose::{
     choose_rank, count_non_finite, eigh_descending, explained_variance_ratios, fix_signs, product,
     DecomposeError, Decomposition, Factors,
 };
+use crate::fit::pinned::{basis_with_pinned, kept_share};
 use crate::fit::spec::Spec;
 use faer::{Mat, MatRef};
 
@@ -26,9 +27,25 @@ pub enum ActWeighting {
     /// Every output direction alike; stacked blocks balanced to equal output energy.
     Energy,
     /// Key errors weighted by the queries that read them, value errors through `o_proj`; blocks
-    /// then balanced to equal weighted energy.
+    /// then balanced to equal weighted energy. The family's own score function: the queries as
+    /// its scores read them (after a per-head `q_norm`) and the gains of its `k_norm` and of the
+    /// norm on the attention output (Gemma's `post_attention_layernorm`), where it has them.
     #[default]
     Attention,
+    /// [`ActWeighting::Attention`] from the projections alone, `W_q C W_q^T` for keys and `o_proj`
+    /// for values, without the family's norms (the same for families without them).
+    Projections,
+}
+
+impl ActWeighting {
+    /// The option's value.
+    pub fn name(self) -> &'static str {
+        match self {
+            ActWeighting::Energy => "energy",
+            ActWeighting::Attention => "attention",
+            ActWeighting::Projections => "projections",
+        }
+    }
 }
 
 /// `tr(W C W^T)`: the expected squared norm of `W x` for inputs of covariance `C`.
@@ -102,6 +119,20 @@ pub fn decompose_weighted(
     left: &LeftWeight,
     spec: Spec,
 ) -> Result<Decomposition, DecomposeError> {
+    decompose_weighted_pinned(w, c, left, spec, &[])
+}
+
+/// [`decompose_weighted`] with the outputs of the `pinned` inputs (each of length `n`) kept
+/// exactly: their weighted outputs `L W p` are spanned first, and the rest of the rank goes to
+/// the top eigenvectors of `M` with those directions projected out ([`basis_with_pinned`]). The
+/// rank is chosen, and the spectrum reported, on `M` itself; the share kept is the basis's own.
+pub fn decompose_weighted_pinned(
+    w: MatRef<'_, f64>,
+    c: MatRef<'_, f64>,
+    left: &LeftWeight,
+    spec: Spec,
+    pinned: &[Vec<f64>],
+) -> Result<Decomposition, DecomposeError> {
     let (m, n) = (w.nrows(), w.ncols());
     if m == 0 || n == 0 {
         return Err(DecomposeError::Empty);
@@ -125,8 +156,19 @@ pub fn decompose_weighted(
     let ratios = explained_variance_ratios(&eigenvalues);
     let choice = choose_rank(&ratios, spec);
     let r = choice.rank;
-    let variance_kept = ratios[..r].iter().sum::<f64>().min(1.0);
+    let mut variance_kept = ratios[..r].iter().sum::<f64>().min(1.0);
     let mut basis = vectors.subcols(0, r).to_owned();
+    if !pinned.is_empty() && r > 0 {
+        let outputs: Vec<Vec<f64>> = pinned
+            .iter()
+            .map(|p| {
+                let y = product(lw.as_ref(), Mat::from_fn(n, 1, |i, _| p[i]).as_ref());
+                (0..m).map(|i| y[(i, 0)]).collect()
+            })
+            .collect();
+        basis = basis_with_pinned(gram.as_ref(), &outputs, r)?;
+        variance_kept = kept_share(gram.as_ref(), basis.as_ref());
+    }
     fix_signs(&mut basis);
     let down = product(basis.transpose(), lw.as_ref());
     let up = left.apply_inverse(basis.as_ref());
@@ -369,6 +411,44 @@ mod tests {
         assert!(max_abs_diff(back.as_ref(), gk.as_ref()) < 1e-9);
         let id = &r * &ri;
         assert!(max_abs_diff(id.as_ref(), Mat::<f64>::identity(4, 4).as_ref()) < 1e-9);
+    }
+
+    #[test]
+    fn a_pinned_input_is_reproduced_exactly_at_any_rank() {
+        let (m, n) = (8, 12);
+        let w = noise(m, n, 21);
+        let x = noise(n, 50, 22);
+        let c = &x * x.transpose();
+        let left = LeftWeight::Diagonal(balance_scales(w.as_ref(), c.as_ref(), &[4, 4]));
+        let p: Vec<f64> = (0..n).map(|i| (i as f64 - 5.0) * 0.3).collect();
+        let pm = Mat::from_fn(n, 1, |i, _| p[i]);
+        let exact = &w * &pm;
+        for r in [1, 3, 6] {
+            let free = decompose_weighted(w.as_ref(), c.as_ref(), &left, Spec::Rank(r)).unwrap();
+            let d = decompose_weighted_pinned(
+                w.as_ref(),
+                c.as_ref(),
+                &left,
+                Spec::Rank(r),
+                std::slice::from_ref(&p),
+            )
+            .unwrap();
+            let got = &d.reconstruction * &pm;
+            assert!(
+                max_abs_diff(got.as_ref(), exact.as_ref()) < 1e-9,
+                "rank {r}"
+            );
+            // The free fit does not keep it; the pinned one keeps less energy on average.
+            let miss = &free.reconstruction * &pm;
+            assert!(
+                max_abs_diff(miss.as_ref(), exact.as_ref()) > 1e-6,
+                "rank {r}"
+            );
+            assert!(d.variance_kept <= free.variance_kept + 1e-12);
+            assert_eq!(d.spectrum, free.spectrum);
+            let p2 = &d.factors.up * &d.factors.down;
+            assert!(max_abs_diff(p2.as_ref(), d.reconstruction.as_ref()) < 1e-12);
+        }
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! The math: how many components to keep ([`spec`], [`budget`]), the weight-only fits
 //! ([`decompose`]: `pca`, `seed`, `svd`, their decomposing half in [`basis`]), the activation-aware fit ([`act`]), its shared forms
-//! ([`shared`]) and the least-squares refit of sequential calibration ([`compensate`]). Fits take matrices
+//! ([`shared`]), directions they keep exactly ([`pinned`]: the attention sink) and the
+//! least-squares refit of sequential calibration ([`compensate`]). Fits take matrices
 //! and statistics and return factors: no files, no tensor names, no imports of the crate's other
 //! stages.
 
@@ -9,5 +10,6 @@ pub mod basis;
 pub(crate) mod budget;
 pub mod compensate;
 pub mod decompose;
+pub mod pinned;
 pub mod shared;
 pub mod spec;

@@ -26,12 +26,17 @@
 //! layer `C_ss = C_s` and this is fit `act`.
 //!
 //! The inverse square roots are regularised: `C + RIDGE * tr(C)/n * I`.
+//!
+//! Both take `pinned` inputs whose latent must be kept whole (the BOS position's, the attention
+//! sink): their whitened directions `C^{-1/2} p` are the first columns of `V_r`
+//! ([`crate::fit::pinned`]), so the latent of such an input loses nothing to the rank.
 
 use crate::fit::act::{output_energy, sqrt_and_inverse, LeftWeight};
 use crate::fit::decompose::{
     choose_rank, count_non_finite, eigh_descending, explained_variance_ratios, fix_signs, product,
     DecomposeError, Decomposition, Factors,
 };
+use crate::fit::pinned::basis_with_pinned;
 use crate::fit::spec::Spec;
 use faer::{Mat, MatRef};
 
@@ -93,8 +98,12 @@ fn stack(blocks: &[Mat<f64>]) -> Mat<f64> {
     out
 }
 
-/// The eigen-decomposition of `q^T q` (`[n, n]`), its first `min(rows, n)` eigenvalues.
-fn right_spectrum(q: MatRef<'_, f64>) -> Result<(Vec<f64>, Mat<f64>), DecomposeError> {
+/// `q^T q`'s first `min(rows, n)` eigenvalues, its eigenvectors and itself.
+type RightSpectrum = (Vec<f64>, Mat<f64>, Mat<f64>);
+
+/// The eigen-decomposition of `q^T q` (`[n, n]`), its first `min(rows, n)` eigenvalues, and
+/// `q^T q` itself.
+fn right_spectrum(q: MatRef<'_, f64>) -> Result<RightSpectrum, DecomposeError> {
     let mut gram = product(q.transpose(), q);
     let n = gram.nrows();
     for i in 0..n {
@@ -106,7 +115,7 @@ fn right_spectrum(q: MatRef<'_, f64>) -> Result<(Vec<f64>, Mat<f64>), DecomposeE
     }
     let (mut values, vectors) = eigh_descending(gram.as_ref())?;
     values.truncate(q.nrows().min(n));
-    Ok((values, vectors))
+    Ok((values, vectors, gram))
 }
 
 /// The checks every fit starts with.
@@ -127,11 +136,30 @@ fn check_terms(terms: &[LayerTerm<'_>]) -> Result<(), DecomposeError> {
     Ok(())
 }
 
-/// The top-`r` right singular vectors, sign-fixed.
-fn kept_basis(vectors: &Mat<f64>, r: usize) -> Mat<f64> {
-    let mut basis = vectors.subcols(0, r).to_owned();
+/// The top-`r` right singular vectors (the columns of `vectors`, eigenvectors of `gram`), with
+/// the whitened `pinned` inputs (`inverse_root p`) spanned first when there are any; sign-fixed.
+fn kept_basis(
+    gram: MatRef<'_, f64>,
+    vectors: &Mat<f64>,
+    r: usize,
+    pinned: &[Vec<f64>],
+    inverse_root: MatRef<'_, f64>,
+) -> Result<Mat<f64>, DecomposeError> {
+    let mut basis = if pinned.is_empty() || r == 0 {
+        vectors.subcols(0, r).to_owned()
+    } else {
+        let n = inverse_root.nrows();
+        let whitened: Vec<Vec<f64>> = pinned
+            .iter()
+            .map(|p| {
+                let z = product(inverse_root, Mat::from_fn(n, 1, |i, _| p[i]).as_ref());
+                (0..n).map(|i| z[(i, 0)]).collect()
+            })
+            .collect();
+        basis_with_pinned(gram, &whitened, r)?
+    };
     fix_signs(&mut basis);
-    basis
+    Ok(basis)
 }
 
 /// The fraction of weighted output energy `left (w - w') c (w - w')^T left^T` leaves of
@@ -149,10 +177,11 @@ fn energy_kept(term: &LayerTerm<'_>, written: MatRef<'_, f64>, c: MatRef<'_, f64
     }
 }
 
-/// The shared basis of a group (see the module docs).
+/// The shared basis of a group (see the module docs), the latents of the `pinned` inputs kept.
 pub fn shared_basis(
     terms: &[LayerTerm<'_>],
     spec: Spec,
+    pinned: &[Vec<f64>],
 ) -> Result<SharedDecomposition, DecomposeError> {
     check_terms(terms)?;
     let n = terms[0].w.ncols();
@@ -166,10 +195,16 @@ pub fn shared_basis(
         .iter()
         .map(|t| product(t.left.apply(t.w).as_ref(), root.as_ref()))
         .collect();
-    let (values, vectors) = right_spectrum(stack(&weighted).as_ref())?;
+    let (values, vectors, gram) = right_spectrum(stack(&weighted).as_ref())?;
     let ratios = explained_variance_ratios(&values);
     let choice = choose_rank(&ratios, spec);
-    let basis = kept_basis(&vectors, choice.rank);
+    let basis = kept_basis(
+        gram.as_ref(),
+        &vectors,
+        choice.rank,
+        pinned,
+        inverse_root.as_ref(),
+    )?;
     let down = product(basis.transpose(), inverse_root.as_ref());
     let mut ups = Vec::with_capacity(terms.len());
     let mut kept = Vec::with_capacity(terms.len());
@@ -195,16 +230,18 @@ pub fn shared_latent(
     spec: Spec,
 ) -> Result<SharedDecomposition, DecomposeError> {
     let source = terms.first().ok_or(DecomposeError::Empty)?.c;
-    shared_latent_from(terms, source, spec)
+    shared_latent_from(terms, source, spec, &[])
 }
 
 /// [`shared_latent`] with the latent computed from inputs of second moment `predictor` rather than
 /// the source layer's own `c` (sequential calibration: the compressed model's source input; each
-/// term's `cross` is then `E[x_l x_pred^T]`, the source's included).
+/// term's `cross` is then `E[x_l x_pred^T]`, the source's included), the latents of the
+/// `pinned` predictor inputs kept.
 pub fn shared_latent_from(
     terms: &[LayerTerm<'_>],
     predictor: MatRef<'_, f64>,
     spec: Spec,
+    pinned: &[Vec<f64>],
 ) -> Result<SharedDecomposition, DecomposeError> {
     check_terms(terms)?;
     let n = terms[0].w.ncols();
@@ -227,7 +264,7 @@ pub fn shared_latent_from(
             product(p.as_ref(), inverse_root.as_ref())
         })
         .collect();
-    let (values, vectors) = right_spectrum(stack(&whitened).as_ref())?;
+    let (values, vectors, gram) = right_spectrum(stack(&whitened).as_ref())?;
     let energies: Vec<f64> = terms
         .iter()
         .map(|t| output_energy(t.left.apply(t.w).as_ref(), t.c))
@@ -238,7 +275,13 @@ pub fn shared_latent_from(
         .map(|&v| if total > 0.0 { v.max(0.0) / total } else { 0.0 })
         .collect();
     let choice = choose_rank(&ratios, spec);
-    let basis = kept_basis(&vectors, choice.rank);
+    let basis = kept_basis(
+        gram.as_ref(),
+        &vectors,
+        choice.rank,
+        pinned,
+        inverse_root.as_ref(),
+    )?;
     let down = product(basis.transpose(), inverse_root.as_ref());
     let mut ups = Vec::with_capacity(terms.len());
     let mut kept = Vec::with_capacity(terms.len());
@@ -313,7 +356,8 @@ mod tests {
         for r in [2, 5] {
             let act =
                 decompose_weighted(w.as_ref(), c.as_ref(), &unweighted(m), Spec::Rank(r)).unwrap();
-            for fit in [shared_basis, shared_latent] {
+            let basis = |t: &[LayerTerm<'_>], s| shared_basis(t, s, &[]);
+            for fit in [basis, shared_latent] {
                 let d = fit(std::slice::from_ref(&term), Spec::Rank(r)).unwrap();
                 // The ridge moves the optimum slightly.
                 let diff = max_abs_diff(
@@ -391,7 +435,7 @@ mod tests {
                 left: unweighted(m),
             },
         ];
-        let d = shared_basis(&terms, Spec::Rank(4)).unwrap();
+        let d = shared_basis(&terms, Spec::Rank(4), &[]).unwrap();
         let f = &d.decomposition.factors;
         // Perturbing layer 1's up-projection can only increase its output error.
         let error = |up: MatRef<'_, f64>| {
@@ -405,5 +449,51 @@ mod tests {
             .layer_energy_kept
             .iter()
             .all(|&k| (0.0..=1.0).contains(&k)));
+    }
+
+    #[test]
+    fn pinned_inputs_keep_their_latent_whole() {
+        let (n, m, samples) = (10, 6, 400);
+        let (x0, x1) = inputs(n, samples);
+        let (w0, w1) = (noise(m, n, 12), noise(m, n, 13));
+        let (c0, c1, c10) = (moment(&x0, &x0), moment(&x1, &x1), moment(&x1, &x0));
+        fn term<'a>(w: &'a Mat<f64>, c: &'a Mat<f64>, cross: &'a Mat<f64>) -> LayerTerm<'a> {
+            LayerTerm {
+                w: w.as_ref(),
+                c: c.as_ref(),
+                cross: cross.as_ref(),
+                left: unweighted(w.nrows()),
+            }
+        }
+        let p: Vec<f64> = (0..n)
+            .map(|i| if i % 3 == 0 { 2.0 } else { -0.5 })
+            .collect();
+        let pm = Mat::from_fn(n, 1, |i, _| p[i]);
+        // A latent: the source layer's outputs for p as its full-rank prediction (the ridge aside).
+        let terms = [term(&w0, &c0, &c0), term(&w1, &c1, &c10)];
+        for pinned in [false, true] {
+            let pins = if pinned { vec![p.clone()] } else { Vec::new() };
+            let d = shared_latent_from(&terms, c0.as_ref(), Spec::Rank(2), &pins).unwrap();
+            let f = &d.decomposition.factors;
+            let got = f.up.subrows(0, m) * (&f.down * &pm);
+            let err = max_abs_diff(got.as_ref(), (&w0 * &pm).as_ref());
+            assert_eq!(err < 1e-2, pinned, "pinned {pinned}: {err}");
+        }
+        // A basis: every layer's own pinned input.
+        let terms = [term(&w0, &c0, &c0), term(&w1, &c1, &c1)];
+        let d = shared_basis(&terms, Spec::Rank(3), std::slice::from_ref(&p)).unwrap();
+        let latent = &d.decomposition.factors.down * &pm;
+        let free = shared_basis(&terms, Spec::Rank(3), &[]).unwrap();
+        let free_latent = &free.decomposition.factors.down * &pm;
+        // The pinned latent holds all of p's whitened length; the free one loses some.
+        let inverse_root = sqrt_and_inverse(
+            regularised(Mat::from_fn(n, n, |i, j| 0.5 * (c0[(i, j)] + c1[(i, j)])).as_ref())
+                .as_ref(),
+        )
+        .unwrap()
+        .1;
+        let whole = (&inverse_root * &pm).squared_norm_l2();
+        assert!((latent.squared_norm_l2() / whole - 1.0).abs() < 1e-9);
+        assert!(free_latent.squared_norm_l2() / whole < 0.999);
     }
 }

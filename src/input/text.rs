@@ -1,17 +1,54 @@
 //! Texts to calibrate on or score: a UTF-8 file the user names, or one of the two samples built
 //! into the binary (`data/builtin/`, see its README): the calibration text `--fit act` uses
-//! without `--calibrate`, and the held-out sample of the quality check and of `eval` without
-//! `--text`. The two samples are disjoint.
+//! without `--calibrate` (pieces of several domains, its dialogue as question/answer pairs that
+//! a model with a chat template reads through it), and the held-out sample of the quality check
+//! and of `eval` without `--text`. The two samples are disjoint.
 
 use crate::digest::sha256_hex;
 use crate::error::{Error, Result};
+use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::path::PathBuf;
 
-/// The built-in calibration text.
-const CALIBRATION: &str = include_str!("../../data/builtin/calibration.txt");
+/// The built-in calibration text: one JSON piece per line (`data/builtin/README.md`).
+const CALIBRATION: &str = include_str!("../../data/builtin/calibration.jsonl");
 /// The built-in held-out sample.
 const CHECK: &str = include_str!("../../data/builtin/check.txt");
+/// What separates the pieces of a text.
+const PIECE_BREAK: &str = "\n\n";
+
+/// One turn of a conversation, as chat templates read it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Message {
+    /// `user` or `assistant`.
+    pub role: String,
+    /// What was said.
+    pub content: String,
+}
+
+/// A piece of a built-in text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Piece {
+    /// Running text.
+    Text(String),
+    /// A conversation (a question and its answer).
+    Dialogue(Vec<Message>),
+}
+
+/// A line of `calibration.jsonl`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PieceLine {
+    domain: String,
+    #[allow(dead_code)]
+    source: String,
+    text: Option<String>,
+    messages: Option<Vec<Message>>,
+}
+
+/// Writes a text's conversations out: through the model's chat template, or `None` for plain
+/// text (each turn a paragraph).
+pub type RenderDialogue<'a> = Option<&'a dyn Fn(&[&[Message]]) -> Result<Vec<String>>>;
 
 /// One of the texts compiled into the binary.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -23,13 +60,60 @@ pub enum Builtin {
 }
 
 impl Builtin {
-    /// The text itself.
-    pub fn text(self) -> &'static str {
+    /// The text's pieces, in order.
+    pub fn pieces(self) -> Result<Vec<Piece>> {
         match self {
-            Builtin::Calibration => CALIBRATION,
-            Builtin::Check => CHECK,
+            Builtin::Check => Ok(vec![Piece::Text(CHECK.to_string())]),
+            Builtin::Calibration => CALIBRATION
+                .lines()
+                .enumerate()
+                .map(|(i, line)| {
+                    let bad = |why: String| {
+                        Error::bug(format!("built-in calibration.jsonl line {}: {why}", i + 1))
+                    };
+                    let piece: PieceLine =
+                        serde_json::from_str(line).map_err(|e| bad(e.to_string()))?;
+                    match (piece.text, piece.messages) {
+                        (Some(text), None) => Ok(Piece::Text(text)),
+                        (None, Some(m)) if piece.domain == "dialogue" => Ok(Piece::Dialogue(m)),
+                        _ => Err(bad("a piece has text or, for dialogue, messages".into())),
+                    }
+                })
+                .collect(),
         }
     }
+}
+
+/// The pieces joined into one text, each conversation written by `render` (or as plain text).
+fn join(pieces: &[Piece], render: RenderDialogue<'_>) -> Result<String> {
+    let conversations: Vec<&[Message]> = pieces
+        .iter()
+        .filter_map(|p| match p {
+            Piece::Dialogue(m) => Some(m.as_slice()),
+            Piece::Text(_) => None,
+        })
+        .collect();
+    let mut rendered = match render {
+        Some(render) => render(&conversations)?,
+        None => conversations
+            .iter()
+            .map(|m| {
+                let turns: Vec<&str> = m.iter().map(|t| t.content.as_str()).collect();
+                turns.join(PIECE_BREAK)
+            })
+            .collect(),
+    }
+    .into_iter();
+    let mut parts = Vec::with_capacity(pieces.len());
+    for piece in pieces {
+        parts.push(match piece {
+            Piece::Text(t) => t.clone(),
+            Piece::Dialogue(_) => rendered
+                .next()
+                .ok_or_else(|| Error::bug("a conversation was not rendered"))?,
+        });
+    }
+    Ok(parts.join(PIECE_BREAK))
 }
 
 /// Where a text comes from.
@@ -51,10 +135,11 @@ pub struct LoadedText {
 }
 
 impl TextSource {
-    /// Reads the text; a file that cannot be read or is not UTF-8 is an error naming `option`.
-    pub fn load(&self, option: &str) -> Result<LoadedText> {
+    /// Reads the text, a built-in one's conversations written by `render`; a file that cannot be
+    /// read or is not UTF-8 is an error naming `option`.
+    pub fn load(&self, option: &str, render: RenderDialogue<'_>) -> Result<LoadedText> {
         let text = match self {
-            TextSource::Builtin(b) => b.text().to_owned(),
+            TextSource::Builtin(b) => join(&b.pieces()?, render)?,
             TextSource::File(path) => {
                 let bytes = std::fs::read(path).map_err(|e| {
                     Error::usage(option, format!("cannot read {}: {e}", path.display()))
@@ -93,15 +178,22 @@ impl fmt::Display for TextSource {
 mod tests {
     use super::*;
 
+    fn plain(b: Builtin) -> String {
+        TextSource::Builtin(b).load("--text", None).unwrap().text
+    }
+
     #[test]
     fn the_builtin_samples_are_disjoint_prose() {
-        let (cal, check) = (Builtin::Calibration.text(), Builtin::Check.text());
-        assert!(cal.len() > 100_000 && check.len() > 7_000);
+        let (cal, check) = (plain(Builtin::Calibration), plain(Builtin::Check));
+        assert!(cal.len() > 200_000 && check.len() > 7_000);
+        assert_eq!(check, CHECK);
         // No paragraph of one appears in the other.
         for p in check.split("\n\n").filter(|p| p.len() > 80) {
             assert!(!cal.contains(p), "{p}");
         }
-        let loaded = TextSource::Builtin(Builtin::Check).load("--text").unwrap();
+        let loaded = TextSource::Builtin(Builtin::Check)
+            .load("--text", None)
+            .unwrap();
         assert_eq!(loaded.sha256, sha256_hex(check.as_bytes()));
         assert_eq!(
             TextSource::Builtin(Builtin::Check).to_string(),
@@ -110,31 +202,63 @@ mod tests {
     }
 
     #[test]
-    fn every_prefix_of_the_builtin_calibration_mixes_its_four_domains() {
-        // The first ~8,000 tokens (about 32,000 characters) hold prose, technical documentation,
-        // code and dialogue, and so does the first tenth of them.
-        let cal = Builtin::Calibration.text();
-        for end in [6_500, 32_000] {
-            let prefix = &cal[..cal.floor_char_boundary(end)];
-            for marker in ["Congress", ".. code-block::", "def ", "ACT I."] {
-                assert!(
-                    prefix.contains(marker),
-                    "{marker} not in the first {end} characters"
-                );
+    fn every_prefix_of_the_builtin_calibration_mixes_its_domains() {
+        // The first ~8,000 tokens (about 32,000 characters) hold every domain, and so do the
+        // first ~16,000 characters.
+        let lines: Vec<PieceLine> = CALIBRATION
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        let mut all: Vec<&str> = lines.iter().map(|l| l.domain.as_str()).collect();
+        all.sort_unstable();
+        all.dedup();
+        assert!(all.len() >= 6, "{all:?}");
+        for limit in [16_000, 32_000] {
+            let (mut seen, mut chars) = (Vec::new(), 0);
+            for l in &lines {
+                if chars >= limit {
+                    break;
+                }
+                chars += l.text.as_ref().map_or(500, String::len);
+                seen.push(l.domain.as_str());
             }
+            seen.sort_unstable();
+            seen.dedup();
+            assert_eq!(seen, all, "the first {limit} characters");
         }
+    }
+
+    #[test]
+    fn dialogue_is_rendered_by_the_model_or_as_paragraphs() {
+        let pieces = Builtin::Calibration.pieces().unwrap();
+        let conversations = pieces
+            .iter()
+            .filter(|p| matches!(p, Piece::Dialogue(_)))
+            .count();
+        assert!(conversations >= 100, "{conversations}");
+        let tagged = |c: &[&[Message]]| -> Result<Vec<String>> {
+            Ok(c.iter()
+                .map(|m| format!("<chat>{}</chat>", m.len()))
+                .collect())
+        };
+        let text = TextSource::Builtin(Builtin::Calibration)
+            .load("--calibrate", Some(&tagged))
+            .unwrap()
+            .text;
+        assert_eq!(text.matches("<chat>2</chat>").count(), conversations);
+        assert!(!plain(Builtin::Calibration).contains("<chat>"));
     }
 
     #[test]
     fn unreadable_and_non_utf8_files_name_the_option() {
         let dir = tempfile::tempdir().unwrap();
         let missing = TextSource::File(dir.path().join("missing.txt"));
-        let e = missing.load("--check-text").unwrap_err().to_string();
+        let e = missing.load("--check-text", None).unwrap_err().to_string();
         assert!(e.starts_with("--check-text: cannot read"), "{e}");
         let bad = dir.path().join("bad.txt");
         std::fs::write(&bad, [0xff, 0xfe]).unwrap();
         let e = TextSource::File(bad)
-            .load("--text")
+            .load("--text", None)
             .unwrap_err()
             .to_string();
         assert!(e.contains("is not UTF-8"), "{e}");

@@ -14,9 +14,11 @@
 
 use crate::error::{Error, Result};
 use crate::input::checkpoint::Checkpoint;
-use crate::llama::tokenize::TextTokenizer;
+use crate::llama::score::read_text;
+use crate::llama::windows::{check_ctx, lay_out};
 use crate::llama::Llama;
-use crate::options::{Allocation, Calibration};
+use crate::model::bos::BosToken;
+use crate::options::{Allocation, BosSink, Calibration};
 use crate::scratch::{Moment, Scratch};
 use faer::linalg::matmul::matmul;
 use faer::{Accum, Mat, MatRef, Par};
@@ -32,6 +34,82 @@ pub struct CalibrationStats {
     pub cross: BTreeMap<(usize, usize), Moment>,
     /// Provenance, recorded in `surgery.json`.
     pub record: CalibrationRecord,
+    /// Per layer, what the family's score function needs beyond the input moment.
+    pub attention: Vec<AttentionStats>,
+}
+
+/// What calibration measured of one layer's attention beyond its input moment: the pieces of the
+/// family's own score function that `W_q C W_q^T` leaves out, and the BOS position (the sink).
+#[derive(Debug, Clone, Default)]
+pub struct AttentionStats {
+    /// Per KV head, summed over the query heads reading it, the second moment of the queries as
+    /// the scores read them (after the family's per-head `q_norm`), `[kv_dim, kv_dim]`
+    /// block-diagonal; `None` where the family has no query norm (then `W_q C W_q^T` is exact).
+    pub queries: Option<Moment>,
+    /// The effective weights of the per-head `k_norm` (`head_dim`), where the family has one.
+    pub key_gain: Option<Vec<f64>>,
+    /// The effective weights of the norm on the attention block's output (Gemma's
+    /// `post_attention_layernorm`, `hidden`), where the family has one.
+    pub output_gain: Option<Vec<f64>>,
+    /// The attention input at a window's first position when windows start with a BOS: the same
+    /// in every window (position 0 sees itself only), `hidden`.
+    pub sink: Option<Vec<f64>>,
+}
+
+/// `sum_h Q_h^T Q_h / n` over the query heads, each added to its KV head's diagonal block:
+/// `[kv_heads * head_dim]` square.
+fn query_moment(
+    q: MatRef<'_, f32>,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    n: f64,
+) -> Mat<f64> {
+    let group = (heads / kv_heads.max(1)).max(1);
+    let mut m = Mat::<f64>::zeros(kv_heads * head_dim, kv_heads * head_dim);
+    for h in 0..heads {
+        let j = h / group;
+        let mut block = Mat::<f64>::zeros(head_dim, head_dim);
+        accumulate(&mut block, q.subcols(h * head_dim, head_dim));
+        for a in 0..head_dim {
+            for b in 0..head_dim {
+                m[(j * head_dim + a, j * head_dim + b)] += block[(a, b)] / n;
+            }
+        }
+    }
+    m
+}
+
+/// One layer's [`AttentionStats`] on its attention input `x` (`sink`: a BOS leads the windows).
+pub(crate) fn attention_stats(
+    layer: &crate::llama::Layer,
+    x: MatRef<'_, f32>,
+    sink: bool,
+    scratch: &Scratch,
+) -> Result<AttentionStats> {
+    let widen = |v: &[f32]| v.iter().map(|&a| f64::from(a)).collect::<Vec<f64>>();
+    let s = &layer.shape;
+    let queries = match &layer.qk_norm {
+        Some(_) => {
+            let q = layer.normed_queries(x);
+            let m = query_moment(
+                q.as_ref(),
+                s.num_heads,
+                s.num_kv_heads,
+                s.head_dim,
+                x.nrows() as f64,
+            );
+            Some(scratch.matrix(&m)?)
+        }
+        None => None,
+    };
+    Ok(AttentionStats {
+        queries,
+        key_gain: layer.qk_norm.as_ref().map(|(_, k)| widen(k)),
+        output_gain: layer.output_norms.as_ref().map(|n| widen(&n.attention)),
+        sink: (sink && x.nrows() > 0)
+            .then(|| (0..x.ncols()).map(|j| f64::from(x[(0, j)])).collect()),
+    })
 }
 
 /// The calibration's provenance.
@@ -43,10 +121,22 @@ pub struct CalibrationRecord {
     pub sha256: String,
     /// First token used (of the whole file's tokens, no special tokens).
     pub offset: usize,
-    /// Tokens used.
+    /// Text tokens used.
     pub tokens: usize,
-    /// Window length of the forward pass.
+    /// Window length of the forward pass (positions, a BOS included).
     pub ctx: usize,
+    /// The token every window starts with (`null`: none, the windows are text alone).
+    pub bos: Option<BosToken>,
+    /// Text tokens that are the tokenizer's unknown token (`<unk>`): text it cannot represent.
+    pub unknown_tokens: usize,
+    /// Where the windows start with a BOS: `exact` (the fits keep its keys and values exactly) or
+    /// `fitted` (`--bos-sink`); absent without a BOS.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bos_sink: Option<&'static str>,
+    /// How the built-in text's dialogue was written for this model: `chat template` (its own,
+    /// as instruct models are used) or `plain text` (absent for a `--calibrate` file).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dialogue: Option<&'static str>,
     /// `sequential` for sequential calibration (absent: one-shot, the original model's inputs).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub mode: Option<&'static str>,
@@ -149,35 +239,45 @@ pub(crate) fn scale(m: &mut Mat<f64>, n: f64) {
     }
 }
 
-/// The calibration tokens of `calibration` (its text tokenized by the model's tokenizer, the
-/// window `--calib-offset .. + --calib-tokens` of them) and their provenance.
+/// The calibration positions of `calibration` (its text tokenized by the model's tokenizer, the
+/// text tokens `--calib-offset .. + --calib-tokens`, laid out in windows of `--calib-ctx` by the
+/// model's convention: [`crate::llama::windows`]) and their provenance.
 pub fn calibration_tokens(
     checkpoint: &Checkpoint,
     calibration: &Calibration,
 ) -> Result<(Vec<u32>, CalibrationRecord)> {
     let source = &calibration.text;
-    let text = source.load("--calibrate")?;
-    let ids = TextTokenizer::load(&checkpoint.dir)?.encode(&text.text)?;
+    let text = read_text(&checkpoint.dir, source, "--calibrate", calibration.bos)?;
+    let ctx = calibration.ctx.get();
+    check_ctx(ctx, text.bos_id(), "--calib-ctx")?;
     let (offset, wanted) = (calibration.offset, calibration.tokens.get());
     let end = offset
         .checked_add(wanted)
-        .filter(|&e| e <= ids.len())
+        .filter(|&e| e <= text.ids.len())
         .ok_or_else(|| {
             Error::usage(
                 "--calib-tokens",
                 format!(
                     "{source} has {} tokens; --calib-offset {offset} + --calib-tokens {wanted} exceeds it",
-                    ids.len()
+                    text.ids.len()
                 ),
             )
         })?;
-    let ids = ids[offset..end].to_vec();
+    let used = &text.ids[offset..end];
+    let unknown_tokens = text
+        .unknown
+        .map_or(0, |u| used.iter().filter(|&&t| t == u).count());
+    let ids = lay_out(used, ctx, text.bos_id());
     let record = CalibrationRecord {
         file: source.to_string(),
         sha256: text.sha256,
         offset,
-        tokens: ids.len(),
-        ctx: calibration.ctx.get(),
+        tokens: used.len(),
+        ctx,
+        bos_sink: text.bos.as_ref().map(|_| calibration.sink.name()),
+        bos: text.bos,
+        unknown_tokens,
+        dialogue: text.dialogue,
         mode: None,
         allocation: (calibration.allocation == Allocation::Sensitivity)
             .then(|| calibration.allocation.name()),
@@ -218,6 +318,8 @@ pub fn calibrate(
     let layers = checkpoint.config.num_layers;
     let hidden = checkpoint.config.hidden_size;
     let mut covariances = Vec::with_capacity(layers);
+    let mut attention = Vec::with_capacity(layers);
+    let sink = record.bos.is_some() && calibration.sink == BosSink::Exact;
     let mut cross = BTreeMap::new();
     // The attention inputs of source layers still needed by a later layer.
     let mut kept: BTreeMap<usize, Mat<f32>> = BTreeMap::new();
@@ -231,6 +333,7 @@ pub fn calibrate(
         scale(&mut c, n);
         covariances.push(scratch.matrix(&c)?);
         drop(c);
+        attention.push(attention_stats(&layer, x.as_ref(), sink, scratch)?);
         for &(l, s) in pairs.iter().filter(|(l, _)| *l == index) {
             let xs = kept.get(&s).ok_or_else(|| {
                 Error::bug(format!(
@@ -254,6 +357,7 @@ pub fn calibrate(
         covariances,
         cross,
         record,
+        attention,
     })
 }
 

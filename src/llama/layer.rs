@@ -79,6 +79,17 @@ impl Layer {
         rms_norm(h, &self.input_layernorm, self.eps)
     }
 
+    /// The queries as the scores read them, before RoPE: `q_proj(x)` of the attention input `x`,
+    /// normalised per head where the family does (Gemma, Qwen3's `q_norm`), `[tokens, heads *
+    /// head_dim]`.
+    pub fn normed_queries(&self, x: MatRef<'_, f32>) -> Mat<f32> {
+        let mut q = self.q.apply(x);
+        if let Some((q_norm, _)) = &self.qk_norm {
+            head_rms_norm_in_place(&mut q, q_norm, self.eps);
+        }
+        q
+    }
+
     /// Applies the layer in place to `h` (`[T, hidden]`), whose rows are split into independent
     /// windows of `ctx` rows (the last may be shorter; `ctx == 0` means one window of all rows),
     /// positions `0..len` within each window. `h` must have `hidden_size` columns (as

@@ -27,6 +27,7 @@
 pub(crate) mod attention;
 pub(crate) mod buffers;
 pub mod calibrate;
+pub mod chat;
 pub(crate) mod family;
 pub(crate) mod layer;
 pub(crate) mod linear;
@@ -36,6 +37,7 @@ pub(crate) mod params;
 pub(crate) mod rope;
 pub mod score;
 pub mod tokenize;
+pub mod windows;
 
 pub use layer::Layer;
 pub use linear::PassState;

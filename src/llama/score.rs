@@ -1,57 +1,24 @@
-//! Scoring text with the forward pass: choosing the tokens to evaluate ([`select`]), reading and
-//! tokenizing the text ([`read_text`]), and the summed negative log-likelihood over windows
+//! Scoring text with the forward pass: reading and tokenizing the text ([`read_text`]), cutting
+//! the tokens to evaluate into windows by the model's convention ([`ScoredText::windows`],
+//! [`crate::llama::windows`]), and the summed negative log-likelihood over windows
 //! ([`negative_log_likelihood`], and [`negative_log_likelihood_edited`] for `sweep`).
 //!
 //! The convention is the interop suite's `perplexity()` (`tests/interop/common.py`): the whole
-//! file is tokenized without special tokens; `ids[offset .. offset + tokens]` is cut into
-//! `floor(tokens / ctx)` non-overlapping windows of `ctx` tokens (the remainder dropped), each
-//! evaluated on its own from position 0 without BOS; every next-token prediction inside a window is
-//! scored (`ctx - 1` per window); perplexity is `exp(total NLL / count)`.
+//! file is tokenized without special tokens; `tokens` text tokens from `offset` on are cut into
+//! non-overlapping windows of `ctx` positions (the remainder dropped), each evaluated on its own
+//! from position 0, each starting with the tokenizer's BOS where it adds one; every text token
+//! after the first position is scored (`ctx - 1` per window); perplexity is `exp(total NLL /
+//! count)`.
 
-use crate::error::{Error, Result};
-use crate::input::text::TextSource;
+use crate::error::Result;
+use crate::input::text::{Builtin, Message, TextSource};
+use crate::llama::chat::ChatTemplate;
 use crate::llama::tokenize::TextTokenizer;
+use crate::llama::windows::{lay_out, select, Selection};
 use crate::llama::{Layer, Llama};
+use crate::model::bos::{BosPolicy, BosToken};
 use serde::Serialize;
-use std::ops::Range;
 use std::path::Path;
-
-/// The token ids evaluated: `range` of the text's ids, `windows` windows of `ctx`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Selection {
-    /// Indices into the text's ids.
-    pub range: Range<usize>,
-    /// Number of windows.
-    pub windows: usize,
-}
-
-/// Picks the ids to evaluate from a text of `total` tokens: up to `tokens` from `offset` on, in
-/// whole windows of `ctx`. Errors name the option to change.
-pub fn select(total: usize, offset: usize, tokens: usize, ctx: usize) -> Result<Selection> {
-    if ctx == 0 {
-        return Err(Error::usage("--ctx", "must be at least 1"));
-    }
-    if tokens < ctx {
-        return Err(Error::usage(
-            "--tokens",
-            format!("{tokens} tokens make no window of --ctx {ctx}"),
-        ));
-    }
-    let available = total.saturating_sub(offset);
-    let windows = tokens.min(available) / ctx;
-    if windows == 0 {
-        return Err(Error::usage(
-            "--offset",
-            format!(
-                "the text has {total} tokens; {available} remain after --offset {offset}, fewer than --ctx {ctx}"
-            ),
-        ));
-    }
-    Ok(Selection {
-        range: offset..offset + windows * ctx,
-        windows,
-    })
-}
 
 /// Runs the layer-wise forward pass over `ids` in windows of `ctx` and returns the summed negative
 /// log-likelihood and the number of predictions scored. `progress` is told each finished layer.
@@ -101,6 +68,19 @@ pub struct ScoredTokens {
     pub ctx: usize,
     /// Windows scored.
     pub windows: usize,
+    /// The token every window starts with (`null`: none, the windows are text alone).
+    pub bos: Option<BosToken>,
+    /// Text tokens of the windows that are the tokenizer's unknown token (`<unk>`): text the
+    /// tokenizer cannot represent, which a perplexity says nothing about.
+    pub unknown_tokens: usize,
+}
+
+impl ScoredTokens {
+    /// The share of the scored text tokens that are unknown to the tokenizer.
+    pub fn unknown_share(&self) -> f64 {
+        let text = self.windows * self.ctx - self.windows * usize::from(self.bos.is_some());
+        self.unknown_tokens as f64 / text.max(1) as f64
+    }
 }
 
 /// The mean negative log-likelihood per scored token of `llama` on `ids` in windows of `ctx`,
@@ -115,66 +95,79 @@ pub fn mean_nll(
     Ok((nll / count.max(1) as f64, count))
 }
 
-/// A text read and tokenized for scoring.
+/// A text read and tokenized for scoring, with the model's window convention.
 #[derive(Debug, Clone)]
 pub struct ScoredText {
     /// Every token of the text, without special tokens.
     pub ids: Vec<u32>,
     /// SHA-256 of the text's bytes.
     pub sha256: String,
+    /// The token every window starts with.
+    pub bos: Option<BosToken>,
+    /// The tokenizer's unknown token, if it has one.
+    pub unknown: Option<u32>,
+    /// How the built-in calibration text's dialogue was written: `chat template` (the model's)
+    /// or `plain text`; `None` for other texts.
+    pub dialogue: Option<&'static str>,
+}
+
+/// The windows of a [`ScoredText`] to run: the laid-out positions and which text tokens they hold.
+#[derive(Debug, Clone)]
+pub struct TextWindows {
+    /// The positions the forward pass runs (BOS included), windows of `ctx`.
+    pub ids: Vec<u32>,
+    /// The text tokens in them.
+    pub selection: Selection,
+    /// Of which unknown to the tokenizer.
+    pub unknown_tokens: usize,
+}
+
+impl ScoredText {
+    /// The BOS id windows start with.
+    pub fn bos_id(&self) -> Option<u32> {
+        self.bos.as_ref().map(|b| b.id)
+    }
+
+    /// Up to `tokens` text tokens from `offset` on, in whole windows of `ctx` positions, laid out
+    /// by the convention ([`crate::llama::windows`]). Errors name `--ctx`, `--tokens`, `--offset`.
+    pub fn windows(&self, offset: usize, tokens: usize, ctx: usize) -> Result<TextWindows> {
+        let selection = select(self.ids.len(), offset, tokens, ctx, self.bos_id())?;
+        let text = &self.ids[selection.range.clone()];
+        Ok(TextWindows {
+            ids: lay_out(text, ctx, self.bos_id()),
+            unknown_tokens: self
+                .unknown
+                .map_or(0, |u| text.iter().filter(|&&t| t == u).count()),
+            selection,
+        })
+    }
 }
 
 /// Reads `source` (given as `option`) and tokenizes the whole text with the `tokenizer.json` in
-/// `model_dir`, without special tokens.
-pub fn read_text(model_dir: &Path, source: &TextSource, option: &str) -> Result<ScoredText> {
+/// `model_dir`, without special tokens; the windows' BOS is decided by `bos`.
+pub fn read_text(
+    model_dir: &Path,
+    source: &TextSource,
+    option: &str,
+    bos: BosPolicy,
+) -> Result<ScoredText> {
     let tokenizer = TextTokenizer::load(model_dir)?;
-    let text = source.load(option)?;
+    let template = ChatTemplate::load(model_dir)?;
+    let render = |c: &[&[Message]]| match &template {
+        Some(t) => t.render_all(c),
+        None => Err(crate::error::Error::bug("no chat template to render with")),
+    };
+    let text = source.load(option, template.is_some().then_some(&render as _))?;
     Ok(ScoredText {
         ids: tokenizer.encode(&text.text)?,
         sha256: text.sha256,
+        bos: tokenizer.bos(bos)?,
+        unknown: tokenizer.unknown_id(),
+        dialogue: matches!(source, TextSource::Builtin(Builtin::Calibration)).then_some(
+            match template {
+                Some(_) => "chat template",
+                None => "plain text",
+            },
+        ),
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn selection_follows_the_convention() {
-        // 4096 tokens in windows of 512 from offset 0: 8 windows.
-        assert_eq!(
-            select(10_000, 0, 4096, 512).unwrap(),
-            Selection {
-                range: 0..4096,
-                windows: 8
-            }
-        );
-        // The remainder is dropped; the offset shifts the slice.
-        assert_eq!(
-            select(10_000, 7, 300, 64).unwrap(),
-            Selection {
-                range: 7..7 + 256,
-                windows: 4
-            }
-        );
-        // Fewer tokens in the text than asked: whole windows of what remains.
-        assert_eq!(select(1000, 100, 4096, 256).unwrap().windows, 3);
-    }
-
-    #[test]
-    fn selection_errors_name_the_option() {
-        let msg = |r: Result<Selection>| r.unwrap_err().to_string();
-        let option = |r: Result<Selection>| match r {
-            Err(Error::Usage { option, .. }) => option,
-            other => panic!("not a usage error: {other:?}"),
-        };
-        assert_eq!(option(select(100, 0, 100, 0)), "--ctx");
-        assert_eq!(option(select(10_000, 0, 100, 512)), "--tokens");
-        assert_eq!(option(select(600, 200, 4096, 512)), "--offset");
-        assert!(msg(select(100, 0, 100, 0)).starts_with("--ctx"));
-        assert!(msg(select(10_000, 0, 100, 512)).starts_with("--tokens"));
-        let m = msg(select(600, 200, 4096, 512));
-        assert!(m.starts_with("--offset") && m.contains("400 remain"), "{m}");
-        assert!(msg(select(10, 20, 4096, 4)).contains("0 remain"));
-    }
 }

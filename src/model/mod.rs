@@ -1,9 +1,11 @@
 //! What a checkpoint *is*, independent of any file: the per-architecture tensor-name tables
 //! ([`arch`]), the validated `config.json` ([`config`]), the float storage types ([`dtype`]), the
-//! factored form's description ([`latent`]) and the file names of the Hugging Face layout
-//! ([`layout`]). Imports nothing of the crate but `error`.
+//! factored form's description ([`latent`]), the file names of the Hugging Face layout
+//! ([`layout`]) and whether text windows start with a BOS token ([`bos`]). Imports nothing of the
+//! crate but `error`.
 
 pub(crate) mod arch;
+pub mod bos;
 pub(crate) mod config;
 pub mod dtype;
 pub(crate) mod latent;

@@ -4,6 +4,7 @@ use super::{CommandLine, TextWindow};
 use crate::fit::act::ActWeighting;
 use crate::fit::decompose::Fit;
 use crate::input::text::TextSource;
+use crate::model::bos::BosPolicy;
 use crate::plan::{Compensate, Emit, Surgery};
 use std::num::NonZeroUsize;
 use std::path::PathBuf;
@@ -54,6 +55,32 @@ pub struct Calibration {
     pub mode: CalibrateMode,
     /// How `budget:F` spends its budget.
     pub allocation: Allocation,
+    /// Whether calibration windows start with the tokenizer's BOS (`--bos`, which the quality
+    /// check shares).
+    pub bos: BosPolicy,
+    /// What the fits do with the BOS position where the windows start with one.
+    pub sink: BosSink,
+}
+
+/// What fit `act` does with the BOS position where calibration windows start with one
+/// (`--bos-sink`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum BosSink {
+    /// Its keys and values are kept exactly (one component of each fit).
+    #[default]
+    Exact,
+    /// Fitted like any other calibration token.
+    Fitted,
+}
+
+impl BosSink {
+    /// The option's value.
+    pub fn name(self) -> &'static str {
+        match self {
+            BosSink::Exact => "exact",
+            BosSink::Fitted => "fitted",
+        }
+    }
 }
 
 /// How `budget:F` spends its budget across groups (`--budget-allocation`).
@@ -104,8 +131,11 @@ impl Calibration {
             .flag("--calib-tokens", self.tokens)
             .flag("--calib-offset", self.offset)
             .flag("--calib-ctx", self.ctx);
-        if self.weighting == ActWeighting::Energy {
-            command.flag("--act-weighting", "energy");
+        if self.weighting != ActWeighting::default() {
+            command.flag("--act-weighting", self.weighting.name());
+        }
+        if self.sink != BosSink::default() {
+            command.flag("--bos-sink", self.sink.name());
         }
         if self.mode == CalibrateMode::Sequential {
             command.flag("--calibrate-mode", self.mode.name());
@@ -180,6 +210,14 @@ impl ConvertOptions {
             c.flag("--emit", "factored");
         }
         c.optional("--max-shard-size", self.max_shard_size);
+        let bos = self
+            .calibration
+            .as_ref()
+            .map(|c| c.bos)
+            .or(self.check.as_ref().map(|w| w.bos));
+        if let Some(bos) = bos.filter(|&b| b != BosPolicy::Auto) {
+            c.flag("--bos", bos.name());
+        }
         match (&self.check, check_by_default(s.fit)) {
             (Some(w), default) => match w.text.file() {
                 Some(path) => {

@@ -13,8 +13,8 @@ mod subcommands;
 
 pub use command_line::CommandLine;
 pub use convert::{
-    check_by_default, Allocation, CalibrateMode, Calibration, ConvertOptions, Output, CHECK_CTX,
-    CHECK_TOKENS, DEFAULT_COMPENSATE,
+    check_by_default, Allocation, BosSink, CalibrateMode, Calibration, ConvertOptions, Output,
+    CHECK_CTX, CHECK_TOKENS, DEFAULT_COMPENSATE,
 };
 pub use subcommands::{
     EvalOptions, ExpandOptions, InspectOptions, SweepConfig, SweepOptions, TextWindow,

@@ -4,6 +4,7 @@ use super::{Allocation, CalibrateMode, Calibration, CommandLine, DEFAULT_COMPENS
 use crate::fit::decompose::Fit;
 use crate::fit::spec::Spec;
 use crate::input::text::TextSource;
+use crate::model::bos::BosPolicy;
 use crate::plan::{Compensate, LayerSharing, Share, Surgery};
 use std::num::NonZeroUsize;
 use std::path::PathBuf;
@@ -19,6 +20,8 @@ pub struct TextWindow {
     pub ctx: NonZeroUsize,
     /// Tokens skipped before the first window.
     pub offset: usize,
+    /// Whether windows start with the tokenizer's BOS (`--bos`).
+    pub bos: BosPolicy,
 }
 
 /// `eval`.
@@ -283,9 +286,11 @@ impl SweepOptions {
             .optional("--text", w.text.file().map(|p| p.display()))
             .flag("--tokens", w.tokens)
             .flag("--offset", w.offset)
-            .flag("--ctx", w.ctx)
-            .list("--shared-kv", &self.shared_kv)
-            .list("--q", &self.q);
+            .flag("--ctx", w.ctx);
+        if w.bos != BosPolicy::Auto {
+            c.flag("--bos", w.bos.name());
+        }
+        c.list("--shared-kv", &self.shared_kv).list("--q", &self.q);
         let fits: Vec<&str> = self.fits.iter().map(|f| f.name()).collect();
         c.list("--fit", &fits);
         c.list("--share-layers", &self.share_layers);

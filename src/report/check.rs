@@ -19,6 +19,22 @@ pub struct CheckRecord {
     pub ratio: f64,
 }
 
+/// The share of unknown tokens above which a perplexity says nothing about the text: the
+/// tokenizer could not represent it.
+pub const UNKNOWN_MEANINGLESS: f64 = 0.1;
+
+/// A warning line for `count` of `of` text tokens unknown to the tokenizer in `what`, if any.
+pub fn unknown_warning(what: &str, count: usize, of: usize) -> Option<String> {
+    (count > 0).then(|| {
+        format!(
+            "warning: {} of {} tokens of {what} ({:.1}%) are the tokenizer's unknown token: it cannot represent that text, and figures on it mean little; give text in the model's language and script",
+            group_digits(count as u64),
+            group_digits(of as u64),
+            100.0 * count as f64 / of.max(1) as f64
+        )
+    })
+}
+
 /// What a ratio of perplexities means for a user, and what to try next (`calibrated`: the fit
 /// was `act` already).
 fn verdict(ratio: f64, calibrated: bool) -> String {
@@ -59,21 +75,32 @@ fn times(r: f64) -> String {
 
 impl CheckRecord {
     /// `perplexity on the built-in sample (1,022 tokens): 21.8 -> 22,513 (x1031): the model is
-    /// broken; try --fit act`, then the time it took.
+    /// broken; try --fit act`, then the time it took; windows that start with a BOS say so, and a
+    /// text the tokenizer cannot represent gets no verdict.
     pub fn summary_line(&self, calibrated: bool, seconds: Option<f64>) -> String {
         let text = if self.scored.text == "built-in:check" {
             "the built-in sample".to_string()
         } else {
             self.scored.text.clone()
         };
+        let bos = self.scored.bos.as_ref().map_or(String::new(), |b| {
+            format!(", each window after {}", b.token)
+        });
         let took = seconds.map_or(String::new(), |s| format!(" (checked in {s:.1}s)"));
+        let verdict = if self.scored.unknown_share() > UNKNOWN_MEANINGLESS {
+            format!(
+                "not meaningful: {:.0}% of the text is unknown to the tokenizer",
+                100.0 * self.scored.unknown_share()
+            )
+        } else {
+            verdict(self.ratio, calibrated)
+        };
         format!(
-            "perplexity on {text} ({} tokens): {} -> {} ({}): {}{took}",
+            "perplexity on {text} ({} tokens{bos}): {} -> {} ({}): {verdict}{took}",
             group_digits(self.scored.tokens as u64),
             perplexity(self.input_perplexity),
             perplexity(self.output_perplexity),
             times(self.ratio),
-            verdict(self.ratio, calibrated),
         )
     }
 }
@@ -91,6 +118,8 @@ mod tests {
                 tokens: 1022,
                 ctx: 512,
                 windows: 2,
+                bos: None,
+                unknown_tokens: 0,
             },
             input_perplexity: input,
             output_perplexity: output,
@@ -121,5 +150,31 @@ mod tests {
         assert!(record(20.0, 400.0)
             .summary_line(true, None)
             .ends_with("the model is broken; try a larger budget"));
+    }
+
+    #[test]
+    fn the_line_names_the_bos_and_refuses_a_verdict_on_unknown_text() {
+        let mut r = record(20.0, 20.5);
+        r.scored.bos = Some(crate::model::bos::BosToken {
+            token: "<bos>".into(),
+            id: 2,
+            source: crate::model::bos::BosSource::PostProcessor,
+        });
+        assert!(r
+            .summary_line(true, None)
+            .starts_with("perplexity on the built-in sample (1,022 tokens, each window after <bos>): 20.0 -> 20.5"));
+        // 2 windows of 511 text tokens with a BOS; 103 unknown is just over 10%.
+        r.scored.unknown_tokens = 103;
+        let line = r.summary_line(true, None);
+        assert!(
+            line.ends_with("(x1.02): not meaningful: 10% of the text is unknown to the tokenizer"),
+            "{line}"
+        );
+        assert_eq!(unknown_warning("x", 0, 10), None);
+        let w = unknown_warning("the calibration text", 5, 1000).unwrap();
+        assert!(
+            w.starts_with("warning: 5 of 1,000 tokens of the calibration text (0.5%)"),
+            "{w}"
+        );
     }
 }

@@ -1,6 +1,7 @@
 //! The human summary of a conversion, printed on stderr: one row per layer, then the totals, the
 //! clamped ranks, and where the output went.
 
+use super::check::unknown_warning;
 use super::{group_digits, Report};
 use crate::plan::Emit;
 use std::fmt::Write as _;
@@ -34,7 +35,17 @@ impl Report {
         if !self.compensated.is_empty() {
             let _ = writeln!(s, "{}", self.compensation_line());
         }
+        if let Some(c) = &self.options.calibration {
+            if let Some(w) = unknown_warning("the calibration text", c.unknown_tokens, c.tokens) {
+                let _ = writeln!(s, "{w}");
+            }
+        }
         if let Some(check) = &self.check {
+            let sc = &check.scored;
+            let text = sc.windows * (sc.ctx - usize::from(sc.bos.is_some()));
+            if let Some(w) = unknown_warning("the held-out text", sc.unknown_tokens, text) {
+                let _ = writeln!(s, "{w}");
+            }
             let calibrated = self.options.calibration.is_some();
             let _ = writeln!(s, "{}", check.summary_line(calibrated, self.timings.check));
         } else if out.is_some() && self.options.calibration.is_none() {

@@ -170,3 +170,22 @@ pub fn mount_tmpfs(dir: &Path, options: &str) -> bool {
 pub fn unmount(dir: &Path) {
     let _ = Command::new("umount").arg(dir).status();
 }
+
+/// Gives the tokenizer in `dir` a post-processor that puts the BOS `<s>` (id 1 in every fixture's
+/// vocabulary) in front of a text, as Llama, Mistral and Gemma tokenizers do.
+pub fn add_bos_template(dir: &Path) {
+    let path = dir.join("tokenizer.json");
+    let mut tokenizer: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    let single = serde_json::json!([
+        {"SpecialToken": {"id": "<s>", "type_id": 0}},
+        {"Sequence": {"id": "A", "type_id": 0}}
+    ]);
+    tokenizer["post_processor"] = serde_json::json!({
+        "type": "TemplateProcessing",
+        "single": single,
+        "pair": single,
+        "special_tokens": {"<s>": {"id": "<s>", "ids": [1], "tokens": ["<s>"]}}
+    });
+    std::fs::write(&path, serde_json::to_vec(&tokenizer).unwrap()).unwrap();
+}

@@ -43,10 +43,12 @@ def text_ids(model_dir: str, text_path: str) -> tuple[int, ...]:
     return tuple(tokenizer(model_dir)(text, add_special_tokens=False)["input_ids"])
 
 
-def load_checked(model_dir: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):
+def load_checked(model_dir: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False,
+                 attn_implementation: str | None = None):
     """Loads a checkpoint (uncached), failing on any missing, unexpected or mismatched key."""
+    extra = {} if attn_implementation is None else {"attn_implementation": attn_implementation}
     model, info = AutoModelForCausalLM.from_pretrained(
-        model_dir, dtype=dtype, trust_remote_code=trust_remote_code, output_loading_info=True
+        model_dir, dtype=dtype, trust_remote_code=trust_remote_code, output_loading_info=True, **extra
     )
     problems = {k: sorted(map(str, v)) for k, v in info.items() if v}
     assert not problems, f"{model_dir} does not load cleanly: {problems}"
@@ -81,6 +83,38 @@ def perplexity(model_dir: str, text_path: str, tokens: int = EVAL_TOKENS, first:
             nll += float(torch.nn.functional.cross_entropy(logits, w[0, first + 1 :], reduction="sum"))
             count += WINDOW - 1 - first
     return math.exp(nll / count)
+
+
+@lru_cache(maxsize=1)
+def load_eager(model_dir: str):
+    """A standard checkpoint in float32 with eager attention (the reference implementation, sliding
+    windows included), checked by load_checked; the last one is kept, apart from load's cache."""
+    return load_checked(model_dir, attn_implementation="eager")
+
+
+def perplexity_bos(model_dir: str, text_path: str, text_tokens: int, ctx: int) -> float:
+    """Perplexity by the convention of a model whose tokenizer adds a BOS (`surgery-convert eval`'s
+    for such a model): the text's first windows * (ctx - 1) tokens (tokenized without special
+    tokens; windows = text_tokens // (ctx - 1)) in chunks of ctx - 1, each window [BOS] + chunk,
+    every text token scored (the first one predicted from the BOS): windows * (ctx - 1)
+    predictions. Float32, eager attention, no cache."""
+    tok = tokenizer(model_dir)
+    bos = tok.bos_token_id
+    assert bos is not None, f"{model_dir}: the tokenizer has no BOS"
+    assert tok("x").input_ids[0] == bos, f"{model_dir}: the tokenizer does not add its BOS ({bos})"
+    n = text_tokens // (ctx - 1)
+    ids = text_ids(model_dir, text_path)[: n * (ctx - 1)]
+    assert n > 0 and len(ids) == n * (ctx - 1), f"{text_path}: fewer than {max(n, 1) * (ctx - 1)} tokens"
+    model = load_eager(model_dir)
+    chunks = torch.tensor(ids, dtype=torch.long).view(n, ctx - 1)
+    nll = 0.0
+    with torch.inference_mode():
+        for chunk in chunks:
+            window = torch.cat([torch.tensor([bos], dtype=torch.long), chunk])[None]
+            logits = model(input_ids=window, use_cache=False).logits[0, :-1].float()
+            logp = torch.log_softmax(logits, dim=-1).gather(1, chunk[:, None])
+            nll -= float(logp.double().sum())
+    return math.exp(nll / (n * (ctx - 1)))
 
 
 def logit_ids(model_dir: str, text_path: str) -> torch.Tensor:

@@ -4,6 +4,7 @@ and llama.cpp. Driven by scripts/interop, which provides through the environment
   SURGERY_BIN        the release surgery-convert binary
   SURGERY_DEV_BIN    the release surgery-dev binary (developer tools: the forward pass's logits)
   SMOLLM2_DIR        the checkpoint from scripts/fetch-smollm2
+  GEMMA3_DIR         the Gemma 3 270M checkpoint from scripts/fetch-gemma3 (test_gemma3.py)
   WIKI_TEXT          the text from scripts/fetch-wikitext
   LLAMA_CPP_BIN      llama.cpp's bin/ directory (llama-perplexity, llama-simple / llama-cli)
   LLAMA_CPP_CONVERT  llama.cpp's convert_hf_to_gguf.py
@@ -54,6 +55,11 @@ def surgery_bin() -> Path:
 @pytest.fixture(scope="session")
 def original() -> Path:
     return env_path("SMOLLM2_DIR")
+
+
+@pytest.fixture(scope="session")
+def gemma3() -> Path:
+    return env_path("GEMMA3_DIR")
 
 
 @pytest.fixture(scope="session")

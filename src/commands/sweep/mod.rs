@@ -18,7 +18,7 @@ use crate::execute::prepare::{fit_inputs, resolve_budgets};
 use crate::execute::sequential::sequential_inputs;
 use crate::execute::FitInputs;
 use crate::input::checkpoint::Checkpoint;
-use crate::llama::score::{negative_log_likelihood, read_text, select};
+use crate::llama::score::{negative_log_likelihood, read_text};
 use crate::llama::Llama;
 use crate::options::{Allocation, CalibrateMode, Calibration, SweepConfig, SweepOptions};
 use crate::output::staging::Staging;
@@ -155,8 +155,8 @@ pub fn run(options: &SweepOptions) -> Result<()> {
     let llama = Llama::new(&checkpoint)?;
     let w = &options.window;
     let ctx = w.ctx.get();
-    let text = read_text(&input.dir, &w.text, "--text")?;
-    let selection = select(text.ids.len(), w.offset, w.tokens.get(), ctx)?;
+    let text = read_text(&input.dir, &w.text, "--text", w.bos)?;
+    let windows = text.windows(w.offset, w.tokens.get(), ctx)?;
     let all_groups: Vec<_> = configs
         .iter()
         .flat_map(|c| plan::groups(&checkpoint, &c.surgery()))
@@ -168,7 +168,7 @@ pub fn run(options: &SweepOptions) -> Result<()> {
     let bench = Bench {
         checkpoint: &checkpoint,
         llama: &llama,
-        ids: &text.ids[selection.range.clone()],
+        ids: &windows.ids,
         ctx,
         inputs: &inputs,
         calibration: options.calibration.as_ref(),
@@ -196,7 +196,9 @@ pub fn run(options: &SweepOptions) -> Result<()> {
             offset: w.offset,
             tokens: count,
             ctx,
-            windows: selection.windows,
+            windows: windows.selection.windows,
+            bos: text.bos.clone(),
+            unknown_tokens: windows.unknown_tokens,
         },
         calibration: inputs.calibration.clone(),
         base,

@@ -6,6 +6,7 @@ use crate::commands::sweep::evaluate::Evaluation;
 use crate::execute::GroupReport;
 use crate::input::source::InputIdentity;
 use crate::llama::calibrate::CalibrationRecord;
+use crate::model::bos::BosToken;
 use crate::options::SweepConfig;
 use crate::report::{kv_values_per_token, BeforeAfter, ModelRecord, Tool};
 use serde::Serialize;
@@ -61,6 +62,10 @@ pub struct TextRecord {
     pub ctx: usize,
     /// Windows evaluated.
     pub windows: usize,
+    /// The token every window starts with (`null`: none).
+    pub bos: Option<BosToken>,
+    /// Text tokens scored that are the tokenizer's unknown token.
+    pub unknown_tokens: usize,
 }
 
 /// The unmodified model's score.
