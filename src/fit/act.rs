@@ -182,6 +182,22 @@ pub fn decompose_weighted_pinned(
     })
 }
 
+/// `g / mean(diag g) + alpha I`: an output-error weighting `g` (`[m, m]`, symmetric, positive
+/// semi-definite) made scale-free and shrunk toward weighting every output alike. The attention
+/// weighting is measured on calibration text through the original model's queries and `o_proj`;
+/// the identity term keeps every output direction at least `alpha` times the average weight, so
+/// directions those calibration queries rarely read are not spent for free (held-out text and
+/// the compressed model's own queries read them). An all-zero `g` gives `alpha I`.
+pub fn shrink_toward_identity(g: MatRef<'_, f64>, alpha: f64) -> Mat<f64> {
+    let m = g.nrows();
+    let mean = (0..m).map(|i| g[(i, i)]).sum::<f64>() / m.max(1) as f64;
+    let usable = mean > 0.0 && mean.is_finite();
+    Mat::from_fn(m, m, |i, j| {
+        let scaled = if usable { g[(i, j)] / mean } else { 0.0 };
+        scaled + if i == j { alpha } else { 0.0 }
+    })
+}
+
 /// The attention's head layout, for the attention-aware weightings.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Heads {
@@ -293,6 +309,28 @@ pub fn blockwise_weight(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn shrinking_is_scale_free_and_adds_the_identity() {
+        let g = Mat::from_fn(2, 2, |i, j| [[3.0, 1.0], [1.0, 1.0]][i][j]);
+        let a = shrink_toward_identity(g.as_ref(), 1.0);
+        // mean diagonal 2: g / 2 + I.
+        let want = [[2.5, 0.5], [0.5, 1.5]];
+        for i in 0..2 {
+            for j in 0..2 {
+                assert!(
+                    (a[(i, j)] - want[i][j]).abs() < 1e-15,
+                    "{i},{j}: {}",
+                    a[(i, j)]
+                );
+            }
+        }
+        let scaled = Mat::from_fn(2, 2, |i, j| 1e6 * g[(i, j)]);
+        let b = shrink_toward_identity(scaled.as_ref(), 1.0);
+        assert!((0..2).all(|i| (0..2).all(|j| (a[(i, j)] - b[(i, j)]).abs() < 1e-12)));
+        let zero = shrink_toward_identity(Mat::<f64>::zeros(2, 2).as_ref(), 0.5);
+        assert_eq!((zero[(0, 0)], zero[(0, 1)], zero[(1, 1)]), (0.5, 0.0, 0.5));
+    }
     use crate::fit::decompose::test_matrices::{max_abs_diff, noise};
     use crate::fit::decompose::{decompose, Fit};
 

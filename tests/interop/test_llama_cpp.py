@@ -26,20 +26,24 @@ def llama_bin(name: str) -> str:
 
 
 
-_ggufs: dict[str, Path] = {}
+_ggufs: dict[Path, Path] = {}
 
 
 def to_gguf(name: str, model_dir: Path, work: Path) -> Path:
-    """Converts with llama.cpp's own converter (vendored gguf-py on PYTHONPATH)."""
-    if name not in _ggufs:
-        out = work / f"{name}.gguf"
+    """Converts with llama.cpp's own converter (vendored gguf-py on PYTHONPATH); one GGUF per model folder.
+
+    The cache is keyed by the folder, not the name: two modules may use the same name for different
+    models (the tiny random "gemma3-original" of test_families and the real one of test_gemma3)."""
+    key = model_dir.resolve()
+    if key not in _ggufs:
+        out = work / f"{name}-{len(_ggufs)}.gguf"
         env = dict(os.environ, PYTHONPATH=os.environ["LLAMA_CPP_GGUF_PY"])
         subprocess.run(
             [sys.executable, os.environ["LLAMA_CPP_CONVERT"], str(model_dir), "--outtype", "f32", "--outfile", str(out)],
             check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         )
-        _ggufs[name] = out
-    return _ggufs[name]
+        _ggufs[key] = out
+    return _ggufs[key]
 
 
 def llama_perplexity(gguf: Path, text: Path) -> float:
