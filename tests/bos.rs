@@ -5,6 +5,7 @@
 
 mod common;
 
+use common::eval_json as eval;
 use common::*;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
@@ -17,19 +18,6 @@ fn bos_fixture(tmp: &Path) -> PathBuf {
     copy_dir(&fixture("tiny-f32-gqa"), &dir);
     add_bos_template(&dir);
     dir
-}
-
-/// `eval MODEL [args]`, parsed.
-fn eval(model: &Path, args: &[&str]) -> Value {
-    let mut all = vec!["eval", model.to_str().unwrap()];
-    all.extend(args);
-    let out = run(&all);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
 }
 
 /// Converts `input` into `out` with a calibrated fit checked on held-out tokens of the same text

@@ -4,24 +4,11 @@
 
 mod common;
 
+use common::eval_json as eval;
 use common::*;
-use serde_json::Value;
 use std::path::Path;
 
 const TEXT: &str = "fixtures/eval/text.txt";
-
-/// `eval MODEL [args]`, parsed.
-fn eval(model: &Path, args: &[&str]) -> Value {
-    let mut all = vec!["eval", model.to_str().unwrap()];
-    all.extend(args);
-    let out = run(&all);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
-}
 
 /// Converts `fixture` into `out` with `args`; returns stderr.
 fn convert(fixture_name: &str, out: &Path, args: &[&str]) -> String {

@@ -152,14 +152,7 @@ impl CalibrationArgs {
                 CalibrateModeArg::Sequential => CalibrateMode::Sequential,
             })
             .collect();
-        for (i, m) in modes.iter().enumerate() {
-            if modes[..i].contains(m) {
-                return Err(Error::usage(
-                    "--calibrate-mode",
-                    format!("{} is listed twice", m.name()),
-                ));
-            }
-        }
+        refuse_duplicates(&modes, "--calibrate-mode", |m| m.name())?;
         Ok(modes)
     }
 
@@ -174,14 +167,9 @@ impl CalibrationArgs {
                 CompensateArg::OProj => Some(Compensate::OProj),
             })
             .collect();
-        for (i, c) in list.iter().enumerate() {
-            if list[..i].contains(c) {
-                return Err(Error::usage(
-                    "--compensate",
-                    format!("{} is listed twice", c.map_or("none", Compensate::name)),
-                ));
-            }
-        }
+        refuse_duplicates(&list, "--compensate", |c| {
+            c.map_or("none", Compensate::name)
+        })?;
         Ok(if list.is_empty() {
             vec![DEFAULT_COMPENSATE]
         } else {
@@ -210,14 +198,7 @@ impl CalibrationArgs {
                 AllocationArg::Sensitivity => Allocation::Sensitivity,
             })
             .collect();
-        for (i, a) in list.iter().enumerate() {
-            if list[..i].contains(a) {
-                return Err(Error::usage(
-                    "--budget-allocation",
-                    format!("{} is listed twice", a.name()),
-                ));
-            }
-        }
+        refuse_duplicates(&list, "--budget-allocation", |a| a.name())?;
         Ok(if list.is_empty() {
             vec![Allocation::Spectra]
         } else {
@@ -310,5 +291,20 @@ pub fn refuse_sequential_basis(
             "sequential calibration does not fit --share basis (its down-projection is fitted for all the group's layers before their compressed inputs exist): use --share latent or --calibrate-mode one-shot",
         )),
         _ => Ok(()),
+    }
+}
+
+/// Refuses a list option that names a value twice, naming the option and the value.
+fn refuse_duplicates<T: PartialEq>(
+    list: &[T],
+    option: &str,
+    name: impl Fn(&T) -> &'static str,
+) -> Result<()> {
+    match (1..list.len()).find(|&i| list[..i].contains(&list[i])) {
+        Some(i) => Err(Error::usage(
+            option,
+            format!("{} is listed twice", name(&list[i])),
+        )),
+        None => Ok(()),
     }
 }

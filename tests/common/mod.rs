@@ -44,6 +44,19 @@ pub fn run_ok(args: &[&str]) -> String {
     stderr
 }
 
+/// `surgery-convert eval MODEL ARGS...`, which must succeed; its JSON record.
+pub fn eval_json(model: &Path, args: &[&str]) -> serde_json::Value {
+    let mut all = vec!["eval", model.to_str().unwrap()];
+    all.extend(args);
+    let out = run(&all);
+    assert!(
+        out.status.success(),
+        "surgery-convert {all:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("eval prints JSON")
+}
+
 /// A tensor read back: dtype, shape and raw bytes.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Tensor {
