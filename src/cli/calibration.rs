@@ -1,6 +1,7 @@
 //! The calibration arguments of `--fit act`, shared by conversions and `sweep` ([`CalibrationArgs`]),
 //! the window convention's `--bos`, and their resolution into [`Calibration`].
 
+use super::parse::refuse_duplicates;
 use crate::error::{Error, Result};
 use crate::fit::act::ActWeighting;
 use crate::input::text::{Builtin, TextSource};
@@ -152,7 +153,7 @@ impl CalibrationArgs {
                 CalibrateModeArg::Sequential => CalibrateMode::Sequential,
             })
             .collect();
-        refuse_duplicates(&modes, "--calibrate-mode", |m| m.name())?;
+        refuse_duplicates("--calibrate-mode", &names(&modes, |m| m.name()))?;
         Ok(modes)
     }
 
@@ -167,9 +168,10 @@ impl CalibrationArgs {
                 CompensateArg::OProj => Some(Compensate::OProj),
             })
             .collect();
-        refuse_duplicates(&list, "--compensate", |c| {
-            c.map_or("none", Compensate::name)
-        })?;
+        refuse_duplicates(
+            "--compensate",
+            &names(&list, |c| c.map_or("none", Compensate::name)),
+        )?;
         Ok(if list.is_empty() {
             vec![DEFAULT_COMPENSATE]
         } else {
@@ -198,7 +200,7 @@ impl CalibrationArgs {
                 AllocationArg::Sensitivity => Allocation::Sensitivity,
             })
             .collect();
-        refuse_duplicates(&list, "--budget-allocation", |a| a.name())?;
+        refuse_duplicates("--budget-allocation", &names(&list, |a| a.name()))?;
         Ok(if list.is_empty() {
             vec![Allocation::Spectra]
         } else {
@@ -294,17 +296,7 @@ pub fn refuse_sequential_basis(
     }
 }
 
-/// Refuses a list option that names a value twice, naming the option and the value.
-fn refuse_duplicates<T: PartialEq>(
-    list: &[T],
-    option: &str,
-    name: impl Fn(&T) -> &'static str,
-) -> Result<()> {
-    match (1..list.len()).find(|&i| list[..i].contains(&list[i])) {
-        Some(i) => Err(Error::usage(
-            option,
-            format!("{} is listed twice", name(&list[i])),
-        )),
-        None => Ok(()),
-    }
+/// The option values' names, in order.
+fn names<T>(list: &[T], name: impl Fn(&T) -> &'static str) -> Vec<&'static str> {
+    list.iter().map(name).collect()
 }

@@ -58,6 +58,23 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     Ok(bytes as u64)
 }
 
+/// Refuses an entry listed twice in `option`'s list.
+pub(super) fn refuse_duplicates<T: ToString>(
+    option: &str,
+    items: &[T],
+) -> crate::error::Result<()> {
+    let names: Vec<String> = items.iter().map(ToString::to_string).collect();
+    for (i, name) in names.iter().enumerate() {
+        if names[..i].contains(name) {
+            return Err(crate::error::Error::usage(
+                option,
+                format!("`{name}` is listed twice; give each entry once"),
+            ));
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -3,7 +3,7 @@
 
 use super::calibration::{BosArg, CalibrationArgs};
 use super::convert::ShareArg;
-use super::parse::{parse_fit_item, parse_spec_item};
+use super::parse::{parse_fit_item, parse_spec_item, refuse_duplicates};
 use super::FitArg;
 use crate::error::{Error, Result};
 use crate::fit::decompose::Fit;
@@ -245,20 +245,6 @@ impl InspectArgs {
     }
 }
 
-/// Refuses an entry listed twice in `option`'s list.
-fn refuse_duplicates<T: ToString>(option: &str, items: &[T]) -> Result<()> {
-    let names: Vec<String> = items.iter().map(ToString::to_string).collect();
-    for (i, name) in names.iter().enumerate() {
-        if names[..i].contains(name) {
-            return Err(Error::usage(
-                option,
-                format!("`{name}` is listed twice; give each entry once"),
-            ));
-        }
-    }
-    Ok(())
-}
-
 impl SweepArgs {
     /// The validated options: at least one SPEC list and one fit, no entry twice, calibration
     /// exactly when a fit `act` is listed.
@@ -441,6 +427,18 @@ mod tests {
             &args(&["--q", "0.5", "--fit", "pca,svd,pca"]).unwrap(),
         ));
         assert!(m.starts_with("--fit: `pca` is listed twice"), "{m}");
+        let m = msg(configs(
+            &args(&[
+                "--shared-kv",
+                "0.5",
+                "--fit",
+                "act",
+                "--compensate",
+                "none,o_proj,none",
+            ])
+            .unwrap(),
+        ));
+        assert!(m.starts_with("--compensate: `none` is listed twice"), "{m}");
         for bad in [
             &["--shared-kv", ""][..],
             &["--shared-kv", "0.5,,0.9"],
