@@ -5,11 +5,15 @@ separator of src/fuzzing.rs. Deterministic; writes fuzz/seeds/checkpoint/<case>.
 
     python3 fuzz/seeds.py [--bin target/release/surgery-convert]
 
+`--target hub` writes only fuzz/seeds/hub/<case>: answers of a Hugging Face hub for the `hub` target
+(sections: revision listing, ETag, Content-Range, Location), valid and hostile.
+
 With --bin, the base checkpoint is also converted to the factored form (shared K/V and q; separate
 K and V) and those outputs become seeds, so the fuzzer starts from valid `latent_attention` configs.
 """
 
 import argparse
+import json
 import subprocess
 import tempfile
 from pathlib import Path
@@ -36,10 +40,46 @@ FACTORED = {
 }
 
 
+COMMIT = "c0ffee0123456789abcdef0123456789abcdef01"
+LFS = "9c7186f628b36c46cebb3133b1f07d03aadbd83f16918ba190a3aedb1d4c1b87"
+
+
+def listing(names: list[str], sha: str = COMMIT) -> bytes:
+    return json.dumps({"sha": sha, "siblings": [{"rfilename": n} for n in names]}).encode()
+
+
+HUB = {
+    "valid": [listing(["config.json", "model.safetensors", "tokenizer.json"]), f'"{LFS}"',
+              "bytes 0-0/429408", "https://cdn-lfs.hf.co/repos/ab/cd/x?Expires=1"],
+    "sharded-git-etag": [listing(["config.json", "model.safetensors.index.json", "a/b/c.txt"]),
+                         'W/"' + "a1" * 20 + '"', "bytes 100-199/200", "/api/resolve-cache/x"],
+    "traversal": [listing(["x/../../../../../../escaped.txt"]), '"../../x"', "bytes 0-0/*", "//evil/x"],
+    "absolute": [listing(["/SOME/ABSOLUTE/dir/f.json"]), '""', "items 0-0/5", "file:///etc/passwd"],
+    "bad-commit": [listing(["config.json"], sha="../../../../tmp/x"), "", "bytes 0-0/2147483648",
+                   "relative.json"],
+    "control": [listing(["a\u0001b.json", "a//b", "a/./b", "c\\d"]), '"' + "G" * 40 + '"',
+                "bytes -1-0/5", "/a\r\nX: y"],
+}
+
+
+def hub_seeds() -> None:
+    out = ROOT / "fuzz" / "seeds" / "hub"
+    out.mkdir(parents=True, exist_ok=True)
+    for old in out.iterdir():
+        old.unlink()
+    for name, parts in HUB.items():
+        data = [p if isinstance(p, bytes) else p.encode() for p in parts]
+        (out / name).write_bytes(SEPARATOR.join(data))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--bin", help="surgery-convert binary, to add factored seeds")
+    ap.add_argument("--target", choices=["checkpoint", "hub"], default="checkpoint")
     args = ap.parse_args()
+    if args.target == "hub":
+        hub_seeds()
+        return
     OUT.mkdir(parents=True, exist_ok=True)
     for old in OUT.iterdir():
         old.unlink()

@@ -83,6 +83,13 @@ pub fn open_and_plan(data: &[u8], dir: &Path) -> Result<usize> {
     Ok(plan.groups.len())
 }
 
+/// The hub's answers (feature `fuzzing`): `data`'s sections are a revision listing, an ETag, a
+/// `Content-Range` and a redirect `Location`, each checked as a download checks it (file names that
+/// stay inside the repo, hashes, sizes, redirect targets). Must never panic.
+pub fn hub_answer(data: &[u8]) -> usize {
+    crate::input::hub::fuzz_answer(&sections(data))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -4,7 +4,7 @@
 //! one-line error, never a panic.
 
 use std::path::{Path, PathBuf};
-use surgery_convert::fuzzing::open_and_plan;
+use surgery_convert::fuzzing::{hub_answer, open_and_plan};
 
 fn inputs(dir: &str) -> Vec<PathBuf> {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join(dir);
@@ -49,5 +49,39 @@ fn every_corpus_input_is_handled_without_panicking() {
             || name == "dtype-i8-f8-copied"
             || name.starts_with("nan-inf");
         assert_eq!(result.is_ok(), should_plan, "{name}: {result:?}");
+    }
+}
+
+#[test]
+fn every_hub_corpus_input_is_handled_without_panicking() {
+    let seeds = inputs("fuzz/seeds/hub");
+    assert!(
+        seeds.len() >= 6,
+        "seed corpus missing: run fuzz/seeds.py --target hub"
+    );
+    let mut all = seeds.clone();
+    all.extend(inputs("fuzz/corpus-min/hub"));
+    all.extend(inputs("fuzz/regressions/hub"));
+    for path in &all {
+        let data = std::fs::read(path).unwrap();
+        if std::panic::catch_unwind(|| hub_answer(&data)).is_err() {
+            panic!("{} panicked", path.display());
+        }
+    }
+    let accepted = |name: &str| {
+        hub_answer(
+            &std::fs::read(
+                Path::new(env!("CARGO_MANIFEST_DIR"))
+                    .join("fuzz/seeds/hub")
+                    .join(name),
+            )
+            .unwrap(),
+        )
+    };
+    // The valid answer: the listing and its 3 names, the ETag, both Content-Range reads, the
+    // redirect; the hostile listings are refused whole.
+    assert_eq!(accepted("valid"), 8);
+    for hostile in ["traversal", "absolute", "bad-commit", "control"] {
+        assert!(accepted(hostile) < 4, "{hostile}: {}", accepted(hostile));
     }
 }

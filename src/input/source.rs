@@ -119,6 +119,16 @@ pub fn resolve_hub(
     offline: bool,
     progress: bool,
 ) -> Result<ResolvedInput> {
+    // The revision names a file under `refs/`: held to the rules of a repo's file names.
+    super::hub::listing::check_file_name(revision).map_err(|_| {
+        Error::usage(
+            "--revision",
+            format!(
+                "`{}` is not a branch, tag or commit name",
+                super::hub::listing::shown(revision)
+            ),
+        )
+    })?;
     if let Some(snapshot) = cached_snapshot(repo_id, revision, cache_dir) {
         if snapshot_is_complete(&snapshot) {
             return Ok(hub_input(repo_id, revision, snapshot));
@@ -165,9 +175,7 @@ fn cached_snapshot(repo_id: &str, revision: &str, cache_dir: &Path) -> Option<Pa
     let commit = std::fs::read_to_string(repo_dir.join("refs").join(revision))
         .map(|s| s.trim().to_string())
         .unwrap_or_else(|_| revision.to_string());
-    if commit.is_empty() || commit.contains('/') || commit.starts_with('.') {
-        return None;
-    }
+    let commit = super::hub::listing::check_commit(&commit).ok()?;
     let snapshot = repo_dir.join("snapshots").join(commit);
     snapshot.join(CONFIG_FILE).is_file().then_some(snapshot)
 }
