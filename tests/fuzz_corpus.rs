@@ -1,10 +1,14 @@
 //! Replays the fuzzing corpus on stable Rust: every committed input of the `checkpoint` fuzz target
 //! (`fuzz/seeds/`, the minimized corpus of the last long run in `fuzz/corpus-min/`, and any crash
 //! found in `fuzz/regressions/`) goes through the same harness, and must come back as `Ok` or a
-//! one-line error, never a panic.
+//! one-line error, never a panic. Their sections also feed the narrower entries (a factored
+//! `config.json`, the split of fused tensors), which must not panic or report a bug either.
 
 use std::path::{Path, PathBuf};
-use surgery_convert::fuzzing::{hub_answer, open_and_plan};
+use surgery_convert::error::Error;
+use surgery_convert::fuzzing::{
+    factored_config, hub_answer, join, open_and_plan, sections, split_fused,
+};
 
 fn inputs(dir: &str) -> Vec<PathBuf> {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join(dir);
@@ -50,6 +54,35 @@ fn every_corpus_input_is_handled_without_panicking() {
             || name.starts_with("nan-inf");
         assert_eq!(result.is_ok(), should_plan, "{name}: {result:?}");
     }
+}
+
+#[test]
+fn the_corpus_feeds_the_factored_config_and_fused_split_entries() {
+    let mut all = inputs("fuzz/seeds/checkpoint");
+    all.extend(inputs("fuzz/corpus-min/checkpoint"));
+    all.extend(inputs("fuzz/regressions/checkpoint"));
+    let mut split = 0;
+    for path in &all {
+        let data = std::fs::read(path).unwrap();
+        let parts = sections(&data);
+        let config = parts.first().copied().unwrap_or_default();
+        let mut results = vec![std::panic::catch_unwind(|| factored_config(config))];
+        for shard in parts.iter().skip(2) {
+            let input = join(&[config, shard]);
+            results.push(std::panic::catch_unwind(|| split_fused(&input)));
+        }
+        for result in results {
+            let Ok(result) = result else {
+                panic!("{} panicked", path.display());
+            };
+            match result {
+                Err(e @ Error::Bug { .. }) => panic!("{}: {e}", path.display()),
+                Ok(n) => split += usize::from(n > 0),
+                Err(_) => {}
+            }
+        }
+    }
+    assert!(split > 0, "no corpus input got through");
 }
 
 #[test]

@@ -1,10 +1,13 @@
 //! `surgery-convert verify DIR`: recomputes every checksum in `SHA256SUMS`, validates every
 //! safetensors header (offsets in bounds and contiguous, dtype x shape = byte length) and the shard
-//! index against the shards. Each problem is reported on its own line.
+//! index against the shards. Each problem is reported on its own line. When the files are intact,
+//! the checkpoint is then opened as every command opens it ([`Checkpoint::open`]: `config.json`, a
+//! factored checkpoint's groups and ranks, every tensor's presence and shape); its first problem
+//! is the error.
 
 use crate::digest::sha256_file;
 use crate::error::{Error, Result};
-use crate::input::checkpoint::map_file;
+use crate::input::checkpoint::{map_file, Checkpoint};
 use crate::model::layout::INDEX_FILE;
 use crate::output::checksums;
 use serde_json::Value;
@@ -26,7 +29,7 @@ pub struct Verified {
 pub fn run(dir: &Path) -> Result<()> {
     let v = verify(dir)?;
     println!(
-        "OK: {} ({} files match SHA256SUMS; {} safetensors files, {} tensors, headers and index valid)",
+        "OK: {} ({} files match SHA256SUMS; {} safetensors files, {} tensors, headers, index, config and shapes valid)",
         dir.display(),
         v.files,
         v.weight_files,
@@ -101,6 +104,12 @@ pub fn verify(dir: &Path) -> Result<Verified> {
         }
     }
 
+    if problems.is_empty() && !shard_tensors.is_empty() {
+        // The files are intact and consistent: the checkpoint they make must also open as every
+        // command opens it (config.json, a factored one's latent_attention: groups and ranks, and
+        // every tensor's presence and shape).
+        Checkpoint::open(dir)?;
+    }
     if problems.is_empty() {
         Ok(Verified {
             files,

@@ -42,7 +42,7 @@ pub(crate) fn stack_group(
         let ft = FloatType::of_tensor(
             t.dtype,
             &checkpoint.shards[t.shard].path,
-            &t.name,
+            t.stored_name(),
             "decomposed",
         )?;
         types.push(ft);
@@ -50,12 +50,12 @@ pub(crate) fn stack_group(
             checkpoint.bytes(t),
             w.as_mut().subrows_mut(row0, t.shape[0]),
         );
-        // Checked per member, so the message names the tensor (the fit checks the stack again).
+        // Checked per member, so the message names the tensor as the file stores it (a fused
+        // one with the part's rows); the fit checks the stack again.
         let bad = count_non_finite(w.as_ref().subrows(row0, t.shape[0]));
         if bad > 0 {
-            return Err(Error::tensor(
-                &checkpoint.shards[t.shard].path,
-                &t.name,
+            return Err(checkpoint.tensor_error(
+                t,
                 format!(
                     "layer {}: {bad} non-finite values (NaN or infinite); a matrix to decompose must be finite",
                     group.layer
@@ -219,7 +219,12 @@ fn decode_role(checkpoint: &Checkpoint, layer: usize, role: Role) -> Result<Mat<
     let t = checkpoint
         .tensor(&name)
         .ok_or_else(|| Error::tensor(&checkpoint.dir, &name, "missing"))?;
-    let ft = FloatType::of_tensor(t.dtype, &checkpoint.shards[t.shard].path, &t.name, "read")?;
+    let ft = FloatType::of_tensor(
+        t.dtype,
+        &checkpoint.shards[t.shard].path,
+        t.stored_name(),
+        "read",
+    )?;
     if t.shape.len() != 2 {
         return Err(Error::tensor(
             &checkpoint.shards[t.shard].path,

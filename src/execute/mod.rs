@@ -193,11 +193,23 @@ fn expand_tensor(checkpoint: &Checkpoint, down: usize, up: usize) -> Result<Vec<
         let ft = FloatType::of_tensor(
             t.dtype,
             &checkpoint.shards[t.shard].path,
-            &t.name,
+            t.stored_name(),
             "expanded",
         )?;
         let values = ft.decode(checkpoint.bytes(t));
         checkpoint.release(t);
+        // A factored input is checked as a dense one is before its fit: by tensor, before use.
+        let bad = values.iter().filter(|v| !v.is_finite()).count();
+        if bad > 0 {
+            let layer = t
+                .class
+                .layer
+                .map_or_else(String::new, |l| format!("layer {l}: "));
+            return Err(checkpoint.tensor_error(
+                t,
+                format!("{layer}{bad} non-finite values (NaN or infinite); a factor to expand must be finite"),
+            ));
+        }
         Ok::<_, Error>((ft, matrix_from_rows(t.shape[0], t.shape[1], &values)))
     };
     let (_, a_m) = decoded(a)?;

@@ -83,7 +83,7 @@ fn decode_piece(checkpoint: &Checkpoint, member: usize, bytes: &[u8]) -> Result<
     let ty = FloatType::of_tensor(
         t.dtype,
         &checkpoint.shards[t.shard].path,
-        &t.name,
+        t.stored_name(),
         "decomposed",
     )?;
     Ok(ty.decode_f32(bytes))

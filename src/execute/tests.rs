@@ -426,3 +426,29 @@ fn no_pieces_refuses_to_produce_a_group_output() {
     let err = run(&ck, &plan, &mut NoPieces).err().unwrap();
     assert!(matches!(err, Error::Bug { .. }), "{err:?}");
 }
+
+#[test]
+fn expand_refuses_a_non_finite_factor_by_name() {
+    let widths = Widths {
+        kv: Some(vec![3, 2]),
+        ..Widths::default()
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let written = tiny::write_factored_tiny(dir.path(), Dtype::F32, &widths);
+    let name = tiny::layer_name(1, Role::Factor(Factor::KvDown));
+    let ck = Checkpoint::open(dir.path()).unwrap();
+    let at = ck.tensor(&name).unwrap().range.start;
+    drop(ck);
+    assert!(written.iter().any(|t| t.name == name));
+    let path = dir.path().join(crate::model::layout::SINGLE_FILE);
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[at..at + 4].copy_from_slice(&f32::INFINITY.to_le_bytes());
+    std::fs::write(&path, bytes).unwrap();
+    let ck = Checkpoint::open(dir.path()).unwrap();
+    let plan = plan::plan_expand(&ck, ck.config.latent.as_ref().unwrap()).unwrap();
+    let err = run(&ck, &plan, &mut NoPieces).err().unwrap().to_line();
+    assert!(
+        err.ends_with(&format!("tensor `{name}`: layer 1: 1 non-finite values (NaN or infinite); a factor to expand must be finite")),
+        "{err}"
+    );
+}

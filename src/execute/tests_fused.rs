@@ -161,3 +161,32 @@ fn a_missing_fused_tensor_is_named() {
     let err = Checkpoint::open(dir.path()).unwrap_err().to_line();
     assert!(err.contains(qkv) && err.contains("missing"), "{err}");
 }
+
+/// `dir`'s `model.safetensors` with an F32 NaN written at byte `at`.
+fn poke_nan(dir: &std::path::Path, at: usize) {
+    let path = dir.join(SINGLE_FILE);
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[at..at + 4].copy_from_slice(&f32::NAN.to_le_bytes());
+    std::fs::write(&path, bytes).unwrap();
+}
+
+#[test]
+fn a_non_finite_part_is_named_by_the_fused_tensor_the_file_holds() {
+    let (dir, ck) = phi3();
+    let k1 = tiny::layer_name(1, Role::Key);
+    let at = ck.tensor(&k1).unwrap().range.start + 4;
+    drop(ck);
+    poke_nan(dir.path(), at);
+    let ck = Checkpoint::open(dir.path()).unwrap();
+    let groups = plan::groups(&ck, &surgery());
+    let group = groups
+        .iter()
+        .find(|g| g.members.iter().any(|&m| ck.tensors[m].name == k1))
+        .unwrap();
+    let err = super::group::stack_group(&ck, group).unwrap_err().to_line();
+    assert!(
+        err.ends_with("tensor `model.layers.1.self_attn.qkv_proj.weight`: rows 8..12 (its k_proj part): layer 1: 1 non-finite values (NaN or infinite); a matrix to decompose must be finite"),
+        "{err}"
+    );
+    assert!(!err.contains("k_proj.weight"), "{err}");
+}

@@ -7,14 +7,13 @@
 use crate::error::{Error, Result};
 use crate::input::header::{self, Header};
 use crate::input::{config_file, files, fused, index};
-use crate::model::arch::{Classified, Role};
+use crate::model::arch::Classified;
 use crate::model::config::ModelConfig;
-use crate::model::dtype::FloatType;
 use crate::model::layout::{CONFIG_FILE, GENERATED_FILES, INDEX_FILE, SINGLE_FILE};
 use memmap2::{Mmap, UncheckedAdvice};
 use safetensors::tensor::TensorInfo;
 use safetensors::Dtype;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::File;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
@@ -61,6 +60,43 @@ pub struct TensorEntry {
     pub range: Range<usize>,
     /// Its place in the architecture's name table.
     pub class: Classified,
+    /// For a part of a fused tensor: the tensor the file stores and the part's rows in it.
+    pub fused: Option<FusedPart>,
+}
+
+/// Where a part of a fused tensor (Phi-3's `qkv_proj`, `gate_up_proj`) lies in the tensor the file
+/// stores.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FusedPart {
+    /// The stored tensor's name.
+    pub name: String,
+    /// The part's rows in it.
+    pub rows: Range<usize>,
+}
+
+impl TensorEntry {
+    /// The name the file stores this tensor's bytes under: its own, or its fused tensor's.
+    pub fn stored_name(&self) -> &str {
+        self.fused.as_ref().map_or(&self.name, |f| &f.name)
+    }
+
+    /// An [`Error::Tensor`] about this tensor as `path` holds it: a part of a fused tensor is named
+    /// by the fused tensor, with the part's rows and short name before `message`.
+    pub fn error(&self, path: &Path, message: impl std::fmt::Display) -> Error {
+        match &self.fused {
+            None => Error::tensor(path, &self.name, message.to_string()),
+            Some(f) => Error::tensor(
+                path,
+                &f.name,
+                format!(
+                    "rows {}..{} (its {} part): {message}",
+                    f.rows.start,
+                    f.rows.end,
+                    fused::part_label(self.class.role)
+                ),
+            ),
+        }
+    }
 }
 
 /// An opened input checkpoint.
@@ -112,6 +148,8 @@ struct ShardList {
 struct TensorTable {
     tensors: Vec<TensorEntry>,
     by_name: HashMap<String, usize>,
+    /// The names the shards store (a fused tensor's, where `by_name` has its parts').
+    stored: HashSet<String>,
 }
 
 /// What checking one shard's tensors against the configuration and the index needs.
@@ -166,108 +204,8 @@ impl Checkpoint {
             skipped_files,
             by_name: table.by_name,
         };
-        checkpoint.check_projections()?;
-        checkpoint.check_vectors()?;
+        checkpoint.check_tensors()?;
         Ok(checkpoint)
-    }
-
-    /// Every layer must have its attention projections (q, k and v, or for a factored checkpoint the
-    /// factors `config.json` describes) with the shapes config.json implies, in a float type, and no
-    /// others.
-    fn check_projections(&self) -> Result<()> {
-        let c = &self.config;
-        for layer in 0..c.num_layers {
-            let expected = c.attention_tensors(layer);
-            for &(role, shape) in &expected {
-                let Some(name) = c.arch.layer_tensor_name(layer, role) else {
-                    continue;
-                };
-                let Some(t) = self.tensor(&name) else {
-                    let file = self.expected_file_for_layer(layer);
-                    // A family that stores the part fused is missing the fused tensor.
-                    let fused = c
-                        .arch
-                        .fusion_of(role)
-                        .filter(|_| c.latent.is_none())
-                        .and_then(|f| c.arch.layer_tensor_name(layer, Role::Fused(f)));
-                    let (name, why) = match (fused, &c.latent) {
-                        (Some(fused), _) => (fused, "missing (every layer needs it)"),
-                        (None, Some(_)) => (
-                            name,
-                            "missing (config.json's latent_attention says this layer has it)",
-                        ),
-                        (None, None) => (
-                            name,
-                            "missing (every layer needs q_proj, k_proj and v_proj)",
-                        ),
-                    };
-                    return Err(Error::tensor(file, &name, why));
-                };
-                let path = &self.shards[t.shard].path;
-                if t.shape != shape {
-                    return Err(Error::tensor(
-                        path,
-                        &name,
-                        format!(
-                            "shape {:?} disagrees with config.json, which implies {:?}",
-                            t.shape, shape
-                        ),
-                    ));
-                }
-                FloatType::of_tensor(t.dtype, path, &name, "decomposed")?;
-            }
-        }
-        for t in &self.tensors {
-            let attention = matches!(
-                t.class.role,
-                Role::Query | Role::Key | Role::Value | Role::Factor(_)
-            );
-            let expected = t.class.layer.is_some_and(|layer| {
-                c.attention_tensors(layer)
-                    .iter()
-                    .any(|&(role, _)| role == t.class.role)
-            });
-            if attention && !expected {
-                let why = match (&c.latent, t.class.role) {
-                    (None, _) => "a factor of the factored form, but config.json does not describe one (latent_attention missing)",
-                    (Some(_), Role::Factor(_)) => "a factor config.json's latent_attention does not describe",
-                    (Some(_), _) => "a dense projection that config.json's latent_attention says is factored",
-                };
-                return Err(Error::tensor(&self.shards[t.shard].path, &t.name, why));
-            }
-        }
-        Ok(())
-    }
-
-    /// The attention biases and per-head norms must have the one dimension config.json implies (a
-    /// bias is copied, and added after the projection it belongs to, so a wrong length would only
-    /// surface in a runtime).
-    fn check_vectors(&self) -> Result<()> {
-        for t in &self.tensors {
-            let Some(len) = self.config.vector_len(t.class.role) else {
-                continue;
-            };
-            if t.shape != [len] {
-                return Err(Error::tensor(
-                    &self.shards[t.shard].path,
-                    &t.name,
-                    format!(
-                        "shape {:?} disagrees with config.json, which implies [{len}]",
-                        t.shape
-                    ),
-                ));
-            }
-        }
-        Ok(())
-    }
-
-    /// The file a layer's tensors are in (the first one found), for messages about missing tensors.
-    fn expected_file_for_layer(&self, layer: usize) -> PathBuf {
-        self.tensors
-            .iter()
-            .find(|t| t.class.layer == Some(layer))
-            .map(|t| self.shards[t.shard].path.clone())
-            .unwrap_or_else(|| self.shards[0].path.clone())
     }
 
     /// Refuses a factored checkpoint (written by `--emit factored`) for a command that needs a
@@ -290,6 +228,12 @@ impl Checkpoint {
     /// Index of a tensor in [`Self::tensors`].
     pub fn tensor_index(&self, name: &str) -> Option<usize> {
         self.by_name.get(name).copied()
+    }
+
+    /// An [`Error::Tensor`] about `t`, naming its file and the tensor as stored
+    /// ([`TensorEntry::error`]).
+    pub fn tensor_error(&self, t: &TensorEntry, message: impl std::fmt::Display) -> Error {
+        t.error(&self.shards[t.shard].path, message)
     }
 
     /// The tensor's bytes, borrowed from the map.
@@ -410,6 +354,7 @@ impl TensorTable {
         }
         for (name, info) in header.tensors {
             let stored = scan.entry(name, info, header.data_start)?;
+            self.stored.insert(stored.name.clone());
             for entry in fused::split(scan.config, scan.path, stored)? {
                 self.add(scan, entry)?;
             }
@@ -424,9 +369,8 @@ impl TensorTable {
             .insert(entry.name.clone(), self.tensors.len())
             .is_some()
         {
-            return Err(Error::tensor(
+            return Err(entry.error(
                 scan.path,
-                &entry.name,
                 "appears twice (in more than one shard, or also inside a fused tensor)",
             ));
         }
@@ -434,10 +378,11 @@ impl TensorTable {
         Ok(())
     }
 
-    /// Every tensor the index lists must be in a shard.
+    /// Every tensor the index lists must be in a shard (under the name the shard stores: a fused
+    /// tensor's, not its parts').
     fn check_all_present(&self, dir: &Path, weight_map: &BTreeMap<String, String>) -> Result<()> {
         for (name, file) in weight_map {
-            if !self.by_name.contains_key(name) {
+            if !self.stored.contains(name) {
                 return Err(Error::tensor(
                     dir.join(file),
                     name,
@@ -472,6 +417,7 @@ impl ShardScan<'_> {
             shape: info.shape,
             range,
             class,
+            fused: None,
         })
     }
 
@@ -570,5 +516,8 @@ fn list_other_files(
     Ok((copy, skip))
 }
 
+mod checks;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_shapes;

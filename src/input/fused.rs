@@ -7,9 +7,10 @@
 //! family's tensors. The planner writes them back fused (`plan::fused`).
 
 use crate::error::{Error, Result};
-use crate::input::checkpoint::TensorEntry;
+use crate::input::checkpoint::{FusedPart, TensorEntry};
 use crate::model::arch::{Classified, Fusion, Role};
 use crate::model::config::ModelConfig;
+use crate::model::shapes::disagreement;
 use std::path::Path;
 
 /// The entries `entry` stands for: its parts for a fused tensor, else itself. A part stored on its
@@ -34,6 +35,67 @@ pub fn split(config: &ModelConfig, path: &Path, entry: TensorEntry) -> Result<Ve
             return Ok(vec![entry]);
         }
     };
+    let (rows, row_bytes) = blocks(config, path, &entry, fusion)?;
+    let cols = config.hidden_size;
+    let mut start = entry.range.start;
+    let mut first_row = 0;
+    let mut parts = Vec::with_capacity(rows.len());
+    for (&role, &n) in fusion.parts().iter().zip(&rows) {
+        let len = n
+            .checked_mul(row_bytes)
+            .ok_or_else(|| Error::tensor(path, &entry.name, "row block size overflows"))?;
+        let layer = entry
+            .class
+            .layer
+            .ok_or_else(|| Error::bug(format!("{}: a fused tensor outside a layer", entry.name)))?;
+        let name = arch
+            .layer_tensor_name(layer, role)
+            .ok_or_else(|| Error::bug(format!("{}: part {role:?} has no name", entry.name)))?;
+        let end = start
+            .checked_add(len)
+            .ok_or_else(|| Error::tensor(path, &entry.name, "row block size overflows"))?;
+        parts.push(TensorEntry {
+            name,
+            shard: entry.shard,
+            dtype: entry.dtype,
+            shape: vec![n, cols],
+            range: start..end,
+            class: Classified {
+                layer: Some(layer),
+                role,
+            },
+            fused: Some(FusedPart {
+                name: entry.name.clone(),
+                rows: first_row..first_row + n,
+            }),
+        });
+        start = end;
+        first_row += n;
+    }
+    if start != entry.range.end {
+        return Err(Error::tensor(
+            path,
+            &entry.name,
+            format!(
+                "holds {} bytes, not the {} its shape implies",
+                entry.range.len(),
+                start - entry.range.start
+            ),
+        ));
+    }
+    Ok(parts)
+}
+
+/// The rows of each part of the fused `entry` (by head counts and `intermediate_size`) and the
+/// bytes of one row, after checking its shape against `config.json`: the blocks must sum to its
+/// rows (so a tensor whose rows sum right splits where the heads say) and its width must be
+/// `hidden_size`.
+fn blocks(
+    config: &ModelConfig,
+    path: &Path,
+    entry: &TensorEntry,
+    fusion: Fusion,
+) -> Result<(Vec<usize>, usize)> {
     let rows = config.fused_rows(fusion).ok_or_else(|| {
         Error::tensor(
             path,
@@ -60,6 +122,13 @@ pub fn split(config: &ModelConfig, path: &Path, entry: TensorEntry) -> Result<Ve
             ),
         ));
     }
+    if cols != config.hidden_size {
+        return Err(Error::tensor(
+            path,
+            &entry.name,
+            disagreement(&entry.shape, &[stored_rows, config.hidden_size]),
+        ));
+    }
     let row_bytes = cols
         .checked_mul(entry.dtype.bitsize())
         .filter(|bits| bits % 8 == 0)
@@ -74,44 +143,7 @@ pub fn split(config: &ModelConfig, path: &Path, entry: TensorEntry) -> Result<Ve
                 ),
             )
         })?;
-    let mut start = entry.range.start;
-    let mut parts = Vec::with_capacity(rows.len());
-    for (&role, &n) in fusion.parts().iter().zip(&rows) {
-        let len = n
-            .checked_mul(row_bytes)
-            .ok_or_else(|| Error::tensor(path, &entry.name, "row block size overflows"))?;
-        let layer = entry
-            .class
-            .layer
-            .ok_or_else(|| Error::bug(format!("{}: a fused tensor outside a layer", entry.name)))?;
-        let name = arch
-            .layer_tensor_name(layer, role)
-            .ok_or_else(|| Error::bug(format!("{}: part {role:?} has no name", entry.name)))?;
-        parts.push(TensorEntry {
-            name,
-            shard: entry.shard,
-            dtype: entry.dtype,
-            shape: vec![n, cols],
-            range: start..start + len,
-            class: Classified {
-                layer: Some(layer),
-                role,
-            },
-        });
-        start += len;
-    }
-    if start != entry.range.end {
-        return Err(Error::tensor(
-            path,
-            &entry.name,
-            format!(
-                "holds {} bytes, not the {} its shape implies",
-                entry.range.len(),
-                start - entry.range.start
-            ),
-        ));
-    }
-    Ok(parts)
+    Ok((rows, row_bytes))
 }
 
 /// The fused tensor's name in `layer` (for messages).
@@ -133,7 +165,7 @@ fn describe_blocks(fusion: Fusion, rows: &[usize]) -> String {
 }
 
 /// The short name of a part.
-fn part_label(role: Role) -> &'static str {
+pub(crate) fn part_label(role: Role) -> &'static str {
     match role {
         Role::Query => "q_proj",
         Role::Key => "k_proj",
@@ -173,6 +205,7 @@ mod tests {
                 layer: Some(1),
                 role,
             },
+            fused: None,
         }
     }
 
@@ -225,6 +258,16 @@ mod tests {
                 ),
             ]
         );
+        // Each part knows the tensor the file stores and its rows in it, for messages.
+        let stored = "model.layers.1.self_attn.qkv_proj.weight";
+        let fused: Vec<_> = parts.iter().map(|p| p.fused.clone().unwrap()).collect();
+        assert_eq!(
+            fused,
+            [(0..8), (8..12), (12..16)].map(|rows| FusedPart {
+                name: stored.to_string(),
+                rows
+            })
+        );
         let up = split_of(&c, Role::Fused(Fusion::GateUp), &[12, 8], 0).unwrap();
         assert_eq!(up[0].class.role, Role::MlpGate);
         assert_eq!(
@@ -245,6 +288,16 @@ mod tests {
             .unwrap_err()
             .to_line();
         assert!(err.contains("gate_proj 6 + up_proj 6 = 12"), "{err}");
+        // Rows that sum right but a width other than hidden_size.
+        let err = split_of(&c, Role::Fused(Fusion::Qkv), &[16, 9], 0)
+            .unwrap_err()
+            .to_line();
+        assert!(
+            err.ends_with(
+                "qkv_proj.weight`: shape [16, 9] disagrees with config.json, which implies [16, 8]"
+            ),
+            "{err}"
+        );
         let no_size = phi3(json!({"intermediate_size": null}));
         let err = split_of(&no_size, Role::Fused(Fusion::GateUp), &[12, 8], 0)
             .unwrap_err()

@@ -49,6 +49,14 @@ impl Linear {
         Linear { weight_t, bias }
     }
 
+    /// How many of the weight's values are NaN or infinite.
+    pub fn non_finite(&self) -> usize {
+        let w = self.weight_t.as_ref();
+        (0..w.ncols())
+            .map(|j| w.col(j).iter().filter(|v| !v.is_finite()).count())
+            .sum()
+    }
+
     /// Output width.
     pub fn out_features(&self) -> usize {
         self.weight_t.ncols()

@@ -10,6 +10,7 @@ use crate::llama::params::LlamaParams;
 use crate::model::arch::{AttentionProjection, Factor, Mlp, Role};
 use crate::model::dtype::FloatType;
 use crate::model::latent::Share;
+use crate::model::shapes::{disagreement, Sizes};
 
 /// Tensor access for the forward pass.
 #[derive(Debug, Clone, Copy)]
@@ -27,18 +28,11 @@ impl<'a> Loader<'a> {
         let t = ckpt
             .tensor(name)
             .ok_or_else(|| Error::tensor(&ckpt.dir, name, "missing from the checkpoint"))?;
-        let path = &ckpt.shards[t.shard].path;
         if t.shape != shape {
-            return Err(Error::tensor(
-                path,
-                name,
-                format!(
-                    "shape {:?} disagrees with config.json, which implies {shape:?}",
-                    t.shape
-                ),
-            ));
+            return Err(ckpt.tensor_error(t, disagreement(&t.shape, shape)));
         }
-        let ty = FloatType::of_tensor(t.dtype, path, name, "evaluated")?;
+        let path = &ckpt.shards[t.shard].path;
+        let ty = FloatType::of_tensor(t.dtype, path, t.stored_name(), "evaluated")?;
         Ok((ty, ckpt.bytes(t)))
     }
 
@@ -88,17 +82,17 @@ impl<'a> Loader<'a> {
     /// is decoded.
     pub fn check_layer(&self, layer: usize) -> Result<()> {
         let p = self.params;
-        let h = p.hidden_size;
         let c = &self.checkpoint.config;
-        for &norm in self.norm_roles() {
-            self.raw(&self.layer_name(layer, norm)?, &[h])?;
+        let qk_norms: &[Role] = if p.family.qk_norm {
+            &[Role::QueryNorm, Role::KeyNorm]
+        } else {
+            &[]
+        };
+        for &norm in self.norm_roles().iter().chain(qk_norms) {
+            let shape = self.shape(Some(layer), norm)?;
+            self.raw(&self.layer_name(layer, norm)?, &shape)?;
         }
-        if p.family.qk_norm {
-            for norm in [Role::QueryNorm, Role::KeyNorm] {
-                self.raw(&self.layer_name(layer, norm)?, &[p.attention.head_dim])?;
-            }
-        }
-        for (weight, bias, shape) in self.linears() {
+        for (weight, bias, shape) in self.linears()? {
             self.raw(&self.layer_name(layer, weight)?, &shape)?;
             self.check_bias_role(layer, bias, shape[0])?;
         }
@@ -172,20 +166,37 @@ impl<'a> Loader<'a> {
     }
 
     /// The dense linear maps of a layer besides q/k/v: weight role, bias role, `[out, in]`.
-    fn linears(&self) -> [(Role, Role, [usize; 2]); 4] {
-        let p = self.params;
-        let (h, inter) = (p.hidden_size, p.intermediate_size);
-        let q_dim = p.attention.num_heads * p.attention.head_dim;
-        [
+    fn linears(&self) -> Result<[(Role, Role, [usize; 2]); 4]> {
+        let [o, gate, up, down] = [
             (
                 Role::Output,
                 Role::AttentionBias(AttentionProjection::Output),
-                [h, q_dim],
             ),
-            (Role::MlpGate, Role::MlpBias(Mlp::Gate), [inter, h]),
-            (Role::MlpUp, Role::MlpBias(Mlp::Up), [inter, h]),
-            (Role::MlpDown, Role::MlpBias(Mlp::Down), [h, inter]),
+            (Role::MlpGate, Role::MlpBias(Mlp::Gate)),
+            (Role::MlpUp, Role::MlpBias(Mlp::Up)),
+            (Role::MlpDown, Role::MlpBias(Mlp::Down)),
         ]
+        .map(|(weight, bias)| {
+            let shape = self.shape(None, weight)?;
+            let shape = <[usize; 2]>::try_from(shape)
+                .map_err(|s| Error::bug(format!("{weight:?}: shape {s:?} is not a matrix")))?;
+            Ok::<_, Error>((weight, bias, shape))
+        });
+        Ok([o?, gate?, up?, down?])
+    }
+
+    /// The shape of a tensor of `role` (in `layer`; `None` for a global one or a role whose shape
+    /// is the same in every layer), from the one source every check reads
+    /// ([`crate::model::config::ModelConfig::expected_shape`]).
+    pub fn shape(&self, layer: Option<usize>, role: Role) -> Result<Vec<usize>> {
+        let sizes = Sizes {
+            intermediate: self.params.intermediate_size,
+            vocab: self.params.vocab_size,
+        };
+        self.checkpoint
+            .config
+            .expected_shape(sizes, layer, role)
+            .ok_or_else(|| Error::bug(format!("no shape for {role:?}")))
     }
 
     /// Whether a bias role is enabled by the config, and what says so.
@@ -231,7 +242,7 @@ impl<'a> Loader<'a> {
     /// The layer's dense linear maps besides q/k/v, with their biases where the config enables
     /// them: `o_proj`, `gate_proj`, `up_proj`, `down_proj`.
     pub fn layer_linears(&self, layer: usize) -> Result<[Linear; 4]> {
-        let [o, gate, up, down] = self.linears().map(|(weight, bias, [out, input])| {
+        let [o, gate, up, down] = self.linears()?.map(|(weight, bias, [out, input])| {
             let bias = self.bias_values(layer, bias, out)?;
             self.linear(&self.layer_name(layer, weight)?, out, input, bias)
         });
@@ -301,8 +312,9 @@ impl<'a> Loader<'a> {
         Ok((input, mlp, Some(output)))
     }
 
-    /// The linear map of an attention projection tensor by role, with its shape from
-    /// [`crate::model::config::ModelConfig::attention_tensors`].
+    /// The linear map of an attention projection tensor by role (dense or a factor), with its
+    /// shape from [`crate::model::config::ModelConfig::attention_tensors`]; refused when it holds
+    /// a NaN or an infinity, as a dense projection is before its fit.
     fn role_linear(&self, layer: usize, role: Role, bias: Option<Vec<f32>>) -> Result<Linear> {
         let c = &self.checkpoint.config;
         let shape = c
@@ -316,7 +328,16 @@ impl<'a> Loader<'a> {
                     format!("layer {layer}: no {role:?} tensor in this layout"),
                 )
             })?;
-        self.linear(&self.layer_name(layer, role)?, shape[0], shape[1], bias)
+        let name = self.layer_name(layer, role)?;
+        let linear = self.linear(&name, shape[0], shape[1], bias)?;
+        let bad = linear.non_finite();
+        match self.checkpoint.tensor(&name) {
+            Some(t) if bad > 0 => Err(self.checkpoint.tensor_error(
+                t,
+                format!("layer {layer}: {bad} non-finite values (NaN or infinite); the attention projections must be finite to be evaluated"),
+            )),
+            _ => Ok(linear),
+        }
     }
 
     /// Whether the layer's layout (from `config.json`) has a tensor of `role`.

@@ -98,9 +98,8 @@ impl<'a> Llama<'a> {
             final_norm,
             lm_head,
         } = names;
-        let (v, h) = (llama.params.vocab_size, llama.params.hidden_size);
-        loader.raw(embed, &[v, h])?;
-        loader.raw(final_norm, &[h])?;
+        loader.raw(embed, &loader.shape(None, Role::Embedding)?)?;
+        loader.raw(final_norm, &loader.shape(None, Role::FinalNorm)?)?;
         if llama.params.tie_word_embeddings {
             if let Some(t) = checkpoint.tensor(lm_head) {
                 return Err(Error::tensor(
@@ -110,7 +109,7 @@ impl<'a> Llama<'a> {
                 ));
             }
         } else {
-            loader.raw(lm_head, &[v, h])?;
+            loader.raw(lm_head, &loader.shape(None, Role::LmHead)?)?;
         }
         for layer in 0..llama.params.num_layers {
             loader.check_layer(layer)?;

@@ -2,8 +2,8 @@
 //! Reading the file is `input::config_file`'s job; this module validates parsed JSON only.
 
 use crate::error::{Error, Result};
-use crate::model::arch::{self, Architecture, Factor, Family, Fusion, Role};
-use crate::model::latent::{KvMode, LatentAttention};
+use crate::model::arch::{self, Architecture, Family};
+use crate::model::latent::LatentAttention;
 use serde::Deserialize;
 use serde_json::{Map, Value};
 use std::path::Path;
@@ -32,6 +32,9 @@ pub struct ModelConfig {
     /// `intermediate_size`, when given (the forward pass requires it; a fused `gate_up_proj` is
     /// split by it).
     pub intermediate_size: Option<usize>,
+    /// `vocab_size`, when given (the forward pass requires it; the embedding and the head have
+    /// that many rows).
+    pub vocab_size: Option<usize>,
     /// `tie_word_embeddings` (defaults to false, as in transformers' Llama; true for Gemma).
     pub tie_word_embeddings: bool,
     /// The factored form's description, for a checkpoint written by `--emit factored`.
@@ -49,78 +52,6 @@ impl ModelConfig {
     /// Rows of `k_proj` and `v_proj`.
     pub fn kv_dim(&self) -> usize {
         self.num_kv_heads * self.head_dim
-    }
-
-    /// The length of a one-dimensional attention tensor of `role`: a projection's bias (on its
-    /// dense or up-projection), or a per-head norm; `None` for other roles.
-    pub fn vector_len(&self, role: Role) -> Option<usize> {
-        use crate::model::arch::AttentionProjection as P;
-        match role {
-            Role::AttentionBias(P::Query) | Role::FactorBias(Factor::QUp) => Some(self.q_dim()),
-            Role::AttentionBias(P::Key | P::Value)
-            | Role::FactorBias(Factor::KUp | Factor::VUp) => Some(self.kv_dim()),
-            Role::AttentionBias(P::Output) => Some(self.hidden_size),
-            Role::QueryNorm | Role::KeyNorm => Some(self.head_dim),
-            _ => None,
-        }
-    }
-
-    /// The rows of each part of a fused tensor, top to bottom (`None`: `config.json` does not say,
-    /// `intermediate_size` missing for `gate_up_proj`).
-    pub fn fused_rows(&self, fusion: Fusion) -> Option<Vec<usize>> {
-        match fusion {
-            Fusion::Qkv => Some(vec![self.q_dim(), self.kv_dim(), self.kv_dim()]),
-            Fusion::GateUp => self.intermediate_size.map(|n| vec![n, n]),
-        }
-    }
-
-    /// The attention projection tensors every layer must have, with their shapes: `q_proj`,
-    /// `k_proj`, `v_proj`, or for a factored checkpoint the factors that replace them.
-    pub fn attention_tensors(&self, layer: usize) -> Vec<(Role, [usize; 2])> {
-        let (h, q, kv) = (self.hidden_size, self.q_dim(), self.kv_dim());
-        let width = |ranks: &Option<Vec<usize>>| ranks.as_ref().and_then(|r| r.get(layer).copied());
-        let Some(l) = &self.latent else {
-            return vec![
-                (Role::Query, [q, h]),
-                (Role::Key, [kv, h]),
-                (Role::Value, [kv, h]),
-            ];
-        };
-        let mut out = Vec::new();
-        match width(&l.q_rank) {
-            Some(r) => out.extend([
-                (Role::Factor(Factor::QDown), [r, h]),
-                (Role::Factor(Factor::QUp), [q, r]),
-            ]),
-            None => out.push((Role::Query, [q, h])),
-        }
-        match (l.kv, width(&l.kv_rank)) {
-            (Some(KvMode::Shared), Some(r)) => {
-                // With cross-layer sharing only a group's source layer holds the down-projection.
-                let source = l.kv_sharing.as_ref().map_or(layer, |s| s.source_of(layer));
-                if source == layer {
-                    out.push((Role::Factor(Factor::KvDown), [r, h]));
-                }
-                out.extend([
-                    (Role::Factor(Factor::KUp), [kv, r]),
-                    (Role::Factor(Factor::VUp), [kv, r]),
-                ]);
-            }
-            _ => {
-                for (ranks, dense, down, up) in [
-                    (&l.k_rank, Role::Key, Factor::KDown, Factor::KUp),
-                    (&l.v_rank, Role::Value, Factor::VDown, Factor::VUp),
-                ] {
-                    match width(ranks) {
-                        Some(r) => {
-                            out.extend([(Role::Factor(down), [r, h]), (Role::Factor(up), [kv, r])])
-                        }
-                        None => out.push((dense, [kv, h])),
-                    }
-                }
-            }
-        }
-        out
     }
 
     /// Validates a parsed `config.json` (`path` is used in messages).
@@ -166,6 +97,7 @@ impl ModelConfig {
                 raw.intermediate_size.as_ref(),
                 path,
             )?,
+            vocab_size: positive_integer("vocab_size", raw.vocab_size.as_ref(), path)?,
             tie_word_embeddings,
             latent,
             raw: obj.clone(),
@@ -186,6 +118,7 @@ struct RawConfig {
     num_key_value_heads: Option<Value>,
     head_dim: Option<Value>,
     intermediate_size: Option<Value>,
+    vocab_size: Option<Value>,
     tie_word_embeddings: Option<Value>,
     latent_attention: Option<Value>,
 }

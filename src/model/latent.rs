@@ -209,14 +209,23 @@ fn invalid(path: &Path, message: impl std::fmt::Display) -> Error {
 
 /// `format_version` must be one this build reads; returns it.
 fn check_format_version(obj: &Map<String, Value>, path: &Path) -> Result<u64> {
-    match obj.get("format_version").and_then(Value::as_u64) {
-        Some(v @ (FORMAT_VERSION_PER_LAYER | FORMAT_VERSION)) => Ok(v),
-        other => Err(invalid(
+    let supported =
+        format!("this build reads versions {FORMAT_VERSION_PER_LAYER} and {FORMAT_VERSION}");
+    match obj.get("format_version") {
+        None | Some(Value::Null) => Err(invalid(
             path,
-            format!(
-                "format_version {} is not supported (this build reads versions {FORMAT_VERSION_PER_LAYER} and {FORMAT_VERSION})",
-                other.map_or_else(|| "missing".to_string(), |v| v.to_string())
-            ),
+            format!("format_version is missing ({supported})"),
+        )),
+        Some(Value::Number(n)) if n.is_u64() || n.is_i64() => match n.as_u64() {
+            Some(v @ (FORMAT_VERSION_PER_LAYER | FORMAT_VERSION)) => Ok(v),
+            _ => Err(invalid(
+                path,
+                format!("format_version {n} is not supported ({supported})"),
+            )),
+        },
+        Some(v) => Err(invalid(
+            path,
+            format!("format_version has the wrong type (expected an integer), found {v}"),
         )),
     }
 }
@@ -489,6 +498,43 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("format_version 3"));
+        for (value, message) in [
+            (
+                json!("2"),
+                "format_version has the wrong type (expected an integer), found \"2\"",
+            ),
+            (
+                json!(2.0),
+                "format_version has the wrong type (expected an integer), found 2.0",
+            ),
+            (
+                json!([2]),
+                "format_version has the wrong type (expected an integer), found [2]",
+            ),
+            (
+                json!(-1),
+                "format_version -1 is not supported (this build reads versions 1 and 2)",
+            ),
+            (
+                Value::Null,
+                "format_version is missing (this build reads versions 1 and 2)",
+            ),
+        ] {
+            let mut v = sample().to_json();
+            v["format_version"] = value;
+            assert_eq!(
+                LatentAttention::from_json(&v, 2, path)
+                    .unwrap_err()
+                    .to_string(),
+                format!("config.json: latent_attention: {message}")
+            );
+        }
+        let mut v = sample().to_json();
+        v.as_object_mut().unwrap().remove("format_version");
+        assert!(LatentAttention::from_json(&v, 2, path)
+            .unwrap_err()
+            .to_string()
+            .contains("format_version is missing"));
         let mut v = sample().to_json();
         v["kv"] = json!("separate");
         assert!(LatentAttention::from_json(&v, 2, path).is_err());

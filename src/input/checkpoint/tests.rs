@@ -1,6 +1,7 @@
 //! Unit tests of the checks [`Checkpoint::open`] runs, each on its own.
 
 use super::*;
+use crate::model::arch::Role;
 use serde_json::json;
 
 const Q0: &str = "model.layers.0.self_attn.q_proj.weight";
