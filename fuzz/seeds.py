@@ -5,7 +5,8 @@ separator of src/fuzzing.rs. Deterministic; writes fuzz/seeds/checkpoint/<case>.
 
     python3 fuzz/seeds.py [--bin target/release/surgery-convert]
 
-`--target hub` writes only fuzz/seeds/hub/<case>: answers of a Hugging Face hub for the `hub` target
+`--target shapes` writes only fuzz/seeds/factored_config/ and fuzz/seeds/fused_split/ (see
+shape_seeds). `--target hub` writes only fuzz/seeds/hub/<case>: answers of a Hugging Face hub for the `hub` target
 (sections: revision listing, ETag, Content-Range, Location), valid and hostile.
 
 With --bin, the base checkpoint is also converted to the factored form (shared K/V and q; separate
@@ -72,13 +73,73 @@ def hub_seeds() -> None:
         (out / name).write_bytes(SEPARATOR.join(data))
 
 
+def safetensors(tensors: dict[str, list[int]]) -> bytes:
+    """A safetensors file of F32 zeros with these shapes (in this order)."""
+    header, offset = {}, 0
+    for name, shape in tensors.items():
+        size = 4
+        for d in shape:
+            size *= d
+        header[name] = {"dtype": "F32", "shape": shape, "data_offsets": [offset, offset + size]}
+        offset += size
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text + bytes(offset)
+
+
+PHI3 = {"architectures": ["Phi3ForCausalLM"], "model_type": "phi3", "hidden_size": 64,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 32,
+        "num_hidden_layers": 1, "vocab_size": 32, "rms_norm_eps": 1e-5, "max_position_embeddings": 128}
+
+
+def phi3(qkv_rows: int = 128, gate_up_rows: int = 64, kv_heads: int = 2) -> bytes:
+    config = dict(PHI3, num_key_value_heads=kv_heads)
+    layer = "model.layers.0."
+    tensors = {
+        "model.embed_tokens.weight": [32, 64],
+        layer + "input_layernorm.weight": [64],
+        layer + "self_attn.qkv_proj.weight": [qkv_rows, 64],
+        layer + "self_attn.o_proj.weight": [64, 64],
+        layer + "post_attention_layernorm.weight": [64],
+        layer + "mlp.gate_up_proj.weight": [gate_up_rows, 64],
+        layer + "mlp.down_proj.weight": [64, 32],
+        "model.norm.weight": [64],
+        "lm_head.weight": [32, 64],
+    }
+    return SEPARATOR.join([json.dumps(config).encode(), safetensors(tensors)])
+
+
+def shape_seeds() -> None:
+    """Seeds of the `factored_config` target (the configs of the checkpoint seeds, the factored
+    ones included) and of the `fused_split` target (a Phi-3 checkpoint, whole and split wrong)."""
+    configs = ROOT / "fuzz" / "seeds" / "factored_config"
+    fused = ROOT / "fuzz" / "seeds" / "fused_split"
+    for out in (configs, fused):
+        out.mkdir(parents=True, exist_ok=True)
+        for old in out.iterdir():
+            old.unlink()
+    for seed in sorted(OUT.iterdir()):
+        if seed.name.startswith(("base", "config-")):
+            (configs / seed.name).write_bytes(seed.read_bytes().split(SEPARATOR)[0])
+    for name, data in {
+        "phi3": phi3(),
+        "phi3-qkv-rows-wrong": phi3(qkv_rows=127),
+        "phi3-heads-split-wrong": phi3(qkv_rows=128, kv_heads=1),
+        "phi3-gate-up-odd": phi3(gate_up_rows=63),
+    }.items():
+        (fused / name).write_bytes(data)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--bin", help="surgery-convert binary, to add factored seeds")
-    ap.add_argument("--target", choices=["checkpoint", "hub"], default="checkpoint")
+    ap.add_argument("--target", choices=["checkpoint", "hub", "shapes"], default="checkpoint")
     args = ap.parse_args()
     if args.target == "hub":
         hub_seeds()
+        return
+    if args.target == "shapes":
+        shape_seeds()
         return
     OUT.mkdir(parents=True, exist_ok=True)
     for old in OUT.iterdir():

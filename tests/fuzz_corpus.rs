@@ -118,3 +118,53 @@ fn every_hub_corpus_input_is_handled_without_panicking() {
         assert!(accepted(hostile) < 4, "{hostile}: {}", accepted(hostile));
     }
 }
+
+#[test]
+fn the_factored_config_and_fused_split_targets_corpora_replay() {
+    let read = |p: &PathBuf| std::fs::read(p).unwrap();
+    let name = |p: &PathBuf| p.file_name().unwrap().to_string_lossy().into_owned();
+    let mut configs = inputs("fuzz/seeds/factored_config");
+    assert!(configs.len() >= 10, "run fuzz/seeds.py --target shapes");
+    let factored_seeds = configs.clone();
+    configs.extend(inputs("fuzz/corpus-min/factored_config"));
+    configs.extend(inputs("fuzz/regressions/factored_config"));
+    for path in &configs {
+        let data = read(path);
+        match std::panic::catch_unwind(|| factored_config(&data)) {
+            Err(_) => panic!("{} panicked", path.display()),
+            Ok(Err(e @ Error::Bug { .. })) => panic!("{}: {e}", path.display()),
+            Ok(_) => {}
+        }
+    }
+    for path in factored_seeds
+        .iter()
+        .filter(|p| name(p).starts_with("base-factored"))
+    {
+        assert!(factored_config(&read(path)).unwrap() > 0, "{}", name(path));
+    }
+    let mut fused = inputs("fuzz/seeds/fused_split");
+    assert!(fused.len() >= 4, "run fuzz/seeds.py --target shapes");
+    let fused_seeds = fused.clone();
+    fused.extend(inputs("fuzz/corpus-min/fused_split"));
+    fused.extend(inputs("fuzz/regressions/fused_split"));
+    for path in &fused {
+        let data = read(path);
+        match std::panic::catch_unwind(|| split_fused(&data)) {
+            Err(_) => panic!("{} panicked", path.display()),
+            Ok(Err(e @ Error::Bug { .. })) => panic!("{}: {e}", path.display()),
+            Ok(_) => {}
+        }
+    }
+    // The whole Phi-3 splits into its parts; the ones whose fused rows do not fit are refused.
+    for path in &fused_seeds {
+        let result = split_fused(&read(path));
+        match name(path).as_str() {
+            "phi3" => assert!(result.unwrap() > 9),
+            "phi3-qkv-rows-wrong" | "phi3-gate-up-odd" => {
+                let e = result.unwrap_err().to_string();
+                assert!(e.contains("qkv_proj") || e.contains("gate_up_proj"), "{e}");
+            }
+            _ => {}
+        }
+    }
+}
