@@ -87,24 +87,25 @@ def safetensors(tensors: dict[str, list[int]]) -> bytes:
     return len(text).to_bytes(8, "little") + text + bytes(offset)
 
 
-PHI3 = {"architectures": ["Phi3ForCausalLM"], "model_type": "phi3", "hidden_size": 64,
-        "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 32,
-        "num_hidden_layers": 1, "vocab_size": 32, "rms_norm_eps": 1e-5, "max_position_embeddings": 128}
+# Small, so that the fuzzer mutates headers rather than zeros: hidden 16, 4 heads of 4, 2 KV heads.
+PHI3 = {"architectures": ["Phi3ForCausalLM"], "model_type": "phi3", "hidden_size": 16,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 8,
+        "num_hidden_layers": 1, "vocab_size": 8, "rms_norm_eps": 1e-5, "max_position_embeddings": 64}
 
 
-def phi3(qkv_rows: int = 128, gate_up_rows: int = 64, kv_heads: int = 2) -> bytes:
+def phi3(qkv_rows: int = 32, gate_up_rows: int = 16, kv_heads: int = 2) -> bytes:
     config = dict(PHI3, num_key_value_heads=kv_heads)
     layer = "model.layers.0."
     tensors = {
-        "model.embed_tokens.weight": [32, 64],
-        layer + "input_layernorm.weight": [64],
-        layer + "self_attn.qkv_proj.weight": [qkv_rows, 64],
-        layer + "self_attn.o_proj.weight": [64, 64],
-        layer + "post_attention_layernorm.weight": [64],
-        layer + "mlp.gate_up_proj.weight": [gate_up_rows, 64],
-        layer + "mlp.down_proj.weight": [64, 32],
-        "model.norm.weight": [64],
-        "lm_head.weight": [32, 64],
+        "model.embed_tokens.weight": [8, 16],
+        layer + "input_layernorm.weight": [16],
+        layer + "self_attn.qkv_proj.weight": [qkv_rows, 16],
+        layer + "self_attn.o_proj.weight": [16, 16],
+        layer + "post_attention_layernorm.weight": [16],
+        layer + "mlp.gate_up_proj.weight": [gate_up_rows, 16],
+        layer + "mlp.down_proj.weight": [16, 8],
+        "model.norm.weight": [16],
+        "lm_head.weight": [8, 16],
     }
     return SEPARATOR.join([json.dumps(config).encode(), safetensors(tensors)])
 
@@ -123,9 +124,9 @@ def shape_seeds() -> None:
             (configs / seed.name).write_bytes(seed.read_bytes().split(SEPARATOR)[0])
     for name, data in {
         "phi3": phi3(),
-        "phi3-qkv-rows-wrong": phi3(qkv_rows=127),
-        "phi3-heads-split-wrong": phi3(qkv_rows=128, kv_heads=1),
-        "phi3-gate-up-odd": phi3(gate_up_rows=63),
+        "phi3-qkv-rows-wrong": phi3(qkv_rows=31),
+        "phi3-heads-split-wrong": phi3(qkv_rows=32, kv_heads=1),
+        "phi3-gate-up-odd": phi3(gate_up_rows=15),
     }.items():
         (fused / name).write_bytes(data)
 
