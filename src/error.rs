@@ -26,6 +26,27 @@ pub fn signal_name(signal: i32) -> &'static str {
     }
 }
 
+/// Why a temporary directory cannot be used, as [`Error::TempDir`] says it.
+fn temp_dir_cause(source: &std::io::Error) -> String {
+    use std::io::ErrorKind;
+    match source.kind() {
+        ErrorKind::NotFound => "no such directory; set TMPDIR to an existing directory".into(),
+        ErrorKind::NotADirectory => "not a directory; set TMPDIR to a directory".into(),
+        ErrorKind::PermissionDenied | ErrorKind::ReadOnlyFilesystem => {
+            format!("cannot create the scratch file there ({source}); set TMPDIR to a writable directory")
+        }
+        _ => format!("cannot create the scratch file there: {source}"),
+    }
+}
+
+fn is_no_space(source: &std::io::Error) -> bool {
+    use std::io::ErrorKind;
+    matches!(
+        source.kind(),
+        ErrorKind::StorageFull | ErrorKind::FileTooLarge | ErrorKind::QuotaExceeded
+    )
+}
+
 /// Shorthand for results of this crate.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
@@ -110,6 +131,33 @@ pub enum Error {
         /// The operating system's error.
         source: std::io::Error,
     },
+    /// Something took `--out` while the run was writing (another run, a program, a user): what is
+    /// there was left untouched and the finished output kept under another name.
+    #[error("--out {}: {what}; left it untouched and kept the finished output in {}", out.display(), kept.display())]
+    OutChanged {
+        /// `--out`.
+        out: PathBuf,
+        /// What was found there, and why it is not replaced.
+        what: String,
+        /// Where the finished output is.
+        kept: PathBuf,
+    },
+    /// The temporary directory cannot hold the scratch file: missing, not a directory, not writable.
+    #[error("TMPDIR={}: {}", dir.display(), temp_dir_cause(source))]
+    TempDir {
+        /// The temporary directory (`TMPDIR`, or `/tmp` when it is unset).
+        dir: PathBuf,
+        /// The operating system's error.
+        source: std::io::Error,
+    },
+    /// The scratch file (calibration statistics) could not grow: the temporary directory is full.
+    #[error("TMPDIR={}: no space left for the scratch file of calibration statistics ({source}); free space there or set TMPDIR to a directory with room", dir.display())]
+    ScratchNoSpace {
+        /// The temporary directory.
+        dir: PathBuf,
+        /// The operating system's error.
+        source: std::io::Error,
+    },
     /// A command that needs a standard checkpoint was given a factored one.
     #[error("{}: a factored checkpoint (written by --emit factored); expand it to a standard one first: surgery-convert expand {input} --out DENSE_DIR", path.display())]
     FactoredInput {
@@ -144,13 +192,33 @@ impl Error {
     /// Builds an [`Error::Io`] for `path`, or [`Error::NoSpace`] when the cause is a full
     /// filesystem, a quota or the file size limit.
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        use std::io::ErrorKind;
         let path = path.into();
-        match source.kind() {
-            ErrorKind::StorageFull | ErrorKind::FileTooLarge | ErrorKind::QuotaExceeded => {
-                Error::NoSpace { path, source }
-            }
-            _ => Error::Io { path, source },
+        match is_no_space(&source) {
+            true => Error::NoSpace { path, source },
+            false => Error::Io { path, source },
+        }
+    }
+
+    /// The error of creating the scratch file in the temporary directory `dir`:
+    /// [`Error::ScratchNoSpace`] when it is full, [`Error::TempDir`] otherwise.
+    pub fn temp_dir(dir: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        let dir = dir.into();
+        match is_no_space(&source) {
+            true => Error::ScratchNoSpace { dir, source },
+            false => Error::TempDir { dir, source },
+        }
+    }
+
+    /// The error of reading or writing the scratch file in `dir`: [`Error::ScratchNoSpace`] when
+    /// the temporary directory is full, [`Error::Io`] otherwise (never blamed on `--out`).
+    pub fn scratch(dir: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        let dir = dir.into();
+        match is_no_space(&source) {
+            true => Error::ScratchNoSpace { dir, source },
+            false => Error::Io {
+                path: dir.join("(scratch file)"),
+                source,
+            },
         }
     }
 
@@ -228,6 +296,33 @@ mod tests {
         assert_eq!(Error::invalid("config.json", "x").exit_code(), 1);
         let bug = Error::bug("group 3 piece 1: output taken twice").to_string();
         assert!(bug.contains("this is a bug"), "{bug}");
+    }
+
+    #[test]
+    fn temporary_directory_failures_name_tmpdir_not_out() {
+        let enospc = || std::io::Error::from_raw_os_error(28);
+        for e in [
+            Error::scratch("/t", enospc()),
+            Error::temp_dir("/t", enospc()),
+        ] {
+            let line = e.to_line();
+            assert!(matches!(e, Error::ScratchNoSpace { .. }), "{line}");
+            assert!(line.starts_with("TMPDIR=/t: no space left"), "{line}");
+            assert!(!line.contains("--out"), "{line}");
+        }
+        let missing = Error::temp_dir("/x", std::io::Error::from_raw_os_error(2));
+        assert!(
+            missing
+                .to_line()
+                .starts_with("TMPDIR=/x: no such directory"),
+            "{missing}"
+        );
+        let other = Error::scratch("/t", std::io::Error::from_raw_os_error(5));
+        assert!(matches!(other, Error::Io { .. }), "{other}");
+        assert!(
+            other.to_line().starts_with("/t/(scratch file): "),
+            "{other}"
+        );
     }
 
     #[test]

@@ -33,15 +33,23 @@ struct ScratchFile {
 pub struct Scratch(Arc<ScratchFile>);
 
 impl Scratch {
-    /// A new scratch file in the temporary directory.
+    /// A new scratch file in the temporary directory (`TMPDIR`); a failure names it, never `--out`.
     pub fn new() -> Result<Scratch> {
-        let dir = std::env::temp_dir();
-        let file = tempfile::tempfile_in(&dir).map_err(|e| Error::io(&dir, e))?;
-        Ok(Scratch(Arc::new(ScratchFile {
+        Scratch::new_in(std::env::temp_dir())
+    }
+
+    /// A new scratch file in `dir`.
+    fn new_in(dir: PathBuf) -> Result<Scratch> {
+        let file = tempfile::tempfile_in(&dir).map_err(|e| Error::temp_dir(&dir, e))?;
+        Ok(Scratch::with_file(file, dir))
+    }
+
+    fn with_file(file: File, dir: PathBuf) -> Scratch {
+        Scratch(Arc::new(ScratchFile {
             file,
             dir,
             end: AtomicU64::new(0),
-        })))
+        }))
     }
 
     /// Reserves `len` bytes, returning their offset.
@@ -64,7 +72,7 @@ impl Scratch {
     }
 
     fn error(&self, e: std::io::Error) -> Error {
-        Error::io(self.0.dir.join("(scratch file)"), e)
+        Error::scratch(&self.0.dir, e)
     }
 
     /// Writes `m` out (column by column) and returns the handle that reads it back.
@@ -217,6 +225,31 @@ mod tests {
         let memory = Moment::from(a.clone());
         assert!(matches!(memory.load().unwrap(), Cow::Borrowed(_)));
         assert!(same(&memory.load().unwrap(), &a));
+    }
+
+    #[test]
+    fn a_missing_temporary_directory_is_named() {
+        let missing = tempfile::tempdir().unwrap().path().join("gone");
+        let e = Scratch::new_in(missing.clone()).unwrap_err();
+        assert_eq!(
+            e.to_line(),
+            format!(
+                "TMPDIR={}: no such directory; set TMPDIR to an existing directory",
+                missing.display()
+            )
+        );
+    }
+
+    #[test]
+    fn a_full_temporary_directory_is_named_not_out() {
+        // /dev/full fails every write with ENOSPC, as a full TMPDIR does.
+        let Ok(full) = std::fs::OpenOptions::new().write(true).open("/dev/full") else {
+            return;
+        };
+        let scratch = Scratch::with_file(full, PathBuf::from("/t"));
+        let e = scratch.bytes(b"moments").unwrap_err();
+        assert!(matches!(e, Error::ScratchNoSpace { .. }), "{e}");
+        assert!(e.to_line().starts_with("TMPDIR=/t: no space left"), "{e}");
     }
 
     #[test]

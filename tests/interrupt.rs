@@ -4,115 +4,10 @@
 
 mod common;
 
+use common::runs::*;
 use common::*;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
-
-const BIN: &str = env!("CARGO_BIN_EXE_surgery-convert");
-
-/// A synthetic SmolLM2-135M-shaped checkpoint (270 MB), made once and kept in cargo's test
-/// scratch directory: big enough that a conversion takes seconds, so signals land mid-run.
-fn big_input() -> PathBuf {
-    // The tests of this file run in parallel; one of them makes the input.
-    static MADE: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    let _guard = MADE.lock().unwrap_or_else(|e| e.into_inner());
-    let base = Path::new(env!("CARGO_TARGET_TMPDIR")).join("interrupt-input");
-    let dir = base.join("smollm2");
-    let done = base.join("complete");
-    if !done.exists() {
-        let _ = std::fs::remove_dir_all(&base);
-        std::fs::create_dir_all(&base).unwrap();
-        // The developer tools' generator (the `dev` feature is on for tests).
-        let shape = surgery_convert::dev::synth::shape("smollm2-135m").unwrap();
-        surgery_convert::dev::synth::write(shape, 0, &dir, false).unwrap();
-        std::fs::write(&done, "").unwrap();
-    }
-    dir
-}
-
-fn start(input: &Path, out: &Path, extra: &[&str]) -> Child {
-    Command::new(BIN)
-        .arg("--in")
-        .arg(input)
-        .arg("--out")
-        .arg(out)
-        .args(["--shared-kv", "0.3", "--q", "0.9", "--threads", "1"])
-        .args(extra)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap()
-}
-
-/// The staging directory of a run writing `out`, once it exists.
-fn staging(parent: &Path) -> Option<PathBuf> {
-    std::fs::read_dir(parent)
-        .ok()?
-        .filter_map(|e| e.ok())
-        .map(|e| e.path())
-        .find(|p| {
-            p.file_name()
-                .is_some_and(|n| n.to_string_lossy().contains(".surgery-tmp-"))
-        })
-}
-
-/// Bytes written so far to the staging directory's weight files.
-fn staged_weight_bytes(dir: &Path) -> u64 {
-    std::fs::read_dir(dir)
-        .map(|rd| {
-            rd.filter_map(|e| e.ok())
-                .filter(|e| e.file_name().to_string_lossy().ends_with(".safetensors"))
-                .filter_map(|e| e.metadata().ok())
-                .map(|m| m.len())
-                .sum()
-        })
-        .unwrap_or(0)
-}
-
-/// When to send the signal.
-#[derive(Debug, Clone, Copy)]
-enum Point {
-    /// As soon as the staging directory exists.
-    StagingCreated,
-    /// Once this many weight bytes are staged.
-    WeightBytes(u64),
-}
-
-fn wait_for(child: &mut Child, parent: &Path, point: Point) {
-    let deadline = Instant::now() + Duration::from_secs(300);
-    loop {
-        assert!(
-            child.try_wait().unwrap().is_none(),
-            "the conversion ended before {point:?}"
-        );
-        if let Some(dir) = staging(parent) {
-            match point {
-                Point::StagingCreated => return,
-                Point::WeightBytes(n) if staged_weight_bytes(&dir) >= n => return,
-                Point::WeightBytes(_) => {}
-            }
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {point:?}");
-        std::thread::sleep(Duration::from_millis(2));
-    }
-}
-
-fn send(child: &Child, signal: &str) {
-    let status = Command::new("kill")
-        .args([format!("-{signal}"), child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
-}
-
-fn finish(child: Child) -> (Option<i32>, String) {
-    let o = child.wait_with_output().unwrap();
-    (
-        o.status.code(),
-        String::from_utf8_lossy(&o.stderr).into_owned(),
-    )
-}
+use std::path::Path;
+use std::process::Command;
 
 #[test]
 fn signals_mid_run_leave_nothing_behind() {
@@ -149,19 +44,28 @@ fn a_signal_leaves_an_existing_output_untouched() {
     let input = big_input();
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("out");
-    std::fs::create_dir(&out).unwrap();
-    std::fs::write(out.join("keep.txt"), "precious").unwrap();
+    earlier_output(&out);
+    let before = read_files(&out);
     let mut child = start(&input, &out, &["--force"]);
     wait_for(&mut child, tmp.path(), Point::WeightBytes(8 << 20));
     send(&child, "TERM");
     let (status, stderr) = finish(child);
     assert_eq!(status, Some(143), "{stderr}");
     assert_eq!(entries(tmp.path()), vec!["out".to_string()]);
-    assert_eq!(entries(&out), vec!["keep.txt".to_string()]);
-    assert_eq!(
-        std::fs::read_to_string(out.join("keep.txt")).unwrap(),
-        "precious"
-    );
+    assert_eq!(read_files(&out), before);
+}
+
+/// An earlier output at `out`: a conversion of the tiny fixture at `--shared-kv 0.5`.
+fn earlier_output(out: &Path) {
+    run_ok(&[
+        "--in",
+        "fixtures/tiny-f32-gqa",
+        "--out",
+        out.to_str().unwrap(),
+        "--shared-kv",
+        "0.5",
+        "--quiet",
+    ]);
 }
 
 #[test]
@@ -182,8 +86,8 @@ fn a_second_signal_exits_at_once_and_still_cleans_up() {
 fn force_replaces_the_old_output_only_when_complete() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("out");
-    std::fs::create_dir(&out).unwrap();
-    std::fs::write(out.join("keep.txt"), "old").unwrap();
+    earlier_output(&out);
+    let before = read_files(&out);
     run_ok(&[
         "--in",
         "fixtures/tiny-f32-gqa",
@@ -193,8 +97,9 @@ fn force_replaces_the_old_output_only_when_complete() {
         "0.3",
         "--force",
     ]);
-    assert!(!out.join("keep.txt").exists());
-    assert!(out.join("surgery.json").exists() && out.join("SHA256SUMS").exists());
+    let after = read_files(&out);
+    assert_ne!(after["surgery.json"], before["surgery.json"]);
+    assert!(after.contains_key("SHA256SUMS"));
     assert_eq!(
         entries(tmp.path()),
         vec!["out".to_string()],

@@ -82,7 +82,8 @@ pub struct ConvertArgs {
     #[arg(long = "in", value_name = "MODEL", required = true)]
     pub input: Option<String>,
 
-    /// Output directory (created atomically; must not exist unless --force).
+    /// Output directory (created atomically; must not exist unless --force; if it appears during
+    /// the run, it is left alone and the run fails, keeping its output as DIR.surgery-kept-PID).
     #[arg(long, value_name = "DIR", required = true)]
     pub out: Option<PathBuf>,
 
@@ -163,7 +164,10 @@ pub struct ConvertArgs {
     #[arg(long)]
     pub dry_run: bool,
 
-    /// Replace an existing --out directory (only once the new one is complete).
+    /// Replace an existing --out, only once the new output is complete, and only if it is an
+    /// earlier output of surgery-convert (every file listed in its SHA256SUMS, or a sweep's three
+    /// files) or an empty directory, and still the one that was there when the run started;
+    /// anything else is refused (remove it yourself).
     #[arg(long)]
     pub force: bool,
 

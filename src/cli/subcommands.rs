@@ -93,7 +93,8 @@ pub struct ExpandArgs {
     #[arg(value_name = "FACTORED")]
     pub input: String,
 
-    /// Output directory (created atomically; must not exist unless --force).
+    /// Output directory (created atomically; must not exist unless --force; if it appears during
+    /// the run, it is left alone and the run fails, keeping its output as DIR.surgery-kept-PID).
     #[arg(long, value_name = "DIR")]
     pub out: PathBuf,
 
@@ -105,7 +106,10 @@ pub struct ExpandArgs {
     #[arg(long)]
     pub dry_run: bool,
 
-    /// Replace an existing --out directory (only once the new one is complete).
+    /// Replace an existing --out, only once the new output is complete, and only if it is an
+    /// earlier output of surgery-convert (every file listed in its SHA256SUMS, or a sweep's three
+    /// files) or an empty directory, and still the one that was there when the run started;
+    /// anything else is refused (remove it yourself).
     #[arg(long)]
     pub force: bool,
 
@@ -193,7 +197,10 @@ pub struct SweepArgs {
     #[arg(long, value_name = "DIR")]
     pub out: PathBuf,
 
-    /// Replace an existing --out directory (only once the new one is complete).
+    /// Replace an existing --out, only once the new output is complete, and only if it is an
+    /// earlier output of surgery-convert (every file listed in its SHA256SUMS, or a sweep's three
+    /// files) or an empty directory, and still the one that was there when the run started;
+    /// anything else is refused (remove it yourself).
     #[arg(long)]
     pub force: bool,
 

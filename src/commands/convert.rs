@@ -11,12 +11,11 @@ use crate::input::checkpoint::Checkpoint;
 use crate::input::source::ResolvedInput;
 use crate::options::{ConvertOptions, Output};
 use crate::output::files::{finish, output_sizes, write_index_and_files};
-use crate::output::staging::Staging;
+use crate::output::staging::{OutTarget, Staging};
 use crate::plan::{self, Emit, GroupPlan};
 use crate::report::Report;
 use indicatif::ProgressBar;
 use std::collections::BTreeMap;
-use std::path::Path;
 use std::time::Instant;
 
 /// The bar of the fits alone (dry runs, the factored form's first pass).
@@ -105,7 +104,7 @@ fn convert(
     checkpoint: &Checkpoint,
     (groups, inputs): (Vec<GroupPlan>, &FitInputs),
     check: Option<&PreparedCheck>,
-    out: &Path,
+    out: &OutTarget,
 ) -> Result<Report> {
     let staging = Staging::create(out)?;
     let writing = Instant::now();

@@ -14,7 +14,7 @@ use crate::input::source::{InputIdentity, ResolvedInput};
 use crate::model::layout::CONFIG_FILE;
 use crate::options::ExpandOptions;
 use crate::output::files::{finish, output_sizes, write_index_and_files};
-use crate::output::staging::Staging;
+use crate::output::staging::{OutTarget, Staging};
 use crate::output::writer::ShardWriter;
 use crate::plan::{self, Op, Plan};
 use crate::report::{group_digits, FileRecord, ShardRecord, Tool};
@@ -22,7 +22,6 @@ use indicatif::ProgressBar;
 use serde::Serialize;
 use serde_json::Value;
 use std::collections::BTreeMap;
-use std::path::Path;
 use std::time::Instant;
 
 /// `surgery.json` of an expanded checkpoint.
@@ -159,7 +158,7 @@ fn write(
     plan: &Plan,
     expanded: Vec<ExpandedTensor>,
     source_report: Option<Value>,
-    out: &Path,
+    out: &OutTarget,
 ) -> Result<Vec<u64>> {
     let staging = Staging::create(out)?;
     let mut digests: BTreeMap<String, String> = BTreeMap::new();

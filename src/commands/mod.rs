@@ -14,11 +14,11 @@ pub mod verify;
 use crate::error::{Error, Result};
 use crate::input::checkpoint::Checkpoint;
 use crate::input::source::{self, ResolvedInput};
-use crate::output::staging::check_out_path;
+use crate::output::staging::{check_out_path, OutTarget};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::io::IsTerminal;
 use std::num::NonZeroUsize;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 /// `--in` resolved (a download shows progress when `progress`) and opened; `--out` checked before
 /// the input is opened (when the command writes one: `out` is the path and `--force`).
@@ -27,7 +27,7 @@ pub(crate) fn open_input(
     revision: &str,
     progress: bool,
     out: Option<(&Path, bool)>,
-) -> Result<(ResolvedInput, Option<PathBuf>, Checkpoint)> {
+) -> Result<(ResolvedInput, Option<OutTarget>, Checkpoint)> {
     let resolved = source::resolve(input, revision, progress)?;
     let out = match out {
         Some((out, force)) => Some(check_out_path(&resolved.dir, out, force)?),

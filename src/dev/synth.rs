@@ -19,7 +19,7 @@
 use crate::error::{Error, Result};
 use crate::model::arch::{Role, LLAMA};
 use crate::model::layout::shard_file_name;
-use crate::output::staging::Staging;
+use crate::output::staging::{existing_at, OutTarget, Staging};
 use faer::linalg::matmul::matmul;
 use faer::{Accum, Mat, Par};
 use half::bf16;
@@ -372,10 +372,16 @@ impl View for LazyTensor<'_> {
 }
 
 /// Writes the checkpoint of `shape` into `out` (atomically, via a staging directory); `force`
-/// replaces an existing directory. Returns the output path.
+/// replaces an empty directory or an output of surgery-convert, as the product's `--force` does
+/// (not an earlier synthetic checkpoint: it looks like any user's checkpoint). Returns the output
+/// path.
 pub fn write(shape: &ModelShape, seed: u64, out: &Path, force: bool) -> Result<PathBuf> {
-    let out_abs = out_path(out, force)?;
-    let staging = Staging::create(&out_abs)?;
+    let out_abs = out_path(out)?;
+    let target = OutTarget {
+        existing: existing_at(&out_abs, out, force)?,
+        path: out_abs.clone(),
+    };
+    let staging = Staging::create(&target)?;
     let shards = shape.shard_assignment();
     let n = shards.len();
     let mut weight_map = BTreeMap::new();
@@ -427,18 +433,9 @@ pub fn write(shape: &ModelShape, seed: u64, out: &Path, force: bool) -> Result<P
     Ok(out_abs)
 }
 
-/// `out` made absolute, its parent created; an existing `out` is refused without `force`.
-fn out_path(out: &Path, force: bool) -> Result<PathBuf> {
+/// `out` made absolute, its parent created.
+fn out_path(out: &Path) -> Result<PathBuf> {
     let out_abs = std::path::absolute(out).map_err(|e| Error::io(out, e))?;
-    if out_abs.symlink_metadata().is_ok() && !force {
-        return Err(Error::usage(
-            "--out",
-            format!(
-                "`{}` already exists; pass --force to replace it",
-                out.display()
-            ),
-        ));
-    }
     if let Some(parent) = out_abs.parent() {
         std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
     }

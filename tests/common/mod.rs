@@ -2,6 +2,8 @@
 //! outputs, and comparing directories.
 #![allow(dead_code)]
 
+pub mod runs;
+
 use safetensors::{Dtype, SafeTensors};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

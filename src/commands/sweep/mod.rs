@@ -21,7 +21,7 @@ use crate::input::checkpoint::Checkpoint;
 use crate::llama::score::{negative_log_likelihood, read_text};
 use crate::llama::Llama;
 use crate::options::{Allocation, CalibrateMode, Calibration, SweepConfig, SweepOptions};
-use crate::output::staging::Staging;
+use crate::output::staging::{OutTarget, Staging};
 use crate::output::writer::write_file;
 use crate::plan;
 use crate::report::{ModelRecord, Tool};
@@ -30,8 +30,8 @@ use record::{BaseRecord, ConfigRecord, SweepModel, SweepReport, TextRecord};
 use std::path::Path;
 use std::time::Instant;
 
-/// File names written into `--out`.
-pub const FILES: [&str; 3] = ["sweep.json", "sweep.md", "sweep.svg"];
+/// File names written into `--out` (what `--force` recognises as an earlier sweep).
+pub const FILES: [&str; 3] = crate::output::previous::SWEEP_FILES;
 
 fn progress_bar(quiet: bool, layers: usize, what: &str) -> ProgressBar {
     let template = format!("{what}: layer {{pos}}/{{len}} {{wide_bar}} {{elapsed}}");
@@ -216,15 +216,19 @@ pub fn run(options: &SweepOptions) -> Result<()> {
 }
 
 /// Writes the three files into a staging directory and moves it to `out`.
-fn write(out: &Path, report: &SweepReport) -> Result<()> {
+fn write(out: &OutTarget, report: &SweepReport) -> Result<()> {
     let [json_name, md_name, svg_name] = FILES;
     let json = serde_json::to_value(report).map_err(|source| Error::Json {
         path: json_name.into(),
         source,
     })?;
     let json = crate::model::latent::to_pretty_bytes(&json, Path::new(json_name))?;
-    let svg = plot::svg(report)
-        .map_err(|e| Error::invalid(out.join(svg_name), format!("cannot draw the plot: {e}")))?;
+    let svg = plot::svg(report).map_err(|e| {
+        Error::invalid(
+            out.path.join(svg_name),
+            format!("cannot draw the plot: {e}"),
+        )
+    })?;
     let staging = Staging::create(out)?;
     write_file(&staging.path().join(json_name), &json)?;
     write_file(

@@ -72,7 +72,8 @@ struct SynthArgs {
     #[arg(long, default_value_t = 0)]
     seed: u64,
 
-    /// Replace an existing output directory.
+    /// Replace an existing empty directory or surgery-convert output (as the product's --force;
+    /// an earlier synthetic checkpoint is neither: remove it first).
     #[arg(long)]
     force: bool,
 }
