@@ -11,7 +11,7 @@ use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
 use surgery_convert::fit::act::ActWeighting;
 use surgery_convert::input::checkpoint::Checkpoint;
-use surgery_convert::input::text::TextSource;
+use surgery_convert::input::text::{TextFile, TextSource};
 use surgery_convert::llama::calibrate::calibrate;
 use surgery_convert::llama::tokenize::TextTokenizer;
 use surgery_convert::options::Calibration;
@@ -31,7 +31,7 @@ fn first_layer_covariance_equals_a_direct_computation() {
     let checkpoint = Checkpoint::open(&dir).unwrap();
     let (offset, tokens) = (7, 300);
     let calibration = Calibration {
-        text: TextSource::File(text_path()),
+        text: TextSource::File(TextFile::new(text_path())),
         tokens: NonZeroUsize::new(tokens).unwrap(),
         offset,
         ctx: NonZeroUsize::new(64).unwrap(),

@@ -1,16 +1,50 @@
 //! The calibration arguments of `--fit act`, shared by conversions and `sweep` ([`CalibrationArgs`]),
-//! the window convention's `--bos`, and their resolution into [`Calibration`].
+//! the window convention's `--bos`, the limit on text files every command that reads one shares
+//! ([`TextSizeArgs`]), and their resolution into [`Calibration`].
 
-use super::parse::refuse_duplicates;
+use super::parse::{parse_size, refuse_duplicates};
 use crate::error::{Error, Result};
 use crate::fit::act::ActWeighting;
-use crate::input::text::{Builtin, TextSource};
+use crate::input::text::{Builtin, TextFile, TextSource, DEFAULT_MAX_TEXT_SIZE};
 use crate::model::bos::BosPolicy;
 use crate::options::{Allocation, BosSink, CalibrateMode, Calibration, DEFAULT_COMPENSATE};
 use crate::plan::{Compensate, Share};
 use clap::{Args, ValueEnum};
 use std::num::NonZeroUsize;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+
+/// `--max-text-size`, shared by the conversion, `eval` and `sweep`.
+#[derive(Debug, Clone, Args)]
+pub struct TextSizeArgs {
+    /// Largest text file --calibrate, --check-text or --text reads (e.g. 1GiB, 500MB, or bytes)
+    /// [default: 256MiB]. A larger file (or one that is not a regular file: a FIFO, a device) is
+    /// refused before it is read. Only the tokens a pass uses are tokenized, so memory does not
+    /// grow with the file; the whole file is read for its SHA-256, which the limit keeps to about
+    /// a second.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub max_text_size: Option<u64>,
+}
+
+impl TextSizeArgs {
+    /// `path` under the limit.
+    pub fn file(&self, path: &Path) -> TextFile {
+        TextFile {
+            path: path.to_path_buf(),
+            max_bytes: self.max_text_size.unwrap_or(DEFAULT_MAX_TEXT_SIZE),
+        }
+    }
+
+    /// Refuses the option where no text file is read (`reads_file`: one is).
+    pub fn refuse_unused(&self, reads_file: bool) -> Result<()> {
+        match (self.max_text_size, reads_file) {
+            (Some(_), false) => Err(Error::usage(
+                "--max-text-size",
+                "no text file is read (built-in texts are not limited): give --calibrate, --check-text or --text FILE, or drop the option",
+            )),
+            _ => Ok(()),
+        }
+    }
+}
 
 /// `--act-weighting`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -86,8 +120,9 @@ pub enum AllocationArg {
 /// The calibration options of `--fit act`, shared by conversions and `sweep`.
 #[derive(Debug, Clone, Args)]
 pub struct CalibrationArgs {
-    /// Calibration text (UTF-8) for --fit act: the original model runs over it and the covariance
-    /// of each layer's attention input is accumulated. Default: the built-in calibration text
+    /// Calibration text (UTF-8, a regular file of at most --max-text-size) for --fit act: the
+    /// original model runs over it and the covariance of each layer's attention input is
+    /// accumulated; only the tokens used are tokenized. Default: the built-in calibration text
     /// (English prose, technical documentation, code and dialogue, about 39,000 SmolLM2 tokens;
     /// data/builtin/README.md).
     #[arg(long, value_name = "FILE")]
@@ -211,12 +246,14 @@ impl CalibrationArgs {
     /// The validated settings: present exactly when a fit `act` is requested (`wants_act`), on
     /// `--calibrate` or the built-in text; a calibration option without one is refused.
     /// `many`: several `--calibrate-mode` values are allowed (`sweep`, which reads them with
-    /// [`CalibrationArgs::modes`]). `bos`: the `--bos` policy the calibration windows follow.
+    /// [`CalibrationArgs::modes`]). `bos`: the `--bos` policy the calibration windows follow;
+    /// `size`: the limit on the `--calibrate` file.
     pub fn resolve(
         &self,
         wants_act: bool,
         many: bool,
         bos: BosPolicy,
+        size: &TextSizeArgs,
     ) -> Result<Option<Calibration>> {
         if !wants_act {
             let given = [
@@ -239,7 +276,7 @@ impl CalibrationArgs {
             };
         }
         let text = match &self.calibrate {
-            Some(path) => TextSource::File(path.clone()),
+            Some(path) => TextSource::File(size.file(path)),
             None => TextSource::Builtin(Builtin::Calibration),
         };
         Ok(Some(Calibration {

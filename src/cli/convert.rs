@@ -1,7 +1,7 @@
 //! The conversion's arguments (the default command) and their resolution into [`ConvertOptions`];
 //! the calibration arguments it shares with `sweep` are [`super::calibration`].
 
-use super::calibration::{refuse_sequential_basis, BosArg, CalibrationArgs};
+use super::calibration::{refuse_sequential_basis, BosArg, CalibrationArgs, TextSizeArgs};
 use super::parse::parse_size;
 use crate::error::{Error, Result};
 use crate::fit::decompose::Fit;
@@ -9,7 +9,8 @@ use crate::fit::spec::Spec;
 use crate::input::text::{Builtin, TextSource};
 use crate::model::bos::BosPolicy;
 use crate::options::{
-    check_by_default, Allocation, ConvertOptions, Output, TextWindow, CHECK_CTX, CHECK_TOKENS,
+    check_by_default, Allocation, Calibration, ConvertOptions, Output, TextWindow, CHECK_CTX,
+    CHECK_TOKENS,
 };
 use crate::plan::{Emit, LayerSharing, Share, Surgery};
 use clap::{Args, ValueEnum};
@@ -146,9 +147,13 @@ pub struct ConvertArgs {
     pub no_check: bool,
 
     /// Held-out UTF-8 text for the quality check instead of the built-in sample (its first 1,024
-    /// tokens are scored); implies --check.
+    /// tokens are scored; a regular file of at most --max-text-size); implies --check.
     #[arg(long, value_name = "FILE", conflicts_with_all = ["no_check", "dry_run"])]
     pub check_text: Option<PathBuf>,
+
+    /// The limit on text files.
+    #[command(flatten)]
+    pub text_size: TextSizeArgs,
 
     /// Whether the windows of calibration and of the quality check start with a BOS token: auto
     /// (as the model is used: when its tokenizer's post-processor adds one, e.g. Llama 2/3,
@@ -196,7 +201,7 @@ impl ConvertArgs {
         };
         (on && !self.dry_run).then(|| TextWindow {
             text: match &self.check_text {
-                Some(path) => TextSource::File(path.clone()),
+                Some(path) => TextSource::File(self.text_size.file(path)),
                 None => TextSource::Builtin(Builtin::Check),
             },
             tokens: CHECK_TOKENS,
@@ -243,7 +248,10 @@ impl ConvertArgs {
             fit,
             emit,
         )?;
-        let calibration = self.calibration.resolve(fit == Fit::Act, false, bos)?;
+        let calibration = self
+            .calibration
+            .resolve(fit == Fit::Act, false, bos, &self.text_size)?;
+        refuse_unused_size(&self.text_size, calibration.as_ref(), check.as_ref())?;
         if self.bos.is_some() && calibration.is_none() && check.is_none() {
             return Err(Error::usage(
                 "--bos",
@@ -308,6 +316,16 @@ impl ConvertArgs {
             output,
         })
     }
+}
+
+/// Refuses `--max-text-size` where neither the calibration nor the check reads a file.
+fn refuse_unused_size(
+    size: &TextSizeArgs,
+    calibration: Option<&Calibration>,
+    check: Option<&TextWindow>,
+) -> Result<()> {
+    let texts = [calibration.map(|c| &c.text), check.map(|w| &w.text)];
+    size.refuse_unused(texts.iter().flatten().any(|t| t.file().is_some()))
 }
 
 /// `--share-layers` and `--share`, validated against the rest of the surgery: `None` for groups of

@@ -7,7 +7,7 @@ mod convert;
 mod parse;
 mod subcommands;
 
-pub use calibration::{ActWeightingArg, BosArg, CalibrationArgs};
+pub use calibration::{ActWeightingArg, BosArg, CalibrationArgs, TextSizeArgs};
 pub use convert::{ConvertArgs, EmitArg, FitArg};
 pub use parse::{parse_fit_item, parse_size, parse_spec_item};
 pub use subcommands::{EvalArgs, ExpandArgs, InspectArgs, SweepArgs, TextWindowArgs};
@@ -113,7 +113,7 @@ impl Cli {
             Some(Command::Expand(args)) => (Task::Expand(args.resolve()), None),
             Some(Command::Eval(args)) => {
                 let threads = args.threads;
-                (Task::Eval(args.resolve()), threads)
+                (Task::Eval(args.resolve()?), threads)
             }
             Some(Command::Sweep(args)) => {
                 let threads = args.threads;

@@ -1,7 +1,7 @@
 //! The subcommands' arguments (`eval`, `expand`, `inspect`, `sweep`) and their resolution into
 //! the [`crate::options`] types.
 
-use super::calibration::{BosArg, CalibrationArgs};
+use super::calibration::{BosArg, CalibrationArgs, TextSizeArgs};
 use super::convert::ShareArg;
 use super::parse::{parse_fit_item, parse_spec_item, refuse_duplicates};
 use super::FitArg;
@@ -24,7 +24,8 @@ const DEFAULT_TOKENS: NonZeroUsize = NonZeroUsize::MIN.saturating_add(4095);
 /// The text `eval` and `sweep` score, and which of its tokens.
 #[derive(Debug, Clone, Args)]
 pub struct TextWindowArgs {
-    /// UTF-8 text file to score (tokenized whole, without special tokens). Default: the built-in
+    /// UTF-8 text file to score (a regular file of at most --max-text-size; tokenized without
+    /// special tokens as a whole, though only as far as the tokens scored). Default: the built-in
     /// held-out sample (English Wikipedia, about 8 KB), what a conversion's quality check scores.
     #[arg(long, value_name = "FILE")]
     pub text: Option<PathBuf>,
@@ -47,13 +48,17 @@ pub struct TextWindowArgs {
     /// a window holds --ctx - 1 text tokens, every one of them scored [default: auto].
     #[arg(long, value_enum, value_name = "WHEN", default_value_t)]
     pub bos: BosArg,
+
+    /// The limit on text files.
+    #[command(flatten)]
+    pub text_size: TextSizeArgs,
 }
 
 impl TextWindowArgs {
     /// The validated window.
-    fn resolve(self) -> TextWindow {
-        let (text, default_tokens) = match self.text {
-            Some(path) => (TextSource::File(path), DEFAULT_TOKENS),
+    fn resolve(&self) -> TextWindow {
+        let (text, default_tokens) = match &self.text {
+            Some(path) => (TextSource::File(self.text_size.file(path)), DEFAULT_TOKENS),
             None => (TextSource::Builtin(Builtin::Check), CHECK_TOKENS),
         };
         TextWindow {
@@ -215,12 +220,15 @@ pub struct SweepArgs {
 
 impl EvalArgs {
     /// The validated options.
-    pub fn resolve(self) -> EvalOptions {
-        EvalOptions {
+    pub fn resolve(self) -> Result<EvalOptions> {
+        self.window
+            .text_size
+            .refuse_unused(self.window.text.is_some())?;
+        Ok(EvalOptions {
             model: self.model,
             revision: self.revision,
             window: self.window.resolve(),
-        }
+        })
     }
 }
 
@@ -280,6 +288,7 @@ impl SweepArgs {
                 self.fit.contains(&FitArg::Act),
                 true,
                 self.window.bos.policy(),
+                &self.window.text_size,
             )?
             .map(|c| Calibration {
                 mode: CalibrateMode::OneShot,
@@ -292,6 +301,12 @@ impl SweepArgs {
         let compensations = self.calibration.compensations()?;
         let allocations = self.calibration.allocations()?;
         let window = self.window.resolve();
+        let calibrates_on_file = calibration
+            .as_ref()
+            .is_some_and(|c| c.text.file().is_some());
+        self.window
+            .text_size
+            .refuse_unused(window.text.file().is_some() || calibrates_on_file)?;
         if calibration.as_ref().is_some_and(|c| c.overlaps(&window)) {
             return Err(Error::usage(
                 "--text",

@@ -6,6 +6,7 @@
 use crate::error::{Error, Result};
 use crate::input::checkpoint::Checkpoint;
 use crate::llama::score::{mean_nll, read_text, ScoredTokens};
+use crate::llama::stream::TextSpan;
 use crate::llama::windows::text_per_window;
 use crate::llama::Llama;
 use crate::model::bos::BosToken;
@@ -29,16 +30,19 @@ pub struct PreparedCheck {
 /// Reads and tokenizes the check's text with the tokenizer in `model_dir` and picks its tokens,
 /// as `eval` does.
 pub fn prepare(window: &TextWindow, model_dir: &Path) -> Result<PreparedCheck> {
-    let text = read_text(model_dir, &window.text, "--check-text", window.bos)?;
+    let span = TextSpan {
+        offset: window.offset,
+        tokens: window.tokens.get(),
+    };
+    let text = read_text(model_dir, &window.text, "--check-text", window.bos, span)?;
     let ctx = window.ctx.get();
     let per_window = text_per_window(ctx, text.bos_id());
-    if text.ids.len() < window.offset.saturating_add(per_window) {
+    if text.total < window.offset.saturating_add(per_window) {
         return Err(Error::usage(
             "--check-text",
             format!(
                 "{} has {} tokens, fewer than one window of {ctx}: give a longer held-out text",
-                window.text,
-                text.ids.len()
+                window.text, text.total
             ),
         ));
     }

@@ -4,6 +4,7 @@
 
 use crate::error::{Error, Result};
 use crate::llama::score::{mean_nll, read_text, ScoredTokens};
+use crate::llama::stream::TextSpan;
 use crate::llama::Llama;
 use crate::options::EvalOptions;
 use serde::Serialize;
@@ -37,7 +38,11 @@ pub fn run(options: &EvalOptions) -> Result<()> {
     let (ctx, tokens) = (w.ctx.get(), w.tokens.get());
     let (input, _, checkpoint) = super::open_input(&options.model, &options.revision, true, None)?;
     let llama = Llama::new(&checkpoint)?;
-    let text = read_text(&input.dir, &w.text, "--text", w.bos)?;
+    let span = TextSpan {
+        offset: w.offset,
+        tokens,
+    };
+    let text = read_text(&input.dir, &w.text, "--text", w.bos, span)?;
     let windows = text.windows(w.offset, tokens, ctx)?;
 
     let bar = super::progress_bar(

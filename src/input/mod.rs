@@ -4,7 +4,7 @@
 //! parsing safetensors headers with limits ([`header`]) and the shard index ([`index`]), and mapping
 //! and validating the whole checkpoint ([`checkpoint`], fused tensors split into their parts by
 //! [`fused`]); texts to calibrate on or score, files
-//! or the samples built into the binary ([`text`]). Reads, never writes; imports only `model`
+//! or the samples built into the binary ([`text`]), files read with bounded memory ([`text_file`]). Reads, never writes; imports only `model`
 //! and the support modules.
 
 pub mod checkpoint;
@@ -16,3 +16,4 @@ pub(crate) mod hub;
 pub(crate) mod index;
 pub(crate) mod source;
 pub mod text;
+pub mod text_file;

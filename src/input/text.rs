@@ -1,10 +1,12 @@
-//! Texts to calibrate on or score: a UTF-8 file the user names, or one of the two samples built
-//! into the binary (`data/builtin/`, see its README): the calibration text `--fit act` uses
-//! without `--calibrate` (pieces of several domains, its dialogue as question/answer pairs that
-//! a model with a chat template reads through it), and the held-out sample of the quality check
-//! and of `eval` without `--text`. The two samples are disjoint.
+//! Texts to calibrate on or score: a UTF-8 file the user names (read with bounded memory:
+//! [`super::text_file`]), or one of the two samples built into the binary (`data/builtin/`, see
+//! its README): the calibration text `--fit act` uses without `--calibrate` (pieces of several
+//! domains, its dialogue as question/answer pairs that a model with a chat template reads through
+//! it), and the held-out sample of the quality check and of `eval` without `--text`. The two
+//! samples are disjoint.
 
-use crate::digest::sha256_hex;
+use super::text_file::TextReader;
+pub use super::text_file::DEFAULT_MAX_TEXT_SIZE;
 use crate::error::{Error, Result};
 use serde::{Deserialize, Serialize};
 use std::fmt;
@@ -116,11 +118,30 @@ fn join(pieces: &[Piece], render: RenderDialogue<'_>) -> Result<String> {
     Ok(parts.join(PIECE_BREAK))
 }
 
+/// A text file the user names, and the most bytes of it read (`--max-text-size`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TextFile {
+    /// The file, as given on the command line.
+    pub path: PathBuf,
+    /// A larger file is refused.
+    pub max_bytes: u64,
+}
+
+impl TextFile {
+    /// `path` with the default limit, [`DEFAULT_MAX_TEXT_SIZE`].
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        TextFile {
+            path: path.into(),
+            max_bytes: DEFAULT_MAX_TEXT_SIZE,
+        }
+    }
+}
+
 /// Where a text comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TextSource {
-    /// A file, as given on the command line.
-    File(PathBuf),
+    /// A file.
+    File(TextFile),
     /// A built-in sample.
     Builtin(Builtin),
 }
@@ -135,21 +156,23 @@ pub struct LoadedText {
 }
 
 impl TextSource {
-    /// Reads the text, a built-in one's conversations written by `render`; a file that cannot be
-    /// read or is not UTF-8 is an error naming `option`.
+    /// Opens the text for reading piece by piece, a built-in one's conversations written by
+    /// `render`; a file that is not a regular one, is larger than its limit, cannot be read or is
+    /// not UTF-8 is an error naming `option`.
+    pub fn open(&self, option: &str, render: RenderDialogue<'_>) -> Result<TextReader> {
+        match self {
+            TextSource::Builtin(b) => Ok(TextReader::memory(
+                join(&b.pieces()?, render)?,
+                option,
+                &self.to_string(),
+            )),
+            TextSource::File(file) => TextReader::file(&file.path, option, file.max_bytes),
+        }
+    }
+
+    /// Reads the whole text (see [`TextSource::open`]).
     pub fn load(&self, option: &str, render: RenderDialogue<'_>) -> Result<LoadedText> {
-        let text = match self {
-            TextSource::Builtin(b) => join(&b.pieces()?, render)?,
-            TextSource::File(path) => {
-                let bytes = std::fs::read(path).map_err(|e| {
-                    Error::usage(option, format!("cannot read {}: {e}", path.display()))
-                })?;
-                String::from_utf8(bytes).map_err(|e| {
-                    Error::usage(option, format!("{} is not UTF-8: {e}", path.display()))
-                })?
-            }
-        };
-        let sha256 = sha256_hex(text.as_bytes());
+        let (text, sha256) = self.open(option, render)?.read_all()?;
         Ok(LoadedText { text, sha256 })
     }
 
@@ -157,7 +180,7 @@ impl TextSource {
     /// what the option's absence means).
     pub fn file(&self) -> Option<&PathBuf> {
         match self {
-            TextSource::File(path) => Some(path),
+            TextSource::File(file) => Some(&file.path),
             TextSource::Builtin(_) => None,
         }
     }
@@ -167,7 +190,7 @@ impl fmt::Display for TextSource {
     /// The file's path as given, or `built-in:calibration` / `built-in:check`.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            TextSource::File(path) => write!(f, "{}", path.display()),
+            TextSource::File(file) => write!(f, "{}", file.path.display()),
             TextSource::Builtin(Builtin::Calibration) => f.write_str("built-in:calibration"),
             TextSource::Builtin(Builtin::Check) => f.write_str("built-in:check"),
         }
@@ -177,6 +200,7 @@ impl fmt::Display for TextSource {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::digest::sha256_hex;
 
     fn plain(b: Builtin) -> String {
         TextSource::Builtin(b).load("--text", None).unwrap().text
@@ -252,12 +276,12 @@ mod tests {
     #[test]
     fn unreadable_and_non_utf8_files_name_the_option() {
         let dir = tempfile::tempdir().unwrap();
-        let missing = TextSource::File(dir.path().join("missing.txt"));
+        let missing = TextSource::File(TextFile::new(dir.path().join("missing.txt")));
         let e = missing.load("--check-text", None).unwrap_err().to_string();
         assert!(e.starts_with("--check-text: cannot read"), "{e}");
         let bad = dir.path().join("bad.txt");
         std::fs::write(&bad, [0xff, 0xfe]).unwrap();
-        let e = TextSource::File(bad)
+        let e = TextSource::File(TextFile::new(bad))
             .load("--text", None)
             .unwrap_err()
             .to_string();

@@ -15,6 +15,7 @@
 use crate::error::{Error, Result};
 use crate::input::checkpoint::Checkpoint;
 use crate::llama::score::read_text;
+use crate::llama::stream::TextSpan;
 use crate::llama::windows::{check_ctx, lay_out};
 use crate::llama::Llama;
 use crate::model::bos::BosToken;
@@ -247,32 +248,43 @@ pub fn calibration_tokens(
     calibration: &Calibration,
 ) -> Result<(Vec<u32>, CalibrationRecord)> {
     let source = &calibration.text;
-    let text = read_text(&checkpoint.dir, source, "--calibrate", calibration.bos)?;
+    let (offset, wanted) = (calibration.offset, calibration.tokens.get());
+    let span = TextSpan {
+        offset,
+        tokens: wanted,
+    };
+    let text = read_text(
+        &checkpoint.dir,
+        source,
+        "--calibrate",
+        calibration.bos,
+        span,
+    )?;
     let ctx = calibration.ctx.get();
     check_ctx(ctx, text.bos_id(), "--calib-ctx")?;
-    let (offset, wanted) = (calibration.offset, calibration.tokens.get());
     let end = offset
         .checked_add(wanted)
-        .filter(|&e| e <= text.ids.len())
+        .filter(|&e| e <= text.total)
         .ok_or_else(|| {
             Error::usage(
                 "--calib-tokens",
                 format!(
                     "{source} has {} tokens; --calib-offset {offset} + --calib-tokens {wanted} exceeds it",
-                    text.ids.len()
+                    text.total
                 ),
             )
         })?;
-    let used = &text.ids[offset..end];
+    let used = text.slice(offset..end)?;
     let unknown_tokens = text
         .unknown
         .map_or(0, |u| used.iter().filter(|&&t| t == u).count());
     let ids = lay_out(used, ctx, text.bos_id());
+    let tokens = used.len();
     let record = CalibrationRecord {
         file: source.to_string(),
         sha256: text.sha256,
         offset,
-        tokens: used.len(),
+        tokens,
         ctx,
         bos_sink: text.bos.as_ref().map(|_| calibration.sink.name()),
         bos: text.bos,

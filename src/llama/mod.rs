@@ -36,6 +36,7 @@ pub(crate) mod ops;
 pub(crate) mod params;
 pub(crate) mod rope;
 pub mod score;
+pub mod stream;
 pub mod tokenize;
 pub mod windows;
 

@@ -3,16 +3,18 @@
 //! [`crate::llama::windows`]), and the summed negative log-likelihood over windows
 //! ([`negative_log_likelihood`], and [`negative_log_likelihood_edited`] for `sweep`).
 //!
-//! The convention is the interop suite's `perplexity()` (`tests/interop/common.py`): the whole
-//! file is tokenized without special tokens; `tokens` text tokens from `offset` on are cut into
-//! non-overlapping windows of `ctx` positions (the remainder dropped), each evaluated on its own
-//! from position 0, each starting with the tokenizer's BOS where it adds one; every text token
-//! after the first position is scored (`ctx - 1` per window); perplexity is `exp(total NLL /
-//! count)`.
+//! The convention is the interop suite's `perplexity()` (`tests/interop/common.py`): the file is
+//! tokenized without special tokens, as a whole ([`read_text`] streams it and stops after the
+//! tokens a pass uses, with the same ids: [`crate::llama::stream`]); `tokens` text tokens from
+//! `offset` on are cut into non-overlapping windows of `ctx` positions (the remainder dropped),
+//! each evaluated on its own from position 0, each starting with the tokenizer's BOS where it adds
+//! one; every text token after the first position is scored (`ctx - 1` per window); perplexity is
+//! `exp(total NLL / count)`.
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::input::text::{Builtin, Message, TextSource};
 use crate::llama::chat::ChatTemplate;
+use crate::llama::stream::{encode_text, TextSpan};
 use crate::llama::tokenize::TextTokenizer;
 use crate::llama::windows::{lay_out, select, Selection};
 use crate::llama::{Layer, Llama};
@@ -98,8 +100,13 @@ pub fn mean_nll(
 /// A text read and tokenized for scoring, with the model's window convention.
 #[derive(Debug, Clone)]
 pub struct ScoredText {
-    /// Every token of the text, without special tokens.
+    /// The text's tokens (without special tokens) of the span read, from its offset on.
     pub ids: Vec<u32>,
+    /// The span read.
+    pub span: TextSpan,
+    /// The text's tokens counted: all of them where it ends before the span does, else the
+    /// span's end (what the errors of [`ScoredText::windows`] and the callers report).
+    pub total: usize,
     /// SHA-256 of the text's bytes.
     pub sha256: String,
     /// The token every window starts with.
@@ -123,6 +130,23 @@ pub struct TextWindows {
 }
 
 impl ScoredText {
+    /// The text tokens `range` (indices among the whole text's tokens), which the span read must
+    /// hold.
+    pub fn slice(&self, range: std::ops::Range<usize>) -> Result<&[u32]> {
+        range
+            .start
+            .checked_sub(self.span.offset)
+            .zip(range.end.checked_sub(self.span.offset))
+            .and_then(|(a, b)| self.ids.get(a..b))
+            .ok_or_else(|| {
+                Error::bug(format!(
+                    "text tokens {range:?} asked of the {} read from {}",
+                    self.ids.len(),
+                    self.span.offset
+                ))
+            })
+    }
+
     /// The BOS id windows start with.
     pub fn bos_id(&self) -> Option<u32> {
         self.bos.as_ref().map(|b| b.id)
@@ -130,9 +154,10 @@ impl ScoredText {
 
     /// Up to `tokens` text tokens from `offset` on, in whole windows of `ctx` positions, laid out
     /// by the convention ([`crate::llama::windows`]). Errors name `--ctx`, `--tokens`, `--offset`.
+    /// The span read must hold them.
     pub fn windows(&self, offset: usize, tokens: usize, ctx: usize) -> Result<TextWindows> {
-        let selection = select(self.ids.len(), offset, tokens, ctx, self.bos_id())?;
-        let text = &self.ids[selection.range.clone()];
+        let selection = select(self.total, offset, tokens, ctx, self.bos_id())?;
+        let text = self.slice(selection.range.clone())?;
         Ok(TextWindows {
             ids: lay_out(text, ctx, self.bos_id()),
             unknown_tokens: self
@@ -143,24 +168,30 @@ impl ScoredText {
     }
 }
 
-/// Reads `source` (given as `option`) and tokenizes the whole text with the `tokenizer.json` in
-/// `model_dir`, without special tokens; the windows' BOS is decided by `bos`.
+/// Reads `source` (given as `option`) and tokenizes it with the `tokenizer.json` in `model_dir`,
+/// without special tokens, as far as `span` (the tokens a pass uses) reaches: the ids are the
+/// whole text's; the rest is read for the SHA-256 but not tokenized. The windows' BOS is decided
+/// by `bos`.
 pub fn read_text(
     model_dir: &Path,
     source: &TextSource,
     option: &str,
     bos: BosPolicy,
+    span: TextSpan,
 ) -> Result<ScoredText> {
     let tokenizer = TextTokenizer::load(model_dir)?;
     let template = ChatTemplate::load(model_dir)?;
     let render = |c: &[&[Message]]| match &template {
         Some(t) => t.render_all(c),
-        None => Err(crate::error::Error::bug("no chat template to render with")),
+        None => Err(Error::bug("no chat template to render with")),
     };
-    let text = source.load(option, template.is_some().then_some(&render as _))?;
+    let open = || source.open(option, template.is_some().then_some(&render as _));
+    let (read, sha256) = encode_text(&tokenizer, &open, span)?;
     Ok(ScoredText {
-        ids: tokenizer.encode(&text.text)?,
-        sha256: text.sha256,
+        ids: read.ids,
+        span,
+        total: read.total,
+        sha256,
         bos: tokenizer.bos(bos)?,
         unknown: tokenizer.unknown_id(),
         dialogue: matches!(source, TextSource::Builtin(Builtin::Calibration)).then_some(

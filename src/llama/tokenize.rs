@@ -18,6 +18,17 @@ const SPECIAL_TOKEN_FILES: [&str; 2] = ["tokenizer_config.json", "special_tokens
 /// chat template can make them tens of kilobytes).
 const MAX_SPECIAL_TOKENS_FILE: u64 = 16 << 20;
 
+/// A token and the bytes of the text it was read from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Token {
+    /// Its id.
+    pub id: u32,
+    /// First byte.
+    pub start: usize,
+    /// One past its last byte.
+    pub end: usize,
+}
+
 /// A loaded `tokenizer.json`.
 pub struct TextTokenizer {
     inner: Tokenizer,
@@ -59,6 +70,22 @@ impl TextTokenizer {
             .encode(text, false)
             .map_err(|e| Error::invalid(&self.path, format!("cannot tokenize the text: {e}")))?;
         Ok(encoding.get_ids().to_vec())
+    }
+
+    /// The tokens of `text`, without special tokens, each with the byte range of `text` it comes
+    /// from (as the tokenizer reports it: a range may be empty, or shared by the tokens of one
+    /// character).
+    pub fn encode_spans(&self, text: &str) -> Result<Vec<Token>> {
+        let encoding = self
+            .inner
+            .encode(text, false)
+            .map_err(|e| Error::invalid(&self.path, format!("cannot tokenize the text: {e}")))?;
+        Ok(encoding
+            .get_ids()
+            .iter()
+            .zip(encoding.get_offsets())
+            .map(|(&id, &(start, end))| Token { id, start, end })
+            .collect())
     }
 
     /// The id of the token the model maps text it cannot represent to (`<unk>`), if it has one:

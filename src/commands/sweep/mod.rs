@@ -19,6 +19,7 @@ use crate::execute::sequential::sequential_inputs;
 use crate::execute::FitInputs;
 use crate::input::checkpoint::Checkpoint;
 use crate::llama::score::{negative_log_likelihood, read_text};
+use crate::llama::stream::TextSpan;
 use crate::llama::Llama;
 use crate::options::{Allocation, CalibrateMode, Calibration, SweepConfig, SweepOptions};
 use crate::output::staging::{OutTarget, Staging};
@@ -155,7 +156,11 @@ pub fn run(options: &SweepOptions) -> Result<()> {
     let llama = Llama::new(&checkpoint)?;
     let w = &options.window;
     let ctx = w.ctx.get();
-    let text = read_text(&input.dir, &w.text, "--text", w.bos)?;
+    let span = TextSpan {
+        offset: w.offset,
+        tokens: w.tokens.get(),
+    };
+    let text = read_text(&input.dir, &w.text, "--text", w.bos, span)?;
     let windows = text.windows(w.offset, w.tokens.get(), ctx)?;
     let all_groups: Vec<_> = configs
         .iter()
