@@ -3,22 +3,64 @@
 //! reported, and fused tensors (named as stored, indexed by their stored names).
 
 use super::*;
-use crate::model::arch::{Role, PHI3};
-use crate::test_support::{
-    config, dense_shapes as tiny_tensors, global_name, layer_name, HIDDEN, INTERMEDIATE, KV_DIM,
-    Q_DIM, VOCAB,
-};
+use crate::model::arch::{Role, LLAMA, PHI3};
 use safetensors::tensor::TensorView;
 use serde_json::{json, Value};
 
+const HIDDEN: usize = 8;
+/// 2 heads of 4.
+const Q_DIM: usize = 8;
+/// 1 KV head of 4.
+const KV_DIM: usize = 4;
+const INTERMEDIATE: usize = 16;
+const VOCAB: usize = 16;
+
 /// A tensor to write: name and shape (F32 zeros).
 type Raw = (String, Vec<usize>);
+
+/// The tiny Llama's `config.json`.
+fn config() -> Value {
+    json!({"architectures": ["LlamaForCausalLM"], "hidden_size": HIDDEN,
+        "intermediate_size": INTERMEDIATE, "num_attention_heads": 2, "num_hidden_layers": 2,
+        "num_key_value_heads": 1, "tie_word_embeddings": false, "vocab_size": VOCAB})
+}
 
 /// The tiny Phi-3 config: the Llama one as `Phi3ForCausalLM`.
 fn phi3_config() -> Value {
     let mut config = config();
     config["architectures"] = json!(["Phi3ForCausalLM"]);
     config
+}
+
+fn layer_name(layer: usize, role: Role) -> String {
+    LLAMA.layer_tensor_name(layer, role).unwrap()
+}
+
+fn global_name(role: Role) -> String {
+    LLAMA.global_tensor_name(role).unwrap().to_string()
+}
+
+/// The tiny Llama's tensors in model order.
+fn tiny_tensors() -> Vec<Raw> {
+    let mut out = vec![(global_name(Role::Embedding), vec![VOCAB, HIDDEN])];
+    for layer in 0..2 {
+        for (role, shape) in [
+            (Role::Query, vec![Q_DIM, HIDDEN]),
+            (Role::Key, vec![KV_DIM, HIDDEN]),
+            (Role::Value, vec![KV_DIM, HIDDEN]),
+            (Role::Output, vec![HIDDEN, Q_DIM]),
+            (Role::MlpGate, vec![INTERMEDIATE, HIDDEN]),
+            (Role::MlpUp, vec![INTERMEDIATE, HIDDEN]),
+            (Role::MlpDown, vec![HIDDEN, INTERMEDIATE]),
+            (Role::InputNorm, vec![HIDDEN]),
+            (Role::PostAttentionNorm, vec![HIDDEN]),
+        ] {
+            out.push((layer_name(layer, role), shape));
+        }
+    }
+    out.push((global_name(Role::FinalNorm), vec![HIDDEN]));
+    out.push((global_name(Role::LmHead), vec![VOCAB, HIDDEN]));
+    out
 }
 
 /// `tensors` as Phi-3 stores them: q/k/v and gate/up stacked in their fused tensor, where the
