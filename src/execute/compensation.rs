@@ -14,7 +14,6 @@ use crate::llama::calibrate::{accumulate, accumulate_cross, identical, scale};
 use crate::llama::linear::Linear;
 use crate::llama::Layer;
 use crate::model::arch::Role;
-use crate::model::dtype::FloatType;
 use crate::scratch::{Scratch, SpilledBytes};
 use faer::{Mat, MatRef};
 use serde::Serialize;
@@ -90,8 +89,7 @@ pub fn compensate_output(
         .tensor_index(&name)
         .ok_or_else(|| Error::bug(format!("{name}: not in the checkpoint")))?;
     let t = &checkpoint.tensors[tensor];
-    let path = &checkpoint.shards[t.shard].path;
-    let ty = FloatType::of_tensor(t.dtype, path, &t.name, "compensated")?;
+    let ty = checkpoint.float_type(t, "compensated")?;
     let n = original.nrows() as f64;
     let mut c = Mat::<f64>::zeros(compressed.ncols(), compressed.ncols());
     accumulate(&mut c, compressed);
@@ -110,11 +108,7 @@ pub fn compensate_output(
     let o = Mat::<f64>::from_fn(wt.ncols(), wt.nrows(), |i, j| f64::from(wt[(j, i)]));
     let refit = compensate_by(o.as_ref(), target.as_ref(), c.as_ref(), O_RIDGE).map_err(
         |e: DecomposeError| {
-            Error::tensor(
-                path,
-                &t.name,
-                format!("layer {}: cannot compensate: {e}", layer.index),
-            )
+            checkpoint.tensor_error(t, format!("layer {}: cannot compensate: {e}", layer.index))
         },
     )?;
     let bytes = ty.encode_rows(refit.as_ref());
@@ -153,12 +147,7 @@ pub fn decoded(
     bias: Option<Vec<f32>>,
 ) -> Result<Linear> {
     let t = &checkpoint.tensors[projection.tensor];
-    let ty = FloatType::of_tensor(
-        t.dtype,
-        &checkpoint.shards[t.shard].path,
-        &t.name,
-        "compensated",
-    )?;
+    let ty = checkpoint.float_type(t, "compensated")?;
     let values = ty.decode_f32(&projection.bytes.load()?);
     Ok(Linear::from_row_major(
         &values, t.shape[0], t.shape[1], bias,

@@ -39,12 +39,7 @@ pub(crate) fn stack_group(
     let mut row0 = 0;
     for &i in &group.members {
         let t = &checkpoint.tensors[i];
-        let ft = FloatType::of_tensor(
-            t.dtype,
-            &checkpoint.shards[t.shard].path,
-            t.stored_name(),
-            "decomposed",
-        )?;
+        let ft = checkpoint.float_type(t, "decomposed")?;
         types.push(ft);
         ft.decode_into(
             checkpoint.bytes(t),
@@ -219,12 +214,7 @@ fn decode_role(checkpoint: &Checkpoint, layer: usize, role: Role) -> Result<Mat<
     let t = checkpoint
         .tensor(&name)
         .ok_or_else(|| Error::tensor(&checkpoint.dir, &name, "missing"))?;
-    let ft = FloatType::of_tensor(
-        t.dtype,
-        &checkpoint.shards[t.shard].path,
-        t.stored_name(),
-        "read",
-    )?;
+    let ft = checkpoint.float_type(t, "read")?;
     if t.shape.len() != 2 {
         return Err(Error::tensor(
             &checkpoint.shards[t.shard].path,

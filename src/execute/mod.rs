@@ -35,7 +35,6 @@ use crate::execute::input_hash::Pace;
 use crate::fit::act::ActWeighting;
 use crate::fit::decompose::{matrix_from_rows, matrix_to_rows, product};
 use crate::input::checkpoint::{Checkpoint, TensorEntry};
-use crate::model::dtype::FloatType;
 use crate::output::sink::TensorSink;
 use crate::plan::{Emit, Layout, Op, Plan};
 use crate::scratch::Moment;
@@ -190,12 +189,7 @@ impl PieceSource for NoPieces {
 fn expand_tensor(checkpoint: &Checkpoint, down: usize, up: usize) -> Result<Vec<u8>> {
     let (a, b) = (&checkpoint.tensors[down], &checkpoint.tensors[up]);
     let decoded = |t: &TensorEntry| {
-        let ft = FloatType::of_tensor(
-            t.dtype,
-            &checkpoint.shards[t.shard].path,
-            t.stored_name(),
-            "expanded",
-        )?;
+        let ft = checkpoint.float_type(t, "expanded")?;
         let values = ft.decode(checkpoint.bytes(t));
         checkpoint.release(t);
         // A factored input is checked as a dense one is before its fit: by tensor, before use.

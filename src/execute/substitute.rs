@@ -8,7 +8,6 @@ use crate::error::{Error, Result};
 use crate::input::checkpoint::Checkpoint;
 use crate::llama::linear::{KeyValue, Linear, Projection};
 use crate::llama::Layer;
-use crate::model::dtype::FloatType;
 use crate::plan::{Emit, GroupKind, GroupPlan, Share};
 use rayon::prelude::*;
 use std::collections::BTreeMap;
@@ -80,12 +79,7 @@ impl<'a> Substitution<'a> {
 /// A group output encoded in its member's dtype (as the conversion writes it), decoded to `f32`.
 fn decode_piece(checkpoint: &Checkpoint, member: usize, bytes: &[u8]) -> Result<Vec<f32>> {
     let t = &checkpoint.tensors[member];
-    let ty = FloatType::of_tensor(
-        t.dtype,
-        &checkpoint.shards[t.shard].path,
-        t.stored_name(),
-        "decomposed",
-    )?;
+    let ty = checkpoint.float_type(t, "decomposed")?;
     Ok(ty.decode_f32(bytes))
 }
 

@@ -9,6 +9,7 @@ use super::*;
 use crate::fit::decompose::Fit;
 use crate::fit::spec::Spec;
 use crate::model::arch::{Factor, Role};
+use crate::model::dtype::FloatType;
 use crate::model::layout::CONFIG_FILE;
 use crate::plan::{self, FileSource, ShardPlan, Surgery, TensorPlan};
 use crate::test_support::{self as tiny, RawTensor, Widths};

@@ -9,6 +9,7 @@ use crate::input::header::{self, Header};
 use crate::input::{config_file, files, fused, index};
 use crate::model::arch::Classified;
 use crate::model::config::ModelConfig;
+use crate::model::dtype::FloatType;
 use crate::model::layout::{CONFIG_FILE, GENERATED_FILES, INDEX_FILE, SINGLE_FILE};
 use memmap2::{Mmap, UncheckedAdvice};
 use safetensors::tensor::TensorInfo;
@@ -234,6 +235,17 @@ impl Checkpoint {
     /// ([`TensorEntry::error`]).
     pub fn tensor_error(&self, t: &TensorEntry, message: impl std::fmt::Display) -> Error {
         t.error(&self.shards[t.shard].path, message)
+    }
+
+    /// The float type of `t`, refused (naming its file and the tensor as stored) when it is not one
+    /// the tool computes with; `purpose` says what was to be done (`decomposed`, `evaluated`, ...).
+    pub fn float_type(&self, t: &TensorEntry, purpose: &'static str) -> Result<FloatType> {
+        FloatType::of_tensor(
+            t.dtype,
+            &self.shards[t.shard].path,
+            t.stored_name(),
+            purpose,
+        )
     }
 
     /// The tensor's bytes, borrowed from the map.

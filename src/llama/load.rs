@@ -31,8 +31,7 @@ impl<'a> Loader<'a> {
         if t.shape != shape {
             return Err(ckpt.tensor_error(t, disagreement(&t.shape, shape)));
         }
-        let path = &ckpt.shards[t.shard].path;
-        let ty = FloatType::of_tensor(t.dtype, path, t.stored_name(), "evaluated")?;
+        let ty = ckpt.float_type(t, "evaluated")?;
         Ok((ty, ckpt.bytes(t)))
     }
 

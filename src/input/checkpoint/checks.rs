@@ -8,7 +8,6 @@ use super::Checkpoint;
 use crate::error::{Error, Result};
 use crate::model::arch::Role;
 use crate::model::config::ModelConfig;
-use crate::model::dtype::FloatType;
 use crate::model::layout::{INDEX_FILE, SINGLE_FILE};
 use crate::model::shapes::{disagreement, Sizes};
 
@@ -52,8 +51,7 @@ impl Checkpoint {
                 if t.shape != shape {
                     return Err(self.tensor_error(t, disagreement(&t.shape, &shape)));
                 }
-                let path = &self.shards[t.shard].path;
-                FloatType::of_tensor(t.dtype, path, t.stored_name(), "decomposed")?;
+                self.float_type(t, "decomposed")?;
             }
         }
         for t in &self.tensors {
