@@ -24,12 +24,13 @@
 
 // The public API is what `main`, the dev binary, the fuzz target and the tests use; every other
 // module is the crate's own.
+pub mod calibrate;
 pub mod cli;
 pub mod commands;
 pub(crate) mod execute;
 pub mod fit;
+pub mod forward;
 pub mod input;
-pub mod llama;
 pub mod model;
 pub mod options;
 pub(crate) mod output;

@@ -8,7 +8,7 @@
 //! Values come back bit for bit (`f64` little-endian), so a fit reads what the pass computed.
 
 use crate::error::{Error, Result};
-use faer::Mat;
+use faer::{Mat, MatRef};
 use std::borrow::Cow;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -18,6 +18,8 @@ use std::sync::Arc;
 
 /// Bytes of one `f64`.
 const F64: usize = std::mem::size_of::<f64>();
+/// Bytes of one `f32`.
+const F32: usize = std::mem::size_of::<f32>();
 
 #[derive(Debug)]
 struct ScratchFile {
@@ -99,6 +101,33 @@ impl Scratch {
         }))
     }
 
+    /// Writes the `f32` activations `m` out (column by column, bit for bit) and returns the
+    /// handle that reads them back.
+    pub fn activations(&self, m: MatRef<'_, f32>) -> Result<Activations> {
+        let (rows, cols) = (m.nrows(), m.ncols());
+        let step = rows.checked_mul(F32).ok_or_else(|| {
+            Error::bug(format!("scratch file: a column of {rows} values overflows"))
+        })?;
+        let total = step
+            .checked_mul(cols)
+            .ok_or_else(|| Error::bug(format!("scratch file: a {rows}x{cols} matrix overflows")))?;
+        let offset = self.reserve(total);
+        let mut column = Vec::with_capacity(step);
+        for j in 0..cols {
+            column.clear();
+            for i in 0..rows {
+                column.extend_from_slice(&m[(i, j)].to_le_bytes());
+            }
+            self.write(&column, offset + (j * step) as u64)?;
+        }
+        Ok(Activations {
+            scratch: self.clone(),
+            offset,
+            rows,
+            cols,
+        })
+    }
+
     /// Writes `bytes` out and returns the handle that reads them back.
     pub fn bytes(&self, bytes: &[u8]) -> Result<SpilledBytes> {
         let offset = self.reserve(bytes.len());
@@ -166,6 +195,39 @@ impl Moment {
     }
 }
 
+/// `f32` activations kept in a [`Scratch`] file.
+#[derive(Debug, Clone)]
+pub struct Activations {
+    scratch: Scratch,
+    offset: u64,
+    rows: usize,
+    cols: usize,
+}
+
+impl Activations {
+    /// The matrix, read back bit for bit.
+    pub fn load(&self) -> Result<Mat<f32>> {
+        let step = self.rows * F32;
+        let mut column = vec![0u8; step];
+        let mut m = Mat::<f32>::zeros(self.rows, self.cols);
+        for j in 0..self.cols {
+            self.scratch
+                .read(&mut column, self.offset + (j * step) as u64)?;
+            for (i, b) in column.chunks_exact(F32).enumerate() {
+                let mut v = [0u8; F32];
+                v.copy_from_slice(b);
+                m[(i, j)] = f32::from_le_bytes(v);
+            }
+        }
+        Ok(m)
+    }
+
+    /// Bytes it takes in the scratch file.
+    pub fn bytes(&self) -> u64 {
+        (self.rows * self.cols * F32) as u64
+    }
+}
+
 /// Bytes kept in a [`Scratch`] file.
 #[derive(Debug, Clone)]
 pub struct SpilledBytes {
@@ -225,6 +287,24 @@ mod tests {
         let memory = Moment::from(a.clone());
         assert!(matches!(memory.load().unwrap(), Cow::Borrowed(_)));
         assert!(same(&memory.load().unwrap(), &a));
+    }
+
+    #[test]
+    fn activations_come_back_bit_for_bit() {
+        let scratch = Scratch::new().unwrap();
+        let m = Mat::<f32>::from_fn(7, 3, |i, j| {
+            f32::from_bits(0x3f80_0001 + (i * 3 + j) as u32) * if i % 2 == 0 { -1.0 } else { 1.0 }
+        });
+        let kept = scratch.activations(m.as_ref()).unwrap();
+        scratch.bytes(b"after").unwrap();
+        let back = kept.load().unwrap();
+        assert_eq!((back.nrows(), back.ncols()), (7, 3));
+        for j in 0..3 {
+            for i in 0..7 {
+                assert_eq!(back[(i, j)].to_bits(), m[(i, j)].to_bits(), "({i}, {j})");
+            }
+        }
+        assert_eq!(kept.bytes(), 7 * 3 * 4);
     }
 
     #[test]

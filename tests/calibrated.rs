@@ -9,11 +9,12 @@ use safetensors::SafeTensors;
 use serde_json::Value;
 use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
+use surgery_convert::calibrate::one_shot::Keep;
+use surgery_convert::calibrate::Calibrator;
 use surgery_convert::fit::act::ActWeighting;
+use surgery_convert::forward::tokenize::TextTokenizer;
 use surgery_convert::input::checkpoint::Checkpoint;
 use surgery_convert::input::text::{TextFile, TextSource};
-use surgery_convert::llama::calibrate::calibrate;
-use surgery_convert::llama::tokenize::TextTokenizer;
 use surgery_convert::options::Calibration;
 
 const FIXTURES: &[&str] = &["tiny-f32-gqa", "tiny-bf16-sharded", "tiny-tied"];
@@ -41,10 +42,11 @@ fn first_layer_covariance_equals_a_direct_computation() {
         bos: Default::default(),
         sink: Default::default(),
     };
-    let scratch = surgery_convert::scratch::Scratch::new().unwrap();
-    let stats = calibrate(&checkpoint, &calibration, &[], &scratch).unwrap();
-    assert_eq!(stats.covariances.len(), 2);
-    assert_eq!(stats.record.tokens, tokens);
+    let calibrator = Calibrator::new(&checkpoint, &calibration).unwrap();
+    let (stats, _) = calibrator.one_shot(&[], &Keep::default()).unwrap();
+    let covariances = stats.covariances.unwrap();
+    assert_eq!(covariances.len(), 2);
+    assert_eq!(stats.calibration.unwrap().tokens, tokens);
 
     let text = std::fs::read_to_string(text_path()).unwrap();
     let ids = TextTokenizer::load(&dir).unwrap().encode(&text).unwrap();
@@ -73,8 +75,8 @@ fn first_layer_covariance_equals_a_direct_computation() {
             }
         }
     }
-    let got = stats.covariances[0].load().unwrap();
-    let later = stats.covariances[1].load().unwrap();
+    let got = covariances[0].load().unwrap();
+    let later = covariances[1].load().unwrap();
     let scale = c.iter().fold(0.0f64, |m, v| m.max(v.abs()));
     for a in 0..hidden {
         for b in 0..hidden {

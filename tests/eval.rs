@@ -10,10 +10,10 @@ use safetensors::tensor::TensorView;
 use safetensors::{Dtype, SafeTensors};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
+use surgery_convert::forward::score::negative_log_likelihood;
+use surgery_convert::forward::tokenize::TextTokenizer;
+use surgery_convert::forward::Llama;
 use surgery_convert::input::checkpoint::Checkpoint;
-use surgery_convert::llama::score::negative_log_likelihood;
-use surgery_convert::llama::tokenize::TextTokenizer;
-use surgery_convert::llama::Llama;
 
 const FIXTURES: &[&str] = &["tiny-f32-gqa", "tiny-bf16-sharded", "tiny-tied"];
 const TEXT: &str = "fixtures/eval/text.txt";

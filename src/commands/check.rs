@@ -4,11 +4,11 @@
 //! before the conversion starts ([`prepare`]), so a bad `--check-text` fails before any work.
 
 use crate::error::{Error, Result};
+use crate::forward::score::{mean_nll, read_text, ScoredTokens};
+use crate::forward::stream::TextSpan;
+use crate::forward::windows::text_per_window;
+use crate::forward::Llama;
 use crate::input::checkpoint::Checkpoint;
-use crate::llama::score::{mean_nll, read_text, ScoredTokens};
-use crate::llama::stream::TextSpan;
-use crate::llama::windows::text_per_window;
-use crate::llama::Llama;
 use crate::model::bos::BosToken;
 use crate::options::TextWindow;
 use crate::report::CheckRecord;

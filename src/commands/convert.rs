@@ -3,8 +3,8 @@
 //! checksums, and move the result into place.
 
 use super::check::PreparedCheck;
+use crate::calibrate::calibrate;
 use crate::error::{Error, Result};
-use crate::execute::prepare::prepare_inputs;
 use crate::execute::write::{write_dense, write_factored, Written};
 use crate::execute::{self, FitInputs};
 use crate::input::checkpoint::Checkpoint;
@@ -46,7 +46,11 @@ pub fn run(options: &ConvertOptions) -> Result<()> {
     };
     let mut groups = plan::groups(&checkpoint, &options.surgery);
     let prepared = Instant::now();
-    let inputs = prepare_inputs(options.calibration.as_ref(), &checkpoint, &mut groups)?;
+    let calibration = options
+        .calibration
+        .as_ref()
+        .map(|c| (c, super::calibration_passes(c.mode, &groups)));
+    let inputs = calibrate(&checkpoint, calibration, &mut groups)?;
     let prepare = prepared.elapsed().as_secs_f64();
     let mut report = match out {
         None => dry_run(options, &input, &checkpoint, groups, &inputs)?,

@@ -1,11 +1,11 @@
 //! The `eval` subcommand: perplexity of a checkpoint (standard or factored) on a text file, with
-//! this tool's own forward pass ([`crate::llama`]), reported as JSON on stdout; which tokens are
-//! scored is [`crate::llama::score`]'s convention.
+//! this tool's own forward pass ([`crate::forward`]), reported as JSON on stdout; which tokens are
+//! scored is [`crate::forward::score`]'s convention.
 
 use crate::error::{Error, Result};
-use crate::llama::score::{mean_nll, read_text, ScoredTokens};
-use crate::llama::stream::TextSpan;
-use crate::llama::Llama;
+use crate::forward::score::{mean_nll, read_text, ScoredTokens};
+use crate::forward::stream::TextSpan;
+use crate::forward::Llama;
 use crate::options::EvalOptions;
 use serde::Serialize;
 use std::time::Instant;

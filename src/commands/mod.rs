@@ -11,14 +11,34 @@ pub mod inspect;
 pub mod sweep;
 pub mod verify;
 
+use crate::calibrate::Passes;
 use crate::error::{Error, Result};
+use crate::fit::spec::Spec;
 use crate::input::checkpoint::Checkpoint;
 use crate::input::source::{self, ResolvedInput};
+use crate::options::CalibrateMode;
 use crate::output::staging::{check_out_path, OutTarget};
+use crate::plan::GroupPlan;
 use indicatif::{ProgressBar, ProgressStyle};
 use std::io::IsTerminal;
 use std::num::NonZeroUsize;
 use std::path::Path;
+
+/// Which calibration passes a conversion of `groups` makes in `mode`: decided here, once, for
+/// `convert`, `sweep` and the dev binary's benchmarks alike. One-shot calibration refits `o_proj`
+/// from what its one pass keeps; sequential calibration runs the one-shot pass first only where
+/// `budget:F` needs its spectra.
+pub fn calibration_passes(mode: CalibrateMode, groups: &[GroupPlan]) -> Passes {
+    let compensating = groups.iter().any(|g| g.compensate.is_some());
+    let budgeted = groups.iter().any(|g| matches!(g.spec, Spec::Budget(_)));
+    match mode {
+        CalibrateMode::Sequential => Passes::Sequential {
+            one_shot_first: budgeted,
+        },
+        CalibrateMode::OneShot if compensating => Passes::OneShotRefit,
+        CalibrateMode::OneShot => Passes::OneShot,
+    }
+}
 
 /// `--in` resolved (a download shows progress when `progress`) and opened; `--out` checked before
 /// the input is opened (when the command writes one: `out` is the path and `--force`).

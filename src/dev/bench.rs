@@ -2,24 +2,43 @@
 //! `scripts/bench`): every group's matrix is decoded into memory first, then only the fits are
 //! timed, in parallel across matrices as the conversion runs them.
 
+use crate::calibrate::text::CalibrationText;
+use crate::calibrate::{calibrate, Passes};
 use crate::error::Result;
 use crate::execute::group::{fit_group, release_members, stack_group};
-use crate::execute::prepare::prepare_inputs;
 use crate::execute::FitInputs;
 use crate::fit::decompose::Decomposition;
+use crate::forward::{Llama, PassState};
 use crate::input::checkpoint::Checkpoint;
 use crate::input::source;
-use crate::options::ConvertOptions;
+use crate::options::{CalibrateMode, ConvertOptions};
 use crate::plan::{self, GroupPlan};
 use faer::Mat;
 use rayon::prelude::*;
 
+/// The decision of which calibration passes run (the commands' `calibration_passes`).
+pub type DecidePasses = fn(CalibrateMode, &[GroupPlan]) -> Passes;
+
+/// The calibration stage of the conversion `options` describes, its passes decided by `passes`.
+fn calibrated(
+    checkpoint: &Checkpoint,
+    options: &ConvertOptions,
+    groups: &mut [GroupPlan],
+    passes: DecidePasses,
+) -> Result<FitInputs> {
+    let calibration = options
+        .calibration
+        .as_ref()
+        .map(|c| (c, passes(c.mode, groups)));
+    calibrate(checkpoint, calibration, groups)
+}
+
 /// The floor of the conversion `options` describes: the seconds its fits take and their number.
-pub fn decompose_floor(options: &ConvertOptions) -> Result<(f64, usize)> {
+pub fn decompose_floor(options: &ConvertOptions, passes: DecidePasses) -> Result<(f64, usize)> {
     let input = source::resolve(&options.input, &options.revision, false)?;
     let checkpoint = Checkpoint::open(&input.dir)?;
     let mut groups = plan::groups(&checkpoint, &options.surgery);
-    let inputs = prepare_inputs(options.calibration.as_ref(), &checkpoint, &mut groups)?;
+    let inputs = calibrated(&checkpoint, options, &mut groups, passes)?;
     let seconds = fits_alone(&checkpoint, &groups, &inputs)?;
     Ok((seconds, groups.len()))
 }
@@ -52,11 +71,37 @@ fn fits_alone(checkpoint: &Checkpoint, groups: &[GroupPlan], inputs: &FitInputs)
 /// bench-calibrate`; sequential calibration: with its one-shot pass for the budgets, and the fits
 /// it runs as it goes): its seconds and the number of cross moments it accumulates (`--share
 /// latent`); writes nothing. Run it under `/usr/bin/time -v` for its peak memory.
-pub fn calibration_cost(options: &ConvertOptions) -> Result<(f64, usize)> {
+pub fn calibration_cost(options: &ConvertOptions, passes: DecidePasses) -> Result<(f64, usize)> {
     let input = source::resolve(&options.input, &options.revision, false)?;
     let checkpoint = Checkpoint::open(&input.dir)?;
     let mut groups = plan::groups(&checkpoint, &options.surgery);
     let started = std::time::Instant::now();
-    let inputs = prepare_inputs(options.calibration.as_ref(), &checkpoint, &mut groups)?;
+    let inputs = calibrated(&checkpoint, options, &mut groups, passes)?;
     Ok((started.elapsed().as_secs_f64(), inputs.cross.len()))
+}
+
+/// One forward pass of the original model over the calibration tokens of the conversion
+/// `options` describes (`surgery-dev bench-forward`): the layers over the same windows the
+/// calibration passes run, without the output head (calibration never runs it). Returns its
+/// seconds (the text's reading and tokenizing not counted) and the number of positions.
+pub fn forward_cost(options: &ConvertOptions) -> Result<(f64, usize)> {
+    let input = source::resolve(&options.input, &options.revision, false)?;
+    let checkpoint = Checkpoint::open(&input.dir)?;
+    let Some(calibration) = options.calibration.as_ref() else {
+        return Err(crate::error::Error::usage(
+            "--fit",
+            "bench-forward times the calibration tokens' forward pass: give --fit act",
+        ));
+    };
+    let text = CalibrationText::load(&checkpoint, calibration)?;
+    let llama = Llama::new(&checkpoint)?;
+    let started = std::time::Instant::now();
+    let mut h = llama.embed(&text.ids)?;
+    let mut state = PassState::default();
+    for index in 0..llama.params().num_layers {
+        llama
+            .layer(index)?
+            .forward(&mut h, text.ctx(), &mut state)?;
+    }
+    Ok((started.elapsed().as_secs_f64(), text.ids.len()))
 }

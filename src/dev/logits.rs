@@ -2,8 +2,8 @@
 //! `[T, vocab]`, F32): what the interop tests compare with transformers, token by token.
 
 use crate::error::{Error, Result};
+use crate::forward::{Llama, PassState};
 use crate::input::checkpoint::Checkpoint;
-use crate::llama::{Llama, PassState};
 use std::path::Path;
 
 /// Runs `model` over `ids` as one window (positions `0..T`) and writes the logits to `out`.

@@ -426,7 +426,9 @@ pub fn write(shape: &ModelShape, seed: u64, out: &Path, force: bool) -> Result<P
     }
     write_json(&staging.path().join("config.json"), &shape.config())?;
     write_json(
-        &staging.path().join(crate::llama::tokenize::TOKENIZER_FILE),
+        &staging
+            .path()
+            .join(crate::forward::tokenize::TOKENIZER_FILE),
         &super::tokenizer::byte_level(shape.vocab),
     )?;
     staging.commit()?;

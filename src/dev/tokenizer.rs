@@ -68,7 +68,7 @@ pub fn byte_level(vocab: usize) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::llama::tokenize::{TextTokenizer, TOKENIZER_FILE};
+    use crate::forward::tokenize::{TextTokenizer, TOKENIZER_FILE};
 
     #[test]
     fn every_byte_has_one_character() {

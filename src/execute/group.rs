@@ -3,6 +3,7 @@
 
 use super::{FitInputs, GroupReport};
 use crate::error::{Error, Result};
+use crate::execute::AttentionStats;
 use crate::fit::act::{
     balance_scales, blockwise_weight, decompose_weighted_pinned, key_weight,
     shrink_toward_identity, value_weight, ActWeighting, Heads, LeftWeight,
@@ -14,7 +15,6 @@ use crate::fit::decompose::{
 };
 use crate::fit::spec::Spec;
 use crate::input::checkpoint::{Checkpoint, TensorEntry};
-use crate::llama::calibrate::AttentionStats;
 use crate::model::arch::Role;
 use crate::model::dtype::FloatType;
 use crate::plan::{Emit, GroupPlan};

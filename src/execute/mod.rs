@@ -10,15 +10,11 @@
 //! [`prepare`] computes what the fits need first (calibration, budgets); [`write`] runs a
 //! conversion's write pass; [`input_hash`] hashes the input on the way.
 
-pub(crate) mod compensation;
 pub(crate) mod group;
 pub(crate) mod input_hash;
+pub mod inputs;
 pub(crate) mod pipeline;
-pub(crate) mod prepare;
-pub(crate) mod sensitivity;
-pub(crate) mod sequential;
 pub(crate) mod shared;
-pub(crate) mod substitute;
 #[cfg(test)]
 mod tests;
 #[cfg(test)]
@@ -29,15 +25,17 @@ pub(crate) mod widths;
 pub(crate) mod write;
 
 pub use group::{fit_and_encode, reports_only, spectra};
+pub use inputs::{
+    AttentionStats, CalibrationRecord, CompensatedProjection, CompensationReport, FitInputs,
+    SequentialMoments,
+};
 
 use crate::error::{Error, Result};
 use crate::execute::input_hash::Pace;
-use crate::fit::act::ActWeighting;
 use crate::fit::decompose::{matrix_from_rows, matrix_to_rows, product};
 use crate::input::checkpoint::{Checkpoint, TensorEntry};
 use crate::output::sink::TensorSink;
 use crate::plan::{Emit, Layout, Op, Plan};
-use crate::scratch::Moment;
 use indicatif::ProgressBar;
 use serde::Serialize;
 
@@ -99,49 +97,6 @@ impl GroupReport {
     /// Whether the group fits projections of `layer`.
     pub fn covers(&self, layer: usize) -> bool {
         self.layer == layer || self.layers.contains(&layer)
-    }
-}
-
-/// What the fits need besides the weights.
-#[derive(Debug, Clone, Default)]
-pub struct FitInputs {
-    /// Per layer, the covariance of the attention input (`--calibrate`), for fit `act`.
-    pub covariances: Option<Vec<Moment>>,
-    /// `E[x_l x_s^T]` of layer `l` with a shared latent group's source layer `s`, by `(l, s)`
-    /// (sequential calibration: `x_l` the original model's input, `x_s` the compressed model's).
-    pub cross: std::collections::BTreeMap<(usize, usize), Moment>,
-    /// Sequential calibration (`--calibrate-mode sequential`): per layer, from layer 0 on, the
-    /// moments of the compressed model's attention input (none for the later layers of a shared
-    /// latent group: they read their source's latent); empty for one-shot calibration.
-    pub sequential: Vec<Option<SequentialMoments>>,
-    /// Per layer, its `o_proj` as calibration refitted it (`--compensate o_proj`).
-    pub compensated: std::collections::BTreeMap<usize, compensation::CompensatedProjection>,
-    /// How fit `act` weighs output errors.
-    pub weighting: ActWeighting,
-    /// Per layer, what calibration measured of its attention beyond the input moment (one-shot
-    /// calibration; empty otherwise).
-    pub attention: Vec<crate::llama::calibrate::AttentionStats>,
-    /// Where the covariances came from.
-    pub calibration: Option<crate::llama::calibrate::CalibrationRecord>,
-    /// The weight-only bases the factored layout's width pass decomposed, for the write pass's
-    /// fits to finish.
-    pub bases: widths::KeptBases,
-}
-
-/// One layer's moments in sequential calibration: `x_c` is the attention input of the model with
-/// the layers below compressed, `x_o` the original model's.
-#[derive(Debug, Clone)]
-pub struct SequentialMoments {
-    /// `E[x_c x_c^T]`, `[hidden, hidden]`.
-    pub compressed: Moment,
-    /// `E[x_o x_c^T]`, `[hidden, hidden]`.
-    pub target: Moment,
-}
-
-impl FitInputs {
-    /// Layer `layer`'s sequential moments, if calibration is sequential.
-    pub fn sequential_at(&self, layer: usize) -> Option<&SequentialMoments> {
-        self.sequential.get(layer).and_then(Option::as_ref)
     }
 }
 

@@ -7,7 +7,7 @@ use super::tests::{
     decode, relative_error, run, run_dense, run_factored, write_output, write_shards, Memory,
 };
 use super::*;
-use crate::llama::{Llama, PassState};
+use crate::forward::{Llama, PassState};
 use crate::model::arch::{AttentionProjection, Factor, Family, Role};
 use crate::model::layout::CONFIG_FILE;
 use crate::plan;

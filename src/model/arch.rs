@@ -175,7 +175,7 @@ pub enum Factor {
 }
 
 /// The architecture families: what the config parser and the forward pass do differently
-/// (`model::config`, `llama::params`) is keyed on this.
+/// (`model::config`, `forward::params`) is keyed on this.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Family {
     /// `LlamaForCausalLM`, `MistralForCausalLM`.

@@ -1,6 +1,6 @@
 //! Whether the windows a text is cut into start with the tokenizer's beginning-of-sequence token
 //! (`--bos`), and the record of what was decided. Which token a tokenizer adds is read from its
-//! files by `llama::tokenize`; the windows themselves are `llama::windows`.
+//! files by `forward::tokenize`; the windows themselves are `forward::windows`.
 
 use serde::Serialize;
 

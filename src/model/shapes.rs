@@ -1,7 +1,7 @@
 //! The shape every tensor of a checkpoint must have, from `config.json`: one function for every
 //! role of the name table ([`ModelConfig::expected_shape`]), read by the checks of an opened
 //! checkpoint (`input::checkpoint`, every tensor, copied ones included), by the split of fused
-//! tensors (`input::fused`, by head counts) and by the forward pass (`llama::load`), so they cannot
+//! tensors (`input::fused`, by head counts) and by the forward pass (`forward::load`), so they cannot
 //! disagree. Also which tensors every layer and every checkpoint must hold.
 
 use crate::model::arch::{AttentionProjection, Factor, Fusion, Mlp, Role};

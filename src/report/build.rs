@@ -4,10 +4,10 @@ use super::{
     kv_values_per_token, BeforeAfter, FileRecord, InputRecord, LayerRecord, ModelRecord,
     OptionsRecord, OutputRecord, Report, ShardRecord, Tool, Totals,
 };
+use crate::execute::CalibrationRecord;
 use crate::execute::{FitInputs, GroupReport};
 use crate::input::checkpoint::Checkpoint;
 use crate::input::source::InputIdentity;
-use crate::llama::calibrate::CalibrationRecord;
 use crate::model::config::ModelConfig;
 use crate::options::ConvertOptions;
 use crate::plan::Plan;

@@ -2,7 +2,7 @@
 //! output scored on the same held-out tokens, by `eval`'s convention.
 
 use super::group_digits;
-use crate::llama::score::ScoredTokens;
+use crate::forward::score::ScoredTokens;
 use serde::Serialize;
 
 /// Both models' perplexity on the same tokens.

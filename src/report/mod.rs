@@ -7,10 +7,10 @@ mod check;
 mod summary;
 
 pub use crate::digest::FileRecord;
-use crate::execute::compensation::CompensationReport;
+use crate::execute::CalibrationRecord;
+use crate::execute::CompensationReport;
 use crate::execute::GroupReport;
 use crate::input::source::InputIdentity;
-use crate::llama::calibrate::CalibrationRecord;
 pub use check::CheckRecord;
 use serde::Serialize;
 

@@ -99,7 +99,7 @@ impl Report {
     /// error on the calibration tokens before and after (means over the layers).
     fn compensation_line(&self) -> String {
         let n = self.compensated.len();
-        let mean = |f: fn(&crate::execute::compensation::CompensationReport) -> f64| {
+        let mean = |f: fn(&crate::execute::CompensationReport) -> f64| {
             self.compensated.iter().map(f).sum::<f64>() / n.max(1) as f64
         };
         format!(

@@ -1,14 +1,14 @@
 //! One configuration of a sweep evaluated in memory: the forward pass of `eval`, layer by layer,
 //! with each layer's fitted projections swapped for their reconstructions as that layer is reached
-//! ([`crate::execute::substitute`]): fitted only then, encoded in the projection's dtype exactly as
+//! ([`crate::calibrate::substitute`]): fitted only then, encoded in the projection's dtype exactly as
 //! a conversion writes them, decoded to `f32`, and dropped with the layer, so memory stays one
 //! layer's worth.
 
+use crate::calibrate::substitute::Substitution;
 use crate::error::{Error, Result};
-use crate::execute::substitute::Substitution;
 use crate::execute::{FitInputs, GroupReport};
-use crate::llama::score::negative_log_likelihood_edited;
-use crate::llama::Llama;
+use crate::forward::score::negative_log_likelihood_edited;
+use crate::forward::Llama;
 use crate::plan::GroupPlan;
 
 /// What evaluating one configuration gave.

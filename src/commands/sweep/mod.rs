@@ -2,7 +2,7 @@
 //!
 //! The model, the text and (for fit `act`) the calibration are loaded once. The unmodified model
 //! is scored first, then each configuration ([`crate::options::SweepConfig`]): its groups are picked by
-//! [`crate::plan::groups`], `budget:F` SPECs resolved by [`crate::execute::prepare::resolve_budgets`], and
+//! [`crate::plan::groups`], `budget:F` SPECs resolved by [`crate::calibrate::budgets::resolve_budgets`], and
 //! the forward pass of `eval` runs with every layer's projections replaced by their
 //! reconstructions as that layer is reached ([`evaluate`]). No checkpoint is written: the output
 //! directory (created atomically, like a conversion's) holds `sweep.json` ([`record`]), `sweep.md`
@@ -13,15 +13,16 @@ pub mod plot;
 pub(crate) mod record;
 pub(crate) mod table;
 
+use crate::calibrate::budgets::resolve_budgets;
+use crate::calibrate::one_shot::{Keep, Kept};
+use crate::calibrate::{Calibrator, Passes};
 use crate::error::{Error, Result};
-use crate::execute::prepare::{fit_inputs, resolve_budgets};
-use crate::execute::sequential::sequential_inputs;
 use crate::execute::FitInputs;
+use crate::forward::score::{negative_log_likelihood, read_text};
+use crate::forward::stream::TextSpan;
+use crate::forward::Llama;
 use crate::input::checkpoint::Checkpoint;
-use crate::llama::score::{negative_log_likelihood, read_text};
-use crate::llama::stream::TextSpan;
-use crate::llama::Llama;
-use crate::options::{Allocation, CalibrateMode, Calibration, SweepConfig, SweepOptions};
+use crate::options::{SweepConfig, SweepOptions};
 use crate::output::staging::{OutTarget, Staging};
 use crate::output::writer::write_file;
 use crate::plan;
@@ -46,8 +47,11 @@ struct Bench<'a> {
     ids: &'a [u32],
     ctx: usize,
     inputs: &'a FitInputs,
-    /// The calibration, for the configurations calibrated sequentially (a pass each).
-    calibration: Option<&'a Calibration>,
+    /// The calibration, for the configurations that refit `o_proj` or calibrate sequentially (a
+    /// pass each).
+    calibrator: Option<&'a Calibrator<'a>>,
+    /// What the one-shot pass kept for the configurations' `o_proj` refits.
+    kept: &'a Kept,
     quiet: bool,
     /// Configurations plus the base.
     total: usize,
@@ -88,34 +92,29 @@ impl Bench<'_> {
         let clock = Instant::now();
         let label = config.label();
         let mut groups = plan::groups(self.checkpoint, &config.surgery());
-        let sensitivity = self
-            .calibration
-            .filter(|_| config.allocation == Allocation::Sensitivity);
-        resolve_budgets(self.checkpoint, &mut groups, self.inputs, sensitivity)?;
         let what = format!("[{}/{}] {label}", i + 2, self.total);
         // Sequential calibration and compensation depend on the configuration: a pass of their
         // own, before scoring.
-        let own = match self.calibration {
-            Some(calibration)
-                if config.mode == CalibrateMode::Sequential || config.compensate.is_some() =>
-            {
-                self.say(format!("{what}: {} calibration", config.mode.name()));
-                let calibration = Calibration {
-                    mode: config.mode,
-                    ..calibration.clone()
-                };
-                let one_shot = match config.mode {
-                    CalibrateMode::Sequential => FitInputs::default(),
-                    CalibrateMode::OneShot => self.inputs.clone(),
-                };
-                Some(sequential_inputs(
-                    self.checkpoint,
-                    &calibration,
-                    &groups,
-                    one_shot,
-                )?)
+        let own = match self.calibrator {
+            Some(calibrator) => {
+                calibrator.resolve_budgets(&mut groups, self.inputs, config.allocation)?;
+                let passes = crate::commands::calibration_passes(config.mode, &groups);
+                match passes {
+                    Passes::OneShot => None,
+                    Passes::OneShotRefit => {
+                        self.say(format!("{what}: {} calibration", passes.name()));
+                        Some(calibrator.refit(&groups, (self.inputs, self.kept))?)
+                    }
+                    Passes::Sequential { .. } => {
+                        self.say(format!("{what}: {} calibration", passes.name()));
+                        Some(calibrator.sequential(&groups)?)
+                    }
+                }
             }
-            _ => None,
+            None => {
+                resolve_budgets(self.checkpoint, &mut groups, self.inputs, None)?;
+                None
+            }
         };
         let inputs = own.as_ref().unwrap_or(self.inputs);
         let bar = progress_bar(self.quiet, c.num_layers, &what);
@@ -167,7 +166,17 @@ pub fn run(options: &SweepOptions) -> Result<()> {
         .flat_map(|c| plan::groups(&checkpoint, &c.surgery()))
         .collect();
     evaluate::refuse_shared_biases(&llama, &all_groups)?;
-    let inputs = fit_inputs(options.calibration.as_ref(), &checkpoint, &all_groups)?;
+    let calibrator = match &options.calibration {
+        Some(c) => Some(Calibrator::new(&checkpoint, c)?),
+        None => None,
+    };
+    let (inputs, kept) = match &calibrator {
+        Some(calibrator) => {
+            let keep = keep_for_refits(calibrator, &checkpoint, &configs);
+            calibrator.one_shot(&all_groups, &keep)?
+        }
+        None => (FitInputs::default(), Kept::default()),
+    };
     drop(all_groups);
 
     let bench = Bench {
@@ -176,7 +185,8 @@ pub fn run(options: &SweepOptions) -> Result<()> {
         ids: &windows.ids,
         ctx,
         inputs: &inputs,
-        calibration: options.calibration.as_ref(),
+        calibrator: calibrator.as_ref(),
+        kept: &kept,
         quiet: options.quiet,
         total: configs.len() + 1,
     };
@@ -218,6 +228,22 @@ pub fn run(options: &SweepOptions) -> Result<()> {
         started.elapsed().as_secs_f64()
     ));
     Ok(())
+}
+
+/// What the shared one-shot pass keeps for the configurations that refit `o_proj` after it.
+fn keep_for_refits(
+    calibrator: &Calibrator,
+    checkpoint: &Checkpoint,
+    configs: &[SweepConfig],
+) -> Keep {
+    let mut keep = Keep::default();
+    for config in configs {
+        let groups = plan::groups(checkpoint, &config.surgery());
+        if crate::commands::calibration_passes(config.mode, &groups) == Passes::OneShotRefit {
+            keep.extend(calibrator.keep_for(&groups));
+        }
+    }
+    keep
 }
 
 /// Writes the three files into a staging directory and moves it to `out`.

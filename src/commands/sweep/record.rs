@@ -3,9 +3,9 @@
 //! Everything but the `seconds` fields is deterministic.
 
 use crate::commands::sweep::evaluate::Evaluation;
+use crate::execute::CalibrationRecord;
 use crate::execute::GroupReport;
 use crate::input::source::InputIdentity;
-use crate::llama::calibrate::CalibrationRecord;
 use crate::model::bos::BosToken;
 use crate::options::SweepConfig;
 use crate::report::{kv_values_per_token, BeforeAfter, ModelRecord, Tool};

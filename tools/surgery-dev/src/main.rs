@@ -13,7 +13,7 @@ use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use surgery_convert::cli::ConvertArgs;
-use surgery_convert::commands::set_threads;
+use surgery_convert::commands::{calibration_passes, set_threads};
 use surgery_convert::dev::{bench, logits, synth};
 use surgery_convert::error::Result;
 
@@ -34,9 +34,13 @@ enum DevCommand {
     /// Time the fits of a conversion alone, every matrix decoded into memory first (the
     /// benchmark's decomposition floor); takes the conversion's options; writes nothing.
     BenchDecompose(Box<ConvertArgs>),
-    /// Time the calibration pass of a conversion alone (with the cross moments a --share latent
-    /// needs); takes the conversion's options; writes nothing.
+    /// Time the calibration stage of a conversion alone (its passes, refits, budgets and the
+    /// cross moments a --share latent needs); takes the conversion's options; writes nothing.
     BenchCalibrate(Box<ConvertArgs>),
+    /// Time one forward pass of the original model over a conversion's calibration tokens (its
+    /// windows; the layers only, as calibration runs them); takes the conversion's options
+    /// (--fit act); writes nothing.
+    BenchForward(Box<ConvertArgs>),
     /// Write the forward pass's logits for token ids (one window from position 0) to a
     /// safetensors file holding `logits` [T, vocab] F32.
     Logits(LogitsArgs),
@@ -93,13 +97,20 @@ fn run(dev: Dev) -> Result<()> {
         }
         DevCommand::BenchDecompose(args) => {
             set_threads(args.threads)?;
-            let (seconds, matrices) = bench::decompose_floor(&(*args).resolve()?)?;
+            let (seconds, matrices) =
+                bench::decompose_floor(&(*args).resolve()?, calibration_passes)?;
             println!("{{\"decompose_seconds\": {seconds}, \"matrices\": {matrices}}}");
         }
         DevCommand::BenchCalibrate(args) => {
             set_threads(args.threads)?;
-            let (seconds, cross) = bench::calibration_cost(&(*args).resolve()?)?;
+            let (seconds, cross) =
+                bench::calibration_cost(&(*args).resolve()?, calibration_passes)?;
             println!("{{\"calibration_seconds\": {seconds}, \"cross_moments\": {cross}}}");
+        }
+        DevCommand::BenchForward(args) => {
+            set_threads(args.threads)?;
+            let (seconds, positions) = bench::forward_cost(&(*args).resolve()?)?;
+            println!("{{\"forward_seconds\": {seconds}, \"positions\": {positions}}}");
         }
         DevCommand::Logits(args) => logits::write_logits(&args.model, &args.ids, &args.out)?,
     }

@@ -3,8 +3,8 @@
 //! latent. Each applies to `[tokens, in]` activations with a multi-threaded faer product, into a
 //! buffer of the pass's [`Buffers`] where the pass has them.
 
-use crate::llama::buffers::Buffers;
-use crate::llama::ops::par_columns;
+use crate::forward::buffers::Buffers;
+use crate::forward::ops::par_columns;
 use crate::model::dtype::FloatType;
 use faer::linalg::matmul::matmul;
 use faer::{Accum, Mat, MatRef, Par};

@@ -15,8 +15,8 @@
 //! token is counted; signals are honoured between windows.
 
 use crate::error::Result;
+use crate::forward::tokenize::{TextTokenizer, Token};
 use crate::input::text_file::TextReader;
-use crate::llama::tokenize::{TextTokenizer, Token};
 
 /// The text tokens a pass reads: `tokens` from `offset` on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

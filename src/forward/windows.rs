@@ -9,7 +9,7 @@
 //!   followed by the next `ctx - 1` text tokens, so windows do not overlap in text and every text
 //!   token is predicted, the first one from the BOS alone.
 //!
-//! Either way a whole window scores `ctx - 1` predictions: [`crate::llama::Llama::log_likelihood`]
+//! Either way a whole window scores `ctx - 1` predictions: [`crate::forward::Llama::log_likelihood`]
 //! scores every next-token prediction inside the laid-out windows, BOS positions included as the
 //! context they are.
 

@@ -3,11 +3,11 @@
 //! is fitted when the pass reaches its first layer; the maps of a group spanning several layers
 //! wait for their layers.
 
-use super::{fit_and_encode, FitInputs, GroupReport};
 use crate::error::{Error, Result};
+use crate::execute::{fit_and_encode, FitInputs, GroupReport};
+use crate::forward::linear::{KeyValue, Linear, Projection};
+use crate::forward::Layer;
 use crate::input::checkpoint::Checkpoint;
-use crate::llama::linear::{KeyValue, Linear, Projection};
-use crate::llama::Layer;
 use crate::plan::{Emit, GroupKind, GroupPlan, Share};
 use rayon::prelude::*;
 use std::collections::BTreeMap;

@@ -14,7 +14,7 @@
 //!
 //! Phi-3's fused `qkv_proj` and `gate_up_proj` are split into their parts when the checkpoint is
 //! opened (`input::fused`), so the pass reads them as Llama's; its partial rotary
-//! (`partial_rotary_factor`) is resolved in `llama::params`.
+//! (`partial_rotary_factor`) is resolved in `forward::params`.
 //!
 //! Gemma also differs in the layer itself ([`Gemma`]): `(1 + w)` norms, a norm after the attention
 //! block and after the MLP, embeddings scaled by `sqrt(hidden_size)`, a GeLU-tanh MLP, queries
@@ -23,7 +23,7 @@
 use crate::model::arch::Family;
 use crate::model::config::ModelConfig;
 
-/// The raw keys this module reads (a part of `llama::params::RawParams`).
+/// The raw keys this module reads (a part of `forward::params::RawParams`).
 #[derive(Debug, Default, Clone, Copy)]
 pub struct RawFamily<'a> {
     /// `attention_bias`.

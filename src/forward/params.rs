@@ -4,9 +4,9 @@
 //! activation, biases, Mistral's sliding window). Downstream code never reads the JSON again.
 
 use crate::error::{Error, Result};
-use crate::llama::attention::AttentionShape;
-use crate::llama::family::{FamilyParams, RawFamily};
-use crate::llama::rope::{Rope, RopeScaling};
+use crate::forward::attention::AttentionShape;
+use crate::forward::family::{FamilyParams, RawFamily};
+use crate::forward::rope::{Rope, RopeScaling};
 use crate::model::arch::Family;
 use crate::model::config::ModelConfig;
 use serde::Deserialize;

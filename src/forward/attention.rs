@@ -4,8 +4,8 @@
 //! restart at 0 in each; no token sees another window); heads and windows run in parallel (rayon),
 //! each product single-threaded.
 
-use crate::llama::buffers::Buffers;
-use crate::llama::ops::masked_softmax_in_place;
+use crate::forward::buffers::Buffers;
+use crate::forward::ops::masked_softmax_in_place;
 use faer::linalg::matmul::matmul;
 use faer::{Accum, Mat, MatRef, Par};
 use rayon::prelude::*;

@@ -1,23 +1,23 @@
 //! Scoring text with the forward pass: reading and tokenizing the text ([`read_text`]), cutting
 //! the tokens to evaluate into windows by the model's convention ([`ScoredText::windows`],
-//! [`crate::llama::windows`]), and the summed negative log-likelihood over windows
+//! [`crate::forward::windows`]), and the summed negative log-likelihood over windows
 //! ([`negative_log_likelihood`], and [`negative_log_likelihood_edited`] for `sweep`).
 //!
 //! The convention is the interop suite's `perplexity()` (`tests/interop/common.py`): the file is
 //! tokenized without special tokens, as a whole ([`read_text`] streams it and stops after the
-//! tokens a pass uses, with the same ids: [`crate::llama::stream`]); `tokens` text tokens from
+//! tokens a pass uses, with the same ids: [`crate::forward::stream`]); `tokens` text tokens from
 //! `offset` on are cut into non-overlapping windows of `ctx` positions (the remainder dropped),
 //! each evaluated on its own from position 0, each starting with the tokenizer's BOS where it adds
 //! one; every text token after the first position is scored (`ctx - 1` per window); perplexity is
 //! `exp(total NLL / count)`.
 
 use crate::error::{Error, Result};
+use crate::forward::chat::ChatTemplate;
+use crate::forward::stream::{encode_text, TextSpan};
+use crate::forward::tokenize::TextTokenizer;
+use crate::forward::windows::{lay_out, select, Selection};
+use crate::forward::{Layer, Llama};
 use crate::input::text::{Builtin, Message, TextSource};
-use crate::llama::chat::ChatTemplate;
-use crate::llama::stream::{encode_text, TextSpan};
-use crate::llama::tokenize::TextTokenizer;
-use crate::llama::windows::{lay_out, select, Selection};
-use crate::llama::{Layer, Llama};
 use crate::model::bos::{BosPolicy, BosToken};
 use serde::Serialize;
 use std::path::Path;
@@ -44,7 +44,7 @@ pub fn negative_log_likelihood_edited(
     mut progress: impl FnMut(usize),
 ) -> Result<(f64, usize)> {
     let mut h = llama.embed(ids)?;
-    let mut state = crate::llama::PassState::default();
+    let mut state = crate::forward::PassState::default();
     for index in 0..llama.params().num_layers {
         let mut layer = llama.layer(index)?;
         edit(&mut layer)?;
@@ -153,7 +153,7 @@ impl ScoredText {
     }
 
     /// Up to `tokens` text tokens from `offset` on, in whole windows of `ctx` positions, laid out
-    /// by the convention ([`crate::llama::windows`]). Errors name `--ctx`, `--tokens`, `--offset`.
+    /// by the convention ([`crate::forward::windows`]). Errors name `--ctx`, `--tokens`, `--offset`.
     /// The span read must hold them.
     pub fn windows(&self, offset: usize, tokens: usize, ctx: usize) -> Result<TextWindows> {
         let selection = select(self.total, offset, tokens, ctx, self.bos_id())?;

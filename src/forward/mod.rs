@@ -8,13 +8,13 @@
 //! one layer. Tokens are split into independent windows of `ctx` rows, each starting at position 0:
 //!
 //! ```no_run
-//! # use surgery_convert::{input::checkpoint::Checkpoint, llama::Llama};
+//! # use surgery_convert::{input::checkpoint::Checkpoint, forward::Llama};
 //! # fn main() -> surgery_convert::error::Result<()> {
 //! let checkpoint = Checkpoint::open(std::path::Path::new("model"))?;
 //! let llama = Llama::new(&checkpoint)?;
 //! let ids = [1u32, 2, 3, 4];
 //! let mut h = llama.embed(&ids)?;
-//! let mut state = surgery_convert::llama::PassState::default();
+//! let mut state = surgery_convert::forward::PassState::default();
 //! for i in 0..llama.params().num_layers {
 //!     llama.layer(i)?.forward(&mut h, 2, &mut state)?;
 //! }
@@ -26,7 +26,6 @@
 
 pub(crate) mod attention;
 pub(crate) mod buffers;
-pub mod calibrate;
 pub mod chat;
 pub(crate) mod family;
 pub(crate) mod layer;

@@ -6,17 +6,17 @@
 //! weight, `O' = O (S_oc + λI)(S_cc + λI)^{-1}` with `S_oc = E[z_o z_c^T]`, `S_cc = E[z_c z_c^T]`.
 //! It is `O` bit for bit when the heads' outputs coincide.
 
+use super::moments::{accumulate, accumulate_cross, identical, scale};
 use crate::error::{Error, Result};
+use crate::execute::{CompensatedProjection, CompensationReport};
 use crate::fit::compensate::compensate_by;
 use crate::fit::decompose::DecomposeError;
+use crate::forward::linear::Linear;
+use crate::forward::Layer;
 use crate::input::checkpoint::Checkpoint;
-use crate::llama::calibrate::{accumulate, accumulate_cross, identical, scale};
-use crate::llama::linear::Linear;
-use crate::llama::Layer;
 use crate::model::arch::Role;
-use crate::scratch::{Scratch, SpilledBytes};
+use crate::scratch::Scratch;
 use faer::{Mat, MatRef};
-use serde::Serialize;
 
 /// The refit's ridge, relative to `S_cc`'s mean eigenvalue. The compressed heads' outputs span
 /// fewer directions than the original ones, so their moment is ill-conditioned and a small ridge
@@ -24,33 +24,6 @@ use serde::Serialize;
 /// calibration tokens, held-out wiki perplexity, base 20.77): ridge 1e-4 / 1e-2 / 0.1 / 0.3 / 1 gave
 /// 38.20 / 35.99 / 34.82 / 34.77 / 35.15 (none: 48.16); see docs/quality.md.
 pub const O_RIDGE: f64 = 0.1;
-
-/// A layer's `o_proj` as calibration refitted it.
-#[derive(Debug, Clone)]
-pub struct CompensatedProjection {
-    /// Index of the input tensor it replaces in [`Checkpoint::tensors`].
-    pub tensor: usize,
-    /// The refitted weight encoded in the tensor's dtype, as written (in the scratch file).
-    pub bytes: SpilledBytes,
-    /// What the refit changed.
-    pub report: CompensationReport,
-}
-
-/// What the refit of one tensor changed, as recorded in `surgery.json`.
-#[derive(Debug, Clone, Serialize)]
-pub struct CompensationReport {
-    /// The layer.
-    pub layer: usize,
-    /// The tensor rewritten.
-    pub tensor: String,
-    /// `||O' - O||_F / ||O||_F`, `O'` as written.
-    pub relative_change: f64,
-    /// On the calibration tokens, `||O z_c - O z_o|| / ||O z_o||`: the attention block's output
-    /// error with the original `o_proj` on the compressed heads.
-    pub calibration_error_before: f64,
-    /// The same with the refitted `O'` (as written): `||O' z_c - O z_o|| / ||O z_o||`.
-    pub calibration_error_after: f64,
-}
 
 /// `||a - b||_F / ||b||_F` of two `[tokens, width]` activations (`0` when `b` is zero).
 fn relative_distance(a: MatRef<'_, f32>, b: MatRef<'_, f32>) -> f64 {

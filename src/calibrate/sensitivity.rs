@@ -14,12 +14,10 @@
 //! (`layers x tokens x hidden` values); each group's probe runs from its first layer on.
 
 use super::substitute::Substitution;
-use super::FitInputs;
+use super::text::CalibrationText;
 use crate::error::Result;
-use crate::input::checkpoint::Checkpoint;
-use crate::llama::calibrate::calibration_tokens;
-use crate::llama::{Llama, PassState};
-use crate::options::Calibration;
+use crate::execute::FitInputs;
+use crate::forward::{Llama, PassState};
 use crate::plan::GroupPlan;
 use faer::Mat;
 
@@ -40,17 +38,15 @@ pub const DAMPING: f64 = 0.25;
 /// Per group of `groups` (ranks resolved), its sensitivity `(Δ_g / e_g)^DAMPING` (`Δ_g / e_g`
 /// normalised to mean 1 first), with `spectra[g]` the group's explained-variance ratios.
 pub fn sensitivities(
-    checkpoint: &Checkpoint,
-    calibration: &Calibration,
+    (llama, text): (&Llama, &CalibrationText),
     groups: &[GroupPlan],
     spectra: &[Vec<f64>],
     inputs: &FitInputs,
 ) -> Result<Vec<f64>> {
-    let (ids, record) = calibration_tokens(checkpoint, calibration)?;
-    let ids = &ids[..ids.len().min(PROBE_TOKENS)];
-    let ctx = record.ctx;
-    let llama = Llama::new(checkpoint)?;
-    let layers = checkpoint.config.num_layers;
+    let checkpoint = llama.checkpoint();
+    let ids = &text.ids[..text.ids.len().min(PROBE_TOKENS)];
+    let ctx = text.ctx();
+    let layers = llama.params().num_layers;
     // Every layer's input in the original model, then the original loss.
     let mut h = llama.embed(ids)?;
     let mut kept: Vec<Mat<f32>> = Vec::with_capacity(layers);

@@ -5,13 +5,13 @@
 //! block's output before adding it, with a GeLU-tanh gate and `pre_feedforward_layernorm`.
 
 use crate::error::Result;
-use crate::llama::attention::{attend, windows, AttentionShape};
-use crate::llama::buffers::Buffers;
-use crate::llama::linear::{KeyValue, Linear, PassState, Projection};
-use crate::llama::ops::{
+use crate::forward::attention::{attend, windows, AttentionShape};
+use crate::forward::buffers::Buffers;
+use crate::forward::linear::{KeyValue, Linear, PassState, Projection};
+use crate::forward::ops::{
     add_in_place, gated_in_place, head_rms_norm_in_place, rms_norm, rms_norm_in, Activation,
 };
-use crate::llama::rope::{Rope, RopeTable};
+use crate::forward::rope::{Rope, RopeTable};
 use faer::{Mat, MatMut, MatRef};
 
 /// Gemma's norms of the two blocks' outputs.
@@ -93,7 +93,7 @@ impl Layer {
     /// Applies the layer in place to `h` (`[T, hidden]`), whose rows are split into independent
     /// windows of `ctx` rows (the last may be shorter; `ctx == 0` means one window of all rows),
     /// positions `0..len` within each window. `h` must have `hidden_size` columns (as
-    /// [`crate::llama::Llama::embed`] returns). `state` carries a shared latent group's latent
+    /// [`crate::forward::Llama::embed`] returns). `state` carries a shared latent group's latent
     /// from its source layer to the later ones, and the activation buffers (one `state` per pass,
     /// layers in order).
     pub fn forward(&self, h: &mut Mat<f32>, ctx: usize, state: &mut PassState) -> Result<()> {
@@ -207,7 +207,7 @@ impl Layer {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::llama::Llama;
+    use crate::forward::Llama;
     use crate::test_support::open_tiny;
     use safetensors::Dtype;
 

@@ -3,10 +3,10 @@
 //! released. Builds the linear maps of one layer, dense or factored as `config.json` says.
 
 use crate::error::{Error, Result};
+use crate::forward::layer::OutputNorms;
+use crate::forward::linear::{KeyValue, Linear, Projection};
+use crate::forward::params::LlamaParams;
 use crate::input::checkpoint::Checkpoint;
-use crate::llama::layer::OutputNorms;
-use crate::llama::linear::{KeyValue, Linear, Projection};
-use crate::llama::params::LlamaParams;
 use crate::model::arch::{AttentionProjection, Factor, Mlp, Role};
 use crate::model::dtype::FloatType;
 use crate::model::latent::Share;
@@ -76,7 +76,7 @@ impl<'a> Loader<'a> {
         }
     }
 
-    /// Checks every tensor [`crate::llama::Llama::layer`] reads for `layer` besides the attention
+    /// Checks every tensor [`crate::forward::Llama::layer`] reads for `layer` besides the attention
     /// projections (which [`Checkpoint::open`] checked): names, shapes, dtypes and biases; no data
     /// is decoded.
     pub fn check_layer(&self, layer: usize) -> Result<()> {

@@ -5,7 +5,7 @@
 //! Activations are `[tokens, features]` faer matrices (column-major, so one feature of all tokens is
 //! contiguous); row-wise reductions therefore walk the columns and keep one accumulator per row.
 
-use crate::llama::buffers::Buffers;
+use crate::forward::buffers::Buffers;
 use faer::reborrow::{Reborrow, ReborrowMut};
 use faer::{Mat, MatMut, MatRef};
 use rayon::prelude::*;

@@ -1,0 +1,120 @@
+//! The `o_proj` refit of one-shot calibration (`--compensate o_proj`, [`super::compensation`]):
+//! each refitted layer's attention block runs on the ORIGINAL model's input to it, with the
+//! layer's fitted projections substituted, and its `o_proj` is refitted so that the block's
+//! output matches the original model's heads through the original `o_proj`.
+//!
+//! The one-shot pass kept what this reads ([`super::one_shot::Kept`]): the hidden states entering
+//! each segment and the original heads' outputs. So the refit runs the attention block alone, per
+//! layer, not the MLP: a segment is one layer, or a shared latent group's layers (the group's
+//! later layers read its source's latent, so the compressed stream crosses the group from its
+//! first layer, MLP included, as a model with the group substituted would).
+
+use super::compensation::compensate_output;
+use super::one_shot::{Keep, Kept};
+use super::substitute::Substitution;
+use crate::error::{Error, Result};
+use crate::execute::FitInputs;
+use crate::forward::{Llama, PassState};
+use crate::plan::{compensated_tensors, GroupPlan, Share};
+use crate::scratch::{Activations, Scratch};
+use std::collections::{BTreeMap, BTreeSet};
+
+/// The layers `[start, end)` a compressed stream crosses from one start: a shared latent group's,
+/// else one layer.
+pub(crate) fn segment(groups: &[GroupPlan], start: usize, layers: usize) -> usize {
+    let span = groups
+        .iter()
+        .filter(|g| g.layer == start && g.share == Some(Share::Latent))
+        .map(|g| g.layers)
+        .max()
+        .unwrap_or(1);
+    (start + span.max(1)).min(layers)
+}
+
+/// The layers whose `o_proj` `groups` refit.
+pub fn refitted_layers(llama: &Llama, groups: &[GroupPlan]) -> BTreeSet<usize> {
+    compensated_tensors(llama.checkpoint(), groups)
+        .into_values()
+        .collect()
+}
+
+/// What the one-shot pass must keep for the refit of `groups`: each segment's input where the
+/// segment holds a refitted layer, and every refitted layer's heads' outputs.
+pub fn keep_for(llama: &Llama, groups: &[GroupPlan]) -> Keep {
+    let layers = llama.params().num_layers;
+    let heads = refitted_layers(llama, groups);
+    let mut inputs = BTreeSet::new();
+    let mut start = 0;
+    while start < layers {
+        let end = segment(groups, start, layers);
+        if heads.range(start..end).next().is_some() {
+            inputs.insert(start);
+        }
+        start = end;
+    }
+    Keep { inputs, heads }
+}
+
+/// What `kept` holds of `layer`, or a bug: the pass was asked to keep it.
+fn kept_at<'k>(
+    kept: &'k BTreeMap<usize, Activations>,
+    layer: usize,
+    what: &str,
+) -> Result<&'k Activations> {
+    kept.get(&layer).ok_or_else(|| {
+        Error::bug(format!(
+            "o_proj refit: the one-shot pass kept no {what} of layer {layer}"
+        ))
+    })
+}
+
+/// Refits the `o_proj` of every layer `groups` compensate, from what the one-shot pass kept, and
+/// adds the refits to `inputs` (the one-shot pass's statistics, which the groups' fits read; the
+/// bytes go to `scratch`). Every layer's groups are substituted in order (a group shared across
+/// layers hands its maps on to its later layers).
+pub fn refit(
+    llama: &Llama,
+    ctx: usize,
+    groups: &[GroupPlan],
+    (inputs, kept): (&mut FitInputs, &Kept),
+    scratch: &Scratch,
+) -> Result<()> {
+    let checkpoint = llama.checkpoint();
+    let layers = llama.params().num_layers;
+    let refitted = refitted_layers(llama, groups);
+    let mut substitution = Substitution::new(checkpoint, groups);
+    let mut start = 0;
+    while start < layers {
+        let end = segment(groups, start, layers);
+        let last = refitted.range(start..end).next_back().copied();
+        let mut stream = match last {
+            Some(_) => Some(kept_at(&kept.inputs, start, "input")?.load()?),
+            None => None,
+        };
+        let mut state = PassState::default();
+        for index in start..end {
+            let mut layer = llama.layer(index)?;
+            substitution.apply(&mut layer, inputs)?;
+            let (Some(h), Some(last)) = (stream.as_mut(), last) else {
+                continue;
+            };
+            if index > last {
+                continue;
+            }
+            let z = layer.attention_heads(h.as_ref(), ctx, &mut state)?;
+            if refitted.contains(&index) {
+                let target = kept_at(&kept.heads, index, "heads' output")?.load()?;
+                let (projection, o) =
+                    compensate_output(checkpoint, &layer, target.as_ref(), z.as_ref(), scratch)?;
+                layer.o = o;
+                inputs.compensated.insert(index, projection);
+            }
+            if index < last {
+                layer.finish(h, z.as_ref(), &mut state);
+            }
+            state.buffers.give(z);
+        }
+        start = end;
+    }
+    Ok(())
+}

@@ -1,0 +1,185 @@
+//! The stage on the bundled fixtures: every kind of run tokenizes its text once, and the `o_proj`
+//! refit from what the one-shot pass kept is, byte for byte, what a second and third pass (the
+//! original stream, and a compressed stream restarted from it at every segment) compute.
+
+use super::compensation::compensate_output;
+use super::refit::{refitted_layers, segment};
+use super::substitute::Substitution;
+use super::text::tokenized_on_this_thread;
+use super::*;
+use crate::fit::decompose::Fit;
+use crate::fit::spec::Spec;
+use crate::forward::PassState;
+use crate::input::text::{TextFile, TextSource};
+use crate::options::{BosSink, CalibrateMode};
+use crate::plan::{Compensate, LayerSharing, Share, Surgery};
+use std::collections::BTreeMap;
+use std::num::NonZeroUsize;
+use std::path::Path;
+
+fn fixture(name: &str) -> Checkpoint {
+    Checkpoint::open(
+        &Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("fixtures")
+            .join(name),
+    )
+    .unwrap()
+}
+
+fn calibration(mode: CalibrateMode, allocation: Allocation) -> Calibration {
+    let text = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/eval/text.txt");
+    Calibration {
+        text: TextSource::File(TextFile::new(text)),
+        tokens: NonZeroUsize::new(300).unwrap(),
+        offset: 3,
+        ctx: NonZeroUsize::new(64).unwrap(),
+        weighting: Default::default(),
+        mode,
+        allocation,
+        bos: Default::default(),
+        sink: BosSink::default(),
+    }
+}
+
+fn surgery(spec: Spec, sharing: Option<LayerSharing>) -> Surgery {
+    Surgery {
+        q: None,
+        k: None,
+        v: None,
+        shared_kv: Some(spec),
+        fit: Fit::Act,
+        sharing,
+        compensate: Some(Compensate::OProj),
+    }
+}
+
+fn latent_pairs() -> Option<LayerSharing> {
+    Some(LayerSharing {
+        layers: NonZeroUsize::new(2).unwrap(),
+        share: Share::Latent,
+    })
+}
+
+#[test]
+fn every_kind_of_run_tokenizes_its_text_once() {
+    let checkpoint = fixture("tiny-f32-gqa");
+    let runs = [
+        (Passes::OneShot, Allocation::Spectra),
+        (Passes::OneShotRefit, Allocation::Sensitivity),
+        (
+            Passes::Sequential {
+                one_shot_first: true,
+            },
+            Allocation::Sensitivity,
+        ),
+        (
+            Passes::Sequential {
+                one_shot_first: false,
+            },
+            Allocation::Spectra,
+        ),
+    ];
+    for (passes, allocation) in runs {
+        let mode = match passes {
+            Passes::Sequential { .. } => CalibrateMode::Sequential,
+            _ => CalibrateMode::OneShot,
+        };
+        let spec = match passes {
+            Passes::Sequential {
+                one_shot_first: false,
+            } => Spec::Rank(3),
+            _ => Spec::Budget(0.5),
+        };
+        let c = calibration(mode, allocation);
+        let mut groups = crate::plan::groups(&checkpoint, &surgery(spec, None));
+        let before = tokenized_on_this_thread();
+        let inputs = calibrate(&checkpoint, Some((&c, passes)), &mut groups).unwrap();
+        assert_eq!(tokenized_on_this_thread() - before, 1, "{passes:?}");
+        assert!(inputs.calibration.is_some(), "{passes:?}");
+        let refits = !inputs.compensated.is_empty();
+        assert_eq!(refits, passes != Passes::OneShot, "{passes:?}");
+    }
+}
+
+/// The one-shot refit as two more passes compute it: the original stream through every layer,
+/// and at every segment a compressed stream restarted from the original one. The refits' bytes
+/// by layer.
+fn refits_by_two_streams(
+    checkpoint: &Checkpoint,
+    c: &Calibration,
+    groups: &[GroupPlan],
+    inputs: &FitInputs,
+) -> BTreeMap<usize, Vec<u8>> {
+    let llama = Llama::new(checkpoint).unwrap();
+    let text = CalibrationText::load(checkpoint, c).unwrap();
+    let ctx = text.ctx();
+    let layers = llama.params().num_layers;
+    let refitted = refitted_layers(&llama, groups);
+    let scratch = Scratch::new().unwrap();
+    // The original stream's input and heads' outputs at every layer.
+    let (mut h, mut state) = (llama.embed(&text.ids).unwrap(), PassState::default());
+    let (mut hs, mut zs) = (Vec::new(), Vec::new());
+    for index in 0..layers {
+        let layer = llama.layer(index).unwrap();
+        hs.push(h.clone());
+        let z = layer.attention_heads(h.as_ref(), ctx, &mut state).unwrap();
+        layer.finish(&mut h, z.as_ref(), &mut state);
+        zs.push(z);
+    }
+    let mut substitution = Substitution::new(checkpoint, groups);
+    let mut out = BTreeMap::new();
+    let mut inputs = inputs.clone();
+    let mut start = 0;
+    while start < layers {
+        let end = segment(groups, start, layers);
+        let (mut compressed, mut state) = (hs[start].clone(), PassState::default());
+        for index in start..end {
+            let mut layer = llama.layer(index).unwrap();
+            substitution.apply(&mut layer, &inputs).unwrap();
+            let z = layer
+                .attention_heads(compressed.as_ref(), ctx, &mut state)
+                .unwrap();
+            if refitted.contains(&index) {
+                let (p, o) =
+                    compensate_output(checkpoint, &layer, zs[index].as_ref(), z.as_ref(), &scratch)
+                        .unwrap();
+                layer.o = o;
+                out.insert(index, p.bytes.load().unwrap());
+                inputs.compensated.insert(index, p);
+            }
+            layer.finish(&mut compressed, z.as_ref(), &mut state);
+        }
+        start = end;
+    }
+    out
+}
+
+#[test]
+fn the_refit_from_the_kept_activations_is_what_two_more_passes_compute() {
+    for (fixture_name, sharing) in [
+        ("tiny-f32-gqa", None),
+        ("tiny-bf16-sharded", None),
+        ("tiny-f32-gqa", latent_pairs()),
+    ] {
+        let checkpoint = fixture(fixture_name);
+        let c = calibration(CalibrateMode::OneShot, Allocation::Spectra);
+        let mut groups = crate::plan::groups(&checkpoint, &surgery(Spec::Rank(3), sharing));
+        let inputs = calibrate(&checkpoint, Some((&c, Passes::OneShotRefit)), &mut groups).unwrap();
+        let mut one_shot = inputs.clone();
+        one_shot.compensated.clear();
+        let expected = refits_by_two_streams(&checkpoint, &c, &groups, &one_shot);
+        let layers = checkpoint.config.num_layers;
+        assert_eq!(
+            expected.len(),
+            layers,
+            "{fixture_name}: every layer refitted"
+        );
+        for (layer, bytes) in expected {
+            let got = inputs.compensated[&layer].bytes.load().unwrap();
+            assert!(
+                got == bytes,
+                "{fixture_name} {sharing:?}: layer {layer}'s o_proj differs"
+            );
+        }
+    }
+}
