@@ -54,6 +54,18 @@ impl FitArg {
     }
 }
 
+/// One entry of a comma-separated fit list.
+pub fn parse_fit_item(s: &str) -> Result<FitArg, String> {
+    match s.trim() {
+        "pca" => Ok(FitArg::Pca),
+        "seed" => Ok(FitArg::Seed),
+        "svd" => Ok(FitArg::Svd),
+        "act" => Ok(FitArg::Act),
+        "" => Err("an empty entry: give comma-separated fits, e.g. pca,svd".to_string()),
+        other => Err(format!("unknown fit `{other}`: use pca, seed, svd or act")),
+    }
+}
+
 /// `--share`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum ShareArg {

@@ -8,8 +8,8 @@ mod parse;
 mod subcommands;
 
 pub use calibration::{ActWeightingArg, BosArg, CalibrationArgs, TextSizeArgs};
-pub use convert::{ConvertArgs, EmitArg, FitArg};
-pub use parse::{parse_fit_item, parse_size, parse_spec_item};
+pub use convert::{parse_fit_item, ConvertArgs, EmitArg, FitArg};
+pub use parse::{parse_size, parse_spec_item};
 pub use subcommands::{EvalArgs, ExpandArgs, InspectArgs, SweepArgs, TextWindowArgs};
 
 use crate::error::Result;

@@ -1,6 +1,6 @@
-//! Value parsers of the command line: sizes, and the entries of comma-separated lists.
+//! Value parsers of the command line: sizes, and the entries of comma-separated SPEC lists (a fit
+//! list's entries are parsed next to `FitArg`, in `convert`).
 
-use super::FitArg;
 use crate::fit::spec::Spec;
 
 /// One entry of a comma-separated SPEC list.
@@ -11,18 +11,6 @@ pub fn parse_spec_item(s: &str) -> Result<Spec, String> {
         );
     }
     s.parse()
-}
-
-/// One entry of a comma-separated fit list.
-pub fn parse_fit_item(s: &str) -> Result<FitArg, String> {
-    match s.trim() {
-        "pca" => Ok(FitArg::Pca),
-        "seed" => Ok(FitArg::Seed),
-        "svd" => Ok(FitArg::Svd),
-        "act" => Ok(FitArg::Act),
-        "" => Err("an empty entry: give comma-separated fits, e.g. pca,svd".to_string()),
-        other => Err(format!("unknown fit `{other}`: use pca, seed, svd or act")),
-    }
 }
 
 /// Parses a size like `2GB` (10^9), `2GiB` (2^30), `500MB`, `64KiB` or plain bytes.

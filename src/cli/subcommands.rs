@@ -2,8 +2,8 @@
 //! the [`crate::options`] types.
 
 use super::calibration::{BosArg, CalibrationArgs, TextSizeArgs};
-use super::convert::ShareArg;
-use super::parse::{parse_fit_item, parse_spec_item, refuse_duplicates};
+use super::convert::{parse_fit_item, ShareArg};
+use super::parse::{parse_spec_item, refuse_duplicates};
 use super::FitArg;
 use crate::error::{Error, Result};
 use crate::fit::decompose::Fit;

@@ -21,6 +21,9 @@ mod tests;
 mod tests_families;
 #[cfg(test)]
 mod tests_fused;
+#[cfg(test)]
+mod tests_shared;
+pub(crate) mod weighting;
 pub(crate) mod widths;
 pub(crate) mod write;
 

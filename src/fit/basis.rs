@@ -4,9 +4,10 @@
 //! [`decompose_with_basis`](crate::fit::decompose::decompose_with_basis) finishes into factors.
 //! [`decompose_owned`](crate::fit::decompose::decompose_owned) runs both halves on one centred
 //! copy; the factored layout's width pass runs the first on its own, to learn a threshold's rank
-//! before any fit, and hands the basis on so the write pass's fit does not decompose again.
+//! before any fit, and hands the basis on so the write pass's fit does not decompose again. Its
+//! unit tests are `decompose`'s, beside the whole fit they compare it with.
 
-use crate::fit::decompose::{
+use crate::fit::common::{
     choose_rank, count_non_finite, eigh_descending, explained_variance_ratios, fix_signs,
     DecomposeError, Fit,
 };
@@ -113,9 +114,9 @@ pub(crate) fn checked_centre(w: &mut Mat<f64>, fit: Fit) -> Result<Vec<f64>, Dec
 /// eigenvectors span the singular subspace on that side.
 fn smaller_gram(w: MatRef<'_, f64>) -> Mat<f64> {
     if w.nrows() <= w.ncols() {
-        crate::fit::decompose::product(w, w.transpose())
+        crate::fit::common::product(w, w.transpose())
     } else {
-        crate::fit::decompose::product(w.transpose(), w)
+        crate::fit::common::product(w.transpose(), w)
     }
 }
 
@@ -135,81 +136,4 @@ fn centre_in_place(w: &mut Mat<f64>, fit: Fit) -> Vec<f64> {
         }
     }
     mean
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::fit::decompose::test_matrices::{max_abs_diff, noise};
-    use crate::fit::decompose::{decompose, decompose_with_basis};
-
-    #[test]
-    fn a_basis_finished_gives_the_same_bits_as_the_whole_fit() {
-        for (m, n) in [(7, 12), (12, 7)] {
-            let w = noise(m, n, 5);
-            for fit in [Fit::Pca, Fit::Seed, Fit::Svd] {
-                for t in [0.3, 0.9, 1.0] {
-                    let basis = fit_basis(w.clone(), fit, Spec::Threshold(t)).unwrap();
-                    let whole = decompose(w.as_ref(), fit, Spec::Threshold(t)).unwrap();
-                    assert_eq!(basis.rank(), whole.choice.rank, "{fit:?} {t}");
-                    assert_eq!(basis.spectrum(), &whole.spectrum[..]);
-                    // The write pass finishes it with the threshold pinned to its rank.
-                    let pinned = Spec::Rank(basis.rank());
-                    assert!(basis.serves(m, n, fit, pinned));
-                    let again = decompose(w.as_ref(), fit, pinned).unwrap();
-                    let done = decompose_with_basis(w.clone(), basis, pinned).unwrap();
-                    assert_eq!(done.choice, again.choice);
-                    assert_eq!(done.variance_kept.to_bits(), again.variance_kept.to_bits());
-                    assert_eq!(
-                        max_abs_diff(done.reconstruction.as_ref(), again.reconstruction.as_ref()),
-                        0.0
-                    );
-                    assert_eq!(
-                        max_abs_diff(done.factors.up.as_ref(), again.factors.up.as_ref()),
-                        0.0
-                    );
-                    assert_eq!(
-                        max_abs_diff(done.factors.down.as_ref(), again.factors.down.as_ref()),
-                        0.0
-                    );
-                }
-            }
-        }
-    }
-
-    #[test]
-    fn a_basis_serves_only_its_fit_shape_and_rank() {
-        let w = noise(6, 9, 2);
-        let basis = fit_basis(w.clone(), Fit::Pca, Spec::Rank(2)).unwrap();
-        assert!(basis.serves(6, 9, Fit::Pca, Spec::Rank(2)));
-        assert!(!basis.serves(6, 9, Fit::Svd, Spec::Rank(2)));
-        assert!(!basis.serves(9, 6, Fit::Pca, Spec::Rank(2)));
-        assert!(!basis.serves(6, 9, Fit::Pca, Spec::Rank(3)));
-        // One that does not serve is decomposed afresh: the same bits as the whole fit.
-        let done = decompose_with_basis(w.clone(), basis, Spec::Rank(3)).unwrap();
-        let whole = decompose(w.as_ref(), Fit::Pca, Spec::Rank(3)).unwrap();
-        assert_eq!(done.choice.rank, 3);
-        assert_eq!(
-            max_abs_diff(done.reconstruction.as_ref(), whole.reconstruction.as_ref()),
-            0.0
-        );
-    }
-
-    #[test]
-    fn bad_matrices_are_refused_before_decomposing() {
-        assert_eq!(
-            fit_basis(Mat::zeros(0, 3), Fit::Pca, Spec::Rank(1)).unwrap_err(),
-            DecomposeError::Empty
-        );
-        assert_eq!(
-            fit_basis(noise(3, 3, 1), Fit::Act, Spec::Rank(1)).unwrap_err(),
-            DecomposeError::NeedsCalibration
-        );
-        let mut bad = noise(3, 3, 1);
-        bad[(1, 1)] = f64::NAN;
-        assert_eq!(
-            fit_basis(bad, Fit::Svd, Spec::Rank(1)).unwrap_err(),
-            DecomposeError::NonFinite { count: 1 }
-        );
-    }
 }

@@ -12,90 +12,15 @@
 //! orthogonal projection onto the top-`r` subspace. Everything runs in `f64` and single-threaded inside
 //! one matrix, so the result does not depend on the thread count (parallelism is across matrices).
 
+pub use crate::fit::common::{
+    choose_rank, explained_variance_ratios, product, rank_for_threshold, DecomposeError, Fit,
+    RankChoice,
+};
+pub(crate) use crate::fit::common::{count_non_finite, eigh_descending, fix_signs};
+
 use crate::fit::basis::{basis_of_centred, check_fittable, checked_centre, Basis};
 use crate::fit::spec::Spec;
-use faer::diag::Diag;
-use faer::dyn_stack::{MemBuffer, MemStack};
-use faer::linalg::evd::{self, ComputeEigenvectors};
-use faer::linalg::matmul::matmul;
-use faer::{Accum, Mat, MatRef, Par};
-
-/// Which low-rank reconstruction to compute.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Fit {
-    /// Centred PCA, mean row restored.
-    Pca,
-    /// The reference experiment's reconstruction: centred PCA, mean row dropped.
-    Seed,
-    /// Uncentred truncated SVD.
-    Svd,
-    /// Activation-aware: fits the outputs on calibration inputs (`weighted`); needs a covariance,
-    /// so [`decompose`] refuses it.
-    Act,
-}
-
-impl Fit {
-    /// Whether the fit subtracts the mean row before decomposing.
-    pub fn is_centred(self) -> bool {
-        matches!(self, Fit::Pca | Fit::Seed)
-    }
-
-    /// The name used on the command line and in reports.
-    pub fn name(self) -> &'static str {
-        match self {
-            Fit::Pca => "pca",
-            Fit::Seed => "seed",
-            Fit::Svd => "svd",
-            Fit::Act => "act",
-        }
-    }
-
-    /// Extra latent dimensions the fit needs for the mean row (one for `pca`, which restores it).
-    pub fn mean_dims(self) -> usize {
-        usize::from(self == Fit::Pca)
-    }
-}
-
-/// Why a matrix could not be decomposed.
-#[derive(Debug, Clone, PartialEq, thiserror::Error)]
-pub enum DecomposeError {
-    /// The matrix holds NaN or infinite values.
-    #[error("{count} NaN or infinite values")]
-    NonFinite {
-        /// How many values are not finite.
-        count: usize,
-    },
-    /// The eigen solver did not converge.
-    #[error("the eigendecomposition did not converge")]
-    NoConvergence,
-    /// The matrix has no rows or no columns.
-    #[error("the matrix is empty")]
-    Empty,
-    /// A second moment's shape does not match the matrix it weighs.
-    #[error("a {rows}x{cols} moment for a matrix of {n} columns")]
-    MomentShape {
-        /// The moment's rows.
-        rows: usize,
-        /// The moment's columns.
-        cols: usize,
-        /// The matrix's columns.
-        n: usize,
-    },
-    /// The fit needs calibration statistics that were not given.
-    #[error("fit `act` needs an input covariance (--calibrate)")]
-    NeedsCalibration,
-}
-
-/// The rank a SPEC selects on a spectrum, and whether a fixed rank had to be clamped.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct RankChoice {
-    /// Components kept.
-    pub rank: usize,
-    /// Components available (`min(rows, cols)`).
-    pub full_rank: usize,
-    /// `rank:N` asked for more than `full_rank`.
-    pub clamped: bool,
-}
+use faer::{Mat, MatRef};
 
 /// A low-rank reconstruction and what it kept.
 #[derive(Debug, Clone)]
@@ -121,60 +46,6 @@ pub struct Factors {
     pub up: Mat<f64>,
     /// `[latent, cols]`.
     pub down: Mat<f64>,
-}
-
-/// Explained-variance ratios `lambda_i / sum lambda`, in descending order, from eigenvalues of a Gram
-/// matrix (negative rounding noise clamped to zero). An all-zero spectrum gives all-zero ratios.
-pub fn explained_variance_ratios(eigenvalues_desc: &[f64]) -> Vec<f64> {
-    let clamped: Vec<f64> = eigenvalues_desc.iter().map(|&l| l.max(0.0)).collect();
-    let total: f64 = clamped.iter().sum();
-    if total > 0.0 {
-        clamped.iter().map(|l| l / total).collect()
-    } else {
-        vec![0.0; clamped.len()]
-    }
-}
-
-/// The reference rank rule: the smallest count whose cumulative ratio is `>= threshold`. A threshold
-/// of 1.0 keeps every component (rounding could otherwise stop the sum a component early or never
-/// reach 1.0); so does a sum that rounding keeps below the threshold.
-pub fn rank_for_threshold(ratios: &[f64], threshold: f64) -> usize {
-    if threshold >= 1.0 {
-        return ratios.len();
-    }
-    let mut cumulative = 0.0;
-    for (i, r) in ratios.iter().enumerate() {
-        cumulative += r;
-        if cumulative >= threshold {
-            return i + 1;
-        }
-    }
-    ratios.len()
-}
-
-/// Applies a SPEC to a descending ratio spectrum (a `budget:F` must be resolved to `rank:N` per
-/// group first, see `budget`).
-pub fn choose_rank(ratios: &[f64], spec: Spec) -> RankChoice {
-    let full_rank = ratios.len();
-    match spec {
-        Spec::Threshold(t) => RankChoice {
-            rank: rank_for_threshold(ratios, t),
-            full_rank,
-            clamped: false,
-        },
-        Spec::Rank(n) => RankChoice {
-            rank: n.min(full_rank),
-            full_rank,
-            clamped: n > full_rank,
-        },
-        // Budgets are turned into ranks before fitting (`budget::allocate`); on its own a budget
-        // keeps every component.
-        Spec::Budget(_) => RankChoice {
-            rank: full_rank,
-            full_rank,
-            clamped: false,
-        },
-    }
 }
 
 /// Builds a matrix from row-major values.
@@ -215,62 +86,6 @@ pub fn error_ratio(diff: f64, norm: f64) -> f64 {
     }
 }
 
-/// Symmetric eigendecomposition, eigenvalues returned in descending order with matching columns.
-pub(crate) fn eigh_descending(
-    gram: MatRef<'_, f64>,
-) -> Result<(Vec<f64>, Mat<f64>), DecomposeError> {
-    let n = gram.nrows();
-    let mut s = Diag::<f64>::zeros(n);
-    let mut u = Mat::<f64>::zeros(n, n);
-    let par = Par::Seq;
-    let scratch =
-        evd::self_adjoint_evd_scratch::<f64>(n, ComputeEigenvectors::Yes, par, Default::default());
-    let mut buffer = MemBuffer::new(scratch);
-    evd::self_adjoint_evd(
-        gram,
-        s.as_mut(),
-        Some(u.as_mut()),
-        par,
-        MemStack::new(&mut buffer),
-        Default::default(),
-    )
-    .map_err(|_| DecomposeError::NoConvergence)?;
-    drop(buffer);
-    // faer sorts eigenvalues in nondecreasing order: reverse both (the columns in place, so a
-    // large decomposition holds one n x n matrix, not two).
-    let values: Vec<f64> = (0..n).rev().map(|i| s[i]).collect();
-    for j in 0..n / 2 {
-        faer::perm::swap_cols_idx(u.as_mut(), j, n - 1 - j);
-    }
-    Ok((values, u))
-}
-
-/// The sign convention that makes factors deterministic: every column's largest-magnitude entry
-/// (the first, on ties) is made positive.
-pub(crate) fn fix_signs(basis: &mut Mat<f64>) {
-    for j in 0..basis.ncols() {
-        let mut best = 0;
-        for i in 0..basis.nrows() {
-            if basis[(i, j)].abs() > basis[(best, j)].abs() {
-                best = i;
-            }
-        }
-        if basis[(best, j)] < 0.0 {
-            for i in 0..basis.nrows() {
-                basis[(i, j)] = -basis[(i, j)];
-            }
-        }
-    }
-}
-
-/// Counts NaN and infinite entries.
-pub(crate) fn count_non_finite(w: MatRef<'_, f64>) -> usize {
-    (0..w.ncols())
-        .flat_map(|j| (0..w.nrows()).map(move |i| (i, j)))
-        .filter(|&(i, j)| !w[(i, j)].is_finite())
-        .count()
-}
-
 /// Fits `w` (`[rows, cols]`) with `fit`, keeping the rank that `spec` selects.
 pub fn decompose(
     w: MatRef<'_, f64>,
@@ -278,14 +93,6 @@ pub fn decompose(
     spec: Spec,
 ) -> Result<Decomposition, DecomposeError> {
     decompose_owned(w.to_owned(), fit, spec)
-}
-
-/// `a @ b` in `f64`, single-threaded: parallelism is across matrices, so results never depend on
-/// the thread count. The one product of the fits and the executor.
-pub fn product(a: MatRef<'_, f64>, b: MatRef<'_, f64>) -> Mat<f64> {
-    let mut out = Mat::<f64>::zeros(a.nrows(), b.ncols());
-    matmul(out.as_mut(), Accum::Replace, a, b, 1.0, Par::Seq);
-    out
 }
 
 /// [`decompose`], consuming `w`: it is centred in place, so a large fit holds one copy of the
@@ -415,6 +222,7 @@ pub(crate) mod test_matrices {
 mod tests {
     use super::test_matrices::{max_abs_diff, noise};
     use super::*;
+    use crate::fit::basis::fit_basis;
 
     #[test]
     fn rank_rule_golden_values() {
@@ -561,6 +369,78 @@ mod tests {
         assert_eq!(
             relative_error(&[0.0; 12], &matrix_to_rows(d.reconstruction.as_ref())),
             0.0
+        );
+    }
+
+    // `basis` (the decomposing half), tested here beside the whole fit it must match.
+
+    #[test]
+    fn a_basis_finished_gives_the_same_bits_as_the_whole_fit() {
+        for (m, n) in [(7, 12), (12, 7)] {
+            let w = noise(m, n, 5);
+            for fit in [Fit::Pca, Fit::Seed, Fit::Svd] {
+                for t in [0.3, 0.9, 1.0] {
+                    let basis = fit_basis(w.clone(), fit, Spec::Threshold(t)).unwrap();
+                    let whole = decompose(w.as_ref(), fit, Spec::Threshold(t)).unwrap();
+                    assert_eq!(basis.rank(), whole.choice.rank, "{fit:?} {t}");
+                    assert_eq!(basis.spectrum(), &whole.spectrum[..]);
+                    // The write pass finishes it with the threshold pinned to its rank.
+                    let pinned = Spec::Rank(basis.rank());
+                    assert!(basis.serves(m, n, fit, pinned));
+                    let again = decompose(w.as_ref(), fit, pinned).unwrap();
+                    let done = decompose_with_basis(w.clone(), basis, pinned).unwrap();
+                    assert_eq!(done.choice, again.choice);
+                    assert_eq!(done.variance_kept.to_bits(), again.variance_kept.to_bits());
+                    assert_eq!(
+                        max_abs_diff(done.reconstruction.as_ref(), again.reconstruction.as_ref()),
+                        0.0
+                    );
+                    assert_eq!(
+                        max_abs_diff(done.factors.up.as_ref(), again.factors.up.as_ref()),
+                        0.0
+                    );
+                    assert_eq!(
+                        max_abs_diff(done.factors.down.as_ref(), again.factors.down.as_ref()),
+                        0.0
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_basis_serves_only_its_fit_shape_and_rank() {
+        let w = noise(6, 9, 2);
+        let basis = fit_basis(w.clone(), Fit::Pca, Spec::Rank(2)).unwrap();
+        assert!(basis.serves(6, 9, Fit::Pca, Spec::Rank(2)));
+        assert!(!basis.serves(6, 9, Fit::Svd, Spec::Rank(2)));
+        assert!(!basis.serves(9, 6, Fit::Pca, Spec::Rank(2)));
+        assert!(!basis.serves(6, 9, Fit::Pca, Spec::Rank(3)));
+        // One that does not serve is decomposed afresh: the same bits as the whole fit.
+        let done = decompose_with_basis(w.clone(), basis, Spec::Rank(3)).unwrap();
+        let whole = decompose(w.as_ref(), Fit::Pca, Spec::Rank(3)).unwrap();
+        assert_eq!(done.choice.rank, 3);
+        assert_eq!(
+            max_abs_diff(done.reconstruction.as_ref(), whole.reconstruction.as_ref()),
+            0.0
+        );
+    }
+
+    #[test]
+    fn bad_matrices_are_refused_before_decomposing() {
+        assert_eq!(
+            fit_basis(Mat::zeros(0, 3), Fit::Pca, Spec::Rank(1)).unwrap_err(),
+            DecomposeError::Empty
+        );
+        assert_eq!(
+            fit_basis(noise(3, 3, 1), Fit::Act, Spec::Rank(1)).unwrap_err(),
+            DecomposeError::NeedsCalibration
+        );
+        let mut bad = noise(3, 3, 1);
+        bad[(1, 1)] = f64::NAN;
+        assert_eq!(
+            fit_basis(bad, Fit::Svd, Spec::Rank(1)).unwrap_err(),
+            DecomposeError::NonFinite { count: 1 }
         );
     }
 }

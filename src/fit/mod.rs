@@ -8,6 +8,7 @@
 pub mod act;
 pub mod basis;
 pub(crate) mod budget;
+pub(crate) mod common;
 pub mod compensate;
 pub mod decompose;
 pub mod pinned;

@@ -4,6 +4,8 @@
 //! Tensor data is only ever borrowed from the maps; [`Checkpoint::release`] tells the kernel a tensor's
 //! pages are no longer needed, so resident memory does not grow with the model.
 
+pub use crate::input::entry::{FusedPart, TensorEntry};
+
 use crate::error::{Error, Result};
 use crate::input::header::{self, Header};
 use crate::input::{config_file, files, fused, index};
@@ -13,7 +15,6 @@ use crate::model::dtype::FloatType;
 use crate::model::layout::{CONFIG_FILE, GENERATED_FILES, INDEX_FILE, SINGLE_FILE};
 use memmap2::{Mmap, UncheckedAdvice};
 use safetensors::tensor::TensorInfo;
-use safetensors::Dtype;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::File;
 use std::ops::Range;
@@ -44,60 +45,6 @@ pub struct Shard {
     /// The `__metadata__` of its header.
     pub metadata: BTreeMap<String, String>,
     map: Mmap,
-}
-
-/// One tensor of the input.
-#[derive(Debug, Clone)]
-pub struct TensorEntry {
-    /// Hugging Face name.
-    pub name: String,
-    /// Index into [`Checkpoint::shards`].
-    pub shard: usize,
-    /// Storage type.
-    pub dtype: Dtype,
-    /// Shape.
-    pub shape: Vec<usize>,
-    /// Byte range inside the shard file.
-    pub range: Range<usize>,
-    /// Its place in the architecture's name table.
-    pub class: Classified,
-    /// For a part of a fused tensor: the tensor the file stores and the part's rows in it.
-    pub fused: Option<FusedPart>,
-}
-
-/// Where a part of a fused tensor (Phi-3's `qkv_proj`, `gate_up_proj`) lies in the tensor the file
-/// stores.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct FusedPart {
-    /// The stored tensor's name.
-    pub name: String,
-    /// The part's rows in it.
-    pub rows: Range<usize>,
-}
-
-impl TensorEntry {
-    /// The name the file stores this tensor's bytes under: its own, or its fused tensor's.
-    pub fn stored_name(&self) -> &str {
-        self.fused.as_ref().map_or(&self.name, |f| &f.name)
-    }
-
-    /// An [`Error::Tensor`] about this tensor as `path` holds it: a part of a fused tensor is named
-    /// by the fused tensor, with the part's rows and short name before `message`.
-    pub fn error(&self, path: &Path, message: impl std::fmt::Display) -> Error {
-        match &self.fused {
-            None => Error::tensor(path, &self.name, message.to_string()),
-            Some(f) => Error::tensor(
-                path,
-                &f.name,
-                format!(
-                    "rows {}..{} (its {} part): {message}",
-                    f.rows.start,
-                    f.rows.end,
-                    fused::part_label(self.class.role)
-                ),
-            ),
-        }
-    }
 }
 
 /// An opened input checkpoint.

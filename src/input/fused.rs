@@ -7,7 +7,7 @@
 //! family's tensors. The planner writes them back fused (`plan::fused`).
 
 use crate::error::{Error, Result};
-use crate::input::checkpoint::{FusedPart, TensorEntry};
+use crate::input::entry::{part_label, FusedPart, TensorEntry};
 use crate::model::arch::{Classified, Fusion, Role};
 use crate::model::config::ModelConfig;
 use crate::model::shapes::disagreement;
@@ -162,18 +162,6 @@ fn describe_blocks(fusion: Fusion, rows: &[usize]) -> String {
         .map(|(role, n)| format!("{} {n}", part_label(*role)))
         .collect();
     format!("{} = {}", terms.join(" + "), rows.iter().sum::<usize>())
-}
-
-/// The short name of a part.
-pub(crate) fn part_label(role: Role) -> &'static str {
-    match role {
-        Role::Query => "q_proj",
-        Role::Key => "k_proj",
-        Role::Value => "v_proj",
-        Role::MlpGate => "gate_proj",
-        Role::MlpUp => "up_proj",
-        _ => "part",
-    }
 }
 
 #[cfg(test)]

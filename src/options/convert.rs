@@ -1,6 +1,7 @@
-//! The options of a conversion, validated.
+//! The options of a conversion, validated, and the window of text the quality check scores
+//! ([`TextWindow`], which `eval` and `sweep` take too).
 
-use super::{CommandLine, TextWindow};
+use super::CommandLine;
 use crate::fit::act::ActWeighting;
 use crate::fit::decompose::Fit;
 use crate::input::text::TextSource;
@@ -8,6 +9,21 @@ use crate::model::bos::BosPolicy;
 use crate::plan::{Compensate, Emit, Surgery};
 use std::num::NonZeroUsize;
 use std::path::PathBuf;
+
+/// Which tokens of a text are scored: `tokens` from `offset` on, in windows of `ctx`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TextWindow {
+    /// The text: a file, or the built-in held-out sample.
+    pub text: TextSource,
+    /// Tokens to evaluate (rounded down to whole windows).
+    pub tokens: NonZeroUsize,
+    /// Window length.
+    pub ctx: NonZeroUsize,
+    /// Tokens skipped before the first window.
+    pub offset: usize,
+    /// Whether windows start with the tokenizer's BOS (`--bos`).
+    pub bos: BosPolicy,
+}
 
 /// Tokens the quality check scores: two windows of [`CHECK_CTX`].
 pub const CHECK_TOKENS: NonZeroUsize = NonZeroUsize::MIN.saturating_add(1023);

@@ -14,8 +14,6 @@ mod subcommands;
 pub use command_line::CommandLine;
 pub use convert::{
     check_by_default, Allocation, BosSink, CalibrateMode, Calibration, ConvertOptions, Output,
-    CHECK_CTX, CHECK_TOKENS, DEFAULT_COMPENSATE,
+    TextWindow, CHECK_CTX, CHECK_TOKENS, DEFAULT_COMPENSATE,
 };
-pub use subcommands::{
-    EvalOptions, ExpandOptions, InspectOptions, SweepConfig, SweepOptions, TextWindow,
-};
+pub use subcommands::{EvalOptions, ExpandOptions, InspectOptions, SweepConfig, SweepOptions};

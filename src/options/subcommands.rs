@@ -1,28 +1,12 @@
 //! The options of `eval`, `expand`, `inspect` and `sweep`, validated.
 
-use super::{Allocation, CalibrateMode, Calibration, CommandLine, DEFAULT_COMPENSATE};
+use super::{Allocation, CalibrateMode, Calibration, CommandLine, TextWindow, DEFAULT_COMPENSATE};
 use crate::fit::decompose::Fit;
 use crate::fit::spec::Spec;
-use crate::input::text::TextSource;
 use crate::model::bos::BosPolicy;
 use crate::plan::{Compensate, LayerSharing, Share, Surgery};
 use std::num::NonZeroUsize;
 use std::path::PathBuf;
-
-/// Which tokens of a text are scored: `tokens` from `offset` on, in windows of `ctx`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TextWindow {
-    /// The text: a file, or the built-in held-out sample.
-    pub text: TextSource,
-    /// Tokens to evaluate (rounded down to whole windows).
-    pub tokens: NonZeroUsize,
-    /// Window length.
-    pub ctx: NonZeroUsize,
-    /// Tokens skipped before the first window.
-    pub offset: usize,
-    /// Whether windows start with the tokenizer's BOS (`--bos`).
-    pub bos: BosPolicy,
-}
 
 /// `eval`.
 #[derive(Debug, Clone)]

@@ -1,8 +1,7 @@
 //! `expand`'s layout: a factored checkpoint back to the standard form.
 
-use super::layout::{byte_len, copied};
 use super::shards::{assemble, placed};
-use super::{fused, Emit, FileSource, Op, OutputFile, Plan, TensorPlan};
+use super::{byte_len, copied, fused, Emit, FileSource, Op, OutputFile, Plan, TensorPlan};
 use crate::error::{Error, Result};
 use crate::input::checkpoint::Checkpoint;
 use crate::model::arch::{Factor, Role};

@@ -1,9 +1,8 @@
 //! The factored layout (`docs/factored-format.md`): each group's down- and up-projections, and the
 //! files that describe and load them (`config.json` with `latent_attention`, the module).
 
-use super::layout::{byte_len, copied};
 use super::shards::{placed, Placed};
-use super::{FileSource, GroupKind, GroupPlan, Op, OutputFile, TensorPlan};
+use super::{byte_len, copied, FileSource, GroupKind, GroupPlan, Op, OutputFile, TensorPlan};
 use crate::error::{Error, Result};
 use crate::input::checkpoint::Checkpoint;
 use crate::model::arch::{Factor, Role};

@@ -3,28 +3,11 @@
 //! [`super::factored`].
 
 use super::shards::{assemble, placed, Placed};
-use super::{factored, fused, Compensate, Emit, GroupPlan, Layout, Op, Plan, TensorPlan};
+use super::{copied, factored, fused, Compensate, Emit, GroupPlan, Layout, Op, Plan, TensorPlan};
 use crate::error::Result;
-use crate::input::checkpoint::{Checkpoint, TensorEntry};
+use crate::input::checkpoint::Checkpoint;
 use crate::model::arch::Role;
-use safetensors::Dtype;
 use std::collections::BTreeMap;
-
-/// Bytes of a tensor of `dtype` and `shape`.
-pub(super) fn byte_len(dtype: Dtype, shape: &[usize]) -> usize {
-    shape.iter().product::<usize>() * dtype.bitsize() / 8
-}
-
-/// Input tensor `index` (`t`) copied byte for byte under its own name.
-pub(super) fn copied(index: usize, t: &TensorEntry) -> TensorPlan {
-    TensorPlan {
-        name: t.name.clone(),
-        dtype: t.dtype,
-        shape: t.shape.clone(),
-        byte_len: t.range.len(),
-        op: Op::Copy { tensor: index },
-    }
-}
 
 /// Lays out a conversion's output: the groups' outputs in `layout`, every other tensor copied, the
 /// other files copied (for the factored layout, `config.json` rewritten and the loading module

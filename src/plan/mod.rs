@@ -6,10 +6,11 @@
 //! lays out the output; the factored form needs each group's latent width first (the ranks the
 //! thresholds select), the dense form does not. [`plan_expand()`] lays out `expand`.
 //!
-//! This file holds the plan's types; the work is split by job: `groups` (the matrices to fit),
-//! `layout` (a conversion's tensors, dense or factored), `factored` (the factored form's tensors and
-//! generated files), `expand` (`expand`'s layout), `fused` (a family's fused tensors written back
-//! whole) and `shards` (ordering and shard assignment).
+//! This file holds the plan's types (and `byte_len` and `copied`, which the layouts share); the
+//! work is split by job: `groups` (the matrices to fit), `layout` (a conversion's tensors, dense or
+//! factored), `factored` (the factored form's tensors and generated files), `expand` (`expand`'s
+//! layout), `fused` (a family's fused tensors written back whole) and `shards` (ordering and shard
+//! assignment).
 
 mod expand;
 mod factored;
@@ -31,7 +32,7 @@ pub use layout::{compensated_tensors, plan};
 
 use crate::fit::decompose::Fit;
 use crate::fit::spec::Spec;
-use crate::input::checkpoint::Checkpoint;
+use crate::input::checkpoint::{Checkpoint, TensorEntry};
 use crate::model::arch::Factor;
 use crate::model::layout::INDEX_FILE;
 use safetensors::Dtype;
@@ -271,6 +272,22 @@ pub struct TensorPlan {
     pub byte_len: usize,
     /// How to produce it.
     pub op: Op,
+}
+
+/// Bytes of a tensor of `dtype` and `shape`.
+fn byte_len(dtype: Dtype, shape: &[usize]) -> usize {
+    shape.iter().product::<usize>() * dtype.bitsize() / 8
+}
+
+/// Input tensor `index` (`t`) copied byte for byte under its own name.
+fn copied(index: usize, t: &TensorEntry) -> TensorPlan {
+    TensorPlan {
+        name: t.name.clone(),
+        dtype: t.dtype,
+        shape: t.shape.clone(),
+        byte_len: t.range.len(),
+        op: Op::Copy { tensor: index },
+    }
 }
 
 /// One output safetensors file, tensors in the order they are written.

@@ -2,6 +2,7 @@
 
 use super::*;
 use crate::model::arch::Role;
+use safetensors::Dtype;
 use serde_json::json;
 
 const Q0: &str = "model.layers.0.self_attn.q_proj.weight";

@@ -5,6 +5,7 @@
 use super::*;
 use crate::model::arch::{Role, LLAMA, PHI3};
 use safetensors::tensor::TensorView;
+use safetensors::Dtype;
 use serde_json::{json, Value};
 
 const HIDDEN: usize = 8;
