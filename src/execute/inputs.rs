@@ -1,5 +1,5 @@
 //! What the fits read besides the weights ([`FitInputs`]): the statistics calibration measured
-//! (`crate::calibrate` produces them), the `o_proj` refits it made, and the bases the factored
+//! (the calibration stage produces them), the `o_proj` refits it made, and the bases the factored
 //! layout's width pass kept. Plain data: the executor reads it, never computes it.
 
 use crate::fit::act::ActWeighting;
@@ -30,7 +30,7 @@ pub struct FitInputs {
     pub calibration: Option<CalibrationRecord>,
     /// The weight-only bases the factored layout's width pass decomposed, for the write pass's
     /// fits to finish.
-    pub bases: super::widths::KeptBases,
+    pub bases: super::kept_bases::KeptBases,
 }
 
 /// One layer's moments in sequential calibration: `x_c` is the attention input of the model with

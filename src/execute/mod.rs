@@ -13,6 +13,7 @@
 pub(crate) mod group;
 pub(crate) mod input_hash;
 pub mod inputs;
+pub(crate) mod kept_bases;
 pub(crate) mod pipeline;
 pub(crate) mod shared;
 #[cfg(test)]

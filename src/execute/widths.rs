@@ -7,72 +7,17 @@
 //! matrix, eigendecomposition), and for fit `act`, whose weighting is the fit's own, the whole fit.
 //! Each threshold is then pinned to the rank found (`GroupPlan::resolved_rank`), so the fit of the
 //! write pass keeps exactly the width the layout planned; the weight-only bases are handed to it
-//! ([`KeptBases`], up to [`KEPT_BYTES`]), so it only finishes them instead of decomposing again.
+//! ([`super::kept_bases::KeptBases`], up to [`super::kept_bases::KEPT_BYTES`]), so it only finishes them instead of decomposing again.
 
 use super::group::{decompose_failure, fit_group, release_members, stack_group};
 use super::FitInputs;
 use crate::error::{Error, Result};
-use crate::fit::basis::{fit_basis, Basis};
+use crate::fit::basis::fit_basis;
 use crate::fit::decompose::Fit;
 use crate::fit::spec::Spec;
 use crate::input::checkpoint::Checkpoint;
 use crate::plan::GroupPlan;
 use rayon::prelude::*;
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
-
-/// The most bytes of bases the width pass keeps for the write pass; past it, a group's fit
-/// decomposes again (the same bits, more time). A threshold of 0.3 on Llama-3-8B's K/V stacks
-/// keeps about 0.3 MB per layer; every component of every layer would be 1 GB.
-pub const KEPT_BYTES: u64 = 256 << 20;
-
-/// Bases the width pass computed, by group (its first member's tensor index), each taken once by
-/// the write pass's fit. A cache: a clone starts empty.
-#[derive(Debug, Default)]
-pub struct KeptBases {
-    bases: Mutex<HashMap<usize, Basis>>,
-    bytes: AtomicU64,
-}
-
-impl Clone for KeptBases {
-    fn clone(&self) -> Self {
-        KeptBases::default()
-    }
-}
-
-impl KeptBases {
-    /// Keeps `basis` for the group keyed `key` if it fits in what is left of [`KEPT_BYTES`].
-    fn offer(&self, key: usize, basis: Basis) {
-        let size = basis.bytes();
-        let reserved = self
-            .bytes
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |used| {
-                used.checked_add(size).filter(|&total| total <= KEPT_BYTES)
-            });
-        if reserved.is_ok() {
-            self.lock().insert(key, basis);
-        }
-    }
-
-    /// The basis kept for the group keyed `key`, if any (once: it is handed over).
-    pub(crate) fn take(&self, key: usize) -> Option<Basis> {
-        let basis = self.lock().remove(&key)?;
-        self.bytes.fetch_sub(basis.bytes(), Ordering::SeqCst);
-        Some(basis)
-    }
-
-    /// How many are kept.
-    #[cfg(test)]
-    pub(crate) fn len(&self) -> usize {
-        self.lock().len()
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<usize, Basis>> {
-        // A panic while holding the lock cannot leave the map half-updated (one insert or remove).
-        self.bases.lock().unwrap_or_else(|e| e.into_inner())
-    }
-}
 
 /// Decides every group's latent width (in group order) and pins threshold SPECs to the rank it
 /// implies; groups are examined in parallel, and their weight-only bases kept in `inputs.bases`.
