@@ -29,6 +29,8 @@ pub(crate) mod sequential;
 pub mod substitute;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_families;
 pub mod text;
 
 use crate::error::Result;

@@ -57,4 +57,3 @@ impl KeptBases {
         self.bases.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
-

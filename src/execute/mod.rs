@@ -17,9 +17,7 @@ pub(crate) mod kept_bases;
 pub(crate) mod pipeline;
 pub(crate) mod shared;
 #[cfg(test)]
-mod tests;
-#[cfg(test)]
-mod tests_families;
+pub(crate) mod tests;
 #[cfg(test)]
 mod tests_fused;
 #[cfg(test)]

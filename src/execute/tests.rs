@@ -22,9 +22,9 @@ type Written = (TensorPlan, Vec<u8>);
 /// A sink that keeps every shard in memory, checking the calls come in a valid order and each
 /// tensor gets its planned length.
 #[derive(Default)]
-pub(super) struct Memory {
+pub(crate) struct Memory {
     /// Per shard: its file name and its tensors, in the order written.
-    pub(super) shards: Vec<(String, Vec<Written>)>,
+    pub(crate) shards: Vec<(String, Vec<Written>)>,
     in_shard: bool,
     in_tensor: bool,
 }
@@ -36,7 +36,7 @@ impl Memory {
     }
 
     /// Every tensor written, by name.
-    pub(super) fn by_name(&self) -> BTreeMap<&str, &[u8]> {
+    pub(crate) fn by_name(&self) -> BTreeMap<&str, &[u8]> {
         let tensors = self.shards.iter().flat_map(|(_, ts)| ts);
         tensors
             .map(|(t, b)| (t.name.as_str(), b.as_slice()))
@@ -99,7 +99,7 @@ impl TensorSink for Memory {
 }
 
 /// The plan's order, as [`Memory::order`] reports it.
-pub(super) fn plan_order(plan: &Plan) -> Vec<(&str, Vec<&str>)> {
+pub(crate) fn plan_order(plan: &Plan) -> Vec<(&str, Vec<&str>)> {
     plan.shards
         .iter()
         .map(|s| {
@@ -112,7 +112,7 @@ pub(super) fn plan_order(plan: &Plan) -> Vec<(&str, Vec<&str>)> {
 }
 
 /// Executes `plan` with `pieces` into memory; checks the input files were hashed whole.
-pub(super) fn run(ck: &Checkpoint, plan: &Plan, pieces: &mut dyn PieceSource) -> Result<Memory> {
+pub(crate) fn run(ck: &Checkpoint, plan: &Plan, pieces: &mut dyn PieceSource) -> Result<Memory> {
     let (sink, records) = hash_alongside(ck, plan.data_len(), |pace| {
         let mut sink = Memory::default();
         execute(
@@ -140,7 +140,7 @@ fn check_hashes(ck: &Checkpoint, records: &[crate::digest::FileRecord]) {
 }
 
 /// `--q rank:2 --shared-kv rank:3`, fit `pca`.
-pub(super) fn surgery() -> Surgery {
+pub(crate) fn surgery() -> Surgery {
     Surgery {
         q: Some(Spec::Rank(2)),
         k: None,
@@ -153,7 +153,7 @@ pub(super) fn surgery() -> Surgery {
 }
 
 /// The dense form through the pipeline, as `write_dense` runs it.
-pub(super) fn run_dense(ck: &Checkpoint, plan: &Plan) -> (Memory, Vec<GroupReport>) {
+pub(crate) fn run_dense(ck: &Checkpoint, plan: &Plan) -> (Memory, Vec<GroupReport>) {
     let mut sink = Memory::default();
     let order = need_order(plan);
     let inputs = FitInputs::default();
@@ -170,12 +170,12 @@ pub(super) fn run_dense(ck: &Checkpoint, plan: &Plan) -> (Memory, Vec<GroupRepor
     (sink, reports)
 }
 
-pub(super) fn decode(dtype: Dtype, bytes: &[u8]) -> Vec<f64> {
+pub(crate) fn decode(dtype: Dtype, bytes: &[u8]) -> Vec<f64> {
     FloatType::from_dtype(dtype).unwrap().decode(bytes)
 }
 
 /// `||a - b|| / ||b||`.
-pub(super) fn relative_error(a: &[f64], b: &[f64]) -> f64 {
+pub(crate) fn relative_error(a: &[f64], b: &[f64]) -> f64 {
     let diff: f64 = a.iter().zip(b).map(|(x, y)| (x - y) * (x - y)).sum();
     let norm: f64 = b.iter().map(|y| y * y).sum();
     (diff / norm).sqrt()
@@ -235,12 +235,12 @@ fn dense_execution_copies_and_reconstructs_in_plan_order() {
 
 /// The factored form as `write_factored` runs it: the width pass, then the fits pipelined ahead
 /// of the write pass.
-pub(super) fn run_factored(ck: &Checkpoint) -> (Plan, Memory) {
+pub(crate) fn run_factored(ck: &Checkpoint) -> (Plan, Memory) {
     run_factored_with(ck, &surgery())
 }
 
 /// [`run_factored`] with another surgery.
-pub(super) fn run_factored_with(ck: &Checkpoint, surgery: &Surgery) -> (Plan, Memory) {
+pub(crate) fn run_factored_with(ck: &Checkpoint, surgery: &Surgery) -> (Plan, Memory) {
     run_factored_bases(ck, surgery, true)
 }
 
@@ -337,7 +337,7 @@ fn factored_execution_writes_factors_whose_product_is_the_dense_fit() {
 }
 
 /// Writes what the factored form produced as a checkpoint in `dir`.
-pub(super) fn write_output(dir: &std::path::Path, plan: &Plan, sink: &Memory) {
+pub(crate) fn write_output(dir: &std::path::Path, plan: &Plan, sink: &Memory) {
     let config = plan
         .files
         .iter()
@@ -349,7 +349,7 @@ pub(super) fn write_output(dir: &std::path::Path, plan: &Plan, sink: &Memory) {
 }
 
 /// Writes the tensors `sink` holds as a checkpoint in `dir` with `config`.
-pub(super) fn write_shards(dir: &std::path::Path, config: &[u8], sink: &Memory) {
+pub(crate) fn write_shards(dir: &std::path::Path, config: &[u8], sink: &Memory) {
     let shards: Vec<Vec<RawTensor>> = sink
         .shards
         .iter()

@@ -1,16 +1,18 @@
-//! The executor on the tiny checkpoint written as each family (`test_support::write_tiny_family`):
+//! The executor's output run through the forward pass (so these tests live above both), on the tiny checkpoint written as each family (`test_support::write_tiny_family`):
 //! the factored form moves each factored projection's bias onto its up-projection, the Rust forward
 //! pass of the factored output equals the dense output's (biases and Qwen3's q/k norms included),
 //! and `expand` restores every original name.
 
-use super::tests::{
+use crate::execute::tests::{
     decode, relative_error, run, run_dense, run_factored, write_output, write_shards, Memory,
 };
-use super::*;
+use crate::execute::*;
 use crate::forward::{Llama, PassState};
+use crate::input::checkpoint::Checkpoint;
 use crate::model::arch::{AttentionProjection, Factor, Family, Role};
 use crate::model::layout::CONFIG_FILE;
 use crate::plan;
+use crate::plan::Layout;
 use crate::test_support as tiny;
 use safetensors::Dtype;
 use std::path::Path;
