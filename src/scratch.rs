@@ -222,6 +222,11 @@ impl Activations {
         Ok(m)
     }
 
+    /// Its rows (positions).
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
     /// Bytes it takes in the scratch file.
     pub fn bytes(&self) -> u64 {
         (self.rows * self.cols * F32) as u64

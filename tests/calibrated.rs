@@ -42,7 +42,8 @@ fn first_layer_covariance_equals_a_direct_computation() {
         bos: Default::default(),
         sink: Default::default(),
     };
-    let calibrator = Calibrator::new(&checkpoint, &calibration).unwrap();
+    let silent = &surgery_convert::calibrate::progress::Silent;
+    let calibrator = Calibrator::new(&checkpoint, &calibration, silent).unwrap();
     let (stats, _) = calibrator.one_shot(&[], &Keep::default()).unwrap();
     let covariances = stats.covariances.unwrap();
     assert_eq!(covariances.len(), 2);

@@ -3,6 +3,7 @@
 //! and the budget spent from the top ([`crate::fit::budget`]), optionally rescaled by measured
 //! sensitivity ([`super::sensitivity`]).
 
+use super::progress::Progress;
 use super::text::CalibrationText;
 use crate::error::Result;
 use crate::execute::{spectra, FitInputs};
@@ -21,7 +22,7 @@ pub fn resolve_budgets(
     checkpoint: &Checkpoint,
     groups: &mut [GroupPlan],
     inputs: &FitInputs,
-    sensitivity: Option<(&Llama, &CalibrationText)>,
+    sensitivity: Option<(&Llama, &CalibrationText, &dyn Progress)>,
 ) -> Result<()> {
     let budgeted: Vec<usize> = (0..groups.len())
         .filter(|&g| matches!(groups[g].spec, Spec::Budget(_)))

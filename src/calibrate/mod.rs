@@ -23,6 +23,7 @@ pub mod budgets;
 pub(crate) mod compensation;
 pub mod moments;
 pub mod one_shot;
+pub mod progress;
 pub mod refit;
 pub(crate) mod sensitivity;
 pub(crate) mod sequential;
@@ -41,6 +42,7 @@ use crate::options::{Allocation, Calibration};
 use crate::plan::GroupPlan;
 use crate::scratch::Scratch;
 use one_shot::Keep;
+use progress::Progress;
 use text::CalibrationText;
 
 /// Which passes over the calibration text a run makes.
@@ -77,16 +79,23 @@ pub struct Calibrator<'a> {
     calibration: &'a Calibration,
     text: CalibrationText,
     scratch: Scratch,
+    progress: &'a dyn Progress,
 }
 
 impl<'a> Calibrator<'a> {
-    /// Reads and tokenizes `calibration`'s text for `checkpoint`.
-    pub fn new(checkpoint: &'a Checkpoint, calibration: &'a Calibration) -> Result<Self> {
+    /// Reads and tokenizes `calibration`'s text for `checkpoint`; the passes will tell
+    /// `progress` how they go.
+    pub fn new(
+        checkpoint: &'a Checkpoint,
+        calibration: &'a Calibration,
+        progress: &'a dyn Progress,
+    ) -> Result<Self> {
         Ok(Calibrator {
             llama: Llama::new(checkpoint)?,
             calibration,
             text: CalibrationText::load(checkpoint, calibration)?,
             scratch: Scratch::new()?,
+            progress,
         })
     }
 
@@ -112,7 +121,7 @@ impl<'a> Calibrator<'a> {
             &self.text,
             &pairs,
             (keep, weighting),
-            &self.scratch,
+            (&self.scratch, self.progress),
         )
     }
 
@@ -123,7 +132,11 @@ impl<'a> Calibrator<'a> {
         inputs: &FitInputs,
         allocation: Allocation,
     ) -> Result<()> {
-        let probe = (allocation == Allocation::Sensitivity).then_some((&self.llama, &self.text));
+        let probe = (allocation == Allocation::Sensitivity).then_some((
+            &self.llama,
+            &self.text,
+            self.progress,
+        ));
         budgets::resolve_budgets(self.llama.checkpoint(), groups, inputs, probe)
     }
 
@@ -139,7 +152,7 @@ impl<'a> Calibrator<'a> {
             self.text.ctx(),
             groups,
             (&mut inputs, kept),
-            &self.scratch,
+            (&self.scratch, self.progress),
         )?;
         Ok(inputs)
     }
@@ -151,24 +164,26 @@ impl<'a> Calibrator<'a> {
             &self.text,
             groups,
             self.calibration.weighting,
-            &self.scratch,
+            (&self.scratch, self.progress),
         )
     }
 }
 
 /// The calibration stage of a conversion: runs `passes` over `calibration`'s text for `groups`
-/// and resolves their budgets (weight-only without calibration). Returns what the fits read.
+/// and resolves their budgets (weight-only without calibration), telling `progress` how the
+/// passes go. Returns what the fits read.
 pub fn calibrate(
     checkpoint: &Checkpoint,
     calibration: Option<(&Calibration, Passes)>,
     groups: &mut [GroupPlan],
+    progress: &dyn Progress,
 ) -> Result<FitInputs> {
     let Some((calibration, passes)) = calibration else {
         let inputs = FitInputs::default();
         budgets::resolve_budgets(checkpoint, groups, &inputs, None)?;
         return Ok(inputs);
     };
-    let calibrator = Calibrator::new(checkpoint, calibration)?;
+    let calibrator = Calibrator::new(checkpoint, calibration, progress)?;
     let allocation = calibration.allocation;
     match passes {
         Passes::OneShot => {

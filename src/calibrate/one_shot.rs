@@ -20,6 +20,7 @@
 //! `2 x N x hidden x 4` bytes per refitted layer).
 
 use super::moments::{accumulate, accumulate_cross, attention_stats, scale};
+use super::progress::{names, Progress};
 use super::text::CalibrationText;
 use crate::error::{Error, Result};
 use crate::execute::{AttentionStats, FitInputs};
@@ -37,6 +38,13 @@ pub struct Keep {
     pub inputs: BTreeSet<usize>,
     /// Layers whose heads' outputs (what `o_proj` reads) are kept (the refitted layers).
     pub heads: BTreeSet<usize>,
+}
+
+impl Kept {
+    /// The positions of what was kept (0 when nothing was).
+    pub fn tokens(&self) -> usize {
+        self.inputs.values().next().map_or(0, Activations::rows)
+    }
 }
 
 impl Keep {
@@ -73,20 +81,22 @@ pub(crate) fn refuse_sliding_sources(llama: &Llama, pairs: &[(usize, usize)]) ->
 
 /// Runs the one-shot pass over `text`. `pairs` lists the `(layer, source)` cross moments to
 /// accumulate (`source < layer`: a shared latent group's source layer and one of its later
-/// layers); `keep` what to keep for the refit. The moments are kept in `scratch`. Returns the
+/// layers); `keep` what to keep for the refit. The moments are kept in `scratch`; `progress` is
+/// told each layer. Returns the
 /// fits' inputs (weighted by `weighting`) and what was kept.
 pub fn one_shot(
     llama: &Llama,
     text: &CalibrationText,
     pairs: &[(usize, usize)],
     (keep, weighting): (&Keep, ActWeighting),
-    scratch: &Scratch,
+    (scratch, progress): (&Scratch, &dyn Progress),
 ) -> Result<(FitInputs, Kept)> {
     refuse_sliding_sources(llama, pairs)?;
     let ids = &text.ids[..];
     let ctx = text.ctx();
-    let mut h = llama.embed(ids)?;
     let layers = llama.params().num_layers;
+    progress.start(names::ONE_SHOT, layers, ids.len());
+    let mut h = llama.embed(ids)?;
     let mut covariances = Vec::with_capacity(layers);
     let mut attention: Vec<AttentionStats> = Vec::with_capacity(layers);
     let mut cross = BTreeMap::new();
@@ -138,7 +148,9 @@ pub fn one_shot(
         } else if index + 1 < layers {
             layer.forward(&mut h, ctx, &mut state)?;
         }
+        progress.layer();
     }
+    progress.finish();
     let inputs = FitInputs {
         covariances: Some(covariances),
         cross,

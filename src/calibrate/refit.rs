@@ -11,6 +11,7 @@
 
 use super::compensation::compensate_output;
 use super::one_shot::{Keep, Kept};
+use super::progress::{names, Progress};
 use super::substitute::Substitution;
 use crate::error::{Error, Result};
 use crate::execute::FitInputs;
@@ -77,10 +78,11 @@ pub fn refit(
     ctx: usize,
     groups: &[GroupPlan],
     (inputs, kept): (&mut FitInputs, &Kept),
-    scratch: &Scratch,
+    (scratch, progress): (&Scratch, &dyn Progress),
 ) -> Result<()> {
     let checkpoint = llama.checkpoint();
     let layers = llama.params().num_layers;
+    progress.start(names::REFIT, layers, kept.tokens());
     let refitted = refitted_layers(llama, groups);
     let mut substitution = Substitution::new(checkpoint, groups);
     let mut start = 0;
@@ -95,6 +97,7 @@ pub fn refit(
         for index in start..end {
             let mut layer = llama.layer(index)?;
             substitution.apply(&mut layer, inputs)?;
+            progress.layer();
             let (Some(h), Some(last)) = (stream.as_mut(), last) else {
                 continue;
             };
@@ -116,5 +119,6 @@ pub fn refit(
         }
         start = end;
     }
+    progress.finish();
     Ok(())
 }

@@ -13,6 +13,7 @@
 //! One forward pass of the original model keeps every layer's input over the probe tokens
 //! (`layers x tokens x hidden` values); each group's probe runs from its first layer on.
 
+use super::progress::{names, Progress};
 use super::substitute::Substitution;
 use super::text::CalibrationText;
 use crate::error::Result;
@@ -38,7 +39,7 @@ pub const DAMPING: f64 = 0.25;
 /// Per group of `groups` (ranks resolved), its sensitivity `(Δ_g / e_g)^DAMPING` (`Δ_g / e_g`
 /// normalised to mean 1 first), with `spectra[g]` the group's explained-variance ratios.
 pub fn sensitivities(
-    (llama, text): (&Llama, &CalibrationText),
+    (llama, text, progress): (&Llama, &CalibrationText, &dyn Progress),
     groups: &[GroupPlan],
     spectra: &[Vec<f64>],
     inputs: &FitInputs,
@@ -47,6 +48,8 @@ pub fn sensitivities(
     let ids = &text.ids[..text.ids.len().min(PROBE_TOKENS)];
     let ctx = text.ctx();
     let layers = llama.params().num_layers;
+    let runs = layers + groups.iter().map(|g| layers - g.layer).sum::<usize>();
+    progress.start(names::PROBES, runs, ids.len());
     // Every layer's input in the original model, then the original loss.
     let mut h = llama.embed(ids)?;
     let mut kept: Vec<Mat<f32>> = Vec::with_capacity(layers);
@@ -54,6 +57,7 @@ pub fn sensitivities(
     for index in 0..layers {
         kept.push(h.clone());
         llama.layer(index)?.forward(&mut h, ctx, &mut state)?;
+        progress.layer();
     }
     let (base, count) = llama.log_likelihood(h.as_ref(), ids, ctx)?;
     drop(h);
@@ -68,12 +72,14 @@ pub fn sensitivities(
             let mut layer = llama.layer(index)?;
             substitution.apply(&mut layer, inputs)?;
             layer.forward(&mut h, ctx, &mut state)?;
+            progress.layer();
         }
         let (nll, _) = llama.log_likelihood(h.as_ref(), ids, ctx)?;
         let rank = group.resolved_rank.unwrap_or(1);
         let lost = (1.0 - spectrum.iter().take(rank).sum::<f64>()).max(1e-12);
         raw.push(((nll - base) / n).max(0.0) / lost);
     }
+    progress.finish();
     Ok(normalised(&raw))
 }
 

@@ -24,6 +24,7 @@
 
 use super::compensation::compensate_output;
 use super::moments::{accumulate, accumulate_cross, attention_stats, identical, scale};
+use super::progress::{names, Progress};
 use super::refit::{refitted_layers, segment};
 use super::substitute::Substitution;
 use super::text::CalibrationText;
@@ -70,9 +71,10 @@ pub fn sequential(
     text: &CalibrationText,
     groups: &[GroupPlan],
     weighting: ActWeighting,
-    scratch: &Scratch,
+    (scratch, progress): (&Scratch, &dyn Progress),
 ) -> Result<FitInputs> {
     let checkpoint = llama.checkpoint();
+    progress.start(names::SEQUENTIAL, llama.params().num_layers, text.ids.len());
     let ctx = text.ctx();
     let n = text.ids.len() as f64;
     let original = llama.embed(&text.ids)?;

@@ -60,26 +60,49 @@ fn latent_pairs() -> Option<LayerSharing> {
     })
 }
 
+/// The passes a run started, in order, each checked to cross its layers.
+#[derive(Default)]
+struct Recorder {
+    passes: std::sync::Mutex<Vec<&'static str>>,
+    layers: std::sync::Mutex<(usize, usize)>,
+}
+
+impl progress::Progress for Recorder {
+    fn start(&self, pass: &'static str, layers: usize, _tokens: usize) {
+        self.passes.lock().unwrap().push(pass);
+        *self.layers.lock().unwrap() = (layers, 0);
+    }
+
+    fn layer(&self) {
+        self.layers.lock().unwrap().1 += 1;
+    }
+
+    fn finish(&self) {
+        let (expected, done) = *self.layers.lock().unwrap();
+        assert_eq!(done, expected, "{:?}", self.passes.lock().unwrap().last());
+    }
+}
+
 #[test]
-fn every_kind_of_run_tokenizes_its_text_once() {
+fn every_kind_of_run_tokenizes_its_text_once_and_runs_its_passes() {
     let checkpoint = fixture("tiny-f32-gqa");
-    let runs = [
-        (Passes::OneShot, Allocation::Spectra),
-        (Passes::OneShotRefit, Allocation::Sensitivity),
+    use super::progress::names::*;
+    let sequential = |one_shot_first| Passes::Sequential { one_shot_first };
+    let runs: [(Passes, Allocation, &[&str]); 4] = [
+        (Passes::OneShot, Allocation::Spectra, &[ONE_SHOT]),
         (
-            Passes::Sequential {
-                one_shot_first: true,
-            },
+            Passes::OneShotRefit,
             Allocation::Sensitivity,
+            &[ONE_SHOT, PROBES, REFIT],
         ),
         (
-            Passes::Sequential {
-                one_shot_first: false,
-            },
-            Allocation::Spectra,
+            sequential(true),
+            Allocation::Sensitivity,
+            &[ONE_SHOT, PROBES, SEQUENTIAL],
         ),
+        (sequential(false), Allocation::Spectra, &[SEQUENTIAL]),
     ];
-    for (passes, allocation) in runs {
+    for (passes, allocation, expected) in runs {
         let mode = match passes {
             Passes::Sequential { .. } => CalibrateMode::Sequential,
             _ => CalibrateMode::OneShot,
@@ -93,8 +116,14 @@ fn every_kind_of_run_tokenizes_its_text_once() {
         let c = calibration(mode, allocation);
         let mut groups = crate::plan::groups(&checkpoint, &surgery(spec, None));
         let before = tokenized_on_this_thread();
-        let inputs = calibrate(&checkpoint, Some((&c, passes)), &mut groups).unwrap();
+        let record = Recorder::default();
+        let inputs = calibrate(&checkpoint, Some((&c, passes)), &mut groups, &record).unwrap();
         assert_eq!(tokenized_on_this_thread() - before, 1, "{passes:?}");
+        assert_eq!(
+            record.passes.lock().unwrap().as_slice(),
+            expected,
+            "{passes:?}"
+        );
         assert!(inputs.calibration.is_some(), "{passes:?}");
         let refits = !inputs.compensated.is_empty();
         assert_eq!(refits, passes != Passes::OneShot, "{passes:?}");
@@ -164,7 +193,14 @@ fn the_refit_from_the_kept_activations_is_what_two_more_passes_compute() {
         let checkpoint = fixture(fixture_name);
         let c = calibration(CalibrateMode::OneShot, Allocation::Spectra);
         let mut groups = crate::plan::groups(&checkpoint, &surgery(Spec::Rank(3), sharing));
-        let inputs = calibrate(&checkpoint, Some((&c, Passes::OneShotRefit)), &mut groups).unwrap();
+        let silent = &progress::Silent;
+        let inputs = calibrate(
+            &checkpoint,
+            Some((&c, Passes::OneShotRefit)),
+            &mut groups,
+            silent,
+        )
+        .unwrap();
         let mut one_shot = inputs.clone();
         one_shot.compensated.clear();
         let expected = refits_by_two_streams(&checkpoint, &c, &groups, &one_shot);

@@ -50,7 +50,8 @@ pub fn run(options: &ConvertOptions) -> Result<()> {
         .calibration
         .as_ref()
         .map(|c| (c, super::calibration_passes(c.mode, &groups)));
-    let inputs = calibrate(&checkpoint, calibration, &mut groups)?;
+    let bars = super::progress::PassBars::new(options.output == Output::Summary);
+    let inputs = calibrate(&checkpoint, calibration, &mut groups, &bars)?;
     let prepare = prepared.elapsed().as_secs_f64();
     let mut report = match out {
         None => dry_run(options, &input, &checkpoint, groups, &inputs)?,

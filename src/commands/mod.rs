@@ -8,6 +8,7 @@ pub mod convert;
 pub mod eval;
 pub mod expand;
 pub mod inspect;
+mod progress;
 pub mod sweep;
 pub mod verify;
 

@@ -2,6 +2,7 @@
 //! `scripts/bench`): every group's matrix is decoded into memory first, then only the fits are
 //! timed, in parallel across matrices as the conversion runs them.
 
+use crate::calibrate::progress::{Progress, Silent};
 use crate::calibrate::text::CalibrationText;
 use crate::calibrate::{calibrate, Passes};
 use crate::error::Result;
@@ -24,13 +25,45 @@ fn calibrated(
     checkpoint: &Checkpoint,
     options: &ConvertOptions,
     groups: &mut [GroupPlan],
-    passes: DecidePasses,
+    (passes, progress): (DecidePasses, &dyn Progress),
 ) -> Result<FitInputs> {
     let calibration = options
         .calibration
         .as_ref()
         .map(|c| (c, passes(c.mode, groups)));
-    calibrate(checkpoint, calibration, groups)
+    calibrate(checkpoint, calibration, groups, progress)
+}
+
+/// Each calibration pass's seconds, as the stage reports them.
+#[derive(Default)]
+pub struct PassTimes {
+    running: std::sync::Mutex<(
+        Option<(&'static str, std::time::Instant)>,
+        Vec<(&'static str, f64)>,
+    )>,
+}
+
+impl PassTimes {
+    /// The passes timed so far, in order.
+    pub fn passes(&self) -> Vec<(&'static str, f64)> {
+        self.running.lock().map(|r| r.1.clone()).unwrap_or_default()
+    }
+}
+
+impl Progress for PassTimes {
+    fn start(&self, pass: &'static str, _layers: usize, _tokens: usize) {
+        if let Ok(mut r) = self.running.lock() {
+            r.0 = Some((pass, std::time::Instant::now()));
+        }
+    }
+
+    fn finish(&self) {
+        if let Ok(mut r) = self.running.lock() {
+            if let Some((pass, started)) = r.0.take() {
+                r.1.push((pass, started.elapsed().as_secs_f64()));
+            }
+        }
+    }
 }
 
 /// The floor of the conversion `options` describes: the seconds its fits take and their number.
@@ -38,7 +71,7 @@ pub fn decompose_floor(options: &ConvertOptions, passes: DecidePasses) -> Result
     let input = source::resolve(&options.input, &options.revision, false)?;
     let checkpoint = Checkpoint::open(&input.dir)?;
     let mut groups = plan::groups(&checkpoint, &options.surgery);
-    let inputs = calibrated(&checkpoint, options, &mut groups, passes)?;
+    let inputs = calibrated(&checkpoint, options, &mut groups, (passes, &Silent))?;
     let seconds = fits_alone(&checkpoint, &groups, &inputs)?;
     Ok((seconds, groups.len()))
 }
@@ -71,12 +104,16 @@ fn fits_alone(checkpoint: &Checkpoint, groups: &[GroupPlan], inputs: &FitInputs)
 /// bench-calibrate`; sequential calibration: with its one-shot pass for the budgets, and the fits
 /// it runs as it goes): its seconds and the number of cross moments it accumulates (`--share
 /// latent`); writes nothing. Run it under `/usr/bin/time -v` for its peak memory.
-pub fn calibration_cost(options: &ConvertOptions, passes: DecidePasses) -> Result<(f64, usize)> {
+pub fn calibration_cost(
+    options: &ConvertOptions,
+    passes: DecidePasses,
+    times: &PassTimes,
+) -> Result<(f64, usize)> {
     let input = source::resolve(&options.input, &options.revision, false)?;
     let checkpoint = Checkpoint::open(&input.dir)?;
     let mut groups = plan::groups(&checkpoint, &options.surgery);
     let started = std::time::Instant::now();
-    let inputs = calibrated(&checkpoint, options, &mut groups, passes)?;
+    let inputs = calibrated(&checkpoint, options, &mut groups, (passes, times))?;
     Ok((started.elapsed().as_secs_f64(), inputs.cross.len()))
 }
 

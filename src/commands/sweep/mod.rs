@@ -166,8 +166,9 @@ pub fn run(options: &SweepOptions) -> Result<()> {
         .flat_map(|c| plan::groups(&checkpoint, &c.surgery()))
         .collect();
     evaluate::refuse_shared_biases(&llama, &all_groups)?;
+    let bars = crate::commands::progress::PassBars::new(!options.quiet);
     let calibrator = match &options.calibration {
-        Some(c) => Some(Calibrator::new(&checkpoint, c)?),
+        Some(c) => Some(Calibrator::new(&checkpoint, c, &bars)?),
         None => None,
     };
     let (inputs, kept) = match &calibrator {

@@ -103,9 +103,18 @@ fn run(dev: Dev) -> Result<()> {
         }
         DevCommand::BenchCalibrate(args) => {
             set_threads(args.threads)?;
+            let times = bench::PassTimes::default();
             let (seconds, cross) =
-                bench::calibration_cost(&(*args).resolve()?, calibration_passes)?;
-            println!("{{\"calibration_seconds\": {seconds}, \"cross_moments\": {cross}}}");
+                bench::calibration_cost(&(*args).resolve()?, calibration_passes, &times)?;
+            let passes: Vec<String> = times
+                .passes()
+                .iter()
+                .map(|(name, s)| format!("\"{name}\": {s}"))
+                .collect();
+            println!(
+                "{{\"calibration_seconds\": {seconds}, \"cross_moments\": {cross}, \"passes\": {{{}}}}}",
+                passes.join(", ")
+            );
         }
         DevCommand::BenchForward(args) => {
             set_threads(args.threads)?;
