@@ -1,6 +1,6 @@
 //! What the stage says about its passes while they run: each pass is named when it starts, then
 //! told layer by layer, then finished. The command draws it (a bar with the layer, tokens per
-//! second and the time left, `crate::commands`' `PassBars`); the stage never prints.
+//! second and the time left, the commands' `PassBars`); the stage never prints.
 
 /// Receives the stage's progress. Every method defaults to doing nothing.
 pub trait Progress: Sync {

@@ -14,7 +14,7 @@ use super::one_shot::{Keep, Kept};
 use super::progress::{names, Progress};
 use super::substitute::Substitution;
 use crate::error::{Error, Result};
-use crate::execute::FitInputs;
+use crate::execute::{CompensatedProjection, FitInputs};
 use crate::forward::{Llama, PassState};
 use crate::plan::{compensated_tensors, GroupPlan, Share};
 use crate::scratch::{Activations, Scratch};
@@ -71,9 +71,87 @@ fn kept_at<'k>(
 
 /// Refits the `o_proj` of every layer `groups` compensate, from what the one-shot pass kept, and
 /// adds the refits to `inputs` (the one-shot pass's statistics, which the groups' fits read; the
-/// bytes go to `scratch`). Every layer's groups are substituted in order (a group shared across
-/// layers hands its maps on to its later layers).
+/// bytes go to `scratch`). Where every group fits one layer, the layers are independent and run
+/// two at a time (one's serial parts, its fits' and the refit's decompositions, overlap the
+/// other's products; the same bits as one at a time). Otherwise segment by segment, every layer's
+/// groups substituted in order (a group shared across layers hands its maps on to its later
+/// layers).
 pub fn refit(
+    llama: &Llama,
+    ctx: usize,
+    groups: &[GroupPlan],
+    (inputs, kept): (&mut FitInputs, &Kept),
+    (scratch, progress): (&Scratch, &dyn Progress),
+) -> Result<()> {
+    progress.start(names::REFIT, llama.params().num_layers, kept.tokens());
+    if groups.iter().all(|g| g.layers == 1) {
+        refit_layers(llama, ctx, groups, (inputs, kept), (scratch, progress))?;
+    } else {
+        refit_segments(llama, ctx, groups, (inputs, kept), (scratch, progress))?;
+    }
+    progress.finish();
+    Ok(())
+}
+
+/// The refit of one layer whose groups span it alone: its groups fitted and substituted, its
+/// attention block run on the original input to it, its `o_proj` refitted.
+fn refit_layer(
+    llama: &Llama,
+    (ctx, index): (usize, usize),
+    groups: &[GroupPlan],
+    (inputs, kept): (&FitInputs, &Kept),
+    scratch: &Scratch,
+) -> Result<CompensatedProjection> {
+    let mut layer = llama.layer(index)?;
+    Substitution::new(llama.checkpoint(), groups).apply(&mut layer, inputs)?;
+    let h = kept_at(&kept.inputs, index, "input")?.load()?;
+    let mut state = PassState::default();
+    let z = layer.attention_heads(h.as_ref(), ctx, &mut state)?;
+    drop(h);
+    let target = kept_at(&kept.heads, index, "heads' output")?.load()?;
+    let (projection, _) = compensate_output(
+        llama.checkpoint(),
+        &layer,
+        target.as_ref(),
+        z.as_ref(),
+        scratch,
+    )?;
+    Ok(projection)
+}
+
+/// [`refit`] where every group fits one layer: two layers at a time.
+fn refit_layers(
+    llama: &Llama,
+    ctx: usize,
+    groups: &[GroupPlan],
+    (inputs, kept): (&mut FitInputs, &Kept),
+    (scratch, progress): (&Scratch, &dyn Progress),
+) -> Result<()> {
+    let refitted: Vec<usize> = refitted_layers(llama, groups).into_iter().collect();
+    (refitted.len()..llama.params().num_layers).for_each(|_| progress.layer());
+    for pair in refitted.chunks(2) {
+        let one = |index: usize| {
+            let done = refit_layer(llama, (ctx, index), groups, (inputs, kept), scratch);
+            progress.layer();
+            done.map(|p| (index, p))
+        };
+        let (a, b) = match *pair {
+            [a, b] => {
+                let (a, b) = rayon::join(|| one(a), || one(b));
+                (a?, Some(b?))
+            }
+            [a] => (one(a)?, None),
+            _ => return Err(Error::bug("o_proj refit: an empty pair of layers")),
+        };
+        for (index, projection) in std::iter::once(a).chain(b) {
+            inputs.compensated.insert(index, projection);
+        }
+    }
+    Ok(())
+}
+
+/// [`refit`] segment by segment (a group spans several layers).
+fn refit_segments(
     llama: &Llama,
     ctx: usize,
     groups: &[GroupPlan],
@@ -82,7 +160,6 @@ pub fn refit(
 ) -> Result<()> {
     let checkpoint = llama.checkpoint();
     let layers = llama.params().num_layers;
-    progress.start(names::REFIT, layers, kept.tokens());
     let refitted = refitted_layers(llama, groups);
     let mut substitution = Substitution::new(checkpoint, groups);
     let mut start = 0;
@@ -119,6 +196,5 @@ pub fn refit(
         }
         start = end;
     }
-    progress.finish();
     Ok(())
 }

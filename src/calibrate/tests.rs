@@ -133,6 +133,7 @@ fn every_kind_of_run_tokenizes_its_text_once_and_runs_its_passes() {
 /// The one-shot refit as two more passes compute it: the original stream through every layer,
 /// and at every segment a compressed stream restarted from the original one. The refits' bytes
 /// by layer.
+#[allow(clippy::needless_range_loop)] // Layers are indices into the kept streams and the model alike.
 fn refits_by_two_streams(
     checkpoint: &Checkpoint,
     c: &Calibration,

@@ -1,5 +1,5 @@
-//! The calibration text of a run, read and tokenized once: the text tokens `--calib-offset ..
-//! + --calib-tokens` of `--calibrate` (or the built-in text), laid out in windows of
+//! The calibration text of a run, read and tokenized once: `--calib-tokens` text tokens of
+//! `--calibrate` (or the built-in text) from `--calib-offset` on, laid out in windows of
 //! `--calib-ctx` by the model's convention ([`crate::forward::windows`]), and their provenance.
 //! Every pass of the stage (one-shot, refit, sequential, sensitivity probes) reads these ids.
 

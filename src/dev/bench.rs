@@ -34,13 +34,16 @@ fn calibrated(
     calibrate(checkpoint, calibration, groups, progress)
 }
 
+/// The pass running (its name and start) and the passes timed, in order.
+type Timed = (
+    Option<(&'static str, std::time::Instant)>,
+    Vec<(&'static str, f64)>,
+);
+
 /// Each calibration pass's seconds, as the stage reports them.
 #[derive(Default)]
 pub struct PassTimes {
-    running: std::sync::Mutex<(
-        Option<(&'static str, std::time::Instant)>,
-        Vec<(&'static str, f64)>,
-    )>,
+    running: std::sync::Mutex<Timed>,
 }
 
 impl PassTimes {
