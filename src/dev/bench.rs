@@ -122,9 +122,10 @@ pub fn calibration_cost(
 
 /// One forward pass of the original model over the calibration tokens of the conversion
 /// `options` describes (`surgery-dev bench-forward`): the layers over the same windows the
-/// calibration passes run, without the output head (calibration never runs it). Returns its
-/// seconds (the text's reading and tokenizing not counted) and the number of positions.
-pub fn forward_cost(options: &ConvertOptions) -> Result<(f64, usize)> {
+/// calibration passes run, then the output head (final norm, logits and their log-likelihood),
+/// which calibration never runs. Returns the seconds of the layers and of the head (the text's
+/// reading and tokenizing not counted) and the number of positions.
+pub fn forward_cost(options: &ConvertOptions) -> Result<(f64, f64, usize)> {
     let input = source::resolve(&options.input, &options.revision, false)?;
     let checkpoint = Checkpoint::open(&input.dir)?;
     let Some(calibration) = options.calibration.as_ref() else {
@@ -143,5 +144,8 @@ pub fn forward_cost(options: &ConvertOptions) -> Result<(f64, usize)> {
             .layer(index)?
             .forward(&mut h, text.ctx(), &mut state)?;
     }
-    Ok((started.elapsed().as_secs_f64(), text.ids.len()))
+    let layers = started.elapsed().as_secs_f64();
+    let started = std::time::Instant::now();
+    llama.log_likelihood(h.as_ref(), &text.ids, text.ctx())?;
+    Ok((layers, started.elapsed().as_secs_f64(), text.ids.len()))
 }

@@ -38,8 +38,8 @@ enum DevCommand {
     /// cross moments a --share latent needs); takes the conversion's options; writes nothing.
     BenchCalibrate(Box<ConvertArgs>),
     /// Time one forward pass of the original model over a conversion's calibration tokens (its
-    /// windows; the layers only, as calibration runs them); takes the conversion's options
-    /// (--fit act); writes nothing.
+    /// windows): the layers (what calibration runs), then the output head apart; takes the
+    /// conversion's options (--fit act); writes nothing.
     BenchForward(Box<ConvertArgs>),
     /// Write the forward pass's logits for token ids (one window from position 0) to a
     /// safetensors file holding `logits` [T, vocab] F32.
@@ -118,8 +118,10 @@ fn run(dev: Dev) -> Result<()> {
         }
         DevCommand::BenchForward(args) => {
             set_threads(args.threads)?;
-            let (seconds, positions) = bench::forward_cost(&(*args).resolve()?)?;
-            println!("{{\"forward_seconds\": {seconds}, \"positions\": {positions}}}");
+            let (layers, head, positions) = bench::forward_cost(&(*args).resolve()?)?;
+            println!(
+                "{{\"forward_seconds\": {layers}, \"head_seconds\": {head}, \"positions\": {positions}}}"
+            );
         }
         DevCommand::Logits(args) => logits::write_logits(&args.model, &args.ids, &args.out)?,
     }
