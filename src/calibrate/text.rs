@@ -7,10 +7,19 @@ use crate::error::{Error, Result};
 use crate::execute::CalibrationRecord;
 use crate::forward::score::read_text;
 use crate::forward::stream::TextSpan;
-use crate::forward::windows::{check_ctx, lay_out};
+use crate::forward::windows::{check_ctx, lay_out, Flags};
 use crate::input::checkpoint::Checkpoint;
 use crate::options::{Allocation, BosSink, Calibration};
 use std::cell::Cell;
+
+/// The options the calibration text and windows are set by.
+const FLAGS: Flags = Flags {
+    text: "--calibrate",
+    bos: "--bos",
+    ctx: "--calib-ctx",
+    tokens: "--calib-tokens",
+    offset: "--calib-offset",
+};
 
 thread_local! {
     /// Calibration texts tokenized on this thread (the stage's tests count them).
@@ -43,15 +52,9 @@ impl CalibrationText {
             offset,
             tokens: wanted,
         };
-        let text = read_text(
-            &checkpoint.dir,
-            source,
-            "--calibrate",
-            calibration.bos,
-            span,
-        )?;
+        let text = read_text(&checkpoint.dir, source, &FLAGS, calibration.bos, span)?;
         let ctx = calibration.ctx.get();
-        check_ctx(ctx, text.bos_id(), "--calib-ctx")?;
+        check_ctx(ctx, text.bos_id(), (FLAGS.ctx, FLAGS.bos))?;
         let end = offset
             .checked_add(wanted)
             .filter(|&e| e <= text.total)

@@ -6,7 +6,7 @@
 use crate::error::{Error, Result};
 use crate::forward::score::{mean_nll, read_text, ScoredTokens};
 use crate::forward::stream::TextSpan;
-use crate::forward::windows::text_per_window;
+use crate::forward::windows::{text_per_window, Flags};
 use crate::forward::Llama;
 use crate::input::checkpoint::Checkpoint;
 use crate::model::bos::BosToken;
@@ -15,6 +15,16 @@ use crate::report::CheckRecord;
 use indicatif::ProgressBar;
 use std::path::Path;
 use std::time::Instant;
+
+/// The options the check's text and windows are set by (its windows are fixed: their errors
+/// are the text's).
+const CHECK_FLAGS: Flags = Flags {
+    text: "--check-text",
+    bos: "--bos",
+    ctx: "--check-text",
+    tokens: "--check-text",
+    offset: "--check-text",
+};
 
 /// The check's tokens, chosen, tokenized and laid out in windows.
 #[derive(Debug, Clone)]
@@ -34,7 +44,7 @@ pub fn prepare(window: &TextWindow, model_dir: &Path) -> Result<PreparedCheck> {
         offset: window.offset,
         tokens: window.tokens.get(),
     };
-    let text = read_text(model_dir, &window.text, "--check-text", window.bos, span)?;
+    let text = read_text(model_dir, &window.text, &CHECK_FLAGS, window.bos, span)?;
     let ctx = window.ctx.get();
     let per_window = text_per_window(ctx, text.bos_id());
     if text.total < window.offset.saturating_add(per_window) {

@@ -5,14 +5,14 @@
 use super::check::PreparedCheck;
 use crate::calibrate::calibrate;
 use crate::error::{Error, Result};
-use crate::execute::write::{write_dense, write_factored, Written};
+use crate::execute::write::{factored_layout, write_plan, Written};
 use crate::execute::{self, FitInputs};
 use crate::input::checkpoint::Checkpoint;
 use crate::input::source::ResolvedInput;
 use crate::options::{ConvertOptions, Output};
 use crate::output::files::{finish, output_sizes, write_index_and_files};
 use crate::output::staging::{OutTarget, Staging};
-use crate::plan::{self, Emit, GroupPlan};
+use crate::plan::{self, Emit, GroupPlan, Layout};
 use crate::report::Report;
 use indicatif::ProgressBar;
 use std::collections::BTreeMap;
@@ -114,29 +114,27 @@ fn convert(
     let staging = Staging::create(out)?;
     let writing = Instant::now();
     let mut digests: BTreeMap<String, String> = BTreeMap::new();
-    let written = match options.emit {
-        Emit::Dense => write_dense(
+    let mut groups = groups;
+    let layout = match options.emit {
+        Emit::Dense => Layout::Dense,
+        Emit::Factored => factored_layout(
             checkpoint,
-            groups,
+            &mut groups,
             inputs,
-            options.max_shard_size,
-            staging.path(),
-            &mut digests,
-            &progress_bar(options, WRITE_BAR),
-        )?,
-        Emit::Factored => write_factored(
-            checkpoint,
-            groups,
-            inputs,
-            options.max_shard_size,
-            staging.path(),
-            &mut digests,
-            [
-                &progress_bar(options, FIT_BAR),
-                &progress_bar(options, WRITE_BAR),
-            ],
+            &progress_bar(options, FIT_BAR),
         )?,
     };
+    // The plan is complete here: ranks and widths decided, nothing written into it afterwards.
+    let plan = plan::plan(checkpoint, groups, &layout, options.max_shard_size)?;
+    let written = write_plan(
+        checkpoint,
+        plan,
+        options.emit,
+        inputs,
+        staging.path(),
+        &mut digests,
+        &progress_bar(options, WRITE_BAR),
+    )?;
     let write = writing.elapsed().as_secs_f64();
     let Written {
         plan,

@@ -42,7 +42,13 @@ pub fn run(options: &EvalOptions) -> Result<()> {
         offset: w.offset,
         tokens,
     };
-    let text = read_text(&input.dir, &w.text, "--text", w.bos, span)?;
+    let text = read_text(
+        &input.dir,
+        &w.text,
+        &crate::commands::EVAL_FLAGS,
+        w.bos,
+        span,
+    )?;
     let windows = text.windows(w.offset, tokens, ctx)?;
 
     let bar = super::progress_bar(

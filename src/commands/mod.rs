@@ -15,6 +15,7 @@ pub mod verify;
 use crate::calibrate::Passes;
 use crate::error::{Error, Result};
 use crate::fit::spec::Spec;
+use crate::forward::windows::Flags;
 use crate::input::checkpoint::Checkpoint;
 use crate::input::source::{self, ResolvedInput};
 use crate::options::CalibrateMode;
@@ -24,6 +25,16 @@ use indicatif::{ProgressBar, ProgressStyle};
 use std::io::IsTerminal;
 use std::num::NonZeroUsize;
 use std::path::Path;
+
+/// The options `eval` and `sweep` set their text and windows by, as the forward pass's errors
+/// name them.
+pub(crate) const EVAL_FLAGS: Flags = Flags {
+    text: "--text",
+    bos: "--bos",
+    ctx: "--ctx",
+    tokens: "--tokens",
+    offset: "--offset",
+};
 
 /// Which calibration passes a conversion of `groups` makes in `mode`: decided here, once, for
 /// `convert`, `sweep` and the dev binary's benchmarks alike. One-shot calibration refits `o_proj`

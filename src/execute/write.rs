@@ -1,6 +1,7 @@
-//! The two write passes of a conversion, both with the fits pipelined ahead of the writer in the
-//! order the plan needs them: dense, and factored, whose layout needs every latent width first
-//! (the width pass, [`super::widths`]).
+//! A conversion's write pass: the plan's shards written with the fits pipelined ahead of the writer
+//! in the order the plan needs them. The plan is made before it, by the command; the factored
+//! layout it is made from needs every latent width first ([`factored_layout`], the width pass,
+//! [`super::widths`]).
 
 use super::input_hash::hash_alongside;
 use super::pipeline::{need_order, with_pipeline, Pipelined};
@@ -10,7 +11,7 @@ use crate::digest::FileRecord;
 use crate::error::Result;
 use crate::input::checkpoint::Checkpoint;
 use crate::output::writer::ShardWriter;
-use crate::plan::{self, Emit, GroupPlan, Layout, Plan};
+use crate::plan::{Emit, GroupPlan, Layout, Plan};
 use indicatif::ProgressBar;
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -26,58 +27,25 @@ pub struct Written {
     pub weight_files: Vec<FileRecord>,
 }
 
-/// Plans the dense form and writes its shards into `dir` (digests into `digests`), the groups
-/// fitted ahead of the writer.
-pub fn write_dense(
+/// The factored layout of `groups`: every group's latent width decided first (the width pass,
+/// `widths`, which pins threshold SPECs to the rank found, before the plan is made, and keeps the
+/// bases it decomposed in `inputs` for the write pass). `bar` counts the groups.
+pub fn factored_layout(
     checkpoint: &Checkpoint,
-    groups: Vec<GroupPlan>,
+    groups: &mut [GroupPlan],
     inputs: &FitInputs,
-    max_shard_size: Option<u64>,
-    dir: &Path,
-    digests: &mut BTreeMap<String, String>,
     bar: &ProgressBar,
-) -> Result<Written> {
-    let plan = plan::plan(checkpoint, groups, &Layout::Dense, max_shard_size)?;
-    write_pipelined(checkpoint, plan, Emit::Dense, inputs, dir, digests, bar)
-}
-
-/// Decides every group's latent width first (the width pass, `widths`), plans the factored layout
-/// they give, and writes its shards into `dir` with the fits run ahead of the writer as for dense
-/// output. `bars`: the width pass's, the write pass's.
-pub fn write_factored(
-    checkpoint: &Checkpoint,
-    mut groups: Vec<GroupPlan>,
-    inputs: &FitInputs,
-    max_shard_size: Option<u64>,
-    dir: &Path,
-    digests: &mut BTreeMap<String, String>,
-    bars: [&ProgressBar; 2],
-) -> Result<Written> {
-    let [width_bar, write_bar] = bars;
-    width_bar.set_length(groups.len() as u64);
-    let latents = resolve_latents(checkpoint, &mut groups, inputs, &|| width_bar.inc(1))?;
-    width_bar.finish_and_clear();
-    let plan = plan::plan(
-        checkpoint,
-        groups,
-        &Layout::Factored { latents },
-        max_shard_size,
-    )?;
-    write_pipelined(
-        checkpoint,
-        plan,
-        Emit::Factored,
-        inputs,
-        dir,
-        digests,
-        write_bar,
-    )
+) -> Result<Layout> {
+    bar.set_length(groups.len() as u64);
+    let latents = resolve_latents(checkpoint, groups, inputs, &|| bar.inc(1))?;
+    bar.finish_and_clear();
+    Ok(Layout::Factored { latents })
 }
 
 /// Writes `plan`'s shards into `dir`, its groups fitted in `emit` form ahead of the writer, in
 /// the order the writes need them (a fit whose output disagrees with the planned shapes is caught
 /// by the writer).
-fn write_pipelined(
+pub fn write_plan(
     checkpoint: &Checkpoint,
     plan: Plan,
     emit: Emit,

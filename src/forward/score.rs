@@ -15,7 +15,7 @@ use crate::error::{Error, Result};
 use crate::forward::chat::ChatTemplate;
 use crate::forward::stream::{encode_text, TextSpan};
 use crate::forward::tokenize::TextTokenizer;
-use crate::forward::windows::{lay_out, select, Selection};
+use crate::forward::windows::{lay_out, select, Flags, Selection};
 use crate::forward::{Layer, Llama};
 use crate::input::text::{Builtin, Message, TextSource};
 use crate::model::bos::{BosPolicy, BosToken};
@@ -116,6 +116,8 @@ pub struct ScoredText {
     /// How the built-in calibration text's dialogue was written: `chat template` (the model's)
     /// or `plain text`; `None` for other texts.
     pub dialogue: Option<&'static str>,
+    /// The options the text and its windows were set by, for the errors.
+    pub flags: Flags,
 }
 
 /// The windows of a [`ScoredText`] to run: the laid-out positions and which text tokens they hold.
@@ -153,10 +155,15 @@ impl ScoredText {
     }
 
     /// Up to `tokens` text tokens from `offset` on, in whole windows of `ctx` positions, laid out
-    /// by the convention ([`crate::forward::windows`]). Errors name `--ctx`, `--tokens`, `--offset`.
-    /// The span read must hold them.
+    /// by the convention ([`crate::forward::windows`]). Errors name the options of `flags`. The
+    /// span read must hold them.
     pub fn windows(&self, offset: usize, tokens: usize, ctx: usize) -> Result<TextWindows> {
-        let selection = select(self.total, offset, tokens, ctx, self.bos_id())?;
+        let selection = select(
+            self.total,
+            (offset, tokens, ctx),
+            self.bos_id(),
+            &self.flags,
+        )?;
         let text = self.slice(selection.range.clone())?;
         Ok(TextWindows {
             ids: lay_out(text, ctx, self.bos_id()),
@@ -175,10 +182,11 @@ impl ScoredText {
 pub fn read_text(
     model_dir: &Path,
     source: &TextSource,
-    option: &str,
+    flags: &Flags,
     bos: BosPolicy,
     span: TextSpan,
 ) -> Result<ScoredText> {
+    let option = flags.text;
     let tokenizer = TextTokenizer::load(model_dir)?;
     let template = ChatTemplate::load(model_dir)?;
     let render = |c: &[&[Message]]| match &template {
@@ -192,7 +200,7 @@ pub fn read_text(
         span,
         total: read.total,
         sha256,
-        bos: tokenizer.bos(bos)?,
+        bos: tokenizer.bos(bos, flags.bos)?,
         unknown: tokenizer.unknown_id(),
         dialogue: matches!(source, TextSource::Builtin(Builtin::Calibration)).then_some(
             match template {
@@ -200,5 +208,6 @@ pub fn read_text(
                 None => "plain text",
             },
         ),
+        flags: *flags,
     })
 }

@@ -103,21 +103,21 @@ impl TextTokenizer {
     /// post-processor puts in front of a text (what `AutoTokenizer(text)` does in transformers,
     /// which reads the post-processor of `tokenizer.json` and not `tokenizer_config.json`'s
     /// `add_bos_token` when the file exists), or none; with `Always`, that token or else the
-    /// `bos_token` the tokenizer's config names; with `Never`, none.
-    pub fn bos(&self, policy: BosPolicy) -> Result<Option<BosToken>> {
+    /// `bos_token` the tokenizer's config names; with `Never`, none. Errors name `flag` (`--bos`).
+    pub fn bos(&self, policy: BosPolicy, flag: &str) -> Result<Option<BosToken>> {
         match policy {
             BosPolicy::Never => Ok(None),
-            BosPolicy::Auto => self.post_processor_bos(),
-            BosPolicy::Always => match self.post_processor_bos()? {
+            BosPolicy::Auto => self.post_processor_bos(flag),
+            BosPolicy::Always => match self.post_processor_bos(flag)? {
                 Some(bos) => Ok(Some(bos)),
-                None => self.named_bos().map(Some),
+                None => self.named_bos(flag).map(Some),
             },
         }
     }
 
     /// The special token the post-processor adds in front of a text, if any. Tokens it adds after
     /// the text (an EOS) are not part of a window; more than one token in front is refused.
-    fn post_processor_bos(&self) -> Result<Option<BosToken>> {
+    fn post_processor_bos(&self, flag: &str) -> Result<Option<BosToken>> {
         let probe = self
             .inner
             .encode("a", true)
@@ -139,7 +139,7 @@ impl TextTokenizer {
             more => Err(Error::invalid(
                 &self.path,
                 format!(
-                    "the post_processor puts {} special tokens in front of a text ({more:?}); windows can start with one BOS only: give --bos never",
+                    "the post_processor puts {} special tokens in front of a text ({more:?}); windows can start with one BOS only: give {flag} never",
                     more.len()
                 ),
             )),
@@ -147,7 +147,7 @@ impl TextTokenizer {
     }
 
     /// The `bos_token` `tokenizer_config.json` (or `special_tokens_map.json`) names, with its id.
-    fn named_bos(&self) -> Result<BosToken> {
+    fn named_bos(&self, flag: &str) -> Result<BosToken> {
         let dir = self.path.parent().unwrap_or(Path::new("."));
         for name in SPECIAL_TOKEN_FILES {
             let path = dir.join(name);
@@ -189,9 +189,9 @@ impl TextTokenizer {
             });
         }
         Err(Error::usage(
-            "--bos",
+            flag,
             format!(
-                "always: the tokenizer in {} names no bos_token (tokenizer_config.json, special_tokens_map.json) and adds none: give --bos never or auto",
+                "always: the tokenizer in {} names no bos_token (tokenizer_config.json, special_tokens_map.json) and adds none: give {flag} never or auto",
                 dir.display()
             ),
         ))
@@ -260,7 +260,9 @@ mod tests {
     fn the_bos_is_what_the_post_processor_puts_in_front() {
         let bos = |single: &[&str], policy: BosPolicy| {
             let dir = with_template(single, |_| {});
-            TextTokenizer::load(dir.path()).unwrap().bos(policy)
+            TextTokenizer::load(dir.path())
+                .unwrap()
+                .bos(policy, "--bos")
         };
         // A template with the BOS in front: auto and always take it, never drops it.
         let added = bos(&["<s>", "$A"], BosPolicy::Auto).unwrap().unwrap();
@@ -300,7 +302,7 @@ mod tests {
             let dir = with_template(&[], config);
             TextTokenizer::load(dir.path())
                 .unwrap()
-                .bos(BosPolicy::Always)
+                .bos(BosPolicy::Always, "--bos")
         };
         let e = load(|c| c["bos_token"] = Value::Null).unwrap_err();
         assert!(

@@ -159,7 +159,13 @@ pub fn run(options: &SweepOptions) -> Result<()> {
         offset: w.offset,
         tokens: w.tokens.get(),
     };
-    let text = read_text(&input.dir, &w.text, "--text", w.bos, span)?;
+    let text = read_text(
+        &input.dir,
+        &w.text,
+        &crate::commands::EVAL_FLAGS,
+        w.bos,
+        span,
+    )?;
     let windows = text.windows(w.offset, w.tokens.get(), ctx)?;
     let all_groups: Vec<_> = configs
         .iter()

@@ -76,6 +76,11 @@ struct SynthArgs {
     #[arg(long, default_value_t = 0)]
     seed: u64,
 
+    /// Keep only the first N layers of the shape (a truncated model: per-layer costs of a large
+    /// shape measured on a small disk; everything else, the shards included, as the shape has it).
+    #[arg(long, value_name = "N")]
+    layers: Option<std::num::NonZeroUsize>,
+
     /// Replace an existing empty directory or surgery-convert output (as the product's --force;
     /// an earlier synthetic checkpoint is neither: remove it first).
     #[arg(long)]
@@ -92,7 +97,11 @@ fn parse_shape(s: &str) -> std::result::Result<&'static synth::ModelShape, Strin
 fn run(dev: Dev) -> Result<()> {
     match dev.command {
         DevCommand::Synth(args) => {
-            let out = synth::write(args.shape, args.seed, &args.out, args.force)?;
+            let mut shape = *args.shape;
+            if let Some(n) = args.layers {
+                shape.layers = n.get().min(shape.layers);
+            }
+            let out = synth::write(&shape, args.seed, &args.out, args.force)?;
             println!("{}", out.display());
         }
         DevCommand::BenchDecompose(args) => {
