@@ -157,7 +157,10 @@ mod tests {
                 windows: 8
             }
         );
-        assert_eq!(select(1000, (0, 1000, 2), Some(2), &FLAGS).unwrap().windows, 1000);
+        assert_eq!(
+            select(1000, (0, 1000, 2), Some(2), &FLAGS).unwrap().windows,
+            1000
+        );
     }
 
     #[test]
