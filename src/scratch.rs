@@ -77,10 +77,16 @@ impl Scratch {
         Error::scratch(&self.0.dir, e)
     }
 
-    /// Writes `m` out (column by column) and returns the handle that reads it back.
-    pub fn matrix(&self, m: &Mat<f64>) -> Result<Moment> {
-        let (rows, cols) = (m.nrows(), m.ncols());
-        let step = column_bytes(rows)?;
+    /// Writes the `rows x cols` values of `value` out column by column, each as its `W`
+    /// little-endian bytes (`encode`), and returns their offset.
+    fn columns<const W: usize>(
+        &self,
+        (rows, cols): (usize, usize),
+        encode: impl Fn(usize, usize) -> [u8; W],
+    ) -> Result<u64> {
+        let step = rows.checked_mul(W).ok_or_else(|| {
+            Error::bug(format!("scratch file: a column of {rows} values overflows"))
+        })?;
         let total = step
             .checked_mul(cols)
             .ok_or_else(|| Error::bug(format!("scratch file: a {rows}x{cols} matrix overflows")))?;
@@ -89,10 +95,17 @@ impl Scratch {
         for j in 0..cols {
             column.clear();
             for i in 0..rows {
-                column.extend_from_slice(&m[(i, j)].to_le_bytes());
+                column.extend_from_slice(&encode(i, j));
             }
             self.write(&column, offset + (j * step) as u64)?;
         }
+        Ok(offset)
+    }
+
+    /// Writes `m` out (column by column) and returns the handle that reads it back.
+    pub fn matrix(&self, m: &Mat<f64>) -> Result<Moment> {
+        let (rows, cols) = (m.nrows(), m.ncols());
+        let offset = self.columns((rows, cols), |i, j| m[(i, j)].to_le_bytes())?;
         Ok(Moment(Inner::Spilled {
             scratch: self.clone(),
             offset,
@@ -105,21 +118,7 @@ impl Scratch {
     /// handle that reads them back.
     pub fn activations(&self, m: MatRef<'_, f32>) -> Result<Activations> {
         let (rows, cols) = (m.nrows(), m.ncols());
-        let step = rows.checked_mul(F32).ok_or_else(|| {
-            Error::bug(format!("scratch file: a column of {rows} values overflows"))
-        })?;
-        let total = step
-            .checked_mul(cols)
-            .ok_or_else(|| Error::bug(format!("scratch file: a {rows}x{cols} matrix overflows")))?;
-        let offset = self.reserve(total);
-        let mut column = Vec::with_capacity(step);
-        for j in 0..cols {
-            column.clear();
-            for i in 0..rows {
-                column.extend_from_slice(&m[(i, j)].to_le_bytes());
-            }
-            self.write(&column, offset + (j * step) as u64)?;
-        }
+        let offset = self.columns((rows, cols), |i, j| m[(i, j)].to_le_bytes())?;
         Ok(Activations {
             scratch: self.clone(),
             offset,
