@@ -151,6 +151,82 @@ pub fn accumulate_cross(acc: &mut Mat<f64>, a: MatRef<'_, f32>, b: MatRef<'_, f3
     }
 }
 
+/// Rows of one `f32` product of [`products_f32`]: each such partial sum is exact to `f32`'s
+/// precision (about `1e-6` relative), and the partial sums are added in `f64`.
+const CHUNK_ROWS: usize = 512;
+
+/// Columns of a moment computed by one task of [`products_f32`].
+const CHUNK_COLUMNS: usize = 256;
+
+/// `a^T b` (`[a.ncols(), b.ncols()]`) as `f32` products of [`CHUNK_ROWS`] rows each, summed in
+/// `f64` in row order; with `lower`, `b` is `a` and each block's rows above its first column are
+/// left zero (the product is symmetric). In parallel over fixed blocks of [`CHUNK_COLUMNS`]
+/// columns, each single-threaded: the sums do not depend on the thread count. Returns each
+/// block's first column and its rows from `row0` (0, or with `lower` the block's first column).
+fn products_f32(a: MatRef<'_, f32>, b: MatRef<'_, f32>, lower: bool) -> Vec<(usize, Mat<f64>)> {
+    use rayon::prelude::*;
+    (0..b.ncols())
+        .step_by(CHUNK_COLUMNS)
+        .collect::<Vec<_>>()
+        .into_par_iter()
+        .map(|start| {
+            let n = CHUNK_COLUMNS.min(b.ncols() - start);
+            let row0 = if lower { start } else { 0 };
+            let left = a.subcols(row0, a.ncols() - row0);
+            let mut sum = Mat::<f64>::zeros(left.ncols(), n);
+            let mut part = Mat::<f32>::zeros(left.ncols(), n);
+            for r in (0..a.nrows()).step_by(CHUNK_ROWS) {
+                let rows = CHUNK_ROWS.min(a.nrows() - r);
+                matmul(
+                    part.as_mut(),
+                    Accum::Replace,
+                    left.subrows(r, rows).transpose(),
+                    b.subrows(r, rows).subcols(start, n),
+                    1.0,
+                    Par::Seq,
+                );
+                for j in 0..n {
+                    let (sum, part) = (sum.col_as_slice_mut(j), part.col_as_slice(j));
+                    sum.iter_mut()
+                        .zip(part)
+                        .for_each(|(s, &p)| *s += f64::from(p));
+                }
+            }
+            (start, sum)
+        })
+        .collect()
+}
+
+/// `acc += x^T x` as [`accumulate`] does, but from `f32` products of [`CHUNK_ROWS`] rows summed
+/// in `f64` ([`products_f32`]): about four times faster, each entry within about `1e-6` of its
+/// `f64` sum relative to the column norms. For moments whose use is regularised well above that
+/// (the `o_proj` refit's), not for the inputs' moments that the fits whiten.
+pub fn accumulate_f32(acc: &mut Mat<f64>, x: MatRef<'_, f32>) {
+    for (start, block) in products_f32(x, x, true) {
+        for j in 0..block.ncols() {
+            for i in j..block.nrows() {
+                let (row, col) = (start + i, start + j);
+                let v = block[(i, j)];
+                acc[(row, col)] += v;
+                if row != col {
+                    acc[(col, row)] += v;
+                }
+            }
+        }
+    }
+}
+
+/// `acc += a^T b` as [`accumulate_cross`] does, from `f32` products ([`accumulate_f32`]).
+pub fn accumulate_cross_f32(acc: &mut Mat<f64>, a: MatRef<'_, f32>, b: MatRef<'_, f32>) {
+    for (start, block) in products_f32(a, b, false) {
+        for j in 0..block.ncols() {
+            for i in 0..block.nrows() {
+                acc[(i, start + j)] += block[(i, j)];
+            }
+        }
+    }
+}
+
 /// Divides every entry of `m` by `n`.
 pub(crate) fn scale(m: &mut Mat<f64>, n: f64) {
     for j in 0..m.ncols() {
@@ -179,6 +255,34 @@ mod tests {
                 assert!((acc[(a, b)] - direct).abs() < 1e-9, "({a}, {b})");
             }
         }
+    }
+
+    #[test]
+    fn f32_products_equal_the_f64_sums_and_are_symmetric() {
+        // More rows than one chunk and more columns than one block, with ragged ends.
+        let (rows, cols) = (CHUNK_ROWS * 2 + 37, CHUNK_COLUMNS + 45);
+        let a = Mat::<f32>::from_fn(rows, cols, |i, j| ((i * 7 + j * 3) % 11) as f32 * 0.1 - 0.5);
+        let b = Mat::<f32>::from_fn(rows, cols, |i, j| ((i * 5 + j * 2) % 13) as f32 * 0.25);
+        let mut exact = Mat::<f64>::zeros(cols, cols);
+        let mut fast = Mat::<f64>::zeros(cols, cols);
+        accumulate_cross(&mut exact, a.as_ref(), b.as_ref());
+        accumulate_cross_f32(&mut fast, a.as_ref(), b.as_ref());
+        let (mut sym_exact, mut sym_fast) = (exact.clone() * 0.0, exact.clone() * 0.0);
+        accumulate(&mut sym_exact, a.as_ref());
+        accumulate_f32(&mut sym_fast, a.as_ref());
+        for p in 0..cols {
+            for q in 0..cols {
+                let scale = rows as f64;
+                assert!(
+                    (fast[(p, q)] - exact[(p, q)]).abs() < 1e-5 * scale,
+                    "({p}, {q})"
+                );
+                assert!((sym_fast[(p, q)] - sym_exact[(p, q)]).abs() < 1e-5 * scale);
+                assert_eq!(sym_fast[(p, q)].to_bits(), sym_fast[(q, p)].to_bits());
+            }
+        }
+        // Nonzero everywhere the exact sum is: every block and chunk was added.
+        assert!((0..cols).all(|q| exact[(cols - 1, q)] == 0.0 || fast[(cols - 1, q)] != 0.0));
     }
 
     #[test]

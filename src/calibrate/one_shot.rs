@@ -17,9 +17,11 @@
 //! the refit reads ([`Kept`]): the hidden states entering each refitted segment's first layer and
 //! each refitted layer's heads' outputs, both `f32` exactly as the pass computed them (so the
 //! refit computes what a second pass through the original model would, bit for bit:
-//! `2 x N x hidden x 4` bytes per refitted layer).
+//! `2 x N x hidden x 4` bytes per refitted layer), and where the refit runs layer by layer and
+//! leaves `q_proj` alone, the layer's queries (`N x heads x head_dim x 4` bytes more), so the
+//! refit computes only the compressed keys and values.
 
-use super::moments::{accumulate, accumulate_cross, attention_stats, scale};
+use super::moments::{accumulate_cross, accumulate_f32, attention_stats, scale};
 use super::progress::{names, Progress};
 use super::text::CalibrationText;
 use crate::error::{Error, Result};
@@ -38,6 +40,9 @@ pub struct Keep {
     pub inputs: BTreeSet<usize>,
     /// Layers whose heads' outputs (what `o_proj` reads) are kept (the refitted layers).
     pub heads: BTreeSet<usize>,
+    /// Layers among `heads` whose queries are kept too (the refit does not change their
+    /// `q_proj` and runs them alone: it computes only their keys and values).
+    pub queries: BTreeSet<usize>,
 }
 
 impl Kept {
@@ -52,6 +57,7 @@ impl Keep {
     pub fn extend(&mut self, other: Keep) {
         self.inputs.extend(other.inputs);
         self.heads.extend(other.heads);
+        self.queries.extend(other.queries);
     }
 }
 
@@ -62,6 +68,9 @@ pub struct Kept {
     pub inputs: BTreeMap<usize, Activations>,
     /// A layer's heads' outputs in the original model, `[N, heads * head_dim]`, by layer.
     pub heads: BTreeMap<usize, Activations>,
+    /// A layer's queries as its scores read them (after `q_proj`, the per-head norm and RoPE),
+    /// `[N, heads * head_dim]`, by layer.
+    pub queries: BTreeMap<usize, Activations>,
 }
 
 /// A layer with full attention cannot read a shared latent from a source with a sliding window:
@@ -112,7 +121,7 @@ pub fn one_shot(
         }
         let x = layer.attention_input(h.as_ref());
         let mut c = Mat::<f64>::zeros(x.ncols(), x.ncols());
-        accumulate(&mut c, x.as_ref());
+        accumulate_f32(&mut c, x.as_ref());
         scale(&mut c, n);
         covariances.push(scratch.matrix(&c)?);
         drop(c);
@@ -138,8 +147,15 @@ pub fn one_shot(
             sources.insert(index, x);
         }
         if keep.heads.contains(&index) {
-            // `Layer::forward`, its heads' outputs kept on the way.
-            let z = layer.attention_heads(h.as_ref(), ctx, &mut state)?;
+            // `Layer::forward`, its heads' outputs (and queries) kept on the way.
+            let z = if keep.queries.contains(&index) {
+                let (z, q) = layer.attention_heads_and_queries(h.as_ref(), ctx, &mut state)?;
+                kept.queries.insert(index, scratch.activations(q.as_ref())?);
+                state.buffers.give(q);
+                z
+            } else {
+                layer.attention_heads(h.as_ref(), ctx, &mut state)?
+            };
             kept.heads.insert(index, scratch.activations(z.as_ref())?);
             if index + 1 < layers {
                 layer.finish(&mut h, z.as_ref(), &mut state);

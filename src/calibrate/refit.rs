@@ -4,8 +4,9 @@
 //! output matches the original model's heads through the original `o_proj`.
 //!
 //! The one-shot pass kept what this reads ([`super::one_shot::Kept`]): the hidden states entering
-//! each segment and the original heads' outputs. So the refit runs the attention block alone, per
-//! layer, not the MLP: a segment is one layer, or a shared latent group's layers (the group's
+//! each segment and the original heads' outputs (and, layer by layer, the queries, where the
+//! refit leaves `q_proj` alone: then only the compressed keys and values are computed). So the
+//! refit runs the attention block alone, per layer, not the MLP: a segment is one layer, or a shared latent group's layers (the group's
 //! later layers read its source's latent, so the compressed stream crosses the group from its
 //! first layer, MLP included, as a model with the group substituted would).
 
@@ -16,7 +17,7 @@ use super::substitute::Substitution;
 use crate::error::{Error, Result};
 use crate::execute::{CompensatedProjection, FitInputs};
 use crate::forward::{Llama, PassState};
-use crate::plan::{compensated_tensors, GroupPlan, Share};
+use crate::plan::{compensated_tensors, GroupKind, GroupPlan, Share};
 use crate::scratch::{Activations, Scratch};
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -39,8 +40,33 @@ pub fn refitted_layers(llama: &Llama, groups: &[GroupPlan]) -> BTreeSet<usize> {
         .collect()
 }
 
+/// Whether the refit of `groups` runs layer by layer: every group fits one layer, so the layers
+/// are independent.
+fn layer_by_layer(groups: &[GroupPlan]) -> bool {
+    groups.iter().all(|g| g.layers == 1)
+}
+
+/// The refitted layers whose queries the refit can read from the one-shot pass: layer by layer,
+/// where no group of the layer fits `q_proj` (the refit's queries are then the original ones).
+fn kept_queries(groups: &[GroupPlan], heads: &BTreeSet<usize>) -> BTreeSet<usize> {
+    if !layer_by_layer(groups) {
+        return BTreeSet::new();
+    }
+    heads
+        .iter()
+        .copied()
+        .filter(|&l| {
+            groups
+                .iter()
+                .filter(|g| g.layer_range().contains(&l))
+                .all(|g| matches!(g.kind, GroupKind::K | GroupKind::V | GroupKind::SharedKv))
+        })
+        .collect()
+}
+
 /// What the one-shot pass must keep for the refit of `groups`: each segment's input where the
-/// segment holds a refitted layer, and every refitted layer's heads' outputs.
+/// segment holds a refitted layer, every refitted layer's heads' outputs, and the queries of
+/// those whose `q_proj` the refit leaves alone ([`kept_queries`]).
 pub fn keep_for(llama: &Llama, groups: &[GroupPlan]) -> Keep {
     let layers = llama.params().num_layers;
     let heads = refitted_layers(llama, groups);
@@ -53,7 +79,12 @@ pub fn keep_for(llama: &Llama, groups: &[GroupPlan]) -> Keep {
         }
         start = end;
     }
-    Keep { inputs, heads }
+    let queries = kept_queries(groups, &heads);
+    Keep {
+        inputs,
+        heads,
+        queries,
+    }
 }
 
 /// What `kept` holds of `layer`, or a bug: the pass was asked to keep it.
@@ -84,7 +115,7 @@ pub fn refit(
     (scratch, progress): (&Scratch, &dyn Progress),
 ) -> Result<()> {
     progress.start(names::REFIT, llama.params().num_layers, kept.tokens());
-    if groups.iter().all(|g| g.layers == 1) {
+    if layer_by_layer(groups) {
         refit_layers(llama, ctx, groups, (inputs, kept), (scratch, progress))?;
     } else {
         refit_segments(llama, ctx, groups, (inputs, kept), (scratch, progress))?;
@@ -106,7 +137,12 @@ fn refit_layer(
     Substitution::new(llama.checkpoint(), groups).apply(&mut layer, inputs)?;
     let h = kept_at(&kept.inputs, index, "input")?.load()?;
     let mut state = PassState::default();
-    let z = layer.attention_heads(h.as_ref(), ctx, &mut state)?;
+    let z = match kept.queries.get(&index) {
+        Some(q) => {
+            layer.attention_heads_with_queries(h.as_ref(), q.load()?.as_ref(), ctx, &mut state)?
+        }
+        None => layer.attention_heads(h.as_ref(), ctx, &mut state)?,
+    };
     drop(h);
     let target = kept_at(&kept.heads, index, "heads' output")?.load()?;
     let (projection, _) = compensate_output(

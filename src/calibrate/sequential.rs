@@ -23,7 +23,9 @@
 //! output is what the pass computed with (the fits run again there, deterministically).
 
 use super::compensation::compensate_output;
-use super::moments::{accumulate, accumulate_cross, attention_stats, identical, scale};
+use super::moments::{
+    accumulate, accumulate_cross, accumulate_f32, attention_stats, identical, scale,
+};
 use super::progress::{names, Progress};
 use super::refit::{refitted_layers, segment};
 use super::substitute::Substitution;
@@ -47,8 +49,18 @@ fn moment(a: MatRef<'_, f32>, b: MatRef<'_, f32>, n: f64) -> Mat<f64> {
     m
 }
 
-/// `E[x x^T]` of `x`'s rows, summed as the one-shot calibration sums it.
+/// `E[x x^T]` of `x`'s rows, summed as the one-shot calibration sums the fits' input moments
+/// (`f32` products summed in `f64`).
 fn second_moment(x: MatRef<'_, f32>, n: f64) -> Mat<f64> {
+    let mut m = Mat::<f64>::zeros(x.ncols(), x.ncols());
+    accumulate_f32(&mut m, x);
+    scale(&mut m, n);
+    m
+}
+
+/// `E[x x^T]` in `f64` throughout: the refit's `S_cc`, which its `S_oc` ([`moment`]) is compared
+/// with under a small ridge, so both are summed alike.
+fn second_moment_f64(x: MatRef<'_, f32>, n: f64) -> Mat<f64> {
     let mut m = Mat::<f64>::zeros(x.ncols(), x.ncols());
     accumulate(&mut m, x);
     scale(&mut m, n);
@@ -223,7 +235,7 @@ fn record_moments(
             (covariance.clone(), covariance.clone())
         } else {
             (
-                scratch.matrix(&second_moment(source, n))?,
+                scratch.matrix(&second_moment_f64(source, n))?,
                 scratch.matrix(&moment(x, source, n))?,
             )
         };

@@ -186,14 +186,25 @@ fn refits_by_two_streams(
 
 #[test]
 fn the_refit_from_the_kept_activations_is_what_two_more_passes_compute() {
-    for (fixture_name, sharing) in [
-        ("tiny-f32-gqa", None),
-        ("tiny-bf16-sharded", None),
-        ("tiny-f32-gqa", latent_pairs()),
+    // Queries kept (K/V alone, one layer each); not kept: q_proj fitted too, or a latent shared
+    // across layers.
+    for (fixture_name, sharing, fit_q, queries_kept) in [
+        ("tiny-f32-gqa", None, false, true),
+        ("tiny-bf16-sharded", None, false, true),
+        ("tiny-f32-gqa", None, true, false),
+        ("tiny-f32-gqa", latent_pairs(), false, false),
     ] {
         let checkpoint = fixture(fixture_name);
         let c = calibration(CalibrateMode::OneShot, Allocation::Spectra);
-        let mut groups = crate::plan::groups(&checkpoint, &surgery(Spec::Rank(3), sharing));
+        let mut plan = surgery(Spec::Rank(3), sharing);
+        if fit_q {
+            plan.q = Some(Spec::Rank(4));
+        }
+        let mut groups = crate::plan::groups(&checkpoint, &plan);
+        let llama = Llama::new(&checkpoint).unwrap();
+        let keep = super::refit::keep_for(&llama, &groups);
+        assert_eq!(keep.queries == keep.heads, queries_kept, "{fixture_name}");
+        assert_eq!(keep.queries.is_empty(), !queries_kept, "{fixture_name}");
         let silent = &progress::Silent;
         let inputs = calibrate(
             &checkpoint,

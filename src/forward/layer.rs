@@ -111,6 +111,19 @@ impl Layer {
         ctx: usize,
         state: &mut PassState,
     ) -> Result<Mat<f32>> {
+        let (z, q) = self.attention_heads_and_queries(h, ctx, state)?;
+        state.buffers.give(q);
+        Ok(z)
+    }
+
+    /// [`Layer::attention_heads`], and the queries its scores read (`q_proj`, the per-head norm,
+    /// RoPE per window: `[T, heads * head_dim]`), for [`Layer::attention_heads_with_queries`].
+    pub fn attention_heads_and_queries(
+        &self,
+        h: MatRef<'_, f32>,
+        ctx: usize,
+        state: &mut PassState,
+    ) -> Result<(Mat<f32>, Mat<f32>)> {
         let x = rms_norm_in(h, &self.input_layernorm, self.eps, &mut state.buffers);
         let mut q = self.q.apply_in(x.as_ref(), &mut state.buffers);
         let (mut k, v) = self.kv.apply(x.as_ref(), state)?;
@@ -120,7 +133,8 @@ impl Layer {
             head_rms_norm_in_place(&mut q, q_norm, self.eps);
             head_rms_norm_in_place(&mut k, k_norm, self.eps);
         }
-        self.rotate_windows(&mut q, &mut k, ctx);
+        self.rotate_windows(&mut q, ctx);
+        self.rotate_windows(&mut k, ctx);
         let z = attend(
             q.as_ref(),
             k.as_ref(),
@@ -129,7 +143,31 @@ impl Layer {
             ctx,
             buffers,
         );
-        [q, k, v].into_iter().for_each(|m| buffers.give(m));
+        [k, v].into_iter().for_each(|m| buffers.give(m));
+        Ok((z, q))
+    }
+
+    /// [`Layer::attention_heads`] with its queries given, as [`Layer::attention_heads_and_queries`]
+    /// returned them for the same `h` and the same `q_proj`: only the keys and values are computed
+    /// (this layer's, which may differ from the ones the queries came with), the same bits as
+    /// computing the queries again.
+    pub fn attention_heads_with_queries(
+        &self,
+        h: MatRef<'_, f32>,
+        q: MatRef<'_, f32>,
+        ctx: usize,
+        state: &mut PassState,
+    ) -> Result<Mat<f32>> {
+        let x = rms_norm_in(h, &self.input_layernorm, self.eps, &mut state.buffers);
+        let (mut k, v) = self.kv.apply(x.as_ref(), state)?;
+        let buffers = &mut state.buffers;
+        buffers.give(x);
+        if let Some((_, k_norm)) = &self.qk_norm {
+            head_rms_norm_in_place(&mut k, k_norm, self.eps);
+        }
+        self.rotate_windows(&mut k, ctx);
+        let z = attend(q, k.as_ref(), v.as_ref(), &self.shape, ctx, buffers);
+        [k, v].into_iter().for_each(|m| buffers.give(m));
         Ok(z)
     }
 
@@ -186,9 +224,9 @@ impl Layer {
     }
 
     /// RoPE on queries and keys, positions restarting at 0 in every window.
-    fn rotate_windows(&self, q: &mut Mat<f32>, k: &mut Mat<f32>, ctx: usize) {
+    fn rotate_windows(&self, m: &mut Mat<f32>, ctx: usize) {
         let mut tables: Vec<(usize, RopeTable)> = Vec::new();
-        for w in windows(q.nrows(), ctx) {
+        for w in windows(m.nrows(), ctx) {
             let len = w.len();
             let index = match tables.iter().position(|(l, _)| *l == len) {
                 Some(i) => i,
@@ -197,9 +235,7 @@ impl Layer {
                     tables.len() - 1
                 }
             };
-            let table = &tables[index].1;
-            table.rotate(q.as_mut().subrows_mut(w.start, len));
-            table.rotate(k.as_mut().subrows_mut(w.start, len));
+            tables[index].1.rotate(m.as_mut().subrows_mut(w.start, len));
         }
     }
 }
