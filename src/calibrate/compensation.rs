@@ -9,7 +9,7 @@
 use super::moments::{accumulate_cross_f32, accumulate_f32, identical, scale};
 use crate::error::{Error, Result};
 use crate::execute::{CompensatedProjection, CompensationReport};
-use crate::fit::compensate::{compensate_by, Product};
+use crate::fit::compensate::{compensate_by, narrow, Product};
 use crate::fit::decompose::DecomposeError;
 use crate::forward::linear::Linear;
 use crate::forward::Layer;
@@ -60,11 +60,6 @@ fn inner(a: MatRef<'_, f32>, b: MatRef<'_, f32>) -> f64 {
                 .sum::<f64>()
         })
         .sum()
-}
-
-/// `m` in `f32`.
-fn narrow(m: MatRef<'_, f64>) -> Mat<f32> {
-    Mat::<f32>::from_fn(m.nrows(), m.ncols(), |i, j| m[(i, j)] as f32)
 }
 
 /// `a b` in `f32`.

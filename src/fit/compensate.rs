@@ -98,7 +98,7 @@ fn rsolve_f32(l: MatRef<'_, f64>, y: MatRef<'_, f64>) -> Mat<f64> {
 }
 
 /// `m` in `f32`.
-fn narrow(m: MatRef<'_, f64>) -> Mat<f32> {
+pub(crate) fn narrow(m: MatRef<'_, f64>) -> Mat<f32> {
     Mat::<f32>::from_fn(m.nrows(), m.ncols(), |i, j| m[(i, j)] as f32)
 }
 
