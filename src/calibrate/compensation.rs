@@ -2,14 +2,16 @@
 //! its `o_proj` is refitted on the calibration tokens so that the attention block's output from
 //! the compressed heads matches the original model's. The refit is [`crate::fit::compensate`]'s
 //! regularised least squares with the heads' outputs as inputs: `z_c` the compressed layer's (on
-//! the compressed stream), `z_o` the original layer's (on the original stream), `O` the original
-//! weight, `O' = O (S_oc + λI)(S_cc + λI)^{-1}` with `S_oc = E[z_o z_c^T]`, `S_cc = E[z_c z_c^T]`.
-//! It is `O` bit for bit when the heads' outputs coincide.
+//! the compressed stream), `y_o = O z_o` the original block's output (on the original stream,
+//! through the original weight `O`, without its bias), `O' = O + (T - O S_cc)(S_cc + λI)^{-1}`
+//! with `T = E[y_o z_c^T]`, `S_cc = E[z_c z_c^T]` ([`compensate_outputs`]: `T = O E[z_o z_c^T]`,
+//! measured from the outputs the pass computes anyway instead of from a second moment of the
+//! original heads).
 
-use super::moments::{accumulate_cross_f32, accumulate_f32, identical, scale};
+use super::moments::{accumulate_cross_f32, accumulate_f32, scale};
 use crate::error::{Error, Result};
 use crate::execute::{CompensatedProjection, CompensationReport};
-use crate::fit::compensate::{compensate_by, narrow, Product};
+use crate::fit::compensate::{compensate_outputs, narrow, Product};
 use crate::fit::decompose::DecomposeError;
 use crate::forward::linear::Linear;
 use crate::forward::Layer;
@@ -43,12 +45,13 @@ fn relative_distance(a: MatRef<'_, f32>, b: MatRef<'_, f32>) -> f64 {
     }
 }
 
-/// The second moments of the heads' outputs on the calibration tokens, `z_c` the compressed
-/// layer's and `z_o` the original's: `E[z_c z_c^T]`, `E[z_o z_c^T]`, `E[z_o z_o^T]`.
-struct HeadMoments {
+/// What the refit and its report read, on the calibration tokens: `S_cc = E[z_c z_c^T]` of the
+/// compressed heads' outputs, `T = E[y_o z_c^T]` of the original block's outputs against them,
+/// and `E||y_o||^2`.
+struct OutputMoments {
     compressed: Mat<f64>,
     cross: Mat<f64>,
-    original: Mat<f64>,
+    energy: f64,
 }
 
 /// `sum_ij a_ij b_ij`, summed in `f64`.
@@ -69,6 +72,11 @@ fn product_f32(a: MatRef<'_, f32>, b: MatRef<'_, f32>) -> Mat<f32> {
     out
 }
 
+/// `m` in `f64`.
+fn widen(m: MatRef<'_, f32>) -> Mat<f64> {
+    Mat::from_fn(m.nrows(), m.ncols(), |i, j| f64::from(m[(i, j)]))
+}
+
 /// `sqrt(error / reference)`, `0` when `reference` is not positive.
 fn relative(error: f64, reference: f64) -> f64 {
     if reference > 0.0 {
@@ -78,52 +86,58 @@ fn relative(error: f64, reference: f64) -> f64 {
     }
 }
 
-impl HeadMoments {
-    /// The moments of `original` and `compressed` (`[tokens, width]`), from `f32` products
-    /// summed in `f64` ([`accumulate_f32`]); the same heads' outputs give the same moment three
-    /// times, summed the same way (the refit is then `O` itself).
+/// `output` (`[tokens, out]`) less `bias` from every row.
+fn without_bias(output: MatRef<'_, f32>, bias: &[f32]) -> Mat<f32> {
+    Mat::from_fn(output.nrows(), output.ncols(), |i, j| {
+        output[(i, j)] - bias[j]
+    })
+}
+
+impl OutputMoments {
+    /// The moments of the original outputs `original` (`[tokens, out]`, no bias) and the
+    /// compressed heads' outputs `compressed` (`[tokens, width]`), from `f32` products summed in
+    /// `f64` ([`accumulate_f32`]).
     fn of(original: MatRef<'_, f32>, compressed: MatRef<'_, f32>) -> Self {
         let n = original.nrows() as f64;
         let width = compressed.ncols();
-        let moment = |a: MatRef<'_, f32>, b: Option<MatRef<'_, f32>>| {
-            let mut m = Mat::<f64>::zeros(width, width);
-            match b {
-                Some(b) => accumulate_cross_f32(&mut m, a, b),
-                None => accumulate_f32(&mut m, a),
-            }
-            scale(&mut m, n);
-            m
-        };
-        let compressed_moment = moment(compressed, None);
-        if identical(original, compressed) {
-            return HeadMoments {
-                cross: compressed_moment.clone(),
-                original: compressed_moment.clone(),
-                compressed: compressed_moment,
-            };
-        }
-        HeadMoments {
-            cross: moment(original, Some(compressed)),
-            original: moment(original, None),
-            compressed: compressed_moment,
+        let mut s_cc = Mat::<f64>::zeros(width, width);
+        accumulate_f32(&mut s_cc, compressed);
+        scale(&mut s_cc, n);
+        let mut t = Mat::<f64>::zeros(original.ncols(), width);
+        accumulate_cross_f32(&mut t, original, compressed);
+        scale(&mut t, n);
+        let energy = (0..original.ncols())
+            .map(|j| {
+                (0..original.nrows())
+                    .map(|i| f64::from(original[(i, j)]).powi(2))
+                    .sum::<f64>()
+            })
+            .sum::<f64>()
+            / n;
+        OutputMoments {
+            compressed: s_cc,
+            cross: t,
+            energy,
         }
     }
 
-    /// `||M z_c - O z_o|| / ||O z_o||` over the tokens for `M = O` (before the refit) and
-    /// `M = A` (after it), from the moments:
-    /// `E||M z_c - O z_o||^2 = tr(M S_cc M^T) - 2 tr(M S_oc^T O^T) + tr(O S_oo O^T)`. No pass over
-    /// the tokens: four `[out, width] x [width, width]` products in `f32` (the report's figures,
-    /// good to about five digits), each inner product summed in `f64`.
-    fn output_errors(&self, o: MatRef<'_, f32>, a: MatRef<'_, f32>) -> (f64, f64) {
-        let (cc, oc, oo) = (
+    /// `||M z_c - y_o|| / ||y_o||` over the tokens for `M = O` (before the refit; `o_cc` is
+    /// `O S_cc`) and `M = A` (after it), from the moments:
+    /// `E||M z_c - y_o||^2 = tr(M S_cc M^T) - 2 tr(M T^T) + E||y_o||^2`. No pass over the tokens:
+    /// one `[out, width] x [width, width]` product in `f32` besides `o_cc` (the report's
+    /// figures, good to about five digits), each inner product summed in `f64`.
+    fn output_errors(
+        &self,
+        (o, o_cc): (MatRef<'_, f32>, MatRef<'_, f32>),
+        a: MatRef<'_, f32>,
+    ) -> (f64, f64) {
+        let (cc, t) = (
             narrow(self.compressed.as_ref()),
             narrow(self.cross.as_ref()),
-            narrow(self.original.as_ref()),
         );
-        let o_oc = product_f32(o, oc.as_ref());
-        let reference = inner(product_f32(o, oo.as_ref()).as_ref(), o);
-        let before = inner(product_f32(o, cc.as_ref()).as_ref(), o) - 2.0 * inner(o_oc.as_ref(), o);
-        let after = inner(product_f32(a, cc.as_ref()).as_ref(), a) - 2.0 * inner(o_oc.as_ref(), a);
+        let reference = self.energy;
+        let before = inner(o_cc, o) - 2.0 * inner(t.as_ref(), o);
+        let after = inner(product_f32(a, cc.as_ref()).as_ref(), a) - 2.0 * inner(t.as_ref(), a);
         (
             relative(before + reference, reference),
             relative(after + reference, reference),
@@ -132,9 +146,11 @@ impl HeadMoments {
 }
 
 /// Refits `layer`'s `o_proj` (the compressed layer, whose `o` is still the original weight) from
-/// the heads' outputs of the original (`original`) and compressed (`compressed`) streams, both
-/// `[tokens, heads * head_dim]`. Returns the refit, encoded as written, and the map decoded from
-/// it (the original bias kept) for the rest of the pass; the bytes are kept in `scratch`.
+/// the original block's attention output `original` (`[tokens, hidden]`, what the original
+/// `o_proj` computed on the original stream, its bias included: [`Layer::attention_output`]) and
+/// the compressed heads' outputs `compressed` (`[tokens, heads * head_dim]`). Returns the refit,
+/// encoded as written, and the map decoded from it (the original bias kept) for the rest of the
+/// pass; the bytes are kept in `scratch`.
 pub fn compensate_output(
     checkpoint: &Checkpoint,
     layer: &Layer,
@@ -152,13 +168,26 @@ pub fn compensate_output(
         .ok_or_else(|| Error::bug(format!("{name}: not in the checkpoint")))?;
     let t = &checkpoint.tensors[tensor];
     let ty = checkpoint.float_type(t, "compensated")?;
-    let moments = HeadMoments::of(original, compressed);
     // `weight_t` is `O^T` (`[in, out]`).
-    let wt = &layer.o.weight_t;
-    let o = Mat::<f64>::from_fn(wt.ncols(), wt.nrows(), |i, j| f64::from(wt[(j, i)]));
-    let refit = compensate_by(
+    let o32 = layer.o.weight_t.transpose();
+    if original.ncols() != o32.nrows() || compressed.ncols() != o32.ncols() {
+        return Err(Error::bug(format!(
+            "layer {}: o_proj refit on outputs of width {} and heads of width {} for a {}x{} o_proj",
+            layer.index,
+            original.ncols(),
+            compressed.ncols(),
+            o32.nrows(),
+            o32.ncols()
+        )));
+    }
+    let unbiased = layer.o.bias.as_deref().map(|b| without_bias(original, b));
+    let moments = OutputMoments::of(unbiased.as_ref().map_or(original, Mat::as_ref), compressed);
+    drop(unbiased);
+    let o_cc = product_f32(o32, narrow(moments.compressed.as_ref()).as_ref());
+    let o = widen(o32);
+    let refit = compensate_outputs(
         o.as_ref(),
-        moments.cross.as_ref(),
+        (moments.cross.as_ref(), widen(o_cc.as_ref()).as_ref()),
         moments.compressed.as_ref(),
         (O_RIDGE, Product::F32),
     )
@@ -170,8 +199,7 @@ pub fn compensate_output(
     let linear = Linear::from_row_major(&values, o.nrows(), o.ncols(), layer.o.bias.clone());
     // `weight_t` holds `O^T`: the same Frobenius norms.
     let change = relative_distance(linear.weight_t.as_ref(), layer.o.weight_t.as_ref());
-    let (before, after) =
-        moments.output_errors(layer.o.weight_t.transpose(), linear.weight_t.transpose());
+    let (before, after) = moments.output_errors((o32, o_cc.as_ref()), linear.weight_t.transpose());
     let report = CompensationReport {
         layer: layer.index,
         tensor: name,
@@ -217,7 +245,9 @@ mod tests {
         });
         let o = Mat::<f32>::from_fn(out, width, |i, j| value(17 * i + j + 3));
         let a = Mat::<f32>::from_fn(out, width, |i, j| o[(i, j)] + 0.2 * value(i + 11 * j));
-        let moments = HeadMoments::of(zo.as_ref(), zc.as_ref());
+        let yo = product_f32(zo.as_ref(), o.transpose());
+        let moments = OutputMoments::of(yo.as_ref(), zc.as_ref());
+        let o_cc = product_f32(o.as_ref(), narrow(moments.compressed.as_ref()).as_ref());
         // Directly: `||M z_c - O z_o|| / ||O z_o||` token by token, in f64.
         let direct = |m: &Mat<f32>| {
             let (mut diff, mut norm) = (0.0, 0.0);
@@ -235,14 +265,17 @@ mod tests {
             }
             (diff / norm).sqrt()
         };
-        let (before, after) = moments.output_errors(o.as_ref(), a.as_ref());
+        let (before, after) = moments.output_errors((o.as_ref(), o_cc.as_ref()), a.as_ref());
         for (got, want) in [(before, direct(&o)), (after, direct(&a))] {
             assert!((got - want).abs() < 1e-5 * want, "{got} vs {want}");
             assert!(got > 0.01);
         }
-        // The same heads' outputs: no error before, and the moments are one.
-        let same = HeadMoments::of(zo.as_ref(), zo.as_ref());
-        assert_eq!(same.output_errors(o.as_ref(), o.as_ref()).0, 0.0);
-        assert_eq!(same.cross, same.compressed);
+    }
+
+    #[test]
+    fn a_bias_is_taken_off_every_row() {
+        let y = Mat::<f32>::from_fn(3, 2, |i, j| (i * 2 + j) as f32);
+        let u = without_bias(y.as_ref(), &[1.0, -2.0]);
+        assert_eq!((u[(2, 0)], u[(2, 1)]), (3.0, 7.0));
     }
 }

@@ -35,7 +35,7 @@ mod tests_families;
 pub mod text;
 
 use crate::error::Result;
-use crate::execute::FitInputs;
+use crate::execute::{FitInputs, KeptSpectra};
 use crate::forward::Llama;
 use crate::input::checkpoint::Checkpoint;
 use crate::options::{Allocation, Calibration};
@@ -105,7 +105,8 @@ impl<'a> Calibrator<'a> {
     }
 
     /// The one-shot pass over the text for `groups` (the cross moments their shared latent
-    /// groups need), keeping what `keep` lists for the refit.
+    /// groups need), keeping what `keep` lists for the refit; its inputs keep the fits' weighted
+    /// spectra ([`KeptSpectra`]).
     pub fn one_shot(
         &self,
         groups: &[GroupPlan],
@@ -116,13 +117,17 @@ impl<'a> Calibrator<'a> {
         pairs.sort_unstable();
         pairs.dedup();
         let weighting = self.calibration.weighting;
-        one_shot::one_shot(
+        let (mut inputs, kept) = one_shot::one_shot(
             &self.llama,
             &self.text,
             &pairs,
             (keep, weighting),
             (&self.scratch, self.progress),
-        )
+        )?;
+        // Its moments are final: each group's weighted spectrum is computed by its first fit
+        // (the budgets' spectra) and kept for the refit's and the write pass's.
+        inputs.spectra = KeptSpectra::on(self.scratch.clone());
+        Ok((inputs, kept))
     }
 
     /// Resolves `groups`' budgets on `inputs`, by measured sensitivity where `allocation` asks.

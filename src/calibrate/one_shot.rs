@@ -15,11 +15,11 @@
 //!
 //! Where `o_proj` is refitted ([`super::refit`]), the pass also keeps, in the scratch file, what
 //! the refit reads ([`Kept`]): the hidden states entering each refitted segment's first layer and
-//! each refitted layer's heads' outputs, both `f32` exactly as the pass computed them (so the
-//! refit computes what a second pass through the original model would, bit for bit:
-//! `2 x N x hidden x 4` bytes per refitted layer), and where the refit runs layer by layer and
-//! leaves `q_proj` alone, the layer's queries (`N x heads x head_dim x 4` bytes more), so the
-//! refit computes only the compressed keys and values.
+//! each refitted layer's attention output (through `o_proj`, before the family's output norm),
+//! both `f32` exactly as the pass computed them (so the refit computes what a second pass through
+//! the original model would, bit for bit: `2 x N x hidden x 4` bytes per refitted layer), and
+//! where the refit runs layer by layer and leaves `q_proj` alone, the layer's queries (`N x heads
+//! x head_dim x 4` bytes more), so the refit computes only the compressed keys and values.
 
 use super::moments::{accumulate_cross, accumulate_f32, attention_stats, scale};
 use super::progress::{names, Progress};
@@ -38,7 +38,7 @@ use std::collections::{BTreeMap, BTreeSet};
 pub struct Keep {
     /// Layers whose input hidden states are kept (each refitted segment's first layer).
     pub inputs: BTreeSet<usize>,
-    /// Layers whose heads' outputs (what `o_proj` reads) are kept (the refitted layers).
+    /// Layers whose attention outputs are kept (the refitted layers).
     pub heads: BTreeSet<usize>,
     /// Layers among `heads` whose queries are kept too (the refit does not change their
     /// `q_proj` and runs them alone: it computes only their keys and values).
@@ -66,8 +66,10 @@ impl Keep {
 pub struct Kept {
     /// The hidden states entering a layer, `[N, hidden]`, by layer.
     pub inputs: BTreeMap<usize, Activations>,
-    /// A layer's heads' outputs in the original model, `[N, heads * head_dim]`, by layer.
-    pub heads: BTreeMap<usize, Activations>,
+    /// A layer's attention output in the original model (`o_proj`'s, its bias included, before
+    /// the family's output norm: [`crate::forward::Layer::attention_output`]), `[N, hidden]`, by
+    /// layer.
+    pub outputs: BTreeMap<usize, Activations>,
     /// A layer's queries as its scores read them (after `q_proj`, the per-head norm and RoPE),
     /// `[N, heads * head_dim]`, by layer.
     pub queries: BTreeMap<usize, Activations>,
@@ -147,7 +149,7 @@ pub fn one_shot(
             sources.insert(index, x);
         }
         if keep.heads.contains(&index) {
-            // `Layer::forward`, its heads' outputs (and queries) kept on the way.
+            // `Layer::forward`, its attention output (and queries) kept on the way.
             let z = if keep.queries.contains(&index) {
                 let (z, q) = layer.attention_heads_and_queries(h.as_ref(), ctx, &mut state)?;
                 kept.queries.insert(index, scratch.activations(q.as_ref())?);
@@ -156,11 +158,14 @@ pub fn one_shot(
             } else {
                 layer.attention_heads(h.as_ref(), ctx, &mut state)?
             };
-            kept.heads.insert(index, scratch.activations(z.as_ref())?);
-            if index + 1 < layers {
-                layer.finish(&mut h, z.as_ref(), &mut state);
-            }
+            let o = layer.attention_output(z.as_ref(), &mut state);
             state.buffers.give(z);
+            kept.outputs.insert(index, scratch.activations(o.as_ref())?);
+            if index + 1 < layers {
+                layer.finish_output(&mut h, o, &mut state);
+            } else {
+                state.buffers.give(o);
+            }
         } else if index + 1 < layers {
             layer.forward(&mut h, ctx, &mut state)?;
         }

@@ -4,7 +4,7 @@
 //! output matches the original model's heads through the original `o_proj`.
 //!
 //! The one-shot pass kept what this reads ([`super::one_shot::Kept`]): the hidden states entering
-//! each segment and the original heads' outputs (and, layer by layer, the queries, where the
+//! each segment and the original attention outputs (and, layer by layer, the queries, where the
 //! refit leaves `q_proj` alone: then only the compressed keys and values are computed). So the
 //! refit runs the attention block alone, per layer, not the MLP: a segment is one layer, or a shared latent group's layers (the group's
 //! later layers read its source's latent, so the compressed stream crosses the group from its
@@ -65,7 +65,7 @@ fn kept_queries(groups: &[GroupPlan], heads: &BTreeSet<usize>) -> BTreeSet<usize
 }
 
 /// What the one-shot pass must keep for the refit of `groups`: each segment's input where the
-/// segment holds a refitted layer, every refitted layer's heads' outputs, and the queries of
+/// segment holds a refitted layer, every refitted layer's attention output, and the queries of
 /// those whose `q_proj` the refit leaves alone ([`kept_queries`]).
 pub fn keep_for(llama: &Llama, groups: &[GroupPlan]) -> Keep {
     let layers = llama.params().num_layers;
@@ -144,7 +144,7 @@ fn refit_layer(
         None => layer.attention_heads(h.as_ref(), ctx, &mut state)?,
     };
     drop(h);
-    let target = kept_at(&kept.heads, index, "heads' output")?.load()?;
+    let target = kept_at(&kept.outputs, index, "attention output")?.load()?;
     let (projection, _) = compensate_output(
         llama.checkpoint(),
         &layer,
@@ -219,7 +219,7 @@ fn refit_segments(
             }
             let z = layer.attention_heads(h.as_ref(), ctx, &mut state)?;
             if refitted.contains(&index) {
-                let target = kept_at(&kept.heads, index, "heads' output")?.load()?;
+                let target = kept_at(&kept.outputs, index, "attention output")?.load()?;
                 let (projection, o) =
                     compensate_output(checkpoint, &layer, target.as_ref(), z.as_ref(), scratch)?;
                 layer.o = o;

@@ -14,7 +14,7 @@
 //! (`hidden^2` values each: three per layer, one per later layer of a group).
 //!
 //! `o_proj` compensation (`--compensate o_proj`, [`super::compensation`]) rides on the same pass:
-//! the original stream keeps the heads' outputs of the layers to refit, the compressed stream
+//! the original stream keeps the attention outputs of the layers to refit, the compressed stream
 //! refits each such layer's `o_proj` on its own heads' outputs once the layer's groups are
 //! substituted, and moves on with it. (One-shot calibration refits `o_proj` without this pass:
 //! [`super::refit`].)
@@ -110,7 +110,7 @@ pub fn sequential(
     let mut start = 0;
     while start < layers {
         let end = segment(groups, start, layers);
-        let heads = original_segment(
+        let outputs = original_segment(
             llama,
             text,
             &mut streams,
@@ -128,7 +128,7 @@ pub fn sequential(
             ctx,
             &mut streams,
             (start, end),
-            heads,
+            outputs,
             (&mut substitution, &mut inputs),
             scratch,
         )?;
@@ -140,7 +140,7 @@ pub fn sequential(
     Ok(inputs)
 }
 
-/// The original stream across layers `[start, end)`: each layer's moments recorded, the heads'
+/// The original stream across layers `[start, end)`: each layer's moments recorded, the attention
 /// outputs of the layers to refit returned.
 fn original_segment(
     llama: &Llama,
@@ -154,7 +154,7 @@ fn original_segment(
     let layers = llama.params().num_layers;
     let ctx = text.ctx();
     let source = llama.layer(start)?.attention_input(s.compressed.as_ref());
-    let mut heads: BTreeMap<usize, Mat<f32>> = BTreeMap::new();
+    let mut outputs: BTreeMap<usize, Mat<f32>> = BTreeMap::new();
     for index in start..end {
         let layer = llama.layer(index)?;
         let x = layer.attention_input(s.original.as_ref());
@@ -173,24 +173,28 @@ fn original_segment(
             continue;
         }
         let z = layer.attention_heads(s.original.as_ref(), ctx, &mut s.original_state)?;
-        if index + 1 < layers {
-            layer.finish(&mut s.original, z.as_ref(), &mut s.original_state);
-        }
+        let o = layer.attention_output(z.as_ref(), &mut s.original_state);
+        s.original_state.buffers.give(z);
         if refitted.contains(&index) {
-            heads.insert(index, z);
+            outputs.insert(index, o.clone());
+        }
+        if index + 1 < layers {
+            layer.finish_output(&mut s.original, o, &mut s.original_state);
+        } else {
+            s.original_state.buffers.give(o);
         }
     }
-    Ok(heads)
+    Ok(outputs)
 }
 
 /// The compressed stream across layers `[start, end)`: the groups substituted as their layers come,
-/// `o_proj` refitted where `heads` holds the original heads' outputs.
+/// `o_proj` refitted where `outputs` holds the original attention output.
 fn compressed_segment(
     llama: &Llama,
     ctx: usize,
     s: &mut Streams,
     (start, end): (usize, usize),
-    mut heads: BTreeMap<usize, Mat<f32>>,
+    mut outputs: BTreeMap<usize, Mat<f32>>,
     (substitution, inputs): (&mut Substitution, &mut FitInputs),
     scratch: &Scratch,
 ) -> Result<()> {
@@ -199,7 +203,7 @@ fn compressed_segment(
     for index in start..end {
         let mut layer = llama.layer(index)?;
         substitution.apply(&mut layer, inputs)?;
-        let target = heads.remove(&index);
+        let target = outputs.remove(&index);
         if index + 1 == layers && target.is_none() {
             continue;
         }

@@ -153,8 +153,9 @@ fn refits_by_two_streams(
         let layer = llama.layer(index).unwrap();
         hs.push(h.clone());
         let z = layer.attention_heads(h.as_ref(), ctx, &mut state).unwrap();
-        layer.finish(&mut h, z.as_ref(), &mut state);
-        zs.push(z);
+        let o = layer.attention_output(z.as_ref(), &mut state);
+        zs.push(o.clone());
+        layer.finish_output(&mut h, o, &mut state);
     }
     let mut substitution = Substitution::new(checkpoint, groups);
     let mut out = BTreeMap::new();
@@ -230,4 +231,39 @@ fn the_refit_from_the_kept_activations_is_what_two_more_passes_compute() {
             );
         }
     }
+}
+
+#[test]
+fn the_kept_spectra_give_the_fits_computed_afresh_and_only_one_shot_keeps_them() {
+    let checkpoint = fixture("tiny-f32-gqa");
+    let c = calibration(CalibrateMode::OneShot, Allocation::Spectra);
+    let mut groups = crate::plan::groups(&checkpoint, &surgery(Spec::Budget(0.5), None));
+    let passes = Some((&c, Passes::OneShotRefit));
+    let inputs = calibrate(&checkpoint, passes, &mut groups, &progress::Silent).unwrap();
+    // The budgets' spectra computed every group's, once.
+    assert_eq!(inputs.spectra.len(), groups.len());
+    let afresh = FitInputs {
+        spectra: crate::execute::KeptSpectra::default(),
+        ..inputs.clone()
+    };
+    for group in &groups {
+        let fit = |inputs: &FitInputs| {
+            crate::execute::fit_and_encode(&checkpoint, group, crate::plan::Emit::Factored, inputs)
+                .unwrap()
+                .1
+        };
+        assert_eq!(fit(&inputs), fit(&afresh), "layer {}", group.layer);
+    }
+    assert_eq!(afresh.spectra.len(), 0);
+
+    let c = calibration(CalibrateMode::Sequential, Allocation::Spectra);
+    let mut groups = crate::plan::groups(&checkpoint, &surgery(Spec::Rank(3), None));
+    let passes = Some((
+        &c,
+        Passes::Sequential {
+            one_shot_first: false,
+        },
+    ));
+    let inputs = calibrate(&checkpoint, passes, &mut groups, &progress::Silent).unwrap();
+    assert_eq!(inputs.spectra.len(), 0);
 }

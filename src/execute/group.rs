@@ -4,7 +4,7 @@
 use super::weighting::layer_weight;
 use super::{FitInputs, GroupReport};
 use crate::error::{Error, Result};
-use crate::fit::act::decompose_weighted_pinned;
+use crate::fit::act::{decompose_spectrum, weighted_spectrum};
 use crate::fit::compensate::compensate;
 use crate::fit::decompose::{
     count_non_finite, decompose_owned, decompose_with_basis, error_ratio, product, DecomposeError,
@@ -109,21 +109,38 @@ pub(crate) fn fit_group_kept(
                 }
                 None => (w, c.load()?),
             };
-            let w = w.as_ref();
             let stats = inputs.attention.get(group.layer);
-            let left = layer_weight(
-                checkpoint,
-                group.layer,
-                &group.members,
-                inputs.weighting,
-                w,
-                (*c).as_ref(),
-                stats,
-            )?;
             // The BOS position (where calibration keeps it exact) is the same in every window.
             let pinned: Vec<Vec<f64>> = stats.and_then(|s| s.sink.clone()).into_iter().collect();
+            // One-shot calibration's inputs are fixed: a group's spectrum is computed once, by
+            // its first fit (sequential calibration's refit weight is its own).
+            let one_shot = inputs.sequential_at(group.layer).is_none();
+            let kept = match one_shot {
+                true => inputs.spectra.get(&group.members, w.nrows())?,
+                false => None,
+            };
+            let spectrum = match kept {
+                Some(spectrum) => spectrum,
+                None => {
+                    let left = layer_weight(
+                        checkpoint,
+                        group.layer,
+                        &group.members,
+                        inputs.weighting,
+                        w.as_ref(),
+                        (*c).as_ref(),
+                        stats,
+                    )?;
+                    let spectrum =
+                        weighted_spectrum(w.as_ref(), (*c).as_ref(), left).map_err(fail)?;
+                    if one_shot {
+                        inputs.spectra.offer(&group.members, &spectrum)?;
+                    }
+                    spectrum
+                }
+            };
             Ok((
-                decompose_weighted_pinned(w, (*c).as_ref(), &left, spec, &pinned).map_err(fail)?,
+                decompose_spectrum(&spectrum, spec, &pinned).map_err(fail)?,
                 Vec::new(),
             ))
         }

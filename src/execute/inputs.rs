@@ -31,6 +31,9 @@ pub struct FitInputs {
     /// The weight-only bases the factored layout's width pass decomposed, for the write pass's
     /// fits to finish.
     pub bases: super::kept_bases::KeptBases,
+    /// One-shot calibration's weighted spectra, computed by a group's first activation-aware fit
+    /// for its later ones (off unless calibration switches it on).
+    pub spectra: super::kept_spectra::KeptSpectra,
 }
 
 /// One layer's moments in sequential calibration: `x_c` is the attention input of the model with

@@ -14,6 +14,7 @@ pub(crate) mod group;
 pub(crate) mod input_hash;
 pub mod inputs;
 pub(crate) mod kept_bases;
+pub(crate) mod kept_spectra;
 pub(crate) mod pipeline;
 pub(crate) mod shared;
 #[cfg(test)]
@@ -31,6 +32,7 @@ pub use inputs::{
     AttentionStats, CalibrationRecord, CompensatedProjection, CompensationReport, FitInputs,
     SequentialMoments,
 };
+pub use kept_spectra::KeptSpectra;
 
 use crate::error::{Error, Result};
 use crate::execute::input_hash::Pace;

@@ -133,6 +133,34 @@ pub fn decompose_weighted_pinned(
     spec: Spec,
     pinned: &[Vec<f64>],
 ) -> Result<Decomposition, DecomposeError> {
+    decompose_spectrum(&weighted_spectrum(w, c, left.clone())?, spec, pinned)
+}
+
+/// What a weighted fit computes before it knows its rank: the left weighting, the weighted
+/// weight `L W`, the Gram matrix `M = (L W) C (L W)^T` of its outputs and `M`'s eigenpairs,
+/// descending. The same for every SPEC, so a fit made at several ranks (budgets' spectra, then
+/// the fit itself) computes it once ([`weighted_spectrum`], then [`decompose_spectrum`]).
+#[derive(Debug, Clone)]
+pub struct WeightedSpectrum {
+    /// `L`.
+    pub left: LeftWeight,
+    /// `L W`, `[m, n]`.
+    pub weighted: Mat<f64>,
+    /// `M`, `[m, m]`, exactly symmetric.
+    pub gram: Mat<f64>,
+    /// `M`'s eigenvalues, descending.
+    pub eigenvalues: Vec<f64>,
+    /// `M`'s eigenvectors, in the eigenvalues' order, `[m, m]`.
+    pub vectors: Mat<f64>,
+}
+
+/// The rank-independent part of fitting `w` `[m, n]` under input covariance `c` and left
+/// weighting `left` ([`decompose_weighted_pinned`] is this, then [`decompose_spectrum`]).
+pub fn weighted_spectrum(
+    w: MatRef<'_, f64>,
+    c: MatRef<'_, f64>,
+    left: LeftWeight,
+) -> Result<WeightedSpectrum, DecomposeError> {
     let (m, n) = (w.nrows(), w.ncols());
     if m == 0 || n == 0 {
         return Err(DecomposeError::Empty);
@@ -141,9 +169,9 @@ pub fn decompose_weighted_pinned(
     if bad > 0 {
         return Err(DecomposeError::NonFinite { count: bad });
     }
-    let lw = left.apply(w);
-    let lwc = product(lw.as_ref(), c);
-    let mut gram = product(lwc.as_ref(), lw.transpose());
+    let weighted = left.apply(w);
+    let lwc = product(weighted.as_ref(), c);
+    let mut gram = product(lwc.as_ref(), weighted.transpose());
     // Symmetrise away rounding so the solver sees an exactly symmetric matrix.
     for i in 0..m {
         for j in 0..i {
@@ -153,11 +181,30 @@ pub fn decompose_weighted_pinned(
         }
     }
     let (eigenvalues, vectors) = eigh_descending(gram.as_ref())?;
-    let ratios = explained_variance_ratios(&eigenvalues);
+    Ok(WeightedSpectrum {
+        left,
+        weighted,
+        gram,
+        eigenvalues,
+        vectors,
+    })
+}
+
+/// The fit at the rank `spec` selects on `spectrum` (with the outputs of `pinned` kept, as in
+/// [`decompose_weighted_pinned`]).
+pub fn decompose_spectrum(
+    spectrum: &WeightedSpectrum,
+    spec: Spec,
+    pinned: &[Vec<f64>],
+) -> Result<Decomposition, DecomposeError> {
+    let lw = &spectrum.weighted;
+    let (m, n) = (lw.nrows(), lw.ncols());
+    let gram = &spectrum.gram;
+    let ratios = explained_variance_ratios(&spectrum.eigenvalues);
     let choice = choose_rank(&ratios, spec);
     let r = choice.rank;
     let mut variance_kept = ratios[..r].iter().sum::<f64>().min(1.0);
-    let mut basis = vectors.subcols(0, r).to_owned();
+    let mut basis = spectrum.vectors.subcols(0, r).to_owned();
     if !pinned.is_empty() && r > 0 {
         let outputs: Vec<Vec<f64>> = pinned
             .iter()
@@ -171,7 +218,7 @@ pub fn decompose_weighted_pinned(
     }
     fix_signs(&mut basis);
     let down = product(basis.transpose(), lw.as_ref());
-    let up = left.apply_inverse(basis.as_ref());
+    let up = spectrum.left.apply_inverse(basis.as_ref());
     let reconstruction = product(up.as_ref(), down.as_ref());
     Ok(Decomposition {
         choice,

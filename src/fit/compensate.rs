@@ -133,6 +133,47 @@ pub fn compensate_by(
     Ok(Mat::from_fn(w.nrows(), n, |i, j| w[(i, j)] + wx[(i, j)]))
 }
 
+/// The same refit from the original outputs' moment instead of the inputs': `W + (T - W C)(C +
+/// λI)^{-1}`, with `T = E[y_o x_c^T] = W S_oc` (`y_o = W x_o` the original outputs, `[m, n]`)
+/// and `wc = W C` (`[m, n]`, the caller's: it reports with it too), `λ` as in
+/// [`compensate_by`]. What the `o_proj` refit measures when the original outputs are at hand:
+/// no `S_oc`, no `W S_oc`. `w` unchanged when `T == W C`; the solve at `precision`.
+pub fn compensate_outputs(
+    w: MatRef<'_, f64>,
+    (t, wc): (MatRef<'_, f64>, MatRef<'_, f64>),
+    c: MatRef<'_, f64>,
+    (ridge, precision): (f64, Product),
+) -> Result<Mat<f64>, DecomposeError> {
+    let (m, n) = (w.nrows(), w.ncols());
+    if c.nrows() != n || c.ncols() != n {
+        return Err(DecomposeError::MomentShape {
+            rows: c.nrows(),
+            cols: c.ncols(),
+            n,
+        });
+    }
+    for x in [t, wc] {
+        if x.nrows() != m || x.ncols() != n {
+            return Err(DecomposeError::MomentShape {
+                rows: x.nrows(),
+                cols: x.ncols(),
+                n,
+            });
+        }
+    }
+    let bad =
+        count_non_finite(w) + count_non_finite(t) + count_non_finite(wc) + count_non_finite(c);
+    if bad > 0 {
+        return Err(DecomposeError::NonFinite { count: bad });
+    }
+    let residual = Mat::from_fn(m, n, |i, j| t[(i, j)] - wc[(i, j)]);
+    if (0..n).all(|j| (0..m).all(|i| residual[(i, j)] == 0.0)) {
+        return Ok(w.to_owned());
+    }
+    let wx = solve_regularised(residual, c, (ridge, precision))?;
+    Ok(Mat::from_fn(m, n, |i, j| w[(i, j)] + wx[(i, j)]))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -221,5 +262,52 @@ mod tests {
         ));
         let small = Mat::<f64>::identity(3, 3);
         assert!(compensate(w.as_ref(), small.as_ref(), c.as_ref()).is_err());
+    }
+
+    #[test]
+    fn the_refit_from_outputs_is_the_refit_from_inputs() {
+        let (m, n, tokens) = (5, 7, 400);
+        let (xo, jitter) = (noise(n, tokens, 3), noise(n, tokens, 4));
+        let xc = Mat::from_fn(n, tokens, |i, j| xo[(i, j)] + 0.3 * jitter[(i, j)]);
+        let w = noise(m, n, 5);
+        let (c, soc) = (moment(&xc, &xc), moment(&xo, &xc));
+        let t = product(w.as_ref(), soc.as_ref());
+        let wc = product(w.as_ref(), c.as_ref());
+        for precision in [Product::F64, Product::F32] {
+            let a = compensate_by(w.as_ref(), soc.as_ref(), c.as_ref(), (0.1, precision)).unwrap();
+            let b = compensate_outputs(
+                w.as_ref(),
+                (t.as_ref(), wc.as_ref()),
+                c.as_ref(),
+                (0.1, precision),
+            )
+            .unwrap();
+            let tolerance = if precision == Product::F64 {
+                1e-12
+            } else {
+                1e-5
+            };
+            assert!(
+                max_abs_diff(a.as_ref(), b.as_ref()) < tolerance,
+                "{precision:?}"
+            );
+            assert!(max_abs_diff(a.as_ref(), w.as_ref()) > 1e-3);
+        }
+        let same = compensate_outputs(
+            w.as_ref(),
+            (wc.as_ref(), wc.as_ref()),
+            c.as_ref(),
+            (0.1, Product::F32),
+        )
+        .unwrap();
+        assert_eq!(max_abs_diff(same.as_ref(), w.as_ref()), 0.0);
+        let short = Mat::<f64>::zeros(m, n - 1);
+        let e = compensate_outputs(
+            w.as_ref(),
+            (short.as_ref(), wc.as_ref()),
+            c.as_ref(),
+            (0.1, Product::F64),
+        );
+        assert!(matches!(e, Err(DecomposeError::MomentShape { .. })));
     }
 }

@@ -175,19 +175,25 @@ impl Layer {
     /// ([`Layer::attention_heads`]), then the MLP block (Gemma: each block's output normalised
     /// before it is added), [`mlp_rows`] rows at a time. Buffers come from and go back to `state`.
     pub fn finish(&self, h: &mut Mat<f32>, z: MatRef<'_, f32>, state: &mut PassState) {
-        self.finish_in_chunks(h, z, mlp_rows(self.gate.out_features()), &mut state.buffers);
+        let o = self.attention_output(z, state);
+        self.finish_output(h, o, state);
     }
 
-    /// [`Layer::finish`] with the MLP block applied to `rows` rows at a time (every row's result
-    /// is its own: the same bits for any `rows`).
-    fn finish_in_chunks(
-        &self,
-        h: &mut Mat<f32>,
-        z: MatRef<'_, f32>,
-        rows: usize,
-        buffers: &mut Buffers,
-    ) {
-        let o = self.o.apply_in(z, buffers);
+    /// `o_proj(z)` (its bias included) of the heads' output `z`: the attention block's output,
+    /// before the family's output norm, `[T, hidden]`.
+    pub fn attention_output(&self, z: MatRef<'_, f32>, state: &mut PassState) -> Mat<f32> {
+        self.o.apply_in(z, &mut state.buffers)
+    }
+
+    /// [`Layer::finish`] from the attention block's output `o` ([`Layer::attention_output`]),
+    /// which goes back to `state`'s buffers.
+    pub fn finish_output(&self, h: &mut Mat<f32>, o: Mat<f32>, state: &mut PassState) {
+        self.finish_in_chunks(h, o, mlp_rows(self.gate.out_features()), &mut state.buffers);
+    }
+
+    /// [`Layer::finish_output`] with the MLP block applied to `rows` rows at a time (every row's
+    /// result is its own: the same bits for any `rows`).
+    fn finish_in_chunks(&self, h: &mut Mat<f32>, o: Mat<f32>, rows: usize, buffers: &mut Buffers) {
         self.add_output(h.as_mut(), o, |n| &n.attention, buffers);
         for w in windows(h.nrows(), rows.max(1)) {
             let mut chunk = h.as_mut().subrows_mut(w.start, w.len());
@@ -266,7 +272,8 @@ mod tests {
         let z = layer.attention_heads(h.as_ref(), 16, &mut state).unwrap();
         let run = |rows: usize| {
             let mut out = h.clone();
-            layer.finish_in_chunks(&mut out, z.as_ref(), rows, &mut Buffers::default());
+            let o = layer.attention_output(z.as_ref(), &mut PassState::default());
+            layer.finish_in_chunks(&mut out, o, rows, &mut Buffers::default());
             out
         };
         let whole = run(ids.len());
