@@ -16,7 +16,7 @@ use super::progress::{names, Progress};
 use super::substitute::Substitution;
 use crate::error::{Error, Result};
 use crate::execute::{CompensatedProjection, FitInputs};
-use crate::forward::{Llama, PassState};
+use crate::forward::{Llama, LlamaParams, PassState};
 use crate::plan::{compensated_tensors, GroupKind, GroupPlan, Share};
 use crate::scratch::{Activations, Scratch};
 use std::collections::{BTreeMap, BTreeSet};
@@ -103,8 +103,8 @@ fn kept_at<'k>(
 /// Refits the `o_proj` of every layer `groups` compensate, from what the one-shot pass kept, and
 /// adds the refits to `inputs` (the one-shot pass's statistics, which the groups' fits read; the
 /// bytes go to `scratch`). Where every group fits one layer, the layers are independent and run
-/// two at a time (one's serial parts, its fits' and the refit's decompositions, overlap the
-/// other's products; the same bits as one at a time). Otherwise segment by segment, every layer's
+/// two at a time where memory allows ([`PAIR_BYTES`]: one's serial parts overlap the other's
+/// products; the same bits as one at a time). Otherwise segment by segment, every layer's
 /// groups substituted in order (a group shared across layers hands its maps on to its later
 /// layers).
 pub fn refit(
@@ -155,7 +155,23 @@ fn refit_layer(
     Ok(projection)
 }
 
-/// [`refit`] where every group fits one layer: two layers at a time.
+/// The most memory two layers' refits may hold at once; past it (Llama-3-8B: about 3.5 GB each),
+/// one layer at a time.
+const PAIR_BYTES: u64 = 2 << 30;
+
+/// About what one layer's refit holds at its peak: the layer's weights in `f32` and some twenty
+/// `[width, width]` `f64` matrices of the refit's algebra (its moments, the solve's factor and
+/// right-hand sides, the report's products), `width` the wider of `hidden` and the heads' outputs.
+fn refit_bytes(p: &LlamaParams) -> u64 {
+    let a = &p.attention;
+    let (hidden, inner) = (p.hidden_size as u64, p.intermediate_size as u64);
+    let width = hidden.max((a.num_heads * a.head_dim) as u64);
+    let weights = (4 * hidden * width + 3 * hidden * inner).saturating_mul(4);
+    (20 * width * width * 8).saturating_add(weights)
+}
+
+/// [`refit`] where every group fits one layer: two layers at a time where both fit in
+/// [`PAIR_BYTES`], else one.
 fn refit_layers(
     llama: &Llama,
     ctx: usize,
@@ -165,7 +181,11 @@ fn refit_layers(
 ) -> Result<()> {
     let refitted: Vec<usize> = refitted_layers(llama, groups).into_iter().collect();
     (refitted.len()..llama.params().num_layers).for_each(|_| progress.layer());
-    for pair in refitted.chunks(2) {
+    let at_once = match refit_bytes(llama.params()).saturating_mul(2) <= PAIR_BYTES {
+        true => 2,
+        false => 1,
+    };
+    for pair in refitted.chunks(at_once) {
         let one = |index: usize| {
             let done = refit_layer(llama, (ctx, index), groups, (inputs, kept), scratch);
             progress.layer();

@@ -4,7 +4,7 @@
 use super::weighting::layer_weight;
 use super::{FitInputs, GroupReport};
 use crate::error::{Error, Result};
-use crate::fit::act::{decompose_spectrum, weighted_spectrum};
+use crate::fit::act::{check_inputs, decompose_spectrum, spectrum_of};
 use crate::fit::compensate::compensate;
 use crate::fit::decompose::{
     count_non_finite, decompose_owned, decompose_with_basis, error_ratio, product, DecomposeError,
@@ -122,7 +122,8 @@ pub(crate) fn fit_group_kept(
             let spectrum = match kept {
                 Some(spectrum) => spectrum,
                 None => {
-                    let left = layer_weight(
+                    check_inputs(w.as_ref(), (*c).as_ref()).map_err(fail)?;
+                    let weighted = layer_weight(
                         checkpoint,
                         group.layer,
                         &group.members,
@@ -131,8 +132,7 @@ pub(crate) fn fit_group_kept(
                         (*c).as_ref(),
                         stats,
                     )?;
-                    let spectrum =
-                        weighted_spectrum(w.as_ref(), (*c).as_ref(), left).map_err(fail)?;
+                    let spectrum = spectrum_of(weighted).map_err(fail)?;
                     if one_shot {
                         inputs.spectra.offer(&group.members, &spectrum)?;
                     }

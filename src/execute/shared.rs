@@ -130,7 +130,8 @@ pub(crate) fn fit_shared(
             w_l,
             (*l.c).as_ref(),
             inputs.attention.get(layer),
-        )?;
+        )?
+        .left;
         terms.push(LayerTerm {
             w: w_l,
             c: (*l.c).as_ref(),

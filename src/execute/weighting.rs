@@ -7,7 +7,7 @@ use crate::error::{Error, Result};
 use crate::execute::AttentionStats;
 use crate::fit::act::{
     balance_scales, blockwise_weight, key_weight, shrink_toward_identity, value_weight,
-    ActWeighting, Heads, LeftWeight,
+    ActWeighting, Heads, LeftWeight, Weighted,
 };
 use crate::fit::decompose::matrix_from_rows;
 use crate::input::checkpoint::Checkpoint;
@@ -21,7 +21,8 @@ use faer::{Mat, MatRef};
 /// (`docs/quality.md`, "The attention weighting, shrunk"), so it stays off.
 const ATTENTION_RIDGE: f64 = 0.0;
 
-/// Fit `act`'s left weighting of one layer's stacked `members` (`w`, inputs of moment `c`).
+/// Fit `act`'s left weighting of one layer's stacked `members` (`w`, inputs of moment `c`),
+/// applied ([`Weighted`]: `L`, `L W`, `L W C`).
 pub(crate) fn layer_weight(
     checkpoint: &Checkpoint,
     layer: usize,
@@ -30,13 +31,15 @@ pub(crate) fn layer_weight(
     w: MatRef<'_, f64>,
     c: MatRef<'_, f64>,
     stats: Option<&AttentionStats>,
-) -> Result<LeftWeight> {
+) -> Result<Weighted> {
     let rows: Vec<usize> = members
         .iter()
         .map(|&i| checkpoint.tensors[i].shape[0])
         .collect();
     Ok(match weighting {
-        ActWeighting::Energy => LeftWeight::Diagonal(balance_scales(w, c, &rows)),
+        ActWeighting::Energy => {
+            Weighted::of(w, c, LeftWeight::Diagonal(balance_scales(w, c, &rows)))
+        }
         ActWeighting::Attention | ActWeighting::Projections => {
             // The family's own norms, unless the projections alone are asked for.
             let stats = stats.filter(|_| weighting == ActWeighting::Attention);
