@@ -11,8 +11,8 @@
 use super::moments::{accumulate_cross_f32, accumulate_f32, scale};
 use crate::error::{Error, Result};
 use crate::execute::{CompensatedProjection, CompensationReport};
-use crate::fit::compensate::{compensate_outputs, narrow, Product};
-use crate::fit::decompose::DecomposeError;
+use crate::fit::compensate::{compensate_outputs, Product};
+use crate::fit::decompose::{narrow, DecomposeError};
 use crate::forward::linear::Linear;
 use crate::forward::Layer;
 use crate::input::checkpoint::Checkpoint;

@@ -206,3 +206,8 @@ pub fn product(a: MatRef<'_, f64>, b: MatRef<'_, f64>) -> Mat<f64> {
     matmul(out.as_mut(), Accum::Replace, a, b, 1.0, Par::Seq);
     out
 }
+
+/// `m` in `f32`.
+pub(crate) fn narrow(m: MatRef<'_, f64>) -> Mat<f32> {
+    Mat::<f32>::from_fn(m.nrows(), m.ncols(), |i, j| m[(i, j)] as f32)
+}

@@ -12,7 +12,7 @@
 //! optimum of the same cost is then the best rank-`r` fit of `W'` under `S_cc`: the cost splits
 //! into `E||W x_o - W' x_c||^2 + E||(W' - W'_r) x_c||^2` (fit `act` applied to `W'`, `S_cc`).
 
-use crate::fit::decompose::{count_non_finite, eigh_descending, product, DecomposeError};
+use crate::fit::decompose::{count_non_finite, eigh_descending, narrow, product, DecomposeError};
 use crate::fit::shared::{regularised_by, RIDGE};
 use faer::linalg::solvers::Solve;
 use faer::linalg::triangular_solve::{
@@ -95,11 +95,6 @@ fn rsolve_f32(l: MatRef<'_, f64>, y: MatRef<'_, f64>) -> Mat<f64> {
     solve_lower_triangular_in_place(l.as_ref(), x.as_mut(), Par::rayon(0));
     solve_upper_triangular_in_place(l.transpose(), x.as_mut(), Par::rayon(0));
     Mat::from_fn(y.nrows(), y.ncols(), |i, j| f64::from(x[(j, i)]))
-}
-
-/// `m` in `f32`.
-pub(crate) fn narrow(m: MatRef<'_, f64>) -> Mat<f32> {
-    Mat::<f32>::from_fn(m.nrows(), m.ncols(), |i, j| m[(i, j)] as f32)
 }
 
 /// [`compensate`] with the ridge `λ = ridge * tr(c)/n` (`ridge` relative to `c`'s mean

@@ -16,7 +16,7 @@ pub use crate::fit::common::{
     choose_rank, explained_variance_ratios, product, rank_for_threshold, DecomposeError, Fit,
     RankChoice,
 };
-pub(crate) use crate::fit::common::{count_non_finite, eigh_descending, fix_signs};
+pub(crate) use crate::fit::common::{count_non_finite, eigh_descending, fix_signs, narrow};
 
 use crate::fit::basis::{basis_of_centred, check_fittable, checked_centre, Basis};
 use crate::fit::spec::Spec;
