@@ -98,30 +98,32 @@ pub(crate) fn fit_group_kept(
                 .as_ref()
                 .and_then(|c| c.get(group.layer))
                 .ok_or_else(|| fail(DecomposeError::NeedsCalibration))?;
-            // Sequential calibration fits the refit weight on the compressed model's inputs.
-            let (w, c) = match inputs.sequential_at(group.layer) {
-                Some(m) => {
-                    let compressed = m.compressed.load()?;
-                    let target = m.target.load()?;
-                    let refit = compensate(w.as_ref(), (*target).as_ref(), (*compressed).as_ref())
-                        .map_err(fail)?;
-                    (refit, compressed)
-                }
-                None => (w, c.load()?),
-            };
             let stats = inputs.attention.get(group.layer);
             // The BOS position (where calibration keeps it exact) is the same in every window.
             let pinned: Vec<Vec<f64>> = stats.and_then(|s| s.sink.clone()).into_iter().collect();
             // One-shot calibration's inputs are fixed: a group's spectrum is computed once, by
             // its first fit (sequential calibration's refit weight is its own).
-            let one_shot = inputs.sequential_at(group.layer).is_none();
-            let kept = match one_shot {
-                true => inputs.spectra.get(&group.members, w.nrows())?,
-                false => None,
+            let sequential = inputs.sequential_at(group.layer);
+            let kept = match sequential {
+                None => inputs.spectra.get(&group.members, w.nrows())?,
+                Some(_) => None,
             };
             let spectrum = match kept {
                 Some(spectrum) => spectrum,
                 None => {
+                    // Sequential calibration fits the refit weight on the compressed model's
+                    // inputs.
+                    let (w, c) = match sequential {
+                        Some(m) => {
+                            let compressed = m.compressed.load()?;
+                            let target = m.target.load()?;
+                            let refit =
+                                compensate(w.as_ref(), (*target).as_ref(), (*compressed).as_ref())
+                                    .map_err(fail)?;
+                            (refit, compressed)
+                        }
+                        None => (w, c.load()?),
+                    };
                     check_inputs(w.as_ref(), (*c).as_ref()).map_err(fail)?;
                     let weighted = layer_weight(
                         checkpoint,
@@ -133,7 +135,7 @@ pub(crate) fn fit_group_kept(
                         stats,
                     )?;
                     let spectrum = spectrum_of(weighted).map_err(fail)?;
-                    if one_shot {
+                    if sequential.is_none() {
                         inputs.spectra.offer(&group.members, &spectrum)?;
                     }
                     spectrum
